@@ -1,0 +1,86 @@
+"""Engine settings shared by the prefill and decode workers, the tests and benchmarks.
+
+One place decides how a vLLM engine is built on this project's machines, so
+that a prefill engine, a decode engine and the colocated reference engine a
+test compares them against are configured identically except for their KV
+role. Token equality between them depends on that.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# vLLM's CPU backend sizes its KV cache from this variable (GiB), not from
+# gpu_memory_utilization. 1 GiB holds thousands of tokens of the tiny model.
+DEFAULT_CPU_KVCACHE_GIB = 1
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    """What a worker needs to start one vLLM engine.
+
+    `model` is a local folder or a hub name; on CPU machines with no network it
+    is the tiny model's folder (see `engine.tiny_model`).
+    """
+
+    model: str
+    served_model_name: str | None = None
+    max_model_len: int = 1024
+    dtype: str = "auto"
+    seed: int = 0
+    block_size: int | None = None
+    max_num_seqs: int = 64
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    kv_transfer_config: dict[str, Any] | None = None
+    cpu_kvcache_gib: int = DEFAULT_CPU_KVCACHE_GIB
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 16:
+            raise ValueError(f"max_model_len={self.max_model_len} is too small; use at least 16")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `vllm.LLM(...)` or `vllm.AsyncEngineArgs(...)`."""
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            served_model_name=self.served_model_name,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            seed=self.seed,
+            max_num_seqs=self.max_num_seqs,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+        )
+        if self.block_size is not None:
+            kwargs["block_size"] = self.block_size
+        if self.kv_transfer_config is not None:
+            kwargs["kv_transfer_config"] = self.kv_transfer_config
+        kwargs.update(self.extra)
+        return kwargs
+
+    def apply_process_env(self) -> None:
+        """Set the environment vLLM reads at engine start (call before importing vllm engines)."""
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_gib))
+
+
+def tiny_model_settings(**overrides: Any) -> EngineSettings:
+    """Settings for the tiny model on CPU: float32 so batch shape never flips a greedy argmax."""
+    from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
+
+    values: dict[str, Any] = dict(
+        model=str(build_tiny_model()),
+        served_model_name=TINY_MODEL_NAME,
+        dtype="float32",
+        max_model_len=1024,
+    )
+    values.update(overrides)
+    return EngineSettings(**values)
