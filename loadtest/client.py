@@ -1,0 +1,144 @@
+"""One streaming completions request against an OpenAI-compatible endpoint, timed.
+
+The request asks for exactly `output_tokens` tokens: `max_tokens` and
+`min_tokens` both set to it and `ignore_eos: true` (vLLM extensions; servers
+that do not know them ignore them, and a short answer then shows up in
+`output_len_mismatches`). `stream_options.continuous_usage_stats` makes vLLM
+put the running completion-token count on every chunk, so a chunk that carries
+two tokens (or a token that decodes to no text yet) is counted right.
+
+Errors never raise out of `send_request`: they become the record's
+`error_kind` (`http_503`, `timeout`, `connect`, `read`, `protocol`,
+`cancelled`, `other`) so one bad request does not end a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from loadtest.metrics import RequestRecord
+
+
+def normalize_base_url(url: str) -> str:
+    """`http://host:port` or `http://host:port/v1` -> `http://host:port/v1`."""
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+async def detect_model(client: httpx.AsyncClient, base_url: str) -> str:
+    """The first model the endpoint serves (GET /v1/models)."""
+    resp = await client.get(f"{base_url}/models")
+    resp.raise_for_status()
+    models = resp.json().get("data") or []
+    if not models:
+        raise ValueError(f"{base_url}/models lists no model; pass --model NAME")
+    return models[0]["id"]
+
+
+def build_payload(model: str, prompt, output_tokens: int, extra: dict | None = None) -> dict:
+    payload = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_tokens,
+        "min_tokens": output_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if extra:
+        payload.update(extra)
+    return payload
+
+
+async def send_request(
+    client: httpx.AsyncClient,
+    base_url: str,
+    payload: dict,
+    record: RequestRecord,
+    run_start: float,
+    timeout_s: float,
+) -> RequestRecord:
+    """Send, stream and time one request, filling `record` in place."""
+    record.start_s = time.perf_counter() - run_start
+    try:
+        await asyncio.wait_for(_stream(client, base_url, payload, record, run_start), timeout_s)
+    except asyncio.TimeoutError:
+        _fail(record, "timeout", f"no complete answer within {timeout_s:.1f} s")
+    except asyncio.CancelledError:
+        _fail(record, "cancelled", "the run ended before this request finished")
+    except httpx.ConnectError as e:
+        _fail(record, "connect", str(e) or "connection refused")
+    except (httpx.ReadError, httpx.RemoteProtocolError) as e:
+        _fail(record, "read", str(e) or type(e).__name__)
+    except httpx.TimeoutException as e:
+        _fail(record, "timeout", str(e) or type(e).__name__)
+    except _HTTPStatus as e:
+        _fail(record, f"http_{e.status}", e.body)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        _fail(record, "protocol", f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - a run must survive any single request
+        _fail(record, "other", f"{type(e).__name__}: {e}")
+    return record
+
+
+class _HTTPStatus(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+def _fail(record: RequestRecord, kind: str, message: str) -> None:
+    record.success = False
+    record.error_kind = kind
+    record.error = message[:500]
+
+
+async def _stream(client, base_url, payload, record: RequestRecord, run_start: float) -> None:
+    sent = run_start + record.start_s
+    last_t: float | None = None
+    chunks = 0
+    usage_tokens = 0
+    async with client.stream("POST", f"{base_url}/completions", json=payload) as resp:
+        if resp.status_code != 200:
+            body = (await resp.aread()).decode("utf-8", "replace")
+            raise _HTTPStatus(resp.status_code, body[:500])
+        async for line in resp.aiter_lines():
+            line = line.strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk and not chunk.get("choices"):
+                raise _HTTPStatus(chunk["error"].get("code") or 500, str(chunk["error"])[:500])
+            now = time.perf_counter()
+            usage = chunk.get("usage") or {}
+            new_usage = int(usage.get("completion_tokens") or 0)
+            choices = chunk.get("choices") or []
+            text = choices[0].get("text", "") if choices else ""
+            # A chunk counts as a token arrival when the server's running count grew,
+            # or (servers without usage stats) when it carries text.
+            arrived = new_usage > usage_tokens if usage else bool(choices) and bool(text)
+            usage_tokens = max(usage_tokens, new_usage)
+            if not arrived:
+                continue
+            chunks += 1
+            if last_t is None:
+                record.ttft_s = now - sent
+            else:
+                record.itls_s.append(now - last_t)
+            last_t = now
+    if last_t is None:
+        raise ValueError("the stream ended without any token")
+    record.latency_s = last_t - sent
+    record.output_tokens = usage_tokens or chunks
+    record.success = True
