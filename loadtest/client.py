@@ -129,6 +129,8 @@ async def _stream(client, base_url, payload, record: RequestRecord, run_start: f
             # or (servers without usage stats) when it carries text.
             arrived = new_usage > usage_tokens if usage else bool(choices) and bool(text)
             usage_tokens = max(usage_tokens, new_usage)
+            if usage.get("prompt_tokens") is not None:
+                record.server_prompt_tokens = int(usage["prompt_tokens"])
             if not arrived:
                 continue
             chunks += 1

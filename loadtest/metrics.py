@@ -39,6 +39,7 @@ class RequestRecord:
     error_kind: str | None = None
     error: str | None = None
     route: str | None = None  # the simulator names the prefill->decode route
+    server_prompt_tokens: int | None = None  # the prompt length the server reported (usage)
 
     @property
     def tpot_s(self) -> float | None:
@@ -148,6 +149,12 @@ def summarize(
         "errors_by_kind": errors,
         "output_len_mismatches": sum(
             1 for r in ok if r.output_tokens != r.output_tokens_requested
+        ),
+        # The server counted a different prompt length than we built: the tokenizer
+        # given is not the served model's, or a text prompt did not round-trip.
+        "input_len_mismatches": sum(
+            1 for r in ok
+            if r.server_prompt_tokens is not None and r.server_prompt_tokens != r.input_tokens
         ),
         "max_concurrent_requests": max_concurrency(records),
     }

@@ -83,6 +83,9 @@ def summary_table(result: dict) -> str:
     for key, label, _ in KEY_METRICS:
         if key in result:
             lines.append(f"| {label} | {_fmt(result[key])} |")
+    for key in ("input_len_mismatches", "output_len_mismatches"):
+        if result.get(key):
+            lines.append(f"| {key.replace('_', ' ')} | {result[key]} |")
     if result.get("errors_by_kind"):
         lines.append(f"| errors by kind | {result['errors_by_kind']} |")
     return "\n".join(lines)

@@ -26,7 +26,8 @@ def test_open_loop_run_measures_the_fake_server(tokenizer_dir, make_fake_server)
     assert out.model == "fake-model" and len(out.records) == 12
     s = summarize(out.records)
     assert s["completed"] == 12 and s["total_output_tokens"] == 72
-    assert s["output_len_mismatches"] == 0
+    assert s["output_len_mismatches"] == 0 and s["input_len_mismatches"] == 0
+    assert all(r.server_prompt_tokens == 20 for r in out.records)
     assert min(r.ttft_s for r in out.records) >= 0.05
     assert min(g for r in out.records for g in r.itls_s) >= 0.009
     body = srv.cfg.bodies[0]
