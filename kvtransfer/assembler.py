@@ -1,0 +1,265 @@
+"""Receive-side state machine: frames in, verified transfers out. No sockets here.
+
+Each transfer moves through:
+
+    (unknown) --Begin--> receiving --Chunk*--> receiving --End--> complete --claim--> (gone)
+                             |                                       |
+                             +-- any bad frame / Abort / timeout --> failed (tombstone, no bytes)
+                                                                     +-- lease expires --> (gone)
+
+Nothing leaves this module until a transfer is complete: every (layer, block)
+present exactly once, every checksum right, byte counts as declared. A bad
+frame fails the transfer it names and drops the bytes already held; the
+caller's KV cache is only ever written from a complete transfer. Memory is
+bounded: Begin reserves its declared bytes against `max_buffer_bytes` before
+any payload is accepted, and unclaimed transfers are dropped when their lease
+ends, so a decode request that never comes cannot leak.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvtransfer import protocol
+from kvtransfer.protocol import Abort, Ack, Begin, Chunk, End, Limits, ProtocolError
+
+
+@dataclass(slots=True)
+class ReceivedChunk:
+    header: Chunk
+    payload: memoryview | bytes
+
+
+@dataclass(slots=True)
+class Transfer:
+    begin: Begin
+    deadline_s: float  # receiving: transfer timeout; complete: lease end; failed: tombstone end
+    state: str = "receiving"  # receiving | complete | failed
+    error: str = ""
+    chunks: list[ReceivedChunk] = field(default_factory=list)
+    covered: set[tuple[int, int]] = field(default_factory=set)  # (layer, block)
+    received_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What claim() found: state is pending, complete or failed."""
+
+    state: str
+    transfer: Transfer | None = None
+    error: str = ""
+
+
+@dataclass(slots=True)
+class AssemblerCounters:
+    transfers_complete: int = 0
+    transfers_failed: int = 0
+    frames_refused: int = 0
+    lease_expiries: int = 0
+    bytes_received: int = 0
+
+
+class Assembler:
+    """Validates and holds incoming transfers. Not thread-safe: callers lock."""
+
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        *,
+        max_buffer_bytes: int = 2 * 1024**3,
+        transfer_timeout_s: float = 30.0,
+        lease_s: float = 60.0,
+        expected: Callable[[Begin], str | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
+        self.max_buffer_bytes = max_buffer_bytes
+        self.transfer_timeout_s = transfer_timeout_s
+        self.lease_s = lease_s
+        self._expected = expected  # returns an error text if this Begin cannot fit our cache
+        self._clock = clock
+        self._transfers: dict[str, Transfer] = {}
+        self.reserved_bytes = 0
+        self.counters = AssemblerCounters()
+
+    # -- frames in ---------------------------------------------------------------------------
+
+    def on_frames(self, frames: Sequence[bytes | memoryview]) -> Ack | None:
+        """Handle one message. Returns the Ack to send back, if any; never raises."""
+        try:
+            return self._on_frames(frames)
+        except ProtocolError as exc:
+            self.counters.frames_refused += 1
+            transfer_id = getattr(exc, "transfer_id", "")
+            return Ack(protocol.PROTOCOL_VERSION, transfer_id or "?", False, str(exc))
+
+    def _on_frames(self, frames: Sequence[bytes | memoryview]) -> Ack | None:
+        if not frames:
+            raise ProtocolError("empty message: expected a header frame")
+        message = protocol.decode_header(frames[0], self.limits)
+        expected_frames = 2 if isinstance(message, Chunk) else 1
+        if len(frames) != expected_frames:
+            self._fail(message.transfer_id, f"{type(message).__name__} came with {len(frames)} frames; expected {expected_frames}")
+        if isinstance(message, Begin):
+            return self._begin(message)
+        if isinstance(message, Chunk):
+            return self._chunk(message, frames[1])
+        if isinstance(message, End):
+            return self._end(message)
+        if isinstance(message, Abort):
+            self._fail(message.transfer_id, f"sender aborted: {message.reason}", reply=False)
+            return None
+        raise ProtocolError(f"{type(message).__name__} is not a message a receiver accepts")
+
+    def _begin(self, begin: Begin) -> Ack | None:
+        if begin.transfer_id in self._transfers:
+            raise _error(begin.transfer_id, f"duplicate Begin for transfer_id={begin.transfer_id!r}; refused")
+        if self._expected is not None:
+            mismatch = self._expected(begin)
+            if mismatch:
+                self._tombstone(begin, mismatch)
+                raise _error(begin.transfer_id, mismatch)
+        if self.reserved_bytes + begin.reserve_bytes > self.max_buffer_bytes:
+            text = (
+                f"receive buffer full: {self.reserved_bytes} + {begin.reserve_bytes} bytes exceeds "
+                f"max_buffer_bytes={self.max_buffer_bytes}"
+            )
+            self._tombstone(begin, text)
+            raise _error(begin.transfer_id, text)
+        self.reserved_bytes += begin.reserve_bytes
+        self._transfers[begin.transfer_id] = Transfer(begin, self._clock() + self.transfer_timeout_s)
+        return None
+
+    def _receiving(self, transfer_id: str) -> Transfer | None:
+        transfer = self._transfers.get(transfer_id)
+        if transfer is None:
+            raise _error(transfer_id, f"transfer_id={transfer_id!r} has no Begin (reordered or unknown); refused")
+        if transfer.state == "failed":
+            return None  # already failed and answered: drop the rest quietly
+        if transfer.state != "receiving":
+            raise _error(transfer_id, f"transfer_id={transfer_id!r} is already {transfer.state}; refused")
+        return transfer
+
+    def _chunk(self, chunk: Chunk, payload: bytes | memoryview) -> Ack | None:
+        transfer = self._receiving(chunk.transfer_id)
+        if transfer is None:
+            return None
+        begin = transfer.begin
+        where = f"transfer {chunk.transfer_id!r} layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}"
+        if chunk.dtype != begin.dtype or chunk.encoding != begin.encoding:
+            self._fail(chunk.transfer_id, f"{where}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}")
+        if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
+            self._fail(chunk.transfer_id, f"{where}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}")
+        if chunk.layer >= begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
+            self._fail(chunk.transfer_id, f"{where}: outside the {begin.num_layers} layers x {begin.num_blocks} blocks Begin declared")
+        if len(payload) != chunk.payload_bytes:
+            self._fail(chunk.transfer_id, f"{where}: payload is {len(payload)} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)")
+        if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
+            self._fail(chunk.transfer_id, f"{where}: exceeds reserve_bytes={begin.reserve_bytes}")
+        keys = [(chunk.layer, b) for b in range(chunk.first_block, chunk.first_block + chunk.num_blocks)]
+        if any(k in transfer.covered for k in keys):
+            # A duplicate may carry different bytes: we cannot tell which copy is right.
+            self._fail(chunk.transfer_id, f"{where}: blocks already received (duplicate chunk)")
+        if protocol.checksum(chunk.checksum_kind, payload) != chunk.checksum:
+            self._fail(chunk.transfer_id, f"{where}: checksum mismatch (corrupted payload)")
+        transfer.covered.update(keys)
+        transfer.chunks.append(ReceivedChunk(chunk, payload))
+        transfer.received_bytes += chunk.payload_bytes
+        self.counters.bytes_received += chunk.payload_bytes
+        return None
+
+    def _end(self, end: End) -> Ack | None:
+        transfer = self._receiving(end.transfer_id)
+        if transfer is None:
+            return None
+        begin = transfer.begin
+        missing = begin.num_layers * begin.num_blocks - len(transfer.covered)
+        if missing:
+            self._fail(end.transfer_id, f"End arrived with {missing} (layer, block) pairs missing")
+        if end.num_chunks != len(transfer.chunks) or end.total_payload_bytes != transfer.received_bytes:
+            self._fail(
+                end.transfer_id,
+                f"End says {end.num_chunks} chunks / {end.total_payload_bytes} bytes; received "
+                f"{len(transfer.chunks)} / {transfer.received_bytes}",
+            )
+        transfer.state = "complete"
+        transfer.deadline_s = self._clock() + self.lease_s
+        transfer.chunks.sort(key=lambda c: (c.header.layer, c.header.first_block))
+        self.counters.transfers_complete += 1
+        return Ack(protocol.PROTOCOL_VERSION, end.transfer_id, True)
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def _tombstone(self, begin: Begin, error: str) -> None:
+        self._transfers[begin.transfer_id] = Transfer(begin, self._clock() + self.lease_s, "failed", error)
+        self.counters.transfers_failed += 1
+
+    def _fail(self, transfer_id: str, error: str, reply: bool = True) -> None:
+        """Fail a transfer, free its bytes, keep a tombstone so the decode side fails fast."""
+        transfer = self._transfers.get(transfer_id)
+        if transfer is not None and transfer.state != "failed":
+            self._fail_quietly(transfer, error)
+        if reply:
+            raise _error(transfer_id, error)
+
+    def _release(self, transfer: Transfer) -> None:
+        if transfer.state in ("receiving", "complete"):
+            self.reserved_bytes -= transfer.begin.reserve_bytes
+
+    # -- the decode side ---------------------------------------------------------------------
+
+    def claim(self, transfer_id: str) -> Claim:
+        """Take a finished transfer out (the caller then owns its payloads)."""
+        transfer = self._transfers.get(transfer_id)
+        if transfer is None or transfer.state == "receiving":
+            return Claim("pending")
+        del self._transfers[transfer_id]
+        self._release(transfer)
+        if transfer.state == "failed":
+            return Claim("failed", error=transfer.error)
+        return Claim("complete", transfer)
+
+    def forget(self, transfer_id: str, error: str) -> None:
+        """The decode side gave up waiting: fail the transfer if it is still arriving."""
+        transfer = self._transfers.pop(transfer_id, None)
+        if transfer is not None:
+            self._release(transfer)
+            if transfer.state == "receiving":
+                self.counters.transfers_failed += 1
+
+    def expire(self) -> list[str]:
+        """Drop transfers past their deadline; returns their ids."""
+        now = self._clock()
+        expired = [tid for tid, t in self._transfers.items() if t.deadline_s <= now]
+        for tid in expired:
+            transfer = self._transfers[tid]
+            if transfer.state == "receiving":
+                self._fail_quietly(transfer, "transfer timed out before End")
+            elif transfer.state == "complete":
+                self.counters.lease_expiries += 1
+                self._release(transfer)
+                del self._transfers[tid]
+            else:
+                del self._transfers[tid]
+        return expired
+
+    def _fail_quietly(self, transfer: Transfer, error: str) -> None:
+        self._release(transfer)
+        transfer.state, transfer.error = "failed", error
+        transfer.chunks, transfer.covered, transfer.received_bytes = [], set(), 0
+        transfer.deadline_s = self._clock() + self.lease_s
+        self.counters.transfers_failed += 1
+
+    def held_bytes(self) -> int:
+        return sum(t.received_bytes for t in self._transfers.values() if t.state != "failed")
+
+    def __len__(self) -> int:
+        return len(self._transfers)
+
+
+def _error(transfer_id: str, text: str) -> ProtocolError:
+    exc = ProtocolError(text)
+    exc.transfer_id = transfer_id  # type: ignore[attr-defined]
+    return exc

@@ -1,0 +1,46 @@
+"""What the scheduler-side connector tells the worker-side one each step.
+
+vLLM pickles this into the worker process with the SchedulerOutput, so it
+holds plain data only: block ids, token counts, ids and addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(slots=True)
+class SendSpec:
+    """Prefill: ship blocks [first_block, first_block + len(block_ids)) of a request's prompt."""
+
+    request_id: str
+    transfer_id: str
+    endpoint: str
+    prompt_hash: str
+    num_tokens: int  # prompt length
+    num_blocks: int  # blocks the whole prompt spans
+    first_block: int
+    block_ids: list[int]  # this engine's physical ids of those blocks
+    is_first: bool  # send Begin before the first chunk
+    is_last: bool  # send End after this step's chunks
+
+
+@dataclass(slots=True)
+class LoadSpec:
+    """Decode: copy blocks [first_block, ...) of a received transfer into block_ids."""
+
+    request_id: str
+    transfer_id: str
+    prompt_hash: str
+    num_tokens: int
+    first_block: int  # blocks before this were a local prefix-cache hit
+    block_ids: list[int]
+
+
+@dataclass
+class HexConnectorMetadata(KVConnectorMetadata):
+    sends: list[SendSpec] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)
+    aborts: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, transfer_id)

@@ -1,0 +1,232 @@
+"""Every message kvtransfer puts on the wire, its version and its size limits.
+
+A transfer moves one request's prompt KV cache from a prefill worker (the
+sender, a ZeroMQ DEALER) to a decode worker (the receiver, a ROUTER):
+
+    sender                                   receiver
+    Begin(transfer, layers, blocks, ...) ──▶ reserve buffer bytes (or refuse)
+    Chunk(layer, first_block, ...) + payload ──▶ validate, keep the frame
+    ... one Chunk per (layer, step of the prefill) ...
+    End(num_chunks, total bytes)   ──▶ check every (layer, block) arrived
+                                   ◀── Ack(ok | error)
+    Abort(reason)                  ──▶ drop what arrived
+
+Framing: a message is one or two ZeroMQ frames. Frame 0 is the header, a
+msgpack array whose first element is the type tag and whose second is the
+protocol version; frame 1 (Chunk only) is the raw payload, taken straight
+from tensor memory. "Blocks" are the request's logical KV blocks (0 is its
+first block), so the two sides' physical block ids never need to agree.
+
+All limits are checked on the header before the receiver allocates anything
+for the payload: the receiver socket also refuses any frame larger than
+`Limits.max_frame_bytes` (ZMQ_MAXMSGSIZE) before ZeroMQ buffers it.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# dtypes a payload may carry, with their element size in bytes.
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+ENCODINGS = ("raw", "int8")
+CHECKSUMS = ("crc32", "none")
+
+
+class ProtocolError(ValueError):
+    """A message broke the protocol; the text names the field and what was expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes the receiver accepts. Defaults fit a 70B model's 8k-token layer chunks."""
+
+    max_header_bytes: int = 4096
+    max_payload_bytes: int = 512 * 1024 * 1024  # one chunk: one layer, some blocks
+    max_transfer_bytes: int = 16 * 1024 * 1024 * 1024  # one request, all layers
+    max_layers: int = 1024
+    max_blocks: int = 1 << 20
+    max_id_chars: int = 256
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return max(self.max_header_bytes, self.max_payload_bytes)
+
+
+class Begin(msgspec.Struct, tag="begin", array_like=True, frozen=True):
+    """Opens a transfer. `reserve_bytes` bounds the sum of all its payloads."""
+
+    version: int
+    transfer_id: str
+    request_id: str
+    prompt_hash: str  # hash of the prompt's token ids: decode checks it is the same prompt
+    num_tokens: int
+    num_layers: int
+    num_blocks: int
+    dtype: str
+    block_shape: tuple[int, ...]  # one block of one layer, as the sender's cache holds it
+    encoding: str
+    reserve_bytes: int
+
+
+class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):
+    """Blocks [first_block, first_block + num_blocks) of one layer; frame 1 is the payload."""
+
+    version: int
+    transfer_id: str
+    layer: int
+    first_block: int
+    num_blocks: int
+    dtype: str
+    shape: tuple[int, ...]  # decoded tensor: (num_blocks, *block_shape)
+    encoding: str
+    payload_bytes: int
+    checksum_kind: str
+    checksum: int
+
+
+class End(msgspec.Struct, tag="end", array_like=True, frozen=True):
+    version: int
+    transfer_id: str
+    num_chunks: int
+    total_payload_bytes: int
+
+
+class Abort(msgspec.Struct, tag="abort", array_like=True, frozen=True):
+    version: int
+    transfer_id: str
+    reason: str
+
+
+class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):
+    """Receiver → sender: the transfer is complete (ok) or refused (error says why)."""
+
+    version: int
+    transfer_id: str
+    ok: bool
+    error: str = ""
+
+
+Message = Union[Begin, Chunk, End, Abort, Ack]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_header(frame: bytes | memoryview, limits: Limits) -> Message:
+    """Decode and validate frame 0. Raises ProtocolError naming what is wrong."""
+    if len(frame) > limits.max_header_bytes:
+        raise ProtocolError(
+            f"header is {len(frame)} bytes; the limit is max_header_bytes={limits.max_header_bytes}"
+        )
+    try:
+        message = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"header does not match the schema: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    validate(message, limits)
+    return message
+
+
+def _check(condition: bool, text: str) -> None:
+    if not condition:
+        raise ProtocolError(text)
+
+
+def validate(message: Message, limits: Limits) -> None:
+    """Checks that need no transfer state: version, ids, dtypes, sizes."""
+    _check(
+        message.version == PROTOCOL_VERSION,
+        f"version={message.version}; this receiver speaks version {PROTOCOL_VERSION}",
+    )
+    _check(
+        0 < len(message.transfer_id) <= limits.max_id_chars,
+        f"transfer_id must be 1..{limits.max_id_chars} characters",
+    )
+    if isinstance(message, Begin):
+        _check(message.dtype in DTYPE_BYTES, f"dtype={message.dtype!r}; known: {sorted(DTYPE_BYTES)}")
+        _check(message.encoding in ENCODINGS, f"encoding={message.encoding!r}; known: {ENCODINGS}")
+        _check(0 < message.num_layers <= limits.max_layers, f"num_layers={message.num_layers} is outside 1..{limits.max_layers}")
+        _check(0 < message.num_blocks <= limits.max_blocks, f"num_blocks={message.num_blocks} is outside 1..{limits.max_blocks}")
+        _check(message.num_tokens > 0, f"num_tokens={message.num_tokens} must be > 0")
+        _check(
+            len(message.block_shape) > 0 and all(d > 0 for d in message.block_shape),
+            f"block_shape={message.block_shape} must be non-empty with positive dimensions",
+        )
+        raw = raw_bytes(message.dtype, (message.num_layers, message.num_blocks, *message.block_shape))
+        _check(
+            0 < message.reserve_bytes <= min(raw, limits.max_transfer_bytes),
+            f"reserve_bytes={message.reserve_bytes} must be in 1..min(raw size {raw}, "
+            f"max_transfer_bytes={limits.max_transfer_bytes})",
+        )
+    elif isinstance(message, Chunk):
+        _check(message.dtype in DTYPE_BYTES, f"dtype={message.dtype!r}; known: {sorted(DTYPE_BYTES)}")
+        _check(message.encoding in ENCODINGS, f"encoding={message.encoding!r}; known: {ENCODINGS}")
+        _check(message.checksum_kind in CHECKSUMS, f"checksum_kind={message.checksum_kind!r}; known: {CHECKSUMS}")
+        _check(message.layer >= 0, f"layer={message.layer} must be >= 0")
+        _check(message.first_block >= 0, f"first_block={message.first_block} must be >= 0")
+        _check(message.num_blocks > 0, f"num_blocks={message.num_blocks} must be > 0")
+        _check(
+            len(message.shape) >= 2 and message.shape[0] == message.num_blocks and all(d > 0 for d in message.shape),
+            f"shape={message.shape} must be (num_blocks={message.num_blocks}, *block_shape) with positive dims",
+        )
+        expected = payload_bytes(message.encoding, message.dtype, message.shape)
+        _check(
+            message.payload_bytes == expected,
+            f"payload_bytes={message.payload_bytes} but shape {message.shape} of {message.dtype} "
+            f"encoded as {message.encoding} takes {expected}",
+        )
+        _check(
+            message.payload_bytes <= limits.max_payload_bytes,
+            f"payload_bytes={message.payload_bytes} exceeds max_payload_bytes={limits.max_payload_bytes}",
+        )
+    elif isinstance(message, End):
+        _check(message.num_chunks >= 0, f"num_chunks={message.num_chunks} must be >= 0")
+        _check(message.total_payload_bytes >= 0, "total_payload_bytes must be >= 0")
+
+
+def raw_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * DTYPE_BYTES[dtype]
+
+
+def int8_scale_count(shape: tuple[int, ...]) -> int:
+    """int8 keeps one float32 scale per channel: every element of one block row
+    over the token axis (see codec.quantize_int8). shape = (num_blocks, *block_shape)."""
+    return math.prod(shape[1:]) // token_axis_size(shape)
+
+
+def token_axis_size(shape: tuple[int, ...]) -> int:
+    # The block's token axis is the largest of its leading dims on every layout we
+    # move (CPU: [heads, block_size, 2*head_size]); codec uses the same rule.
+    return shape[1 + token_axis(shape[1:])]
+
+
+def token_axis(block_shape: tuple[int, ...]) -> int:
+    """Index, within a block's shape, of the axis scales are shared along."""
+    if len(block_shape) == 1:
+        return 0
+    leading = block_shape[:-1]
+    return max(range(len(leading)), key=lambda i: leading[i])
+
+
+def payload_bytes(encoding: str, dtype: str, shape: tuple[int, ...]) -> int:
+    if encoding == "raw":
+        return raw_bytes(dtype, shape)
+    return math.prod(shape) + 4 * int8_scale_count(shape)
+
+
+def checksum(kind: str, payload: bytes | memoryview) -> int:
+    if kind == "none":
+        return 0
+    return zlib.crc32(payload)

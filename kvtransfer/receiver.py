@@ -1,0 +1,112 @@
+"""Decode side of the transport: a ROUTER socket, one I/O thread, an Assembler.
+
+The I/O thread owns the socket (ZeroMQ sockets are single-threaded): it
+receives frames without copying them (payloads stay in ZeroMQ's buffers until
+they are copied once, into the paged KV cache), feeds them to the Assembler,
+answers each finished or refused transfer with an Ack, and expires leases.
+The engine's thread only calls `claim`/`forget`, under the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+
+from kvtransfer import protocol
+from kvtransfer.assembler import Assembler, Claim
+from kvtransfer.sockets import make_socket
+from kvtransfer.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+
+class KVReceiver:
+    def __init__(self, endpoint: str, assembler: Assembler, stats: Stats, *, hwm_messages: int = 1024) -> None:
+        self.endpoint = endpoint
+        self.assembler = assembler
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._bind_error: Exception | None = None
+        self._ctx = zmq.Context.instance()
+        self._hwm = hwm_messages
+        self._reported = dict(bytes_received=0, transfers_received_failed=0, frames_refused=0, lease_expiries=0)
+        self._thread = threading.Thread(target=self._run, name="kvtransfer-recv", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._bind_error is not None:
+            raise self._bind_error
+
+    def claim(self, transfer_id: str) -> Claim:
+        with self._lock:
+            return self.assembler.claim(transfer_id)
+
+    def forget(self, transfer_id: str, error: str) -> None:
+        with self._lock:
+            self.assembler.forget(transfer_id, error)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            sock = make_socket(
+                self._ctx,
+                zmq.ROUTER,
+                self.endpoint,
+                bind=True,
+                hwm_messages=self._hwm,
+                max_message_bytes=self.assembler.limits.max_frame_bytes,
+            )
+        except Exception as exc:  # surfaced to the constructor
+            self._bind_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(100):
+                    self._drain(sock)
+                with self._lock:
+                    self.assembler.expire()
+                self._publish()
+        finally:
+            sock.close(linger=0)
+            self._publish(force=True)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        for _ in range(256):  # bounded so expiry and stats still run under load
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
+            with self._lock:
+                ack = self.assembler.on_frames(body)
+            if ack is not None:
+                if not ack.ok:
+                    logger.warning("kvtransfer: refused %s: %s", ack.transfer_id, ack.error)
+                try:
+                    sock.send_multipart([identity, protocol.encode(ack)], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the sender is gone or slow; it times out waiting for the Ack
+
+    def _publish(self, force: bool = False) -> None:
+        counters = self.assembler.counters
+        current = dict(
+            bytes_received=counters.bytes_received,
+            transfers_received_failed=counters.transfers_failed,
+            frames_refused=counters.frames_refused,
+            lease_expiries=counters.lease_expiries,
+        )
+        for name, value in current.items():
+            if value != self._reported[name]:
+                self.stats.add(name, value - self._reported[name])
+                self._reported[name] = value
+        self.stats.flush(force)

@@ -1,0 +1,154 @@
+"""Scheduler-side connector logic (runs in vLLM's EngineCore process; sees no tensors).
+
+Prefill (producer): a request whose kv_transfer_params say do_remote_decode is
+tracked from its admission; each step the scheduler computes some of its
+prompt, this side lists the prompt blocks that became complete in that step
+(all remaining ones on the last step) for the worker to ship. When the request
+finishes, `request_finished` returns the params decode needs. The worker has
+copied the blocks out during the forward pass, so vLLM may free them at once.
+
+Decode (consumer): a request whose params say do_remote_prefill reports its
+prompt, beyond any local prefix-cache hit, as externally computed and loaded
+asynchronously; vLLM parks it in WAITING_FOR_REMOTE_KVS with blocks allocated,
+and this side tells the worker which blocks to fill from which transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvtransfer import protocol
+from kvtransfer.handoff import prompt_hash
+from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Sending:
+    request: "Request"
+    transfer_id: str
+    endpoint: str
+    prompt_hash: str
+    num_tokens: int
+    blocks_sent: int = 0
+
+
+class SchedulerSide:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv_cache_manager: KVCacheManager | None = None
+        self._sending: dict[str, _Sending] = {}
+        self._sent: dict[str, _Sending] = {}  # whole prompt shipped; awaiting request_finished
+        self._loads: list[LoadSpec] = []
+        self._aborts: list[tuple[str, str]] = []
+
+    def _num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- decode --------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill") or not params.get("transfer_id"):
+            return 0, False
+        count = len(request.prompt_token_ids or ()) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        params = request.kv_transfer_params
+        if not params:
+            return
+        if params.get("do_remote_prefill"):
+            # One load per request: after a failed load vLLM asks again with
+            # num_computed_tokens=0, and must then get 0 (recompute).
+            params["do_remote_prefill"] = False
+            if num_external_tokens <= 0:
+                return
+            group = blocks.blocks[0]
+            local_hit_blocks = sum(1 for b in group if b.block_hash is not None and not b.is_null)
+            prompt = request.prompt_token_ids or ()
+            block_ids = blocks.get_block_ids()[0][local_hit_blocks : self._num_blocks(len(prompt))]
+            self._loads.append(
+                LoadSpec(
+                    request_id=request.request_id,
+                    transfer_id=str(params["transfer_id"]),
+                    prompt_hash=prompt_hash(prompt),
+                    num_tokens=len(prompt),
+                    first_block=local_hit_blocks,
+                    block_ids=list(block_ids),
+                )
+            )
+        elif params.get("do_remote_decode") and request.request_id not in self._sending:
+            endpoint, transfer_id = params.get("decode_endpoint"), params.get("transfer_id")
+            if not endpoint or not transfer_id:
+                logger.warning("kvtransfer: request %s has do_remote_decode but no decode_endpoint/transfer_id; not sending", request.request_id)
+                return
+            prompt = request.prompt_token_ids or ()
+            self._sending[request.request_id] = _Sending(request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt))
+
+    # -- prefill -------------------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> HexConnectorMetadata:
+        meta = HexConnectorMetadata(loads=self._loads, aborts=self._aborts)
+        self._loads, self._aborts = [], []
+        for request_id, state in list(self._sending.items()):
+            num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
+            if not num_scheduled:
+                continue
+            # The connector meta is built before vLLM advances num_computed_tokens.
+            end = min(state.request.num_computed_tokens + num_scheduled, state.num_tokens)
+            is_last = end >= state.num_tokens
+            upto = self._num_blocks(state.num_tokens) if is_last else end // self.block_size
+            if upto <= state.blocks_sent:
+                continue
+            assert self.kv_cache_manager is not None
+            all_ids = self.kv_cache_manager.get_block_ids(request_id)[0]
+            meta.sends.append(
+                SendSpec(
+                    request_id=request_id,
+                    transfer_id=state.transfer_id,
+                    endpoint=state.endpoint,
+                    prompt_hash=state.prompt_hash,
+                    num_tokens=state.num_tokens,
+                    num_blocks=self._num_blocks(state.num_tokens),
+                    first_block=state.blocks_sent,
+                    block_ids=list(all_ids[state.blocks_sent : upto]),
+                    is_first=state.blocks_sent == 0,
+                    is_last=is_last,
+                )
+            )
+            state.blocks_sent = upto
+            if is_last:
+                self._sent[request_id] = self._sending.pop(request_id)
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_decode"):
+            return False, None
+        unfinished = self._sending.pop(request.request_id, None)
+        if unfinished is not None:
+            # Finished (aborted) before its whole prompt was computed: nothing to decode from.
+            if unfinished.blocks_sent:
+                self._aborts.append((unfinished.endpoint, unfinished.transfer_id))
+            return False, None
+        state = self._sent.pop(request.request_id, None)
+        if state is None:
+            return False, None
+        return False, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "transfer_id": state.transfer_id,
+            "decode_endpoint": state.endpoint,
+            "num_prompt_tokens": state.num_tokens,
+            "prompt_hash": state.prompt_hash,
+            "kv_protocol_version": protocol.PROTOCOL_VERSION,
+        }

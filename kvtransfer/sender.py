@@ -1,0 +1,230 @@
+"""Prefill side of the transport: a bounded send queue drained by one I/O thread.
+
+The engine's thread calls `submit` with frames that reference tensor memory
+(no copy); the I/O thread owns one DEALER socket per decode endpoint and
+hands the frames to ZeroMQ. Two layers of flow control keep a slow or dead
+decode worker from making prefill exhaust memory:
+
+- credits: at most `max_queued_bytes` wait in our queue; `submit` blocks up to
+  `enqueue_timeout_s` for room, then fails that transfer (decode recomputes);
+- ZeroMQ's high-water mark bounds what sits in the socket, and a send that
+  cannot proceed within `send_timeout_ms` fails the transfer.
+
+A transfer counts as sent only when the receiver Acks it within `ack_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from kvtransfer import protocol
+from kvtransfer.protocol import Abort, Ack, Limits
+from kvtransfer.sockets import make_socket
+from kvtransfer.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Item:
+    endpoint: str
+    transfer_id: str
+    frames: list
+    nbytes: int
+    is_end: bool
+
+
+class KVSender:
+    def __init__(
+        self,
+        stats: Stats,
+        *,
+        max_queued_bytes: int = 256 * 1024 * 1024,
+        enqueue_timeout_s: float = 10.0,
+        send_timeout_ms: int = 5000,
+        ack_timeout_s: float = 30.0,
+        hwm_messages: int = 64,
+    ) -> None:
+        self.stats = stats
+        self.max_queued_bytes = max_queued_bytes
+        self.enqueue_timeout_s = enqueue_timeout_s
+        self.send_timeout_ms = send_timeout_ms
+        self.ack_timeout_s = ack_timeout_s
+        self._hwm = hwm_messages
+        self._ctx = zmq.Context.instance()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._failed: dict[str, float] = {}  # transfer_id -> when (pruned after a while)
+        self._awaiting_ack: dict[str, float] = {}  # transfer_id -> deadline
+        self.results: dict[str, str] = {}  # transfer_id -> "ok" | error, for tests/benchmarks
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="kvtransfer-send", daemon=True)
+        self._thread.start()
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def submit(self, endpoint: str, transfer_id: str, frames: list, nbytes: int, *, is_end: bool = False) -> bool:
+        """Queue one message. False if the transfer has failed (the caller stops sending it)."""
+        deadline = time.monotonic() + self.enqueue_timeout_s
+        with self._cond:
+            while True:
+                if transfer_id in self._failed:
+                    return False
+                if not self._queue or self._queued_bytes + nbytes <= self.max_queued_bytes:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._mark_failed(transfer_id, f"send queue full for {self.enqueue_timeout_s}s (decode too slow)")
+                    self._queue.append(_Item(endpoint, transfer_id, [protocol.encode(Abort(protocol.PROTOCOL_VERSION, transfer_id, "sender queue full"))], 0, False))
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait(remaining)
+            self._queue.append(_Item(endpoint, transfer_id, frames, nbytes, is_end))
+            self._queued_bytes += nbytes
+            self._cond.notify_all()
+        return True
+
+    def is_failed(self, transfer_id: str) -> bool:
+        with self._cond:
+            return transfer_id in self._failed
+
+    def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
+        with self._cond:
+            self._mark_failed(transfer_id, reason)
+            self._queue.append(_Item(endpoint, transfer_id, [protocol.encode(Abort(protocol.PROTOCOL_VERSION, transfer_id, reason))], 0, False))
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until everything queued was sent and acked or failed (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._awaiting_ack:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(5)
+
+    # -- I/O thread ------------------------------------------------------------------------
+
+    def _mark_failed(self, transfer_id: str, reason: str) -> None:
+        """Caller holds the lock."""
+        if transfer_id in self._failed:
+            return
+        self._failed[transfer_id] = time.monotonic()
+        self._awaiting_ack.pop(transfer_id, None)
+        self.results[transfer_id] = reason
+        self.stats.add("transfers_sent_failed")
+        logger.warning("kvtransfer: transfer %s failed: %s", transfer_id, reason)
+
+    def _run(self) -> None:
+        sockets: dict[str, zmq.Socket] = {}
+        poller = zmq.Poller()
+        try:
+            while True:
+                with self._cond:
+                    if self._stop:
+                        return
+                    if not self._queue and not self._awaiting_ack:
+                        self._cond.wait(0.1)
+                    item = self._queue.popleft() if self._queue else None
+                if item is not None:
+                    self._send(item, sockets, poller)
+                self._receive_acks(poller, timeout_ms=0 if item is not None else 5)
+                self._expire()
+                self.stats.flush()
+        finally:
+            for sock in sockets.values():
+                sock.close(linger=0)
+            self.stats.flush(force=True)
+
+    def _socket(self, endpoint: str, sockets: dict[str, zmq.Socket], poller: zmq.Poller) -> zmq.Socket:
+        sock = sockets.get(endpoint)
+        if sock is None:
+            sock = make_socket(
+                self._ctx,
+                zmq.DEALER,
+                endpoint,
+                bind=False,
+                hwm_messages=self._hwm,
+                send_timeout_ms=self.send_timeout_ms,
+                immediate=True,
+                max_message_bytes=Limits().max_header_bytes,  # we only receive Acks
+            )
+            sockets[endpoint] = sock
+            poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _send(self, item: _Item, sockets: dict[str, zmq.Socket], poller: zmq.Poller) -> None:
+        failed = False
+        with self._cond:
+            failed = item.transfer_id in self._failed and item.nbytes > 0
+        if not failed:
+            try:
+                self._socket(item.endpoint, sockets, poller).send_multipart(item.frames, copy=False)
+            except (zmq.Again, zmq.ZMQError, ValueError) as exc:
+                with self._cond:
+                    self._mark_failed(item.transfer_id, f"send to {item.endpoint} failed: {exc or 'timed out'}")
+                failed = True
+        with self._cond:
+            self._queued_bytes -= item.nbytes
+            if not failed:
+                self.stats.add("bytes_sent", item.nbytes)
+                if item.is_end:
+                    self._awaiting_ack[item.transfer_id] = time.monotonic() + self.ack_timeout_s
+            self._cond.notify_all()
+
+    def _receive_acks(self, poller: zmq.Poller, timeout_ms: int) -> None:
+        if not poller.sockets:
+            return
+        for sock, _ in poller.poll(timeout_ms):
+            while True:
+                try:
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    ack = protocol.decode_header(frames[-1], Limits())
+                except protocol.ProtocolError as exc:
+                    logger.warning("kvtransfer: bad reply from decode: %s", exc)
+                    continue
+                if isinstance(ack, Ack):
+                    self._on_ack(ack)
+
+    def _on_ack(self, ack: Ack) -> None:
+        with self._cond:
+            if ack.ok and ack.transfer_id in self._awaiting_ack:
+                del self._awaiting_ack[ack.transfer_id]
+                self.results[ack.transfer_id] = "ok"
+                self.stats.add("transfers_sent_ok")
+            elif not ack.ok:
+                self._mark_failed(ack.transfer_id, f"decode refused: {ack.error}")
+            self._cond.notify_all()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for transfer_id, deadline in list(self._awaiting_ack.items()):
+                if deadline <= now:
+                    self._mark_failed(transfer_id, f"no Ack within ack_timeout_s={self.ack_timeout_s}")
+            # Forget failures after a while so the set cannot grow without bound.
+            for transfer_id, when in list(self._failed.items()):
+                if now - when > 600:
+                    del self._failed[transfer_id]
+            if len(self.results) > 10000:
+                for key in list(self.results)[:5000]:
+                    del self.results[key]
+            self._cond.notify_all()

@@ -1,0 +1,294 @@
+"""Worker-side connector logic (runs in the process that holds the KV cache tensors).
+
+Prefill: `save_kv_layer` runs right after each attention layer wrote this
+step's KV; it gathers the request's finished blocks of that layer (one copy:
+paged blocks are not contiguous) and queues them, without another copy, on the
+sender's socket thread. `wait_for_save` closes a transfer with End once its
+last prompt block went out. The gathered copy belongs to the transfer, so the
+engine may reuse the paged blocks as soon as the step ends.
+
+Decode: a load named by the scheduler waits until the receiver holds the
+complete, verified transfer, checks it is for this prompt and this cache
+layout, and copies it into the request's blocks (the one copy on this side).
+It is reported finished; on failure or timeout it is also reported failed and
+vLLM recomputes the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvtransfer import codec, protocol
+from kvtransfer.assembler import Assembler, Transfer
+from kvtransfer.handoff import ConnectorOptions
+from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
+from kvtransfer.protocol import Begin, Chunk, End, Limits
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender
+from kvtransfer.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Progress:
+    num_chunks: int = 0
+    payload_bytes: int = 0
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class _PendingLoad:
+    spec: LoadSpec
+    deadline_s: float
+
+
+class CacheLayout:
+    """Where the block axis is in each layer's cache tensor and what one block looks like."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+        if not kv_caches:
+            raise ValueError("register_kv_caches got no layers")
+        self.names = list(kv_caches)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.tensors = list(kv_caches.values())
+        first = self.tensors[0]
+        if first.shape[0] == num_blocks:
+            self.block_dim = 0  # CPU: [num_blocks, kv_heads, block_size, 2 * head_size]
+        elif first.dim() > 1 and first.shape[0] == 2 and first.shape[1] == num_blocks:
+            self.block_dim = 1  # flash-attn style: [2, num_blocks, ...]
+        else:
+            raise ValueError(f"cannot find the block axis (num_blocks={num_blocks}) in KV cache shape {tuple(first.shape)}")
+        shape = list(first.shape)
+        del shape[self.block_dim]
+        self.block_shape = tuple(shape)
+        self.dtype = codec.dtype_name(first.dtype)
+
+    def gather(self, layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        out = layer.index_select(self.block_dim, idx)
+        if self.block_dim:
+            out = out.movedim(self.block_dim, 0)
+        return out.contiguous().cpu()
+
+    def scatter(self, layer_index: int, block_ids: list[int], blocks: torch.Tensor) -> None:
+        layer = self.tensors[layer_index]
+        idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        src = blocks.to(layer.device)
+        if self.block_dim:
+            src = src.movedim(0, self.block_dim)
+        layer.index_copy_(self.block_dim, idx, src)
+
+
+class WorkerSide:
+    def __init__(self, options: ConnectorOptions, *, is_producer: bool, is_consumer: bool, num_blocks: int) -> None:
+        self.options = options
+        self.is_producer, self.is_consumer = is_producer, is_consumer
+        self.num_blocks = num_blocks
+        self.stats = Stats(options.stats_path)
+        self.layout: CacheLayout | None = None
+        self.sender: KVSender | None = None
+        self.receiver: KVReceiver | None = None
+        self._progress: dict[str, _Progress] = {}
+        self._pending: dict[str, _PendingLoad] = {}
+        self._finished: set[str] = set()
+        self._failed: set[str] = set()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.layout = CacheLayout(kv_caches, self.num_blocks)
+        opts = self.options
+        if self.is_producer and self.sender is None:
+            self.sender = KVSender(
+                self.stats,
+                max_queued_bytes=opts.max_queued_bytes,
+                enqueue_timeout_s=opts.enqueue_timeout_s,
+                send_timeout_ms=opts.send_timeout_ms,
+                ack_timeout_s=opts.ack_timeout_s,
+            )
+        if self.is_consumer and self.receiver is None:
+            if not opts.listen_endpoint:
+                raise ValueError("a kv_consumer needs kv_connector_extra_config['listen_endpoint']")
+            assembler = Assembler(
+                Limits(),
+                max_buffer_bytes=opts.max_buffer_bytes,
+                transfer_timeout_s=opts.transfer_timeout_s,
+                lease_s=opts.lease_s,
+                expected=self._check_begin,
+            )
+            self.receiver = KVReceiver(opts.listen_endpoint, assembler, self.stats)
+        self.stats.flush(force=True)
+
+    def _check_begin(self, begin: Begin) -> str | None:
+        """Refuse, before buffering anything, KV this cache cannot hold."""
+        layout = self.layout
+        assert layout is not None
+        if begin.num_layers != len(layout.names):
+            return f"num_layers={begin.num_layers} but this model has {len(layout.names)} KV layers"
+        if tuple(begin.block_shape) != layout.block_shape or begin.dtype != layout.dtype:
+            return (
+                f"block {begin.block_shape}/{begin.dtype} differs from this cache's "
+                f"{layout.block_shape}/{layout.dtype} (different model, block_size or dtype?)"
+            )
+        return None
+
+    def shutdown(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        if self.receiver is not None:
+            self.receiver.close()
+        self.stats.flush(force=True)
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    def save_kv_layer(self, meta: HexConnectorMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
+        if not meta.sends or self.sender is None or self.layout is None:
+            return
+        layer = self.layout.index.get(layer_name)
+        if layer is None:
+            return
+        for spec in meta.sends:
+            progress = self._progress.setdefault(spec.transfer_id, _Progress())
+            if progress.failed:
+                continue
+            if spec.is_first and layer == 0:
+                self._send_begin(spec)
+            blocks = self.layout.gather(kv_layer, spec.block_ids)
+            parts = codec.encode(blocks, self.options.encoding)
+            payload = codec.as_bytes(parts[0]) if len(parts) == 1 else codec.as_bytes(
+                torch.cat([p.view(-1).view(torch.uint8) for p in parts])
+            )
+            header = Chunk(
+                protocol.PROTOCOL_VERSION,
+                spec.transfer_id,
+                layer,
+                spec.first_block,
+                len(spec.block_ids),
+                self.layout.dtype,
+                tuple(blocks.shape),
+                self.options.encoding,
+                len(payload),
+                self.options.checksum,
+                protocol.checksum(self.options.checksum, payload),
+            )
+            if self.sender.submit(spec.endpoint, spec.transfer_id, [protocol.encode(header), payload], len(payload)):
+                progress.num_chunks += 1
+                progress.payload_bytes += len(payload)
+            else:
+                progress.failed = True
+
+    def _send_begin(self, spec: SendSpec) -> None:
+        layout = self.layout
+        assert layout is not None and self.sender is not None
+        begin = Begin(
+            protocol.PROTOCOL_VERSION,
+            spec.transfer_id,
+            spec.request_id,
+            spec.prompt_hash,
+            spec.num_tokens,
+            len(layout.names),
+            spec.num_blocks,
+            layout.dtype,
+            layout.block_shape,
+            self.options.encoding,
+            protocol.raw_bytes(layout.dtype, (len(layout.names), spec.num_blocks, *layout.block_shape)),
+        )
+        if not self.sender.submit(spec.endpoint, spec.transfer_id, [protocol.encode(begin)], 0):
+            self._progress[spec.transfer_id].failed = True
+
+    def wait_for_save(self, meta: HexConnectorMetadata) -> None:
+        if self.sender is None:
+            return
+        for endpoint, transfer_id in meta.aborts:
+            self._progress.pop(transfer_id, None)
+            self.sender.abort(endpoint, transfer_id, "prefill request ended before its prompt was computed")
+        for spec in meta.sends:
+            if not spec.is_last:
+                continue
+            progress = self._progress.pop(spec.transfer_id, _Progress())
+            if progress.failed:
+                continue
+            end = End(protocol.PROTOCOL_VERSION, spec.transfer_id, progress.num_chunks, progress.payload_bytes)
+            self.sender.submit(spec.endpoint, spec.transfer_id, [protocol.encode(end)], 0, is_end=True)
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: HexConnectorMetadata) -> None:
+        now = time.monotonic()
+        for spec in meta.loads:
+            self._pending[spec.request_id] = _PendingLoad(spec, now + self.options.load_timeout_s)
+        self._poll_loads()
+
+    def _poll_loads(self) -> None:
+        if not self._pending:
+            return
+        if self.receiver is None:
+            for request_id in list(self._pending):
+                self._fail(request_id, "this engine has no receiver (kv_role is not a consumer)")
+            return
+        now = time.monotonic()
+        for request_id, pending in list(self._pending.items()):
+            spec = pending.spec
+            claim = self.receiver.claim(spec.transfer_id)
+            if claim.state == "pending":
+                if now >= pending.deadline_s:
+                    self.receiver.forget(spec.transfer_id, "decode stopped waiting")
+                    self.stats.add("load_timeouts")
+                    self._fail(request_id, f"KV for transfer {spec.transfer_id} did not arrive within {self.options.load_timeout_s}s")
+                continue
+            if claim.state == "failed":
+                self._fail(request_id, f"transfer {spec.transfer_id} failed: {claim.error}")
+                continue
+            assert claim.transfer is not None
+            error = self._write(spec, claim.transfer)
+            if error:
+                self._fail(request_id, error)
+            else:
+                del self._pending[request_id]
+                self._finished.add(request_id)
+                self.stats.add("transfers_loaded_ok")
+
+    def _write(self, spec: LoadSpec, transfer: Transfer) -> str | None:
+        begin = transfer.begin
+        if begin.prompt_hash != spec.prompt_hash or begin.num_tokens != spec.num_tokens:
+            return f"transfer {spec.transfer_id} carries another prompt ({begin.num_tokens} tokens, hash {begin.prompt_hash})"
+        layout = self.layout
+        assert layout is not None
+        start, stop = spec.first_block, spec.first_block + len(spec.block_ids)
+        try:
+            for chunk in transfer.chunks:
+                h = chunk.header
+                lo, hi = max(h.first_block, start), min(h.first_block + h.num_blocks, stop)
+                if lo >= hi:
+                    continue  # these blocks were a local prefix-cache hit
+                blocks = codec.decode(chunk.payload, h.encoding, h.dtype, h.shape)
+                layout.scatter(h.layer, spec.block_ids[lo - start : hi - start], blocks[lo - h.first_block : hi - h.first_block])
+        except (RuntimeError, ValueError) as exc:
+            return f"transfer {spec.transfer_id} could not be written into the cache: {exc}"
+        return None
+
+    def _fail(self, request_id: str, error: str) -> None:
+        logger.warning("kvtransfer: request %s will recompute its prompt: %s", request_id, error)
+        self._pending.pop(request_id, None)
+        self._failed.add(request_id)
+        self._finished.add(request_id)
+        self.stats.add("transfers_loaded_failed")
+
+    def take_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(finished_recving, failed_recving) since the last call."""
+        self._poll_loads()
+        for request_id in finished_req_ids & set(self._pending):
+            # Aborted while waiting for its KV: vLLM frees its blocks once we report it.
+            spec = self._pending.pop(request_id).spec
+            if self.receiver is not None:
+                self.receiver.forget(spec.transfer_id, "request aborted")
+            self._finished.add(request_id)
+        finished, failed = self._finished, self._failed
+        self._finished, self._failed = set(), set()
+        self.stats.flush()
+        return finished, failed
