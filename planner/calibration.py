@@ -1,0 +1,183 @@
+"""Fit the cost model's coefficients to a measured profile.
+
+A profile (written by ``python -m planner profile``) holds prefill latencies
+for several prompt lengths and decode step times for several batch sizes,
+measured on one GPU type with one model. The cost model predicts
+
+    prefill latency = overhead_p + FLOPs(prompt) / (tp * peak * mfu)
+    decode step     = overhead_d + bytes read(batch) / (tp * bandwidth * mbu)
+
+so a least-squares line through (FLOPs, latency) gives ``mfu`` and the
+prefill overhead, and one through (bytes, step) gives ``mbu`` and the decode
+overhead. Fitted efficiencies are clamped to (0, 1]; the fit's R^2 is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planner.catalog import GB, Catalog, GpuSpec
+from planner.errors import PlanInputError
+from planner.fields import Fields, check_number
+from planner.model import ModelSpec, model_from_fields
+
+PROFILE_SCHEMA = "hexserve.profile"
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSample:
+    prompt_tokens: int
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSample:
+    batch: int
+    context_tokens: float
+    step_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    gpu_type: str
+    tp: int
+    model: ModelSpec
+    prefill: tuple[PrefillSample, ...]
+    decode: tuple[DecodeSample, ...]
+    source: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": PROFILE_SCHEMA,
+            "schema_version": PROFILE_VERSION,
+            "gpu_type": self.gpu_type,
+            "tp": self.tp,
+            "model": self.model.to_json(),
+            "source": self.source,
+            "prefill": [{"prompt_tokens": s.prompt_tokens, "latency_ms": round(s.latency_ms, 4)} for s in self.prefill],
+            "decode": [
+                {"batch": s.batch, "context_tokens": s.context_tokens, "step_ms": round(s.step_ms, 4)}
+                for s in self.decode
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    mfu: float
+    mbu: float
+    prefill_overhead_ms: float
+    decode_overhead_ms: float
+    prefill_r2: float
+    decode_r2: float
+
+    def coefficients(self) -> dict[str, float]:
+        return {
+            "mfu": self.mfu,
+            "mbu": self.mbu,
+            "prefill_overhead_ms": self.prefill_overhead_ms,
+            "decode_overhead_ms": self.decode_overhead_ms,
+        }
+
+
+def parse_profile(data: Any, path: str = "profile") -> Profile:
+    f = Fields(data, path)
+    f.check_keys({"schema", "schema_version", "gpu_type", "tp", "model", "source", "prefill", "decode"})
+    if f.string("schema") != PROFILE_SCHEMA:
+        raise PlanInputError(f.at("schema"), f"must be {PROFILE_SCHEMA!r}")
+    if f.integer("schema_version") != PROFILE_VERSION:
+        raise PlanInputError(f.at("schema_version"), f"this planner reads version {PROFILE_VERSION}")
+    prefill = []
+    for p, entry in f.items("prefill", min_items=2):
+        e = Fields(entry, p)
+        e.check_keys({"prompt_tokens", "latency_ms"})
+        prefill.append(PrefillSample(e.integer("prompt_tokens", minimum=1), e.number("latency_ms", above=0)))
+    decode = []
+    for p, entry in f.items("decode", min_items=2):
+        e = Fields(entry, p)
+        e.check_keys({"batch", "context_tokens", "step_ms"})
+        decode.append(DecodeSample(e.integer("batch", minimum=1), e.number("context_tokens", minimum=0),
+                                   e.number("step_ms", above=0)))
+    return Profile(
+        gpu_type=f.string("gpu_type"),
+        tp=f.integer("tp", 1, minimum=1),
+        model=model_from_fields(f.raw("model"), f.at("model")),
+        prefill=tuple(prefill),
+        decode=tuple(decode),
+        source=f.raw("source", {}),
+    )
+
+
+def prefill_flops(model: ModelSpec, prompt_tokens: float) -> float:
+    """FLOPs of one prompt through the whole model (the cost model's prefill numerator)."""
+    heads_dim = model.num_attention_heads * model.head_size
+    s = prompt_tokens
+    return model.num_layers * (2 * model.params_per_layer * s + 2 * heads_dim * s * s) + 2 * model.hidden_size * model.vocab_size
+
+
+def decode_bytes(model: ModelSpec, batch: int, context_tokens: float) -> float:
+    """Bytes one decode step reads: weights, LM head, and the batch's KV cache."""
+    return (model.num_layers * model.layer_weight_bytes + model.lm_head_bytes
+            + batch * context_tokens * model.kv_bytes_per_token)
+
+
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares y = a + b x with a >= 0, b > 0; returns (a, b, r2)."""
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    if a < 0 or b <= 0:
+        a = 0.0
+        b = float(np.dot(x, y) / np.dot(x, x))
+    pred = a + b * x
+    ss = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1 - float(np.sum((y - pred) ** 2)) / ss if ss > 0 else 1.0
+    return float(a), float(b), r2
+
+
+def fit_profile(profile: Profile, spec: GpuSpec) -> Fit:
+    model, tp = profile.model, profile.tp
+    x = np.array([prefill_flops(model, s.prompt_tokens) for s in profile.prefill])
+    y = np.array([s.latency_ms / 1e3 for s in profile.prefill])
+    a_p, b_p, r2_p = _line(x, y)
+    mfu = 1 / (b_p * tp * spec.peak_bf16_tflops * 1e12)
+    x = np.array([decode_bytes(model, s.batch, s.context_tokens) for s in profile.decode])
+    y = np.array([s.step_ms / 1e3 for s in profile.decode])
+    a_d, b_d, r2_d = _line(x, y)
+    mbu = 1 / (b_d * tp * spec.memory_bandwidth_gb_per_s * GB)
+    return Fit(
+        mfu=float(min(mfu, 1.0)),
+        mbu=float(min(mbu, 1.0)),
+        prefill_overhead_ms=a_p * 1e3,
+        decode_overhead_ms=a_d * 1e3,
+        prefill_r2=r2_p,
+        decode_r2=r2_d,
+    )
+
+
+def load_profile(path: Path, field: str = "calibration") -> Profile:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise PlanInputError(field, f"cannot read profile {str(path)!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise PlanInputError(field, f"profile {str(path)!r} is not valid JSON: {exc}") from None
+    return parse_profile(data, path=field)
+
+
+def apply_profile_files(catalog: Catalog, paths: list[tuple[str, Path]]) -> Catalog:
+    """The catalog with each profile's fitted coefficients applied to its GPU type."""
+    for field, path in paths:
+        profile = load_profile(path, field)
+        spec = catalog.resolve(profile.gpu_type, f"{field}.gpu_type")
+        fit = fit_profile(profile, spec)
+        for name, value in fit.coefficients().items():
+            check_number(value, f"{field} (fitted {name})", minimum=0)
+        catalog = catalog.with_calibration(spec.name, fit.coefficients())
+    return catalog

@@ -1,0 +1,141 @@
+"""The GPU catalog: what each accelerator type can do and what it costs.
+
+The defaults live in ``configs/gpu_catalog.json`` (versioned, measured or
+published numbers); a cluster file may override any field of any entry, or
+add a type of its own, under its ``catalog`` key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlanInputError
+from planner.fields import Fields
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CATALOG_PATH = CONFIG_DIR / "gpu_catalog.json"
+CATALOG_SCHEMA = "hexserve.gpu_catalog"
+
+GIB = 1024**3
+GB = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    """One accelerator type. Rates are peaks; ``mfu``/``mbu`` say how much of them vLLM reaches."""
+
+    name: str
+    peak_bf16_tflops: float
+    memory_gib: float
+    memory_bandwidth_gb_per_s: float
+    price_per_hour: float
+    intra_node_bandwidth_gb_per_s: float
+    intra_node_latency_us: float = 10.0
+    mfu: float = 0.5
+    mbu: float = 0.75
+    prefill_overhead_ms: float = 5.0
+    decode_overhead_ms: float = 2.0
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.peak_bf16_tflops * 1e12 * self.mfu
+
+    @property
+    def mem_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_gb_per_s * GB * self.mbu
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gib * GIB
+
+
+_REQUIRED = ("peak_bf16_tflops", "memory_gib", "memory_bandwidth_gb_per_s", "price_per_hour", "intra_node_bandwidth_gb_per_s")
+_OPTIONAL = {
+    "intra_node_latency_us": 10.0,
+    "mfu": 0.5,
+    "mbu": 0.75,
+    "prefill_overhead_ms": 5.0,
+    "decode_overhead_ms": 2.0,
+}
+GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes"}
+
+
+def _read_values(f: Fields, base: GpuSpec | None) -> dict[str, float]:
+    f.check_keys(GPU_FIELDS)
+    values: dict[str, float] = {}
+    for key in _REQUIRED + tuple(_OPTIONAL):
+        if f.has(key):
+            if key in ("mfu", "mbu"):
+                values[key] = f.number(key, above=0, maximum=1)
+            elif key == "price_per_hour" or key.endswith("overhead_ms") or key.endswith("latency_us"):
+                values[key] = f.number(key, minimum=0)
+            else:
+                values[key] = f.number(key, above=0)
+        elif base is None and key in _REQUIRED:
+            f.raw(key)  # raises "is required"
+    return values
+
+
+class Catalog:
+    """GPU types by name, with aliases. Lookups fail with the list of known names."""
+
+    def __init__(self, gpus: dict[str, GpuSpec], aliases: dict[str, str] | None = None) -> None:
+        self.gpus = dict(gpus)
+        self.aliases = dict(aliases or {})
+
+    def names(self) -> list[str]:
+        return sorted(self.gpus)
+
+    def resolve(self, name: str, field: str) -> GpuSpec:
+        key = self.aliases.get(name, name)
+        if key not in self.gpus:
+            raise PlanInputError(
+                field, f"{name!r} is not in the GPU catalog; known: {', '.join(self.names())} "
+                f"(or add it under 'catalog' with {', '.join(_REQUIRED)})"
+            )
+        return self.gpus[key]
+
+    def with_overrides(self, f: Fields) -> Catalog:
+        """A copy with the entries of a cluster file's ``catalog`` object applied."""
+        gpus = dict(self.gpus)
+        for name in f.data:
+            entry = f.obj(name)
+            key = self.aliases.get(name, name)
+            base = gpus.get(key)
+            values = _read_values(entry, base)
+            gpus[key] = replace(base, **values) if base else GpuSpec(name=key, **values)
+        return Catalog(gpus, self.aliases)
+
+    def with_calibration(self, gpu_type: str, coefficients: dict[str, float]) -> Catalog:
+        gpus = dict(self.gpus)
+        gpus[gpu_type] = replace(gpus[gpu_type], **coefficients)
+        return Catalog(gpus, self.aliases)
+
+
+def parse_catalog(data: Any, path: str = "catalog") -> Catalog:
+    f = Fields(data, path)
+    f.check_keys({"schema", "schema_version", "notes", "gpus", "aliases"})
+    if f.has("schema") and f.string("schema") != CATALOG_SCHEMA:
+        raise PlanInputError(f.at("schema"), f"must be {CATALOG_SCHEMA!r}")
+    gpus_f = f.obj("gpus")
+    gpus = {name: GpuSpec(name=name, **_read_values(gpus_f.obj(name), None)) for name in gpus_f.data}
+    aliases = f.raw("aliases", {})
+    for alias, target in aliases.items():
+        if target not in gpus:
+            raise PlanInputError(f.at(f"aliases.{alias}"), f"points at unknown type {target!r}")
+    return Catalog(gpus, aliases)
+
+
+@lru_cache(maxsize=4)
+def _load_catalog_file(path: str) -> Catalog:
+    with open(path, encoding="utf-8") as fh:
+        return parse_catalog(json.load(fh), path=Path(path).name)
+
+
+def default_catalog() -> Catalog:
+    """The catalog shipped in ``configs/gpu_catalog.json``."""
+    return _load_catalog_file(str(DEFAULT_CATALOG_PATH))

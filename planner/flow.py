@@ -1,0 +1,139 @@
+"""Max-flow over the prefill -> KV route -> decode network.
+
+    source --(prefill capacity)--> P_i --(KV route capacity)--> D_j --(decode capacity)--> sink
+
+Capacities are requests/s. A route P_i -> D_j exists when the KV cache of an
+average prompt crosses the link between the two groups within P_i's share of
+the TTFT SLO; its capacity is the link's transfer rate in requests/s. The
+max-flow value is the cluster's predicted throughput and the flow on each
+route, normalised per prefill group, is the weight the router uses.
+
+When every route exists and none can bind (each carries at least
+``min(cap P_i, cap D_j)``), the max flow is ``min(sum P, sum D)`` and the
+proportional flow ``f_ij = F * (P_i / sum P) * (D_j / sum D)`` attains it
+(and spreads load evenly); that case skips the general solver. Otherwise
+networkx's preflow-push runs on integer capacities (micro-requests/s).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from planner import costmodel as cm
+from planner.cluster import Cluster
+from planner.strategy import Group, PhasePerf
+
+SCALE = 1_000_000  # capacities in micro-requests/s: networkx's preflow-push wants integers
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """KV route from a prefill group to a decode group."""
+
+    transfer_s: float  # one average prompt's KV, end to end
+    capacity_rps: float  # requests/s the link sustains (bandwidth-bound, pipelined)
+
+
+@dataclass(slots=True)
+class FlowResult:
+    value_rps: float
+    flows: dict[tuple[int, int], float]  # (prefill index, decode index) -> requests/s
+    prefill_bound: bool  # the min cut crosses the prefill side (more prefill would help)
+    decode_bound: bool
+    route_bound: bool  # some route in the min cut
+    source_side: set = field(default_factory=set)
+
+
+class RouteTable:
+    """KV route properties between groups of one cluster, cached by group pair."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.kv_bytes = cm.kv_bytes_per_request(cluster.model, cluster.workload)
+        self._cache: dict[tuple[Group, Group, tuple, tuple], Route] = {}
+
+    def _shards(self, group: Group, perf: PhasePerf) -> dict[int, float]:
+        """Largest KV share one GPU holds, per node of the group."""
+        out: dict[int, float] = {}
+        for stage in perf.stages:
+            node = group[stage.part][0]
+            share = cm.kv_shard_fraction(self.cluster.model, stage.num_layers, stage.tp)
+            out[node] = max(out.get(node, 0.0), share)
+        return out
+
+    def route(self, pg: Group, pp: PhasePerf, dg: Group, dp: PhasePerf) -> Route:
+        key = (pg, dg, pp.stages, dp.stages)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        bw, lat = self.cluster.bandwidth, self.cluster.latency
+        send, recv = self._shards(pg, pp), self._shards(dg, dp)
+        # Each GPU moves its shard over its own link; the slowest (shard / link) sets the time.
+        t_send = max(share * self.kv_bytes / min(bw[a, b] for b in recv) for a, share in send.items())
+        t_recv = max(share * self.kv_bytes / min(bw[a, b] for a in send) for b, share in recv.items())
+        latency = max(lat[a, b] for a in send for b in recv)
+        busy = max(t_send, t_recv)
+        found = Route(transfer_s=busy + latency, capacity_rps=1.0 / busy if busy > 0 else math.inf)
+        self._cache[key] = found
+        return found
+
+
+def max_flow(
+    prefill: list[tuple[Group, PhasePerf]],
+    decode: list[tuple[Group, PhasePerf]],
+    routes: RouteTable,
+) -> FlowResult:
+    """Max flow from prefill groups through KV routes to decode groups."""
+    cap_p = [p.capacity_rps for _, p in prefill]
+    cap_d = [d.capacity_rps for _, d in decode]
+    sum_p, sum_d = sum(cap_p), sum(cap_d)
+    if not prefill or not decode or sum_p <= 0 or sum_d <= 0:
+        return FlowResult(0.0, {}, sum_p <= sum_d, sum_d <= sum_p, False)
+    edges: dict[tuple[int, int], float] = {}
+    binding = False
+    for i, (pg, pp) in enumerate(prefill):
+        for j, (dg, dp) in enumerate(decode):
+            r = routes.route(pg, pp, dg, dp)
+            if r.transfer_s + dp.latency_s > pp.kv_budget_s:
+                binding = True
+                continue
+            edges[(i, j)] = r.capacity_rps
+            if r.capacity_rps < min(cap_p[i], cap_d[j]):
+                binding = True
+    if not binding:
+        value = min(sum_p, sum_d)
+        flows = {(i, j): value * cap_p[i] / sum_p * cap_d[j] / sum_d for (i, j) in edges}
+        return FlowResult(value, flows, sum_p <= sum_d, sum_d <= sum_p, False)
+    return _networkx_flow(cap_p, cap_d, edges)
+
+
+def _networkx_flow(cap_p: list[float], cap_d: list[float], edges: dict[tuple[int, int], float]) -> FlowResult:
+    g = nx.DiGraph()
+    for i, c in enumerate(cap_p):
+        g.add_edge("s", ("P", i), capacity=int(c * SCALE))
+    for j, c in enumerate(cap_d):
+        g.add_edge(("D", j), "t", capacity=int(c * SCALE))
+    for (i, j), c in edges.items():
+        g.add_edge(("P", i), ("D", j), capacity=int(min(c, 1e12) * SCALE))
+    value, flow = nx.maximum_flow(g, "s", "t")
+    flows = {(i, j): flow[("P", i)][("D", j)] / SCALE for (i, j) in edges if flow[("P", i)][("D", j)] > 0}
+    # Min cut: vertices reachable from the source in the residual graph.
+    residual_reach = {"s"}
+    stack = ["s"]
+    while stack:
+        u = stack.pop()
+        for v, attrs in g[u].items():
+            if v not in residual_reach and flow[u][v] < attrs["capacity"]:
+                residual_reach.add(v)
+                stack.append(v)
+        for v in g.predecessors(u):
+            if v not in residual_reach and flow[v][u] > 0:
+                residual_reach.add(v)
+                stack.append(v)
+    prefill_bound = any(("P", i) not in residual_reach for i in range(len(cap_p)))
+    decode_bound = any(("D", j) in residual_reach for j in range(len(cap_d)))
+    route_bound = any(("P", i) in residual_reach and ("D", j) not in residual_reach for (i, j) in edges)
+    return FlowResult(value / SCALE, flows, prefill_bound, decode_bound, route_bound, residual_reach)

@@ -1,0 +1,396 @@
+"""Per-group parallel strategy: TP degree, pipeline stages and an asymmetric layer split.
+
+A group is one model replica (one vLLM instance). Its GPUs come as parts, one
+per node; tensor parallelism stays inside a node (all-reduces need NVLink-class
+links) and pipeline stages chain the TP sub-groups, in node order. vLLM runs
+one TP degree per instance, so every stage of a group shares it, but layers
+may be split unevenly across stages (vLLM's ``VLLM_PP_LAYER_PARTITION``):
+a stage on an H100 can take more layers than one on an L40S.
+
+For each TP degree the layer split is found by dynamic programming over the
+cost model (``min_bottleneck_split``): minimise the slowest stage subject to
+each stage's memory. Prefill minimises the per-prompt bottleneck; decode
+searches the largest batch whose split fits in memory and meets the TPOT SLO.
+The colocated mode (one instance serves both phases) time-shares the GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner import costmodel as cm
+from planner.cluster import Cluster
+
+Group = tuple[tuple[int, int], ...]  # ((node index, gpu count), ...) sorted by node index
+
+PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
+
+
+@dataclass(frozen=True, slots=True)
+class StageLayout:
+    part: int  # index into the group's parts
+    tp: int
+    first_layer: int
+    num_layers: int
+
+
+@dataclass(frozen=True, slots=True)
+class PhasePerf:
+    """How one group performs in one role, with the strategy that achieves it."""
+
+    role: str
+    tp: int
+    stages: tuple[StageLayout, ...]
+    capacity_rps: float  # requests/s the group sustains within the SLOs
+    latency_s: float  # prefill: one prompt end to end; decode/colocated: TPOT at full batch
+    service_s: float  # prefill: pipeline bottleneck per prompt; decode: step time
+    batch: int = 0  # decode/colocated: concurrent requests at capacity
+    ttft_s: float = 0.0  # predicted TTFT at capacity, excluding the KV transfer
+    kv_budget_s: float = 0.0  # prefill: how long a KV transfer may take within the TTFT SLO
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPerf:
+    prefill: PhasePerf | None
+    decode: PhasePerf | None
+    colocated: PhasePerf | None
+    memory_shortfall_bytes: float  # > 0 when the group cannot hold a replica at all
+
+    @property
+    def feasible(self) -> bool:
+        return self.prefill is not None or self.decode is not None
+
+    def for_role(self, role: str) -> PhasePerf | None:
+        return {PREFILL: self.prefill, DECODE: self.decode, COLOCATED: self.colocated}[role]
+
+
+def min_bottleneck_split(costs: np.ndarray, total: int) -> tuple[float, list[int]] | None:
+    """Split ``total`` layers over stages to minimise the slowest stage.
+
+    ``costs[i, k]`` is stage i's time with k layers (``inf`` where k layers do
+    not fit; column 0 must be ``inf``: every stage holds at least one layer).
+    Dynamic programming over (stage, layers so far); O(stages * total^2),
+    vectorised per stage. Returns (bottleneck, layers per stage) or None.
+    """
+    num_stages = costs.shape[0]
+    if num_stages > total:
+        return None
+    ks = np.arange(total + 1)
+    dp = costs[0, : total + 1].astype(float).copy()
+    choices = np.zeros((num_stages, total + 1), dtype=int)
+    choices[0] = ks
+    rem = ks[:, None] - ks[None, :]
+    valid = rem >= 0
+    rem = np.where(valid, rem, 0)
+    for i in range(1, num_stages):
+        prev = np.where(valid, dp[rem], np.inf)
+        cand = np.maximum(prev, costs[i, : total + 1][None, :])
+        choice = np.argmin(cand, axis=1)
+        choices[i] = choice
+        dp = cand[ks, choice]
+    if not np.isfinite(dp[total]):
+        return None
+    split = []
+    j = total
+    for i in range(num_stages - 1, -1, -1):
+        k = int(choices[i, j])
+        split.append(k)
+        j -= k
+    split.reverse()
+    return float(dp[total]), split
+
+
+@dataclass(frozen=True, slots=True)
+class _StageSlot:
+    part: int
+    node: int
+    hop_bw: float  # link to the next stage (inf for the last)
+    hop_lat: float
+
+
+class GroupEvaluator:
+    """Computes ``GroupPerf`` for groups of one cluster, cached by the group's shape."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.model = cluster.model
+        self.workload = cluster.workload
+        self.options = cluster.options
+        self._ks = np.arange(self.model.num_layers + 1, dtype=float)
+        self._signature_cache: dict[tuple, GroupPerf] = {}
+        self._group_cache: dict[Group, GroupPerf] = {}
+        self.evaluations = 0
+
+    # -- shape and caching -------------------------------------------------------------------
+    def signature(self, group: Group) -> tuple:
+        """Everything about a group its performance depends on (two H100x2 nodes are alike)."""
+        nodes = self.cluster.nodes
+        parts = tuple((nodes[n].gpu_type, c) for n, c in group)
+        links = tuple(
+            (float(self.cluster.bandwidth[a, b]), float(self.cluster.latency[a, b]))
+            for (a, _), (b, _) in zip(group, group[1:])
+        )
+        intra = tuple((float(self.cluster.bandwidth[n, n]), float(self.cluster.latency[n, n])) for n, _ in group)
+        return parts, links, intra
+
+    def evaluate(self, group: Group) -> GroupPerf:
+        perf = self._group_cache.get(group)
+        if perf is None:
+            sig = self.signature(group)
+            perf = self._signature_cache.get(sig)
+            if perf is None:
+                perf = self._compute(group)
+                self._signature_cache[sig] = perf
+                self.evaluations += 1
+            self._group_cache[group] = perf
+        return perf
+
+    def memory_bytes(self, group: Group) -> float:
+        nodes = self.cluster.nodes
+        return sum(c * self.options.usable_bytes(nodes[n].spec) for n, c in group)
+
+    def min_replica_bytes(self) -> float:
+        """Weights plus the KV of one full request: less memory than this never holds a replica."""
+        return self.model.weight_bytes + cm.kv_alloc_tokens(self.workload) * self.model.kv_bytes_per_token
+
+    # -- the search ------------------------------------------------------------------------------
+    def tp_options(self, group: Group) -> list[int]:
+        counts = [c for _, c in group]
+        g = math.gcd(*counts)
+        return [t for t in range(1, g + 1) if g % t == 0 and self.model.valid_tp(t)]
+
+    def _slots(self, group: Group, tp: int) -> list[_StageSlot]:
+        bw, lat = self.cluster.bandwidth, self.cluster.latency
+        slots: list[_StageSlot] = []
+        for p, (node, count) in enumerate(group):
+            slots.extend(_StageSlot(p, node, bw[node, node], lat[node, node]) for _ in range(count // tp))
+            if p + 1 < len(group):  # the last stage on this node hands off to the next node
+                nxt = group[p + 1][0]
+                last = slots[-1]
+                slots[-1] = _StageSlot(last.part, last.node, bw[node, nxt], lat[node, nxt])
+        last = slots[-1]
+        slots[-1] = _StageSlot(last.part, last.node, math.inf, 0.0)
+        return slots
+
+    def _compute(self, group: Group) -> GroupPerf:
+        shortfall = self.min_replica_bytes() - self.memory_bytes(group)
+        best: dict[str, PhasePerf | None] = {PREFILL: None, DECODE: None, COLOCATED: None}
+        if shortfall <= 0:
+            for tp in self.tp_options(group):
+                slots = self._slots(group, tp)
+                if len(slots) > min(self.model.num_layers, self.options.max_pipeline_stages):
+                    continue
+                for perf in self._strategies(group, tp, slots):
+                    cur = best[perf.role]
+                    if cur is None or perf.capacity_rps > cur.capacity_rps * (1 + 1e-9):
+                        best[perf.role] = perf
+        return GroupPerf(best[PREFILL], best[DECODE], best[COLOCATED], max(shortfall, 0.0))
+
+    def _stage_costs(self, group: Group, tp: int, slots: list[_StageSlot], phase: str, batch: float):
+        """(time[i, k], fits[i, k]) for every stage i and layer count k; hops folded into time."""
+        model, wl, nodes = self.model, self.workload, self.cluster.nodes
+        ks = self._ks
+        n = len(slots)
+        times = np.empty((n, ks.size))
+        fits = np.empty((n, ks.size), dtype=bool)
+        micro = batch / n
+        for i, slot in enumerate(slots):
+            node = nodes[slot.node]
+            first, last = i == 0, i == n - 1
+            intra_bw, intra_lat = self.cluster.bandwidth[slot.node, slot.node], self.cluster.latency[slot.node, slot.node]
+            if phase == PREFILL:
+                t = cm.prefill_stage_time(model, wl, node.spec, tp, ks, first, last, intra_bw, intra_lat)
+                hop = cm.link_time(cm.activation_bytes(model, wl.input_mean), slot.hop_bw, slot.hop_lat)
+                kv_tokens = wl.input_mean
+            else:
+                t = cm.decode_stage_time(model, wl, node.spec, tp, ks, micro, first, last, intra_bw, intra_lat)
+                hop = cm.link_time(cm.activation_bytes(model, micro), slot.hop_bw, slot.hop_lat)
+                kv_tokens = batch * cm.kv_alloc_tokens(wl)
+            need = cm.stage_weight_bytes(model, ks, first, last) + kv_tokens * ks * model.kv_bytes_per_token_per_layer
+            fits[i] = need / tp <= self.options.usable_bytes(node.spec)
+            times[i] = np.maximum(t, hop) if i < n - 1 else t
+        fits[:, 0] = False
+        return times, fits
+
+    def _layout(self, slots: list[_StageSlot], tp: int, split: list[int]) -> tuple[StageLayout, ...]:
+        out, start = [], 0
+        for slot, k in zip(slots, split):
+            out.append(StageLayout(slot.part, tp, start, k))
+            start += k
+        return tuple(out)
+
+    def _overhead(self, group: Group, attr: str) -> float:
+        return max(getattr(self.cluster.nodes[n].spec, attr) for n, _ in group) / 1e3
+
+    def _prefill(self, group: Group, tp: int, slots: list[_StageSlot]) -> PhasePerf | None:
+        times, fits = self._stage_costs(group, tp, slots, PREFILL, 0)
+        found = min_bottleneck_split(np.where(fits, times, np.inf), self.model.num_layers)
+        if found is None:
+            return None
+        bottleneck, split = found
+        wl = self.workload
+        hop_total = sum(
+            cm.link_time(cm.activation_bytes(self.model, wl.input_mean), s.hop_bw, s.hop_lat) for s in slots[:-1]
+        )
+        stage_total = sum(
+            float(cm.prefill_stage_time(self.model, wl, self.cluster.nodes[s.node].spec, tp, k, i == 0,
+                                        i == len(slots) - 1, self.cluster.bandwidth[s.node, s.node],
+                                        self.cluster.latency[s.node, s.node]))
+            for i, (s, k) in enumerate(zip(slots, split))
+        )
+        latency = stage_total + hop_total + self._overhead(group, "prefill_overhead_ms")
+        share = self.options.ttft_kv_share
+        kv_budget = share * (wl.ttft_slo_s - latency)
+        capacity = cm.mdl_queue_capacity(bottleneck, latency, wl.ttft_slo_s - kv_budget)
+        wait = bottleneck * capacity * bottleneck / (2 * (1 - capacity * bottleneck)) if capacity else 0.0
+        return PhasePerf(PREFILL, tp, self._layout(slots, tp, split), capacity, latency, bottleneck,
+                         ttft_s=latency + wait, kv_budget_s=max(kv_budget, 0.0))
+
+    def _tpot(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int], batch: float) -> float:
+        """TPOT of a fixed split at ``batch`` concurrent requests (pp micro-batches in flight)."""
+        model, wl = self.model, self.workload
+        n = len(slots)
+        micro = batch / n
+        stage = [
+            float(cm.decode_stage_time(model, wl, self.cluster.nodes[s.node].spec, tp, k, micro, i == 0, i == n - 1,
+                                       self.cluster.bandwidth[s.node, s.node], self.cluster.latency[s.node, s.node]))
+            for i, (s, k) in enumerate(zip(slots, split))
+        ]
+        hops = [cm.link_time(cm.activation_bytes(model, micro), s.hop_bw, s.hop_lat) for s in slots[:-1]]
+        round_trip = sum(stage) + sum(hops)
+        return max(round_trip, n * max(stage + hops)) + self._overhead(group, "decode_overhead_ms")
+
+    def _decode_split(self, group: Group, tp: int, slots: list[_StageSlot], batch: int) -> list[int] | None:
+        times, fits = self._stage_costs(group, tp, slots, DECODE, batch)
+        found = min_bottleneck_split(np.where(fits, times, np.inf), self.model.num_layers)
+        return None if found is None else found[1]
+
+    def _decode(self, group: Group, tp: int, slots: list[_StageSlot]) -> tuple[PhasePerf, list[int]] | None:
+        """Largest batch whose best split fits in memory and meets the TPOT SLO (both monotone in batch)."""
+        tpot_slo = self.workload.tpot_slo_s
+
+        def feasible(batch: int) -> tuple[list[int], float] | None:
+            split = self._decode_split(group, tp, slots, batch)
+            if split is None:
+                return None
+            tpot = self._tpot(group, tp, slots, split, batch)
+            return (split, tpot) if tpot <= tpot_slo else None
+
+        lo_found = feasible(1)
+        if lo_found is None:
+            return None
+        lo, hi = 1, self.options.max_batch_size
+        best = lo_found
+        top = feasible(hi)
+        if top is not None:
+            lo, best = hi, top
+        else:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                found = feasible(mid)
+                if found is None:
+                    hi = mid
+                else:
+                    lo, best = mid, found
+        split, tpot = best
+        capacity = lo / tpot / self.workload.output_mean
+        perf = PhasePerf(DECODE, tp, self._layout(slots, tp, split), capacity, tpot, tpot, batch=lo)
+        return perf, split
+
+    def _colocated(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> PhasePerf | None:
+        """One instance serves both phases; prefill steals GPU time from decode steps.
+
+        At request rate r a share rho = r * S_p of the time goes to prefill
+        (S_p: prefill bottleneck per prompt on this split); decode runs in the
+        rest, so its steps stretch by 1 / (1 - rho). The rate is feasible when
+        some batch B fits in memory, meets ``TPOT(B) / (1 - rho) <= SLO`` and
+        produces ``r * output_mean`` tokens/s, and TTFT (prefill latency, M/D/1
+        wait, one decode step it must wait behind) meets its SLO.
+        """
+        model, wl = self.model, self.workload
+        n = len(slots)
+        pre = []
+        for i, (s, k) in enumerate(zip(slots, split)):
+            spec = self.cluster.nodes[s.node].spec
+            t = float(cm.prefill_stage_time(model, wl, spec, tp, k, i == 0, i == n - 1,
+                                            self.cluster.bandwidth[s.node, s.node], self.cluster.latency[s.node, s.node]))
+            pre.append(t)
+        hops = [cm.link_time(cm.activation_bytes(model, wl.input_mean), s.hop_bw, s.hop_lat) for s in slots[:-1]]
+        service = max(pre + hops)
+        latency = sum(pre) + sum(hops) + self._overhead(group, "prefill_overhead_ms")
+        max_batch = self._max_batch_for_split(group, tp, slots, split)
+        if max_batch < 1:
+            return None
+
+        def best_at(rate: float) -> tuple[int, float, float] | None:
+            rho = rate * service
+            if rho >= 1:
+                return None
+            limit = wl.tpot_slo_s * (1 - rho)
+            lo, hi = 0, max_batch
+            while lo < hi:  # largest batch with TPOT(B) <= limit
+                mid = (lo + hi + 1) // 2
+                if self._tpot(group, tp, slots, split, mid) <= limit:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo < 1:
+                return None
+            tpot = self._tpot(group, tp, slots, split, lo)
+            if (1 - rho) * lo / tpot < rate * wl.output_mean:
+                return None
+            wait = rho * service / (2 * (1 - rho))
+            ttft = latency + wait + tpot
+            if ttft > wl.ttft_slo_s:
+                return None
+            return lo, tpot / (1 - rho), ttft
+
+        lo, hi = 0.0, 1.0 / service
+        result = None
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            found = best_at(mid)
+            if found is None:
+                hi = mid
+            else:
+                lo, result = mid, found
+            if hi - lo < 1e-4 * hi:
+                break
+        if result is None:
+            return None
+        batch, tpot, ttft = result
+        return PhasePerf(COLOCATED, tp, self._layout(slots, tp, split), lo, tpot, service, batch=batch, ttft_s=ttft)
+
+    def _max_batch_for_split(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> int:
+        model, wl = self.model, self.workload
+        n = len(slots)
+        best = self.options.max_batch_size
+        for i, (s, k) in enumerate(zip(slots, split)):
+            spec = self.cluster.nodes[s.node].spec
+            free = self.options.usable_bytes(spec) * tp - cm.stage_weight_bytes(model, k, i == 0, i == n - 1)
+            per_request = cm.kv_alloc_tokens(wl) * k * model.kv_bytes_per_token_per_layer
+            best = min(best, int(free // per_request))
+        return best
+
+    def _strategies(self, group: Group, tp: int, slots: list[_StageSlot]) -> list[PhasePerf]:
+        out: list[PhasePerf] = []
+        prefill = self._prefill(group, tp, slots)
+        if prefill is not None and prefill.capacity_rps > 0:
+            out.append(prefill)
+        decoded = self._decode(group, tp, slots)
+        if decoded is not None:
+            decode, split = decoded
+            out.append(decode)
+            colocated = self._colocated(group, tp, slots, split)
+            if colocated is not None and colocated.capacity_rps > 0:
+                out.append(colocated)
+        return out
+
+
