@@ -85,8 +85,11 @@ class SLO:
         return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2el_ms))
 
 
-def _stats(name: str, values_s: list[float]) -> dict[str, float]:
-    arr = np.asarray(values_s, dtype=float) * 1e3 if values_s else np.zeros(1)
+def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
+    if not values_s:  # e.g. no successful request, or a simulation without ITLs
+        keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
+        return {k: None for k in keys + [f"p{p}_{name}_ms" for p in PERCENTILES]}
+    arr = np.asarray(values_s, dtype=float) * 1e3
     out = {
         f"mean_{name}_ms": float(arr.mean()),
         f"median_{name}_ms": float(np.median(arr)),
