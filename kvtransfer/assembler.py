@@ -94,6 +94,9 @@ class Assembler:
             self.counters.frames_refused += 1
             transfer_id = getattr(exc, "transfer_id", "")
             return Ack(protocol.PROTOCOL_VERSION, transfer_id or "?", False, str(exc))
+        except Exception as exc:  # a bug here must not take the decode worker down
+            self.counters.frames_refused += 1
+            return Ack(protocol.PROTOCOL_VERSION, "?", False, f"internal error handling frame: {exc!r}")
 
     def _on_frames(self, frames: Sequence[bytes | memoryview]) -> Ack | None:
         if not frames:

@@ -133,7 +133,7 @@ def decode_header(frame: bytes | memoryview, limits: Limits) -> Message:
         message = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"header does not match the schema: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     validate(message, limits)
     return message

@@ -26,7 +26,8 @@ from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler, Transfer
 from kvtransfer.handoff import ConnectorOptions
 from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
-from kvtransfer.protocol import Begin, Chunk, End, Limits
+from kvtransfer.framing import chunk_message
+from kvtransfer.protocol import Begin, End, Limits
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
 from kvtransfer.stats import Stats
@@ -159,24 +160,12 @@ class WorkerSide:
             if spec.is_first and layer == 0:
                 self._send_begin(spec)
             blocks = self.layout.gather(kv_layer, spec.block_ids)
-            parts = codec.encode(blocks, self.options.encoding)
-            payload = codec.as_bytes(parts[0]) if len(parts) == 1 else codec.as_bytes(
-                torch.cat([p.view(-1).view(torch.uint8) for p in parts])
+            frames = chunk_message(
+                spec.transfer_id, layer, spec.first_block, blocks,
+                encoding=self.options.encoding, checksum=self.options.checksum,
             )
-            header = Chunk(
-                protocol.PROTOCOL_VERSION,
-                spec.transfer_id,
-                layer,
-                spec.first_block,
-                len(spec.block_ids),
-                self.layout.dtype,
-                tuple(blocks.shape),
-                self.options.encoding,
-                len(payload),
-                self.options.checksum,
-                protocol.checksum(self.options.checksum, payload),
-            )
-            if self.sender.submit(spec.endpoint, spec.transfer_id, [protocol.encode(header), payload], len(payload)):
+            payload = frames[1]
+            if self.sender.submit(spec.endpoint, spec.transfer_id, frames, len(payload)):
                 progress.num_chunks += 1
                 progress.payload_bytes += len(payload)
             else:

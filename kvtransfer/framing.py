@@ -1,0 +1,81 @@
+"""Build a whole transfer's messages from a KV tensor, outside of vLLM.
+
+Used by the tests (valid frames to mutate), the benchmark (real-model KV
+sizes without a real model) and anyone replaying a transfer by hand. The
+worker-side connector builds the same messages incrementally, layer by layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtransfer import codec, protocol
+from kvtransfer.protocol import Begin, Chunk, End
+
+
+def chunk_message(
+    transfer_id: str, layer: int, first_block: int, blocks: torch.Tensor, *, encoding: str = "raw", checksum: str = "crc32"
+) -> list:
+    """[header, payload] for blocks (num_blocks, *block_shape) of one layer; payload is zero-copy for raw."""
+    parts = codec.encode(blocks, encoding)
+    payload = codec.as_bytes(parts[0]) if len(parts) == 1 else codec.as_bytes(
+        torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
+    )
+    header = Chunk(
+        protocol.PROTOCOL_VERSION,
+        transfer_id,
+        layer,
+        first_block,
+        int(blocks.shape[0]),
+        codec.dtype_name(blocks.dtype),
+        tuple(int(d) for d in blocks.shape),
+        encoding,
+        len(payload),
+        checksum,
+        protocol.checksum(checksum, payload),
+    )
+    return [protocol.encode(header), payload]
+
+
+def transfer_messages(
+    transfer_id: str,
+    kv: torch.Tensor,
+    *,
+    num_tokens: int | None = None,
+    prompt_hash: str = "0" * 16,
+    blocks_per_chunk: int | None = None,
+    encoding: str = "raw",
+    checksum: str = "crc32",
+) -> list[list]:
+    """All messages (each a frame list) of one transfer. kv: (layers, blocks, *block_shape)."""
+    num_layers, num_blocks = int(kv.shape[0]), int(kv.shape[1])
+    block_shape = tuple(int(d) for d in kv.shape[2:])
+    dtype = codec.dtype_name(kv.dtype)
+    step = blocks_per_chunk or num_blocks
+    messages: list[list] = [
+        [
+            protocol.encode(
+                Begin(
+                    protocol.PROTOCOL_VERSION,
+                    transfer_id,
+                    "req-" + transfer_id,
+                    prompt_hash,
+                    num_tokens or num_blocks,
+                    num_layers,
+                    num_blocks,
+                    dtype,
+                    block_shape,
+                    encoding,
+                    protocol.raw_bytes(dtype, tuple(kv.shape)),
+                )
+            )
+        ]
+    ]
+    total = 0
+    for first in range(0, num_blocks, step):
+        for layer in range(num_layers):
+            frames = chunk_message(transfer_id, layer, first, kv[layer, first : first + step], encoding=encoding, checksum=checksum)
+            total += len(frames[1])
+            messages.append(frames)
+    messages.append([protocol.encode(End(protocol.PROTOCOL_VERSION, transfer_id, len(messages) - 1, total))])
+    return messages

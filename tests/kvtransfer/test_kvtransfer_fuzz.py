@@ -1,0 +1,164 @@
+"""Property tests: damaged frame streams are refused, never crash, never complete wrongly.
+
+The oracle: after any stream of frames, a transfer the assembler calls
+complete carries exactly the bytes that were sent (so a cache written from it
+is right); every targeted corruption leaves the transfer failed, answered
+with an error Ack, and holding no bytes (so nothing reaches the cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvtransfer import codec
+from kvtransfer.assembler import Assembler
+from kvtransfer.framing import transfer_messages
+from kvtransfer.protocol import Limits
+
+DATA = torch.randn(3, 4, 2, 4, 8, generator=torch.Generator().manual_seed(1))  # layers, blocks, block
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def fresh_messages(encoding="raw"):
+    return [[bytes(f) for f in m] for m in transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding)]
+
+
+def run(messages, limits=Limits()):
+    clock = [0.0]
+    a = Assembler(limits, transfer_timeout_s=10, lease_s=20, clock=lambda: clock[0])
+    a.test_clock = clock
+    acks = []
+    for frames in messages:
+        ack = a.on_frames(frames)  # must never raise
+        if ack is not None:
+            acks.append(ack)
+    return a, acks
+
+
+def assert_exact_if_complete(a: Assembler) -> str:
+    claim = a.claim("t1")
+    if claim.state == "complete":
+        out = torch.empty_like(DATA)
+        for c in claim.transfer.chunks:
+            h = c.header
+            out[h.layer, h.first_block : h.first_block + h.num_blocks] = codec.decode(c.payload, h.encoding, h.dtype, h.shape)
+        assert torch.equal(out, DATA)
+    else:
+        assert claim.transfer is None
+    if claim.state == "pending":
+        # e.g. Begin arrived after everything else: it reserves until it times out.
+        a.test_clock[0] += 11
+        a.expire()
+        assert a.claim("t1").state in ("failed", "pending")
+    assert a.held_bytes() == 0 and a.reserved_bytes == 0
+    return claim.state
+
+
+def assert_refused(a: Assembler, acks) -> None:
+    assert any(not ack.ok and ack.error for ack in acks), acks
+    assert not any(ack.ok for ack in acks)
+    assert assert_exact_if_complete(a) != "complete"
+
+
+CHUNKS = range(1, len(fresh_messages()) - 1)  # message indexes of chunks
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS), keep=st.floats(0, 0.999))
+def test_truncated_payload_refused(index, keep):
+    messages = fresh_messages()
+    payload = messages[index][1]
+    messages[index][1] = payload[: int(len(payload) * keep)]
+    assert_refused(*run(messages))
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS))
+def test_missing_payload_frame_refused(index):
+    messages = fresh_messages()
+    messages[index] = messages[index][:1]
+    assert_refused(*run(messages))
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS), extra=st.integers(1, 64))
+def test_oversized_payload_refused(index, extra):
+    messages = fresh_messages()
+    messages[index][1] = messages[index][1] + b"\x00" * extra
+    assert_refused(*run(messages))
+
+
+def test_payload_over_limit_refused_from_header():
+    assert_refused(*run(fresh_messages(), Limits(max_payload_bytes=64)))
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS))
+def test_duplicated_chunk_refused(index):
+    messages = fresh_messages()
+    messages.insert(index + 1, [bytes(f) for f in messages[index]])
+    assert_refused(*run(messages))
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS), dropped=st.booleans())
+def test_missing_chunk_refused(index, dropped):
+    messages = fresh_messages()
+    del messages[index]
+    assert_refused(*run(messages))
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS), position=st.floats(0, 0.999), bit=st.integers(0, 7))
+def test_corrupted_payload_refused(index, position, bit):
+    messages = fresh_messages()
+    payload = bytearray(messages[index][1])
+    payload[int(len(payload) * position)] ^= 1 << bit
+    messages[index][1] = bytes(payload)
+    assert_refused(*run(messages))
+
+
+@FAST
+@given(index=st.integers(0, len(fresh_messages()) - 1), position=st.floats(0, 0.999), bit=st.integers(0, 7))
+def test_corrupted_header_never_completes_wrongly(index, position, bit):
+    messages = fresh_messages()
+    header = bytearray(messages[index][0])
+    header[int(len(header) * position)] ^= 1 << bit
+    messages[index][0] = bytes(header)
+    a, acks = run(messages)
+    state = assert_exact_if_complete(a)
+    if state != "complete":
+        # Refused with a reason, unless the flip turned the message into one for
+        # another transfer id (then t1 simply never completes).
+        assert any(not ack.ok for ack in acks) or state == "pending"
+
+
+@FAST
+@given(order=st.permutations(range(len(fresh_messages()))))
+def test_reordered_stream_never_completes_wrongly(order):
+    messages = fresh_messages()
+    shuffled = [messages[i] for i in order]
+    a, acks = run(shuffled)
+    state = assert_exact_if_complete(a)
+    in_order = order[0] == 0 and order[-1] == len(order) - 1
+    assert state == ("complete" if in_order else "failed") or (not in_order and state == "pending")
+
+
+@FAST
+@given(frames=st.lists(st.binary(max_size=300), max_size=4))
+def test_garbage_frames_refused(frames):
+    a, acks = run([frames])
+    assert all(not ack.ok for ack in acks)
+    assert len(a) == 0 or a.claim("t1").state != "complete"
+
+
+@FAST
+@given(encoding=st.sampled_from(["raw", "int8"]), index=st.sampled_from(CHUNKS), position=st.floats(0, 0.999))
+def test_int8_corruption_refused(encoding, index, position):
+    messages = fresh_messages(encoding)
+    payload = bytearray(messages[index][1])
+    payload[int(len(payload) * position)] ^= 0x10
+    messages[index][1] = bytes(payload)
+    assert_refused(*run(messages))

@@ -1,0 +1,177 @@
+"""Protocol, codec and assembler unit tests: no engines, no sockets."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from kvtransfer import codec, protocol
+from kvtransfer.assembler import Assembler
+from kvtransfer.framing import transfer_messages
+from kvtransfer.handoff import ConnectorOptions, connector_config, decode_params_from, prefill_params, prompt_hash
+from kvtransfer.protocol import Ack, Begin, Chunk, End, Limits, ProtocolError
+
+
+def kv(layers=2, blocks=3, shape=(2, 4, 8), seed=0) -> torch.Tensor:
+    return torch.randn(layers, blocks, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def feed(assembler: Assembler, messages) -> list[Ack]:
+    acks = []
+    for frames in messages:
+        ack = assembler.on_frames(frames)
+        if ack is not None:
+            acks.append(ack)
+    return acks
+
+
+def reassemble(transfer) -> torch.Tensor:
+    begin = transfer.begin
+    out = torch.empty(begin.num_layers, begin.num_blocks, *begin.block_shape)
+    for chunk in transfer.chunks:
+        h = chunk.header
+        out[h.layer, h.first_block : h.first_block + h.num_blocks] = codec.decode(chunk.payload, h.encoding, h.dtype, h.shape)
+    return out
+
+
+def test_header_type_tag_and_version_come_first():
+    raw = protocol.encode(End(protocol.PROTOCOL_VERSION, "t1", 3, 99))
+    assert msgspec.msgpack.decode(raw)[:2] == ["end", protocol.PROTOCOL_VERSION]
+
+
+def test_round_trip_every_message():
+    limits = Limits()
+    messages = [
+        Begin(1, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64),
+        Chunk(1, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5),
+        End(1, "t", 2, 64),
+        protocol.Abort(1, "t", "why"),
+        Ack(1, "t", False, "bad"),
+    ]
+    for m in messages:
+        assert protocol.decode_header(protocol.encode(m), limits) == m
+
+
+@pytest.mark.parametrize(
+    "message, field",
+    [
+        (End(2, "t", 1, 1), "version"),
+        (End(1, "", 1, 1), "transfer_id"),
+        (Begin(1, "t", "r", "h", 10, 2, 1, "complex64", (2, 4), "raw", 64), "dtype"),
+        (Begin(1, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "zstd", 64), "encoding"),
+        (Begin(1, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 65), "reserve_bytes"),
+        (Chunk(1, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 31, "crc32", 5), "payload_bytes"),
+        (Chunk(1, "t", 0, 0, 2, "float32", (1, 2, 4), "raw", 32, "crc32", 5), "shape"),
+    ],
+)
+def test_invalid_fields_are_named(message, field):
+    with pytest.raises(ProtocolError, match=field):
+        protocol.decode_header(protocol.encode(message), Limits())
+
+
+def test_oversized_header_refused_before_decoding():
+    with pytest.raises(ProtocolError, match="max_header_bytes"):
+        protocol.decode_header(b"\x00" * 5000, Limits())
+
+
+def test_oversized_payload_refused_by_header():
+    limits = Limits(max_payload_bytes=16)
+    with pytest.raises(ProtocolError, match="max_payload_bytes"):
+        protocol.decode_header(protocol.encode(Chunk(1, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5)), limits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_raw_codec_is_exact_and_zero_copy(dtype):
+    t = torch.randn(3, 2, 4, 8).to(dtype)
+    payload = codec.as_bytes(t)
+    assert payload.obj is not None and len(payload) == t.numel() * t.element_size()
+    back = codec.decode(payload, "raw", codec.dtype_name(dtype), tuple(t.shape))
+    assert torch.equal(back, t)
+    assert back.data_ptr() == t.data_ptr()  # a view of the same memory: no copy
+
+
+def test_int8_codec_error_is_small_and_payload_smaller():
+    t = torch.randn(3, 2, 16, 64)
+    parts = codec.encode(t, "int8")
+    payload = b"".join(bytes(codec.as_bytes(p)) for p in parts)
+    assert len(payload) == protocol.payload_bytes("int8", "float32", tuple(t.shape)) < t.numel() * 4 / 3
+    back = codec.decode(payload, "int8", "float32", tuple(t.shape))
+    rel = (back - t).abs().max() / t.abs().max()
+    assert rel < 0.01
+
+
+def test_assembler_completes_and_reassembles_exactly():
+    data = kv()
+    a = Assembler()
+    acks = feed(a, transfer_messages("t1", data, blocks_per_chunk=2))
+    assert [x.ok for x in acks] == [True]
+    claim = a.claim("t1")
+    assert claim.state == "complete"
+    assert torch.equal(reassemble(claim.transfer), data)
+    assert a.reserved_bytes == 0 and len(a) == 0
+
+
+def test_claim_before_arrival_is_pending_and_lease_expiry_frees():
+    now = [0.0]
+    a = Assembler(lease_s=5, clock=lambda: now[0])
+    assert a.claim("t1").state == "pending"
+    feed(a, transfer_messages("t1", kv()))
+    assert a.reserved_bytes > 0
+    now[0] = 6.0
+    assert a.expire() == ["t1"]
+    assert a.counters.lease_expiries == 1 and a.reserved_bytes == 0 and a.claim("t1").state == "pending"
+
+
+def test_transfer_timeout_fails_partial_transfer():
+    now = [0.0]
+    a = Assembler(transfer_timeout_s=2, lease_s=5, clock=lambda: now[0])
+    feed(a, transfer_messages("t1", kv())[:-1])  # no End: the sender died
+    now[0] = 3.0
+    a.expire()
+    claim = a.claim("t1")
+    assert claim.state == "failed" and "timed out" in claim.error
+    assert a.reserved_bytes == 0
+
+
+def test_buffer_limit_refuses_begin_before_any_payload():
+    data = kv()
+    a = Assembler(max_buffer_bytes=data.numel() * 4 - 1)
+    acks = feed(a, transfer_messages("t1", data))
+    assert acks and not acks[0].ok and "buffer full" in acks[0].error
+    assert a.claim("t1").state == "failed" and a.held_bytes() == 0
+
+
+def test_expected_layout_mismatch_refused():
+    a = Assembler(expected=lambda begin: "wrong model" if begin.num_layers != 4 else None)
+    acks = feed(a, transfer_messages("t1", kv(layers=2)))
+    assert not acks[0].ok and "wrong model" in acks[0].error
+    assert a.claim("t1").state == "failed"
+
+
+def test_abort_drops_received_bytes():
+    a = Assembler()
+    messages = transfer_messages("t1", kv())
+    feed(a, messages[:2])
+    assert a.held_bytes() > 0
+    a.on_frames([protocol.encode(protocol.Abort(1, "t1", "prefill died"))])
+    assert a.held_bytes() == 0 and a.reserved_bytes == 0
+    assert "prefill died" in a.claim("t1").error
+
+
+def test_handoff_contract():
+    config = connector_config("consumer", listen_endpoint="tcp://127.0.0.1:5999", lease_s=3)
+    assert config["kv_connector"] == "HexKVConnector" and config["kv_connector_module_path"] == "kvtransfer.connector"
+    assert config["kv_role"] == "kv_consumer" and config["kv_load_failure_policy"] == "recompute"
+    assert ConnectorOptions.from_extra_config(config["kv_connector_extra_config"]).lease_s == 3
+    with pytest.raises(ValueError, match="listen_endpoint"):
+        connector_config("consumer")
+    with pytest.raises(ValueError, match="unknown kvtransfer options"):
+        ConnectorOptions.from_extra_config({"lease": 3})
+    with pytest.raises(ValueError, match="tcp://"):
+        prefill_params("localhost:5999")
+    p = prefill_params("ipc:///tmp/x")
+    assert p["do_remote_decode"] and p["transfer_id"]
+    assert decode_params_from(None) is None
+    assert decode_params_from({"do_remote_prefill": True, "transfer_id": "x"})["transfer_id"] == "x"
+    assert prompt_hash([1, 2, 3]) != prompt_hash([1, 2, 4])
