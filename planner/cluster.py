@@ -113,9 +113,13 @@ def _parse_nodes(fleet: Fields, catalog: Catalog) -> list[Node]:
         num = f.integer("num_gpus", minimum=1, maximum=64)
         count = f.integer("count", 1, minimum=1, maximum=4096)
         region = f.string("region", "default")
-        base = f.string("name", f"{spec.name.lower()}-{len(nodes)}")
+        named = f.has("name")
+        base = f.string("name", "")
         for k in range(count):
-            name = base if count == 1 else f"{base}-{k}"
+            if not named:
+                name = f"{spec.name.lower()}-{len(nodes)}"
+            else:
+                name = base if count == 1 else f"{base}-{k}"
             if name in names:
                 raise PlanInputError(f.at("name"), f"node name {name!r} is used twice; node names must be unique")
             names.add(name)

@@ -1,0 +1,322 @@
+"""Role assignment and iterative refinement of a grouping around the max-flow's min cut.
+
+A state is a list of groups, a role per group, and a pool of GPUs that are in
+no group (those that cannot form a feasible one yet). Each iteration reads the
+min cut of the current max flow, which says where throughput is bounded:
+
+- prefill-bound: more prefill capacity is needed, so the moves turn decode
+  capacity into prefill capacity (flip a decode group, move GPUs from a
+  decode group to a prefill group, split a large decode group into one of
+  each role, swap GPUs so that compute-strong ones prefill);
+- decode-bound: the mirror image;
+- route-bound (slow links between regions): flips and swaps on both sides.
+
+Merges and splits inside one role change parallel degrees (a memory-starved
+decode replica gains KV room by merging; a large group with a TP/PP it cannot
+use well splits into two replicas). Every candidate is screened by an upper
+bound (``min(sum prefill, sum decode)`` after the move, which bounds the max
+flow) and the most promising ones get a real max-flow; the best improving
+move is applied. The search is deterministic for a given seed (the seed only
+orders candidates sampled from large neighbourhoods) and stops at a local
+optimum or the deadline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from planner.flow import FlowResult, RouteTable, max_flow
+from planner.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+
+DISAGGREGATED = "disaggregated"
+VERIFY_PER_ITERATION = 6  # after one improving candidate, verify at most this many
+MAX_VERIFY = 48  # candidates verified per iteration when none improves
+MAX_PARTNERS = 3
+
+
+def group_add(group: Group, node: int, k: int) -> Group:
+    counts = dict(group)
+    counts[node] = counts.get(node, 0) + k
+    return tuple(sorted((n, c) for n, c in counts.items() if c > 0))
+
+
+def group_union(a: Group, b: Group) -> Group:
+    counts = dict(a)
+    for n, c in b:
+        counts[n] = counts.get(n, 0) + c
+    return tuple(sorted(counts.items()))
+
+
+def group_size(group: Group) -> int:
+    return sum(c for _, c in group)
+
+
+@dataclass(slots=True)
+class State:
+    groups: list[Group]
+    roles: list[str]
+    pool: dict[int, int] = field(default_factory=dict)
+
+    def copy(self) -> State:
+        return State(list(self.groups), list(self.roles), dict(self.pool))
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    kind: str
+    remove: tuple[int, ...]
+    add: tuple[tuple[Group, str], ...]
+    pool_delta: tuple[tuple[int, int], ...] = ()
+
+    def apply(self, state: State) -> State:
+        drop = set(self.remove)
+        new = State(
+            [g for i, g in enumerate(state.groups) if i not in drop],
+            [r for i, r in enumerate(state.roles) if i not in drop],
+            dict(state.pool),
+        )
+        for g, r in self.add:
+            new.groups.append(g)
+            new.roles.append(r)
+        for node, k in self.pool_delta:
+            new.pool[node] = new.pool.get(node, 0) + k
+            if new.pool[node] == 0:
+                del new.pool[node]
+        return new
+
+
+class Search:
+    """Local search over groupings for one mode (disaggregated or colocated)."""
+
+    def __init__(self, evaluator: GroupEvaluator, routes: RouteTable, mode: str, seed: int = 0,
+                 deadline: float | None = None) -> None:
+        self.ev = evaluator
+        self.cluster = evaluator.cluster
+        self.routes = routes
+        self.mode = mode
+        self.rng = random.Random(seed)
+        self.deadline = deadline
+        self.iterations = 0
+        self.flow_evaluations = 0
+        self.min_bytes = evaluator.min_replica_bytes()
+
+    # -- capacities and values -------------------------------------------------------------------
+    def cap(self, group: Group, role: str) -> float:
+        perf = self.ev.evaluate(group).for_role(role)
+        return perf.capacity_rps if perf is not None else 0.0
+
+    def can_hold(self, group: Group) -> bool:
+        return self.ev.memory_bytes(group) >= self.min_bytes and self.ev.evaluate(group).feasible
+
+    def evaluate(self, state: State) -> tuple[float, FlowResult | None]:
+        self.flow_evaluations += 1
+        if self.mode == COLOCATED:
+            return sum(self.cap(g, COLOCATED) for g in state.groups), None
+        prefill = [(g, self.ev.evaluate(g).prefill) for g, r in zip(state.groups, state.roles) if r == PREFILL]
+        decode = [(g, self.ev.evaluate(g).decode) for g, r in zip(state.groups, state.roles) if r == DECODE]
+        result = max_flow([(g, p) for g, p in prefill if p], [(g, d) for g, d in decode if d], self.routes)
+        return result.value_rps, result
+
+    def upper_bound(self, state: State, move: Move, sums: tuple[float, float]) -> float:
+        sum_p, sum_d = sums
+        for i in move.remove:
+            role = state.roles[i]
+            if role == PREFILL:
+                sum_p -= self.cap(state.groups[i], PREFILL)
+            elif role == DECODE:
+                sum_d -= self.cap(state.groups[i], DECODE)
+            else:
+                sum_p -= self.cap(state.groups[i], COLOCATED)
+        for g, role in move.add:
+            if role == PREFILL:
+                sum_p += self.cap(g, PREFILL)
+            elif role == DECODE:
+                sum_d += self.cap(g, DECODE)
+            else:
+                sum_p += self.cap(g, COLOCATED)
+        return sum_p if self.mode == COLOCATED else min(sum_p, sum_d)
+
+    def sums(self, state: State) -> tuple[float, float]:
+        sum_p = sum_d = 0.0
+        for g, r in zip(state.groups, state.roles):
+            if r == DECODE:
+                sum_d += self.cap(g, DECODE)
+            else:
+                sum_p += self.cap(g, r)
+        return sum_p, sum_d
+
+    # -- role assignment -------------------------------------------------------------------------
+    def assign_roles(self, groups: list[Group]) -> State:
+        """Roles that balance prefill and decode capacity, ignoring routes.
+
+        Sorting groups by prefill/decode capacity ratio and cutting the order
+        where ``min(sum prefill, sum decode)`` peaks is optimal for the
+        fractional relaxation (the exchange argument of the fractional
+        knapsack); the refinement repairs what routes and integrality change.
+        """
+        feasible = [g for g in groups if self.can_hold(g)]
+        pool: dict[int, int] = {}
+        for g in groups:
+            if g not in feasible:
+                for n, c in g:
+                    pool[n] = pool.get(n, 0) + c
+        if self.mode == COLOCATED:
+            return State(feasible, [COLOCATED] * len(feasible), pool)
+        caps = [(self.cap(g, PREFILL), self.cap(g, DECODE)) for g in feasible]
+        order = sorted(range(len(feasible)), key=lambda i: (-(caps[i][0] / max(caps[i][1], 1e-12)), i))
+        total_d = sum(c[1] for c in caps)
+        best_k, best_v, acc_p, acc_d = 0, -1.0, 0.0, total_d
+        for k in range(len(order) + 1):
+            v = min(acc_p, acc_d)
+            if v > best_v:
+                best_k, best_v = k, v
+            if k < len(order):
+                acc_p += caps[order[k]][0]
+                acc_d -= caps[order[k]][1]
+        roles = [DECODE] * len(feasible)
+        for i in order[:best_k]:
+            roles[i] = PREFILL
+        return State(feasible, roles, pool)
+
+    # -- moves -------------------------------------------------------------------------------------
+    def _sample(self, items: list, k: int) -> list:
+        return items if len(items) <= k else self.rng.sample(items, k)
+
+    def moves(self, state: State, flow: FlowResult | None) -> Iterator[Move]:
+        groups, roles = state.groups, state.roles
+        n = len(groups)
+        if self.mode == COLOCATED:
+            need = {COLOCATED}
+            slack = {COLOCATED}
+        else:
+            need, slack = set(), set()
+            if flow is None or flow.prefill_bound or flow.route_bound:
+                need.add(PREFILL)
+                slack.add(DECODE)
+            if flow is None or flow.decode_bound or flow.route_bound:
+                need.add(DECODE)
+                slack.add(PREFILL)
+            if not need:
+                need, slack = {PREFILL, DECODE}, {PREFILL, DECODE}
+        other = {PREFILL: DECODE, DECODE: PREFILL}
+        by_node: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            for node, _ in g:
+                by_node.setdefault(node, []).append(i)
+        # Flip roles.
+        if self.mode != COLOCATED:
+            for i in range(n):
+                if roles[i] in slack and other[roles[i]] in need:
+                    yield Move("flip", (i,), ((groups[i], other[roles[i]]),))
+        # Split a group in two (new degrees; possibly one replica of each role).
+        for i in range(n):
+            for a, b in self._splits(groups[i]):
+                if not (self.can_hold(a) and self.can_hold(b)):
+                    continue
+                if self.mode == COLOCATED:
+                    yield Move("split", (i,), ((a, COLOCATED), (b, COLOCATED)))
+                    continue
+                for ra, rb in ((roles[i], roles[i]), (PREFILL, DECODE), (DECODE, PREFILL)):
+                    yield Move("split", (i,), ((a, ra), (b, rb)))
+        # Merge two groups that share a node or a region (bigger replica, more KV room or lower latency).
+        for i in range(n):
+            near = sorted({j for node, _ in groups[i] for j in by_node[node] if j > i})
+            region = self.cluster.nodes[groups[i][0][0]].region
+            same_role = [j for j in range(i + 1, n) if j not in near and roles[j] == roles[i]
+                         and self.cluster.nodes[groups[j][0][0]].region == region]
+            for j in self._sample(near, MAX_PARTNERS) + self._sample(same_role, MAX_PARTNERS):
+                merged = group_union(groups[i], groups[j])
+                roles_to_try = {roles[i], roles[j]} if self.mode != COLOCATED else {COLOCATED}
+                for r in sorted(roles_to_try):
+                    yield Move("merge", (i, j), ((merged, r),))
+        # Move GPUs from a slack-side group to a need-side group (same node first: TP stays on NVLink).
+        for i in range(n):
+            if roles[i] not in slack:
+                continue
+            for node, count in groups[i]:
+                receivers = [j for j in by_node[node] if j != i and roles[j] in need]
+                if not receivers:
+                    receivers = self._sample([j for j in range(n) if j != i and roles[j] in need], 2)
+                for k in sorted({1, count}):
+                    donor = group_add(groups[i], node, -k)
+                    if donor and not self.can_hold(donor):
+                        continue
+                    for j in receivers:
+                        grown = group_add(groups[j], node, k)
+                        add = ((grown, roles[j]),) + (((donor, roles[i]),) if donor else ())
+                        yield Move("move", (i, j), add)
+        # Swap one GPU between a prefill and a decode group on different GPU types.
+        if self.mode != COLOCATED:
+            pre = [i for i in range(n) if roles[i] == PREFILL]
+            dec = [i for i in range(n) if roles[i] == DECODE]
+            types = self.cluster.nodes
+            for i in pre:
+                for j in self._sample(dec, MAX_PARTNERS):
+                    for na, _ in groups[i]:
+                        for nb, _ in groups[j]:
+                            if types[na].gpu_type == types[nb].gpu_type:
+                                continue
+                            gi = group_add(group_add(groups[i], na, -1), nb, 1)
+                            gj = group_add(group_add(groups[j], nb, -1), na, 1)
+                            yield Move("swap", (i, j), ((gi, PREFILL), (gj, DECODE)))
+        # Use pooled GPUs: grow a group on the same node, or form a new group.
+        for node, k in sorted(state.pool.items()):
+            for j in by_node.get(node, []):
+                yield Move("pool", (j,), ((group_add(groups[j], node, k), roles[j]),), ((node, -k),))
+            fresh: Group = ((node, k),)
+            if self.can_hold(fresh):
+                for r in (sorted(need) if self.mode != COLOCATED else [COLOCATED]):
+                    yield Move("pool", (), ((fresh, r),), ((node, -k),))
+
+    def _splits(self, group: Group) -> list[tuple[Group, Group]]:
+        out: list[tuple[Group, Group]] = []
+        if len(group) == 1:
+            (node, count), = group
+            if count >= 2:
+                half = count // 2
+                out.append((((node, half),), ((node, count - half),)))
+        else:
+            for cut in range(1, len(group)):
+                out.append((group[:cut], group[cut:]))
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def refine(self, state: State, max_iterations: int = 10_000) -> tuple[State, float]:
+        value, flow = self.evaluate(state)
+        for _ in range(max_iterations):
+            if self.out_of_time():
+                break
+            sums = self.sums(state)
+            scored: list[tuple[float, int, Move]] = []
+            for idx, move in enumerate(self.moves(state, flow)):
+                ub = self.upper_bound(state, move, sums)
+                if ub > value * (1 + 1e-9):
+                    scored.append((ub, idx, move))
+                if idx % 256 == 0 and self.out_of_time():
+                    break
+            scored.sort(key=lambda t: (-t[0], t[1]))
+            best: tuple[float, State, FlowResult | None] | None = None
+            verified = 0
+            for ub, _, move in scored:
+                if best is not None and ub <= best[0]:
+                    break  # no later candidate can beat the best verified one
+                candidate = move.apply(state)
+                v, f = self.evaluate(candidate)
+                verified += 1
+                if v > value * (1 + 1e-9) and (best is None or v > best[0]):
+                    best = (v, candidate, f)
+                if verified >= (VERIFY_PER_ITERATION if best is not None else MAX_VERIFY):
+                    break
+                if self.out_of_time():
+                    break
+            if best is None:
+                break
+            value, state, flow = best
+            self.iterations += 1
+        return state, value
