@@ -21,8 +21,9 @@ DATA = torch.randn(3, 4, 2, 4, 8, generator=torch.Generator().manual_seed(1))  #
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def fresh_messages(encoding="raw"):
-    return [[bytes(f) for f in m] for m in transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding)]
+def fresh_messages(encoding="raw", checksum="blake3"):
+    messages = transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding, checksum=checksum)
+    return [[bytes(f) for f in m] for m in messages]
 
 
 def run(messages, limits=Limits()):
@@ -155,9 +156,14 @@ def test_garbage_frames_refused(frames):
 
 
 @FAST
-@given(encoding=st.sampled_from(["raw", "int8"]), index=st.sampled_from(CHUNKS), position=st.floats(0, 0.999))
-def test_int8_corruption_refused(encoding, index, position):
-    messages = fresh_messages(encoding)
+@given(
+    encoding=st.sampled_from(["raw", "int8"]),
+    checksum=st.sampled_from(["blake3", "crc32"]),
+    index=st.sampled_from(CHUNKS),
+    position=st.floats(0, 0.999),
+)
+def test_corruption_refused_for_every_encoding_and_checksum(encoding, checksum, index, position):
+    messages = fresh_messages(encoding, checksum)
     payload = bytearray(messages[index][1])
     payload[int(len(payload) * position)] ^= 0x10
     messages[index][1] = bytes(payload)
