@@ -82,7 +82,26 @@ class Planner:
                 states.append(self._per_region_roles(search, groups))
             if search.out_of_time():
                 break
+        if search.mode != COLOCATED:
+            states.append(self._per_type_state(search))
         return states
+
+    def _per_type_state(self, search: Search) -> State:
+        """Minimal groups, each GPU type wholly prefill or decode: the best such split starts a search too."""
+        from planner.baselines import minimal_groups
+
+        groups = minimal_groups(self.cluster, self.evaluator)
+        types = sorted({self.cluster.nodes[g[0][0]].gpu_type for g in groups})
+        best: State | None = None
+        best_value = -1.0
+        for mask in range(1, 2 ** len(types) - 1) if len(types) > 1 else []:
+            prefill_types = {t for k, t in enumerate(types) if mask >> k & 1}
+            roles = [PREFILL if self.cluster.nodes[g[0][0]].gpu_type in prefill_types else DECODE for g in groups]
+            state = State(list(groups), roles, {})
+            value, _ = search.evaluate(state)
+            if value > best_value:
+                best, best_value = state, value
+        return best if best is not None else search.assign_roles(groups)
 
     def _per_region_roles(self, search: Search, groups: list[Group]) -> State:
         merged = State([], [], {})

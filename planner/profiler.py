@@ -1,0 +1,164 @@
+"""``python -m planner profile``: measure a running vLLM server and write a profile file.
+
+The server is reached over its OpenAI-compatible HTTP API (``vllm serve``, or
+anything that speaks it for one engine). Prompts are sent as token-id lists,
+so their length is exact and no tokenizer is needed here; every prompt is
+fresh random ids, so prefix caching cannot shorten a measurement.
+
+- Prefill: for each prompt length, ``max_tokens=1`` requests one at a time;
+  the latency is the whole request (prefill, one sampling step, HTTP).
+- Decode: for each batch size B, B concurrent streaming requests with
+  ``ignore_eos`` generate a fixed number of tokens; the step time is the
+  median gap between a request's consecutive tokens while all B run.
+
+``planner.calibration.fit_profile`` turns the samples into the cost model's
+coefficients; a cluster file applies them with ``"calibration": [path]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from planner.calibration import DecodeSample, PrefillSample, Profile
+from planner.errors import PlanInputError
+from planner.model import ModelSpec, model_from_hf_config, model_preset
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSettings:
+    url: str
+    gpu_type: str
+    model_name: str | None = None
+    prompt_lengths: tuple[int, ...] = (16, 64, 128, 256, 384)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    decode_tokens: int = 32
+    decode_prompt_tokens: int = 32
+    repeats: int = 3
+    tp: int = 1
+    timeout_s: float = 120.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(set(self.prompt_lengths)) < 2 or min(self.prompt_lengths) < 1:
+            raise PlanInputError("--prompt-lengths", "give at least two distinct lengths >= 1")
+        if len(set(self.batch_sizes)) < 2 or min(self.batch_sizes) < 1:
+            raise PlanInputError("--batch-sizes", "give at least two distinct batch sizes >= 1")
+        if self.decode_tokens < 4:
+            raise PlanInputError("--decode-tokens", "must be >= 4 (the first gaps are dropped)")
+        if self.repeats < 1:
+            raise PlanInputError("--repeats", "must be >= 1")
+
+
+class Prober:
+    """The HTTP side: one shared async client, token-id prompts."""
+
+    def __init__(self, client: httpx.AsyncClient, model: str, vocab_size: int, seed: int) -> None:
+        self.client = client
+        self.model = model
+        self.vocab_size = vocab_size
+        self.rng = random.Random(seed)
+
+    def prompt(self, length: int) -> list[int]:
+        # Skip the lowest ids: special tokens (BOS/EOS/PAD) live there in most vocabularies.
+        low = min(16, self.vocab_size // 4)
+        return [self.rng.randrange(low, self.vocab_size) for _ in range(length)]
+
+    async def prefill_latency_ms(self, length: int) -> float:
+        body = {"model": self.model, "prompt": self.prompt(length), "max_tokens": 1, "temperature": 0.0}
+        start = time.perf_counter()
+        response = await self.client.post("/v1/completions", json=body)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        return elapsed * 1e3
+
+    async def token_times(self, prompt_tokens: int, max_tokens: int) -> list[float]:
+        """Arrival time of each streamed token chunk of one request."""
+        body = {
+            "model": self.model, "prompt": self.prompt(prompt_tokens), "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "ignore_eos": True,
+        }
+        times: list[float] = []
+        async with self.client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter())
+        return times
+
+
+async def _served_model(client: httpx.AsyncClient) -> str:
+    response = await client.get("/v1/models")
+    response.raise_for_status()
+    models = response.json().get("data") or []
+    if not models:
+        raise PlanInputError("--served-model", "the server lists no model at /v1/models")
+    return models[0]["id"]
+
+
+async def measure(settings: ProfileSettings, vocab_size: int) -> tuple[list[PrefillSample], list[DecodeSample], str]:
+    limits = httpx.Limits(max_connections=max(settings.batch_sizes) + 4)
+    async with httpx.AsyncClient(base_url=settings.url, timeout=settings.timeout_s, limits=limits) as client:
+        model = settings.model_name or await _served_model(client)
+        prober = Prober(client, model, vocab_size, settings.seed)
+        await prober.prefill_latency_ms(min(settings.prompt_lengths))  # warm-up, not recorded
+        prefill: list[PrefillSample] = []
+        for length in sorted(set(settings.prompt_lengths)):
+            runs = [await prober.prefill_latency_ms(length) for _ in range(settings.repeats)]
+            prefill.append(PrefillSample(length, statistics.median(runs)))
+        decode: list[DecodeSample] = []
+        context = settings.decode_prompt_tokens + settings.decode_tokens / 2
+        for batch in sorted(set(settings.batch_sizes)):
+            gaps: list[float] = []
+            for _ in range(settings.repeats):
+                streams = await asyncio.gather(
+                    *(prober.token_times(settings.decode_prompt_tokens, settings.decode_tokens) for _ in range(batch))
+                )
+                # Only the window in which every request of the batch is generating.
+                start = max(ts[1] for ts in streams if len(ts) > 1)
+                end = min(ts[-1] for ts in streams)
+                for ts in streams:
+                    gaps += [b - a for a, b in zip(ts, ts[1:]) if a >= start and b <= end]
+            if not gaps:
+                raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
+            decode.append(DecodeSample(batch, context, statistics.median(gaps) * 1e3))
+        return prefill, decode, model
+
+
+def run_profile(settings: ProfileSettings, hf_config: str | None = None, preset: str | None = None) -> Profile:
+    """Measure the server and return the profile (the caller writes it)."""
+    if hf_config:
+        path = Path(hf_config)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise PlanInputError("--hf-config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+        model: ModelSpec = model_from_hf_config(config, path.parent.name, "--hf-config")
+    elif preset:
+        model = model_preset(preset, "--preset")
+    else:
+        raise PlanInputError("--hf-config", "give the served model's config.json or a preset")
+    prefill, decode, served = asyncio.run(measure(settings, model.vocab_size))
+    return Profile(
+        gpu_type=settings.gpu_type,
+        tp=settings.tp,
+        model=model,
+        prefill=tuple(prefill),
+        decode=tuple(decode),
+        source={"url": settings.url, "served_model": served, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "repeats": settings.repeats, "decode_tokens": settings.decode_tokens},
+    )
