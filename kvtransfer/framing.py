@@ -14,7 +14,7 @@ from kvtransfer.protocol import Begin, Chunk, End
 
 
 def chunk_message(
-    transfer_id: str, layer: int, first_block: int, blocks: torch.Tensor, *, encoding: str = "raw", checksum: str = "blake3"
+    transfer_id: str, layer: int, first_block: int, blocks: torch.Tensor, *, encoding: str = "raw", checksum: str = protocol.DEFAULT_CHECKSUM
 ) -> list:
     """[header, payload] for blocks (num_blocks, *block_shape) of one layer; payload is zero-copy for raw."""
     parts = codec.encode(blocks, encoding)
@@ -45,7 +45,7 @@ def transfer_messages(
     prompt_hash: str = "0" * 16,
     blocks_per_chunk: int | None = None,
     encoding: str = "raw",
-    checksum: str = "blake3",
+    checksum: str = protocol.DEFAULT_CHECKSUM,
 ) -> list[list]:
     """All messages (each a frame list) of one transfer. kv: (layers, blocks, *block_shape)."""
     num_layers, num_blocks = int(kv.shape[0]), int(kv.shape[1])

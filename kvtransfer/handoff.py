@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM
 from kvtransfer.sockets import check_endpoint
 
 CONNECTOR_NAME = "HexKVConnector"
@@ -55,7 +56,7 @@ class ConnectorOptions:
     listen_endpoint: str | None = None  # consumer: where KV arrives
     stats_path: str | None = None
     encoding: str = "raw"  # "int8": quantise payloads for slow links (lossy)
-    checksum: str = "blake3"  # "crc32" (stdlib) or "none" (trusted links)
+    checksum: str = DEFAULT_CHECKSUM  # xxh3 | blake3 | crc32 | none (see protocol.CHECKSUMS)
     load_timeout_s: float = 30.0  # decode: how long a request waits for its KV
     transfer_timeout_s: float = 30.0  # decode: Begin..End must finish within this
     lease_s: float = 60.0  # decode: unclaimed complete KV is dropped after this
@@ -70,8 +71,8 @@ class ConnectorOptions:
             check_endpoint(self.listen_endpoint)
         if self.encoding not in ("raw", "int8"):
             raise ValueError(f"encoding={self.encoding!r}; use 'raw' (exact) or 'int8' (lossy, 2-4x smaller)")
-        if self.checksum not in ("blake3", "crc32", "none"):
-            raise ValueError(f"checksum={self.checksum!r}; use 'blake3', 'crc32' or 'none'")
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"checksum={self.checksum!r}; use one of {CHECKSUMS}")
         for name in ("load_timeout_s", "transfer_timeout_s", "lease_s", "enqueue_timeout_s", "ack_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")

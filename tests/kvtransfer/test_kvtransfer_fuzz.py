@@ -21,7 +21,7 @@ DATA = torch.randn(3, 4, 2, 4, 8, generator=torch.Generator().manual_seed(1))  #
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def fresh_messages(encoding="raw", checksum="blake3"):
+def fresh_messages(encoding="raw", checksum="xxh3"):
     messages = transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding, checksum=checksum)
     return [[bytes(f) for f in m] for m in messages]
 
@@ -158,7 +158,7 @@ def test_garbage_frames_refused(frames):
 @FAST
 @given(
     encoding=st.sampled_from(["raw", "int8"]),
-    checksum=st.sampled_from(["blake3", "crc32"]),
+    checksum=st.sampled_from(["xxh3", "blake3", "crc32"]),
     index=st.sampled_from(CHUNKS),
     position=st.floats(0, 0.999),
 )

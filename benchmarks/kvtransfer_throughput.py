@@ -1,0 +1,230 @@
+"""KV transfer throughput: kvtransfer against raw ZeroMQ PUSH/PULL of the same bytes.
+
+For real models' KV sizes (Llama-2-70B and Llama-3-8B, fp16, 16-token blocks,
+one chunk per layer as a single-step prefill sends it) this times, in one run
+and on the same link:
+
+- raw: PUSH/PULL of the per-layer buffers (copy=False), receiver discards them;
+- kvtransfer (xxh3 / none): Begin, per-layer Chunks with checksums, End, the
+  receiver's validation and assembly, until the sender holds the Ack.
+
+The sender is this process, the receiver a child process. Each cell is the
+median of --repeats runs, interleaved so all variants see the same machine.
+
+    .venv/bin/python -m benchmarks.kvtransfer_throughput            # full table
+    .venv/bin/python -m benchmarks.kvtransfer_throughput --quick    # smaller sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+MODELS = {
+    # name: (layers, kv_heads, head_dim, dtype bytes)
+    "Llama-2-70B": (80, 8, 128, 2),
+    "Llama-3-8B": (32, 8, 128, 2),
+}
+BLOCK_SIZE = 16
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _raw_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
+    import zmq
+
+    from kvtransfer.sockets import make_socket
+
+    sock = make_socket(zmq.Context(), zmq.PULL, endpoint, bind=True, hwm_messages=16)
+    done.put("ready")
+    while (job := jobs.get()) is not None:
+        count, hold = job
+        kept = []
+        for _ in range(count):
+            frames = sock.recv_multipart(copy=False)
+            if hold:  # keep every frame until the last, as a receiver that validates a whole transfer must
+                kept.append(frames)
+        done.put("done")
+        del kept
+    sock.close(linger=0)
+
+
+def _kv_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
+    from kvtransfer.assembler import Assembler
+    from kvtransfer.receiver import KVReceiver
+    from kvtransfer.stats import Stats
+
+    receiver = KVReceiver(endpoint, Assembler(max_buffer_bytes=8 * 1024**3, lease_s=600), Stats(), hwm_messages=16)
+    done.put("ready")
+    while (transfer_id := jobs.get()) is not None:
+        while (claim := receiver.claim(transfer_id)).state == "pending":
+            time.sleep(0.002)
+        done.put(claim.state)  # dropping the claim frees the buffers
+    receiver.close()
+
+
+def _endpoint(kind: str, name: str) -> str:
+    if kind == "ipc":
+        return f"ipc:///tmp/kvt-bench-{os.getpid()}-{name}.sock"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _start(target, endpoint: str):
+    ctx = mp.get_context("spawn")
+    jobs, done = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=target, args=(endpoint, jobs, done), daemon=True)
+    proc.start()
+    assert done.get(timeout=60) == "ready"
+    return proc, jobs, done
+
+
+def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[dict]:
+    import torch
+    import zmq
+
+    from kvtransfer import protocol
+    from kvtransfer.framing import chunk_message
+    from kvtransfer.protocol import Begin, End
+    from kvtransfer.sender import KVSender
+    from kvtransfer.sockets import make_socket
+    from kvtransfer.stats import Stats
+
+    raw_ep, kv_ep = _endpoint(link, "raw"), _endpoint(link, "kv")
+    raw_proc, raw_jobs, raw_done = _start(_raw_receiver, raw_ep)
+    kv_proc, kv_jobs, kv_done = _start(_kv_receiver, kv_ep)
+    push = make_socket(zmq.Context.instance(), zmq.PUSH, raw_ep, bind=False, hwm_messages=16)
+    sender = KVSender(Stats(), max_queued_bytes=512 * 1024**2, ack_timeout_s=600, send_timeout_ms=60000, hwm_messages=16)
+    rows = []
+    try:
+        for model, (layers, kv_heads, head_dim, _) in models.items():
+            for tokens in token_counts:
+                blocks = -(-tokens // BLOCK_SIZE)
+                # One layer's KV as the paged cache holds it: (blocks, K/V, block, heads, dim).
+                layer = torch.randn(blocks, 2, BLOCK_SIZE, kv_heads, head_dim).to(torch.float16)
+                layer_bytes = layer.numel() * layer.element_size()
+                total = layer_bytes * layers
+                times: dict[str, list[float]] = {"raw": [], "raw_hold": [], "kvtransfer": [], "kvtransfer_nochecksum": []}
+
+                def send_raw(hold: bool = False) -> float:
+                    raw_jobs.put((layers, hold))
+                    start = time.perf_counter()
+                    for _ in range(layers):
+                        push.send_multipart([b"", layer.view(torch.uint8).numpy()], copy=False)
+                    assert raw_done.get(timeout=600) == "done"
+                    return time.perf_counter() - start
+
+                def send_kv(checksum: str) -> float:
+                    transfer_id = os.urandom(8).hex()
+                    kv_jobs.put(transfer_id)
+                    start = time.perf_counter()
+                    begin = Begin(protocol.PROTOCOL_VERSION, transfer_id, "bench", "0" * 16, tokens, layers, blocks, "float16", tuple(layer.shape[1:]), "raw", total)
+                    sender.submit(kv_ep, transfer_id, [protocol.encode(begin)], 0)
+                    for index in range(layers):
+                        frames = chunk_message(transfer_id, index, 0, layer, checksum=checksum)
+                        sender.submit(kv_ep, transfer_id, frames, len(frames[1]))
+                    end = End(protocol.PROTOCOL_VERSION, transfer_id, layers, total)
+                    sender.submit(kv_ep, transfer_id, [protocol.encode(end)], 0, is_end=True)
+                    while transfer_id not in sender.results:
+                        time.sleep(0.0005)
+                    elapsed = time.perf_counter() - start
+                    assert sender.results[transfer_id] == "ok", sender.results[transfer_id]
+                    assert kv_done.get(timeout=600) == "complete"
+                    return elapsed
+
+                send_raw(), send_kv("xxh3")  # warm up connections and page cache
+                for _ in range(repeats):
+                    times["raw"].append(send_raw())
+                    times["raw_hold"].append(send_raw(hold=True))
+                    times["kvtransfer_nochecksum"].append(send_kv("none"))
+                    times["kvtransfer"].append(send_kv("xxh3"))
+                med = {k: statistics.median(v) for k, v in times.items()}
+                row = {
+                    "model": model,
+                    "tokens": tokens,
+                    "kv_bytes": total,
+                    "raw_gbps": total / med["raw"] / 1e9,
+                    "raw_hold_gbps": total / med["raw_hold"] / 1e9,
+                    "kvtransfer_gbps": total / med["kvtransfer"] / 1e9,
+                    "kvtransfer_nochecksum_gbps": total / med["kvtransfer_nochecksum"] / 1e9,
+                    "times_s": times,
+                }
+                row["ratio"] = row["kvtransfer_gbps"] / row["raw_gbps"]
+                row["ratio_nochecksum"] = row["kvtransfer_nochecksum_gbps"] / row["raw_gbps"]
+                row["ratio_vs_hold"] = row["kvtransfer_gbps"] / row["raw_hold_gbps"]
+                rows.append(row)
+                print(
+                    f"{model:12s} {tokens:5d} tok {total / 2**20:8.0f} MiB  raw {row['raw_gbps']:.2f} GB/s  "
+                    f"raw-hold {row['raw_hold_gbps']:.2f}  "
+                    f"kvtransfer {row['kvtransfer_gbps']:.2f} ({row['ratio']:.0%})  "
+                    f"no-checksum {row['kvtransfer_nochecksum_gbps']:.2f} ({row['ratio_nochecksum']:.0%})",
+                    flush=True,
+                )
+                del layer
+    finally:
+        raw_jobs.put(None)
+        kv_jobs.put(None)
+        sender.close()
+        push.close(linger=0)
+        raw_proc.join(10)
+        kv_proc.join(10)
+        for proc in (raw_proc, kv_proc):
+            if proc.is_alive():
+                proc.kill()
+    return rows
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, command: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": command,
+        "link": args.link,
+        "repeats": args.repeats,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "load_average_1m_at_end": os.getloadavg()[0],
+    }
+    (RESULTS / "kvtransfer_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"KV transfer throughput, {args.link} loopback, median of {args.repeats} ({meta['machine']}, {meta['date_utc']} UTC, "
+        f"1-min load average {meta['load_average_1m_at_end']:.1f}: sender, receiver and other work share the cores).",
+        f"Command: `{command}`",
+        "",
+        "| model | tokens | KV MiB | raw PUSH/PULL GB/s | raw, receiver keeps frames GB/s | kvtransfer GB/s (xxh3) | vs raw | vs raw-keep | kvtransfer GB/s (no checksum) | vs raw |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.0f} | {r['raw_gbps']:.2f} | {r['raw_hold_gbps']:.2f} | "
+            f"{r['kvtransfer_gbps']:.2f} | {r['ratio']:.0%} | {r['ratio_vs_hold']:.0%} | "
+            f"{r['kvtransfer_nochecksum_gbps']:.2f} | {r['ratio_nochecksum']:.0%} |"
+        )
+    (RESULTS / "kvtransfer_throughput.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--link", choices=["tcp", "ipc"], default="tcp")
+    parser.add_argument("--quick", action="store_true", help="512 and 2048 tokens of Llama-3-8B only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.models = [512, 2048], ["Llama-3-8B"]
+    command = "python -m benchmarks.kvtransfer_throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    rows = run({m: MODELS[m] for m in args.models}, args.tokens, args.repeats, args.link)
+    write_results(rows, args, command.strip())
+    print(f"wrote {RESULTS / 'kvtransfer_throughput.md'}")
+
+
+if __name__ == "__main__":
+    main()
