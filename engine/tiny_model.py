@@ -93,6 +93,11 @@ def default_cache_dir() -> Path:
     return Path(root) / "models"
 
 
+def is_tiny_model(path: str | Path) -> bool:
+    """True for a folder this module built (it must be served in float32, see module doc)."""
+    return (Path(path) / "hexserve_spec.json").is_file()
+
+
 def _train_tokenizer(spec: TinyModelSpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -1,0 +1,6 @@
+"""`python -m decode`: one decode worker (vLLM engine + control endpoint); see engine/worker_main.py."""
+
+from engine.worker_main import main
+
+if __name__ == "__main__":
+    main("decode")

@@ -1,0 +1,178 @@
+"""Every message between the router and a worker (prefill or decode), in one place.
+
+Transport: ZeroMQ. Each worker binds one ROUTER socket (its control
+endpoint); the router connects one DEALER per worker. A message is two frames:
+
+    [type tag (1 byte), msgpack body]
+
+The tag says what the body is, so a receiver can refuse an unknown or
+oversized message before decoding anything. Bodies are `msgspec.Struct`s
+encoded as arrays (compact, positional) whose first field is the protocol
+version; a peer with another version is refused with a clear error.
+
+Lifecycle of one request, seen from the router:
+
+    router ──SUBMIT(prompt ids, sampling, kv_transfer_params)──▶ worker
+    router ◀──OUTPUT(new token ids, text delta, ...) × n ─────── worker
+    router ◀──OUTPUT(finished=True, finish_reason, kv params)─── worker
+    router ──ABORT(request id)──▶ worker        (client went away)
+    router ──PING(nonce)──▶ worker ──PONG(nonce, load)──▶ router   (health, every ~1 s)
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# Limits enforced before a body is decoded. A prompt of 128k token ids packs
+# to well under 1 MiB; 8 MiB leaves room for long stop lists and kv params.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_PROMPT_TOKENS = 1_000_000
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, oversized, of another version or of an unknown type."""
+
+
+class MsgType(bytes, enum.Enum):
+    SUBMIT = b"S"
+    ABORT = b"A"
+    PING = b"P"
+    OUTPUT = b"O"
+    PONG = b"Q"
+
+
+class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
+    """The OpenAI sampling options the router forwards, in vLLM's terms."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled (vLLM's own default is -1/0 depending on version)
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class Submit(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
+    version: int
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class Abort(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    version: int
+    request_id: str
+
+
+class Ping(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    version: int
+    nonce: int
+
+
+class LoadReport(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What a worker tells the router about its load at each health check."""
+
+    worker_id: str
+    role: str
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the paged KV cache in use, 0..1
+    num_inflight: int = 0  # requests this worker's control loop holds
+    kv_stats: dict[str, float] = {}  # transfer counters from the KV connector
+
+
+class Pong(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    version: int
+    nonce: int
+    load: LoadReport
+
+
+class Output(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
+    """New tokens of one request since its previous Output (delta, not cumulative)."""
+
+    version: int
+    request_id: str
+    token_ids: list[int] = []
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None
+    error: str | None = None  # set when the worker failed the request; finished is then True
+
+
+_TYPES: dict[MsgType, type[msgspec.Struct]] = {
+    MsgType.SUBMIT: Submit,
+    MsgType.ABORT: Abort,
+    MsgType.PING: Ping,
+    MsgType.OUTPUT: Output,
+    MsgType.PONG: Pong,
+}
+_TAGS: dict[type[msgspec.Struct], MsgType] = {cls: tag for tag, cls in _TYPES.items()}
+_DECODERS = {tag: msgspec.msgpack.Decoder(cls) for tag, cls in _TYPES.items()}
+_ENCODER = msgspec.msgpack.Encoder()
+
+Message = Submit | Abort | Ping | Output | Pong
+
+
+def encode(message: Message) -> list[bytes]:
+    """Frames for one message: [tag, body]."""
+    return [_TAGS[type(message)].value, _ENCODER.encode(message)]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse [tag, body], enforcing limits and version before trusting anything."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames (type tag, body), got {len(frames)}")
+    tag_frame, body = frames
+    try:
+        tag = MsgType(bytes(tag_frame))
+    except ValueError:
+        raise ProtocolError(f"unknown message type tag {bytes(tag_frame)[:8]!r}") from None
+    if len(body) > MAX_BODY_BYTES:
+        raise ProtocolError(f"{tag.name} body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
+    try:
+        message = _DECODERS[tag].decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed {tag.name} body: {exc}") from None
+    if message.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{tag.name} has protocol version {message.version}; this side speaks {PROTOCOL_VERSION}"
+        )
+    if isinstance(message, Submit):
+        _check_submit(message)
+    return message
+
+
+def request_id_of(frames: list[bytes]) -> str | None:
+    """Best-effort request id of a refused message, so the sender can be told which request failed."""
+    try:
+        body = msgspec.msgpack.decode(frames[1])
+        if isinstance(body, list) and len(body) > 1 and isinstance(body[1], str):
+            return body[1]
+    except Exception:  # noqa: BLE001 - the message is already known to be bad
+        pass
+    return None
+
+
+def _check_submit(message: Submit) -> None:
+    if not message.request_id:
+        raise ProtocolError("SUBMIT.request_id is empty")
+    if not message.prompt_token_ids:
+        raise ProtocolError("SUBMIT.prompt_token_ids is empty; a request needs at least one prompt token")
+    if len(message.prompt_token_ids) > MAX_PROMPT_TOKENS:
+        raise ProtocolError(f"SUBMIT.prompt_token_ids has {len(message.prompt_token_ids)} tokens (limit {MAX_PROMPT_TOKENS})")
+    if message.sampling.max_tokens < 1:
+        raise ProtocolError(f"SUBMIT.sampling.max_tokens={message.sampling.max_tokens} must be >= 1")

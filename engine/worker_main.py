@@ -1,0 +1,100 @@
+"""Command line shared by `python -m prefill` and `python -m decode`.
+
+The router starts workers with this same command line (locally as
+subprocesses, or inside Ray actors), so a user can also start one by hand on
+any machine and point a plan at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from engine.config import DEFAULT_CPU_KVCACHE_GIB, EngineSettings
+from engine.worker_server import WorkerServer, run_worker
+
+# The KV role each worker role plays in the connector.
+KV_ROLE_BY_WORKER_ROLE = {"prefill": "producer", "decode": "consumer"}
+
+
+def kv_transfer_config(role: str, kv_endpoint: str | None, connector: str) -> dict[str, Any] | None:
+    """The engine's kv_transfer_config for this worker, or None for a colocated engine."""
+    if connector == "none" or role not in KV_ROLE_BY_WORKER_ROLE:
+        return None
+    if connector != "zmq":
+        raise ValueError(f"--kv-connector={connector!r}; choose 'zmq' or 'none'")
+    from kvtransfer import connector_config
+
+    if role == "decode" and not kv_endpoint:
+        raise ValueError("a decode worker needs --kv-endpoint (where prefill workers send KV)")
+    return connector_config(role=KV_ROLE_BY_WORKER_ROLE[role], listen_endpoint=kv_endpoint)
+
+
+def kv_stats_reader(connector: str):
+    if connector != "zmq":
+        return None
+    try:
+        from kvtransfer import read_stats
+    except ImportError:
+        return None
+    return read_stats
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {role}", description=f"Run one {role} worker.")
+    parser.add_argument("--model", default=None, help="local model folder or hub name (default: the tiny model, built on first use)")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--control-endpoint", required=True, help="ZeroMQ endpoint to bind for the router, e.g. tcp://127.0.0.1:7001")
+    parser.add_argument("--kv-endpoint", default=None, help="ZeroMQ endpoint where this worker's KV connector listens")
+    parser.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"])
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--dtype", default=None, help="default: float32 for the tiny model, else auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--cpu-kvcache-gib", type=int, default=DEFAULT_CPU_KVCACHE_GIB)
+    parser.add_argument("--exit-with-parent", action="store_true", help="stop when the starting process dies")
+    return parser
+
+
+def settings_from_args(role: str, args: argparse.Namespace) -> EngineSettings:
+    from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model, is_tiny_model
+
+    model = args.model
+    served_name = args.served_model_name
+    dtype = args.dtype
+    if model is None:
+        model = str(build_tiny_model())
+        served_name = served_name or TINY_MODEL_NAME
+    if is_tiny_model(model):
+        dtype = dtype or "float32"
+    return EngineSettings(
+        model=model,
+        served_model_name=served_name,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        dtype=dtype or "auto",
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        cpu_kvcache_gib=args.cpu_kvcache_gib,
+        kv_transfer_config=kv_transfer_config(role, args.kv_endpoint, args.kv_connector),
+    )
+
+
+def main(role: str, argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("HEXSERVE_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    args = build_parser(role).parse_args(argv)
+    server = WorkerServer(
+        settings=settings_from_args(role, args),
+        role=role,
+        worker_id=args.worker_id or f"{role}-{os.getpid()}",
+        control_endpoint=args.control_endpoint,
+        kv_stats_reader=kv_stats_reader(args.kv_connector),
+    )
+    run_worker(server, exit_with_parent=args.exit_with_parent)

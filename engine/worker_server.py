@@ -1,0 +1,275 @@
+"""A worker: one in-process vLLM `AsyncLLM` behind a ZeroMQ control endpoint.
+
+The prefill and decode workers are the same program with a different KV role
+(see `prefill/` and `decode/`): the engine's KV connector is the producer on a
+prefill worker and the consumer on a decode worker. The router drives both
+through `engine.control_protocol`.
+
+Why in-process AsyncLLM rather than `vllm serve` behind HTTP: the router needs
+token-level streaming, `kv_transfer_params` from the finished prefill, abort,
+and the scheduler's own load figures (running, waiting, KV-cache use). AsyncLLM
+gives all four directly; an HTTP server would add a JSON/SSE hop per token and
+hide the scheduler stats behind a Prometheus scrape.
+
+Concurrency: one asyncio loop. The receive loop only decodes and dispatches;
+each request runs as its own task that iterates the engine's output stream and
+sends deltas back. Nothing blocking runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from engine import control_protocol as proto
+from engine.config import EngineSettings
+from engine.zmq_sockets import make_socket
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(slots=True)
+class _LoadState:
+    """Latest scheduler figures, written by the stat logger, read by PING."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+def _make_stat_logger_factory(state: _LoadState):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadRecorder(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                state.num_running = scheduler_stats.num_running_reqs
+                state.num_waiting = scheduler_stats.num_waiting_reqs
+                state.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self):
+            pass
+
+    return lambda vllm_config, engine_index=0: LoadRecorder(vllm_config, engine_index)
+
+
+def to_sampling_params(spec: proto.SamplingSpec, kv_transfer_params: dict[str, Any] | None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    extra_args = {"kv_transfer_params": dict(kv_transfer_params)} if kv_transfer_params else None
+    return SamplingParams(
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k if spec.top_k > 0 else 0,
+        seed=spec.seed,
+        stop=list(spec.stop) or None,
+        stop_token_ids=list(spec.stop_token_ids) or None,
+        ignore_eos=spec.ignore_eos,
+        min_tokens=spec.min_tokens,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra_args,
+    )
+
+
+@dataclass(slots=True)
+class WorkerServer:
+    """Serves one engine on `control_endpoint` until `stop()` or SIGTERM."""
+
+    settings: EngineSettings
+    role: str
+    worker_id: str
+    control_endpoint: str
+    kv_stats_reader: Any = None  # callable returning dict[str, float], from the KV connector
+    drain_timeout_s: float = 30.0
+    _engine: Any = None
+    _sock: Any = None
+    _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    _load: _LoadState = field(default_factory=_LoadState)
+    _stopping: asyncio.Event | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r} is not one of {ROLES}")
+
+    async def serve(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.settings.apply_process_env()
+        self._stopping = asyncio.Event()
+        self._engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**self.settings.engine_kwargs()),
+            stat_loggers=[_make_stat_logger_factory(self._load)],
+        )
+        ctx = zmq.asyncio.Context()
+        self._sock = make_socket(ctx, zmq.ROUTER, self.control_endpoint, bind=True)
+        log.info("%s worker %s serving on %s", self.role, self.worker_id, self.control_endpoint)
+        try:
+            await self._receive_loop()
+        finally:
+            await self._drain()
+            self._sock.close(linger=0)
+            ctx.term()
+            self._engine.shutdown()
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def _receive_loop(self) -> None:
+        stop_wait = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                recv = asyncio.ensure_future(self._sock.recv_multipart(copy=True))
+                done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if recv not in done:
+                    recv.cancel()
+                    break
+                frames = recv.result()
+                identity, body = frames[0], frames[1:]
+                try:
+                    message = proto.decode(body)
+                except proto.ProtocolError as exc:
+                    log.warning("refused a control message from %r: %s", identity, exc)
+                    request_id = proto.request_id_of(body) if len(body) == 2 else None
+                    if request_id is not None:  # tell the router, so the request fails instead of hanging
+                        asyncio.ensure_future(self._send(identity, proto.Output(
+                            version=proto.PROTOCOL_VERSION, request_id=request_id, finished=True,
+                            error=f"refused: {exc}")))
+                    continue
+                self._dispatch(identity, message)
+        finally:
+            stop_wait.cancel()
+
+    def _dispatch(self, identity: bytes, message: proto.Message) -> None:
+        if isinstance(message, proto.Submit):
+            if message.request_id in self._tasks:
+                asyncio.ensure_future(self._send(identity, proto.Output(
+                    version=proto.PROTOCOL_VERSION, request_id=message.request_id, finished=True,
+                    error=f"request id {message.request_id!r} is already in flight on this worker")))
+                return
+            task = asyncio.ensure_future(self._run_request(identity, message))
+            self._tasks[message.request_id] = task
+            task.add_done_callback(lambda _t, rid=message.request_id: self._tasks.pop(rid, None))
+        elif isinstance(message, proto.Abort):
+            task = self._tasks.get(message.request_id)
+            if task is not None:
+                task.cancel()
+        elif isinstance(message, proto.Ping):
+            asyncio.ensure_future(self._send(identity, proto.Pong(
+                version=proto.PROTOCOL_VERSION, nonce=message.nonce, load=self.load_report())))
+
+    def load_report(self) -> proto.LoadReport:
+        kv_stats = {}
+        if self.kv_stats_reader is not None:
+            with contextlib.suppress(Exception):
+                kv_stats = {k: float(v) for k, v in self.kv_stats_reader().items()}
+        return proto.LoadReport(
+            worker_id=self.worker_id,
+            role=self.role,
+            num_running=self._load.num_running,
+            num_waiting=self._load.num_waiting,
+            kv_cache_usage=self._load.kv_cache_usage,
+            num_inflight=len(self._tasks),
+            kv_stats=kv_stats,
+        )
+
+    async def _run_request(self, identity: bytes, submit: proto.Submit) -> None:
+        request_id = submit.request_id
+        num_prompt_tokens = len(submit.prompt_token_ids)
+        try:
+            params = to_sampling_params(submit.sampling, submit.kv_transfer_params)
+            stream = self._engine.generate(
+                {"prompt_token_ids": list(submit.prompt_token_ids)}, params, request_id
+            )
+            async for out in stream:
+                completion = out.outputs[0]
+                ok = await self._send(identity, proto.Output(
+                    version=proto.PROTOCOL_VERSION,
+                    request_id=request_id,
+                    token_ids=list(completion.token_ids),
+                    text=completion.text,
+                    finished=out.finished,
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    num_prompt_tokens=num_prompt_tokens,
+                    num_cached_tokens=out.num_cached_tokens or 0,
+                    kv_transfer_params=out.kv_transfer_params if out.finished else None,
+                ))
+                if not ok:  # the router is gone: stop spending compute on this request
+                    await self._engine.abort(request_id)
+                    return
+        except asyncio.CancelledError:
+            # Aborted by the router (client disconnected) or by shutdown: free the KV.
+            with contextlib.suppress(Exception):
+                await self._engine.abort(request_id)
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the router, never swallowed
+            log.exception("request %s failed", request_id)
+            await self._send(identity, proto.Output(
+                version=proto.PROTOCOL_VERSION, request_id=request_id, finished=True,
+                num_prompt_tokens=num_prompt_tokens, error=f"{type(exc).__name__}: {exc}"))
+
+    async def _send(self, identity: bytes, message: proto.Message) -> bool:
+        try:
+            await self._sock.send_multipart([identity, *proto.encode(message)])
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("could not reach router %r: %s", identity, exc)
+            return False
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish (graceful shutdown), then cancel stragglers."""
+        if not self._tasks:
+            return
+        log.info("draining %d in-flight request(s)", len(self._tasks))
+        _, pending = await asyncio.wait(list(self._tasks.values()), timeout=self.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _watch_parent(parent_pid: int, server: WorkerServer) -> None:
+    """Exit when the process that started us dies, so no worker outlives its router."""
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent_pid:
+            log.warning("parent %d exited; stopping", parent_pid)
+            server.stop()
+            return
+
+
+def run_worker(server: WorkerServer, exit_with_parent: bool = False) -> None:
+    """Run a worker in this process until SIGTERM/SIGINT (which drain first)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        watcher = asyncio.ensure_future(_watch_parent(os.getppid(), server)) if exit_with_parent else None
+        started = time.monotonic()
+        try:
+            await server.serve()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            log.info("worker %s exited after %.1f s", server.worker_id, time.monotonic() - started)
+
+    asyncio.run(main())

@@ -1,0 +1,51 @@
+"""`python -m router serve [--plan plan.json] [--ray [ADDRESS]] ...`"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from router.serve import ServeOptions, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m router", description="The hexserve router.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the workers and serve the OpenAI API",
+                       description="With no arguments: the embedded default (tiny model, one prefill and one "
+                                   "decode worker on this machine) on http://127.0.0.1:8000/v1.")
+    s.add_argument("--plan", type=Path, default=None, help="plan.json from `python -m planner solve`")
+    s.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="place workers as Ray actors (default address: auto; 'local' starts a local Ray)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", default=None, help="model folder or hub name (default: the plan's, else the tiny model)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--max-model-len", type=int, default=1024)
+    s.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"],
+                   help="'none' makes decode recompute the prompt (for debugging the data path)")
+    s.add_argument("--api-key", default=os.environ.get("HEXSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $HEXSERVE_API_KEY, else no auth)")
+    s.add_argument("--max-running", type=int, default=256, help="requests admitted at once")
+    s.add_argument("--max-waiting", type=int, default=1024, help="requests queued for admission before 429")
+    s.add_argument("--worker-host", default="127.0.0.1", help="address workers bind their ZeroMQ endpoints on")
+    s.add_argument("--log-dir", type=Path, default=None, help="write each worker's log to DIR/<worker>.log")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HEXSERVE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    run(ServeOptions(
+        host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,
+        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+        kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
+        max_waiting=args.max_waiting, worker_host=args.worker_host, log_dir=args.log_dir,
+    ))
+
+
+if __name__ == "__main__":
+    main()

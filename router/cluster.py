@@ -1,0 +1,150 @@
+"""The workers behind one router and the life of a request across them.
+
+    choose route (P, D) ──▶ P: prompt, max_tokens=1, kv params "send to D"
+                            P finishes ──▶ its kv_transfer_params say where the KV is
+                       ──▶ D: prompt, client's sampling, P's kv_transfer_params
+                            D streams tokens ──▶ client
+
+A worker failure before the client has seen a token is retried once on
+another route; after that, the request fails at once with a clear error. The
+router's per-worker `outstanding_tokens` (prompt tokens queued on P; prompt
+plus output budget on D) is the live-load signal the routing policy reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+from engine import control_protocol as proto
+from router.routing import NoRouteAvailable, Route, RoutePolicy
+from router.worker_client import WorkerClient, WorkerInfo, WorkerUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2  # the first try and one retry on another route
+
+
+def prefill_kv_params(decode: WorkerInfo, transfer_id: str, kv_connector: str) -> dict | None:
+    """What the prefill request carries so its connector ships the KV to `decode`."""
+    if kv_connector == "none":
+        return None
+    from kvtransfer.handoff import prefill_params
+
+    return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id)
+
+
+@dataclass
+class Cluster:
+    workers: list[WorkerInfo]
+    routes: list[Route]
+    kv_connector: str = "zmq"
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 3.0
+    clients: dict[str, WorkerClient] = field(default_factory=dict)
+    policy: RoutePolicy | None = None
+    _ctx: zmq.asyncio.Context | None = None
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        known = {w.worker_id for w in self.workers}
+        for route in self.routes:
+            for worker_id in (route.prefill_worker, route.decode_worker):
+                if worker_id not in known:
+                    raise ValueError(f"route {route.prefill_worker}->{route.decode_worker} names unknown worker {worker_id!r}")
+        self.policy = RoutePolicy(self.routes)
+
+    async def start(self, process_alive: dict | None = None) -> None:
+        self._ctx = zmq.asyncio.Context()
+        for info in self.workers:
+            client = WorkerClient(
+                info=info, ctx=self._ctx,
+                health_interval_s=self.health_interval_s, health_timeout_s=self.health_timeout_s,
+                is_process_alive=(process_alive or {}).get(info.worker_id),
+            )
+            client.start()
+            self.clients[info.worker_id] = client
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await asyncio.gather(*(c.wait_healthy(timeout_s) for c in self.clients.values()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def is_healthy(self, worker_id: str) -> bool:
+        return self.clients[worker_id].healthy
+
+    def any_route_healthy(self) -> bool:
+        return any(self.is_healthy(r.prefill_worker) and self.is_healthy(r.decode_worker) for r in self.routes)
+
+    def _outstanding(self, worker_id: str) -> int:
+        return self.clients[worker_id].outstanding_tokens
+
+    def choose_route(self, exclude: frozenset[Route] = frozenset()) -> Route:
+        return self.policy.choose(self.is_healthy, self._outstanding, exclude)
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: proto.SamplingSpec, on_retry=None,
+    ) -> AsyncIterator[tuple[Route, proto.Output]]:
+        """Yield (route, Output delta) until finished; retry once if no token was yielded yet."""
+        tried: set[Route] = set()
+        base_id = uuid.uuid4().hex[:16]
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                route = self.choose_route(frozenset(tried))
+            except NoRouteAvailable:
+                if attempt == 0 or not self.any_route_healthy():
+                    raise
+                route = self.choose_route()  # only the failed route is left and it recovered
+            tried.add(route)
+            yielded = False
+            try:
+                async for output in self._run_on_route(route, f"{base_id}-{attempt}", prompt_token_ids, sampling):
+                    yielded = yielded or bool(output.token_ids) or output.finished
+                    yield route, output
+                return
+            except WorkerUnavailable as exc:
+                if yielded or attempt + 1 == MAX_ATTEMPTS:
+                    raise
+                log.warning("retrying request on another route after: %s", exc)
+                if on_retry is not None:
+                    on_retry()
+
+    async def _run_on_route(
+        self, route: Route, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
+    ) -> AsyncIterator[proto.Output]:
+        prefill = self.clients[route.prefill_worker]
+        decode = self.clients[route.decode_worker]
+        num_prompt = len(prompt_token_ids)
+        kv_params = None
+        if route.prefill_worker != route.decode_worker:
+            # The prefill's one sampled token is discarded (decode samples the
+            # first token itself), so it is greedy, ignores EOS and has no stop
+            # strings: nothing about it may stop the KV from being handed over.
+            prefill_sampling = proto.SamplingSpec(max_tokens=1, temperature=0.0, ignore_eos=True)
+            prefill.outstanding_tokens += num_prompt
+            try:
+                final = None
+                async for output in prefill.generate(
+                    f"{request_id}-p", prompt_token_ids, prefill_sampling,
+                    prefill_kv_params(decode.info, f"{request_id}-kv", self.kv_connector),
+                ):
+                    final = output
+            finally:
+                prefill.outstanding_tokens -= num_prompt
+            kv_params = final.kv_transfer_params if final is not None else None
+        budget = num_prompt + sampling.max_tokens
+        decode.outstanding_tokens += budget
+        try:
+            async for output in decode.generate(f"{request_id}-d", prompt_token_ids, sampling, kv_params):
+                yield output
+        finally:
+            decode.outstanding_tokens -= budget

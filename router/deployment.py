@@ -1,0 +1,92 @@
+"""What to run: the workers and routes of a deployment, from a plan or the embedded default.
+
+Pure: builds specs, starts nothing. A plan group becomes one worker (one vLLM
+engine replica with the group's TP/PP); a plan route becomes a routing entry
+with the plan's weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.launch_local import WorkerSpec, local_endpoint
+from router.routing import Route
+from router.worker_client import WorkerInfo
+
+
+@dataclass(slots=True)
+class Deployment:
+    workers: list[WorkerSpec]
+    routes: list[Route]
+    model_path: str
+    served_model_name: str
+    max_model_len: int
+    # Ray placement: worker id -> {"node": name or None, "resources": {...}}
+    placement: dict[str, dict] | None = None
+
+    def worker_infos(self) -> list[WorkerInfo]:
+        return [WorkerInfo(worker_id=s.worker_id, role=s.role, control_endpoint=s.control_endpoint,
+                           kv_endpoint=s.kv_endpoint, group_id=s.group_id) for s in self.workers]
+
+
+def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[str, str]:
+    if model is None:
+        from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
+
+        return str(build_tiny_model()), served_model_name or TINY_MODEL_NAME
+    return model, served_model_name or model
+
+
+def embedded_default(model: str | None = None, served_model_name: str | None = None, max_model_len: int = 1024,
+                     kv_connector: str = "zmq", host: str = "127.0.0.1") -> Deployment:
+    """One prefill and one decode worker on this machine, one route."""
+    model_path, served = _resolve_model(model, served_model_name)
+    common = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector)
+    workers = [
+        WorkerSpec(worker_id="prefill-0", role="prefill", control_endpoint=local_endpoint(host),
+                   kv_endpoint=local_endpoint(host), group_id="p0", **common),
+        WorkerSpec(worker_id="decode-0", role="decode", control_endpoint=local_endpoint(host),
+                   kv_endpoint=local_endpoint(host), group_id="d0", **common),
+    ]
+    return Deployment(workers=workers, routes=[Route("prefill-0", "decode-0", 1.0)], model_path=model_path,
+                      served_model_name=served, max_model_len=max_model_len)
+
+
+def deployment_from_plan(plan, model: str | None = None, served_model_name: str | None = None,
+                         max_model_len: int = 1024, kv_connector: str = "zmq", host: str = "127.0.0.1",
+                         cpu_kvcache_gib: int = 1) -> Deployment:
+    """One worker per plan group; routes and weights as the plan's max-flow gave them.
+
+    `model` overrides the plan's model (a plan made for Llama-2-70B can be
+    rehearsed on this machine with the tiny model). Colocated groups serve
+    both phases and route to themselves.
+    """
+    model_path, served = _resolve_model(model, served_model_name)
+    workers: list[WorkerSpec] = []
+    placement: dict[str, dict] = {}
+    worker_of_group: dict[str, str] = {}
+    for group in plan.groups:
+        role = group.role if group.role in ("prefill", "decode") else "decode"
+        worker_id = f"{group.role}-{group.id}"
+        worker_of_group[group.id] = worker_id
+        workers.append(WorkerSpec(
+            worker_id=worker_id, role=role, control_endpoint=local_endpoint(host),
+            kv_endpoint=local_endpoint(host), model=model_path, served_model_name=served,
+            max_model_len=max_model_len, kv_connector=kv_connector if group.role != "colocated" else "none",
+            tensor_parallel_size=1 if model is None else group.tp,
+            pipeline_parallel_size=1 if model is None else group.pp,
+            cpu_kvcache_gib=cpu_kvcache_gib, group_id=group.id))
+        gpu_types = {}
+        for gpu in group.gpus:
+            gpu_types[gpu.gpu_type] = gpu_types.get(gpu.gpu_type, 0) + 1
+        nodes = sorted({gpu.node for gpu in group.gpus})
+        placement[worker_id] = {"node": nodes[0] if len(nodes) == 1 else None, "gpu_types": gpu_types}
+    routes = [Route(worker_of_group[r.prefill_group], worker_of_group[r.decode_group], r.weight)
+              for r in plan.routes if r.weight > 0]
+    for group in plan.groups:
+        if group.role == "colocated":
+            routes.append(Route(worker_of_group[group.id], worker_of_group[group.id], max(group.capacity_rps, 1e-9)))
+    if not routes:
+        raise ValueError("the plan has no route with positive weight; re-solve it or check its groups")
+    return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
+                      max_model_len=max_model_len, placement=placement)

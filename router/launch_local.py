@@ -1,0 +1,129 @@
+"""Starting workers as local processes (the embedded default, and plans on one machine).
+
+Each worker runs `python -m prefill|decode ...` in its own process group, so
+stopping it also stops the vLLM engine processes it spawned, and with
+`--exit-with-parent`, so a router that dies takes its workers with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything needed to start one worker process, wherever it runs."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    control_endpoint: str
+    kv_endpoint: str | None
+    model: str | None = None  # None: the tiny model
+    served_model_name: str | None = None
+    max_model_len: int = 1024
+    kv_connector: str = "zmq"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    cpu_kvcache_gib: int = 1
+    env: tuple[tuple[str, str], ...] = ()  # e.g. CUDA_VISIBLE_DEVICES for the group's GPUs
+    group_id: str | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", self.role,
+               "--worker-id", self.worker_id,
+               "--control-endpoint", self.control_endpoint,
+               "--kv-connector", self.kv_connector,
+               "--max-model-len", str(self.max_model_len),
+               "--tensor-parallel-size", str(self.tensor_parallel_size),
+               "--pipeline-parallel-size", str(self.pipeline_parallel_size),
+               "--cpu-kvcache-gib", str(self.cpu_kvcache_gib),
+               "--exit-with-parent"]
+        if self.kv_endpoint:
+            cmd += ["--kv-endpoint", self.kv_endpoint]
+        if self.model:
+            cmd += ["--model", self.model]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        return cmd
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def local_endpoint(host: str = "127.0.0.1") -> str:
+    return f"tcp://{host}:{free_tcp_port(host)}"
+
+
+@dataclass
+class LocalLauncher:
+    """Owns worker processes on this machine; `stop()` drains then kills."""
+
+    log_dir: Path | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _logs: list = field(default_factory=list)
+
+    def start(self, spec: WorkerSpec) -> subprocess.Popen:
+        if spec.worker_id in self.processes:
+            raise ValueError(f"worker {spec.worker_id!r} is already running")
+        stdout = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stdout = open(self.log_dir / f"{spec.worker_id}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(stdout)
+        env = dict(os.environ, **dict(spec.env))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.Popen(spec.command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+                                start_new_session=True)
+        self.processes[spec.worker_id] = proc
+        return proc
+
+    def is_alive(self, worker_id: str) -> bool:
+        proc = self.processes.get(worker_id)
+        return proc is not None and proc.poll() is None
+
+    def alive_checks(self) -> dict:
+        return {worker_id: (lambda w=worker_id: self.is_alive(w)) for worker_id in self.processes}
+
+    def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one worker and its engine processes (used by fault tests and shutdown)."""
+        proc = self.processes[worker_id]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            proc.wait(timeout=30)
+
+    def restart(self, spec: WorkerSpec) -> subprocess.Popen:
+        old = self.processes.pop(spec.worker_id, None)
+        if old is not None and old.poll() is None:
+            raise ValueError(f"worker {spec.worker_id!r} is still running")
+        return self.start(spec)
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        for worker_id, proc in self.processes.items():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + drain_timeout_s
+        for proc in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.processes.values():
+            # Kill the whole group: the worker, and any engine process it left.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        for handle in self._logs:
+            handle.close()
+        self.processes.clear()

@@ -1,0 +1,52 @@
+"""Prometheus metrics of one router, in its own registry (no module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+@dataclass
+class RouterMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("hexserve_requests", "Requests by endpoint and outcome", ["endpoint", "status"], registry=r)
+        self.retries = Counter("hexserve_request_retries", "Requests retried on another route after a worker failed", registry=r)
+        self.ttft = Histogram("hexserve_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.tpot = Histogram("hexserve_time_per_output_token_seconds", "Mean time per output token after the first", buckets=_TPOT_BUCKETS_S, registry=r)
+        self.e2e = Histogram("hexserve_e2e_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter("hexserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("hexserve_generation_tokens", "Tokens generated", registry=r)
+        self.queue_waiting = Gauge("hexserve_admission_waiting", "Requests waiting for admission", registry=r)
+        self.running = Gauge("hexserve_requests_running", "Requests admitted and running", registry=r)
+        self.route_picks = Counter("hexserve_route_requests", "Requests sent along each route", ["prefill", "decode"], registry=r)
+        labels = ["worker", "role"]
+        self.worker_healthy = Gauge("hexserve_worker_healthy", "1 if the worker is in rotation", labels, registry=r)
+        self.worker_running = Gauge("hexserve_worker_running_requests", "Requests running in the worker's scheduler", labels, registry=r)
+        self.worker_waiting = Gauge("hexserve_worker_waiting_requests", "Requests waiting in the worker's scheduler", labels, registry=r)
+        self.worker_kv_usage = Gauge("hexserve_worker_kv_cache_usage", "Fraction of the worker's KV cache in use", labels, registry=r)
+        self.worker_outstanding = Gauge("hexserve_worker_outstanding_tokens", "Tokens the router has outstanding on the worker", labels, registry=r)
+        self.kv_stat = Gauge("hexserve_kv_transfer", "KV transfer counters reported by the worker's connector (bytes, transfers, failures)", ["worker", "stat"], registry=r)
+
+    def observe_workers(self, clients) -> None:
+        for client in clients:
+            labels = (client.worker_id, client.info.role)
+            self.worker_healthy.labels(*labels).set(1 if client.healthy else 0)
+            self.worker_outstanding.labels(*labels).set(client.outstanding_tokens)
+            load = client.load
+            if load is None:
+                continue
+            self.worker_running.labels(*labels).set(load.num_running)
+            self.worker_waiting.labels(*labels).set(load.num_waiting)
+            self.worker_kv_usage.labels(*labels).set(load.kv_cache_usage)
+            for stat, value in load.kv_stats.items():
+                self.kv_stat.labels(client.worker_id, stat).set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,118 @@
+"""`python -m router serve`: start the workers, wait for them, serve HTTP, drain on exit.
+
+Deployment shapes, all behind the same router:
+- no arguments: the embedded default, one prefill and one decode worker of
+  the tiny model on this machine;
+- `--plan plan.json`: the workers and routes the planner chose, as local
+  processes;
+- `--plan plan.json --ray [ADDRESS]`: the same, placed as Ray actors on the
+  nodes and GPU types the plan names (see `router.launch_ray`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from router.admission import Admission
+from router.app import RouterSettings, create_app
+from router.cluster import Cluster
+from router.deployment import Deployment, embedded_default, deployment_from_plan
+from router.launch_local import LocalLauncher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    plan: Path | None = None
+    ray_address: str | None = None  # None: local processes; "auto"/"local"/"ray://...": Ray
+    model: str | None = None
+    served_model_name: str | None = None
+    max_model_len: int = 1024
+    kv_connector: str = "zmq"
+    api_key: str | None = None
+    max_running: int = 256
+    max_waiting: int = 1024
+    worker_ready_timeout_s: float = 900.0
+    log_dir: Path | None = None
+    worker_host: str = "127.0.0.1"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def build_deployment(options: ServeOptions) -> Deployment:
+    if options.plan is None:
+        return embedded_default(model=options.model, served_model_name=options.served_model_name,
+                                max_model_len=options.max_model_len, kv_connector=options.kv_connector,
+                                host=options.worker_host)
+    from planner.plan import load_plan
+
+    return deployment_from_plan(load_plan(options.plan), model=options.model,
+                                served_model_name=options.served_model_name,
+                                max_model_len=options.max_model_len, kv_connector=options.kv_connector,
+                                host=options.worker_host)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
+    deployment = build_deployment(options)
+    if options.ray_address is not None:
+        from router.launch_ray import RayLauncher
+
+        launcher = RayLauncher(address=options.ray_address, deployment=deployment)
+    else:
+        launcher = LocalLauncher(log_dir=options.log_dir)
+    for spec in deployment.workers:
+        launcher.start(spec)
+    cluster = Cluster(workers=deployment.worker_infos(), routes=deployment.routes, kv_connector=options.kv_connector)
+    server = None
+    try:
+        await cluster.start(process_alive=launcher.alive_checks())
+        tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
+        log.info("waiting for %d worker(s) to load the model...", len(deployment.workers))
+        await cluster.wait_ready(options.worker_ready_timeout_s)
+        app = create_app(
+            cluster,
+            RouterSettings(served_model_name=deployment.served_model_name, max_model_len=deployment.max_model_len,
+                           api_key=options.api_key),
+            tokenizer,
+            admission=Admission(max_running=options.max_running, max_waiting=options.max_waiting),
+        )
+        config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                                timeout_graceful_shutdown=30)
+        server = uvicorn.Server(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        server_task = asyncio.ensure_future(server.serve())
+        while not server.started and not server_task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(f"hexserve router ready: http://{options.host}:{options.port}/v1 "
+                  f"(model {deployment.served_model_name!r}, {len(deployment.workers)} workers, "
+                  f"{len(deployment.routes)} route(s))", flush=True)
+            if ready is not None:
+                ready.set()
+        await server_task
+    finally:
+        await cluster.close()
+        # uvicorn has finished in-flight HTTP requests (graceful); workers drain theirs.
+        await asyncio.to_thread(launcher.stop)
+
+
+def run(options: ServeOptions) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(options))

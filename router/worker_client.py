@@ -1,0 +1,171 @@
+"""The router's handle on one worker: a DEALER socket, a receive loop, health checks.
+
+Each request gets its own queue of `Output` deltas. When a worker stops
+answering PINGs (or its process is seen dead) it is marked unhealthy and every
+request in flight on it is failed at once with `WorkerUnavailable`, so no
+client waits on a worker that will never answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from engine import control_protocol as proto
+from engine.zmq_sockets import make_socket
+
+log = logging.getLogger(__name__)
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker died, stopped answering health checks, or refused the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    control_endpoint: str
+    kv_endpoint: str | None = None
+    group_id: str | None = None
+
+
+_FAILED = object()  # queue sentinel: the worker failed under this request
+
+
+@dataclass(slots=True)
+class WorkerClient:
+    info: WorkerInfo
+    ctx: zmq.asyncio.Context
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 3.0
+    is_process_alive: Callable[[], bool] | None = None
+    healthy: bool = False
+    load: proto.LoadReport | None = None
+    outstanding_tokens: int = 0  # router-side estimate of work queued on this worker
+    last_pong_at: float = 0.0
+    _sock: zmq.asyncio.Socket | None = None
+    _queues: dict[str, asyncio.Queue] = field(default_factory=dict)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _nonce: itertools.count = field(default_factory=itertools.count)
+    _ever_healthy: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._queues)
+
+    def start(self) -> None:
+        self._sock = make_socket(self.ctx, zmq.DEALER, self.info.control_endpoint, bind=False)
+        self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._health_loop())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_all(f"worker {self.worker_id} client closed")
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    async def wait_healthy(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._ever_healthy.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerUnavailable(
+                f"worker {self.worker_id} at {self.info.control_endpoint} did not become healthy in {timeout_s:.0f} s"
+            ) from None
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: proto.SamplingSpec,
+        kv_transfer_params: dict | None = None,
+    ) -> AsyncIterator[proto.Output]:
+        """Submit a request and yield its Output deltas until finished.
+
+        Raises WorkerUnavailable if the worker is (or becomes) unhealthy. If the
+        consumer stops early (client disconnect), the request is aborted on the worker.
+        """
+        if not self.healthy:
+            raise WorkerUnavailable(f"worker {self.worker_id} is not healthy")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} already in flight on {self.worker_id}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            await self._send(proto.Submit(
+                version=proto.PROTOCOL_VERSION, request_id=request_id,
+                prompt_token_ids=prompt_token_ids, sampling=sampling,
+                kv_transfer_params=kv_transfer_params))
+            while True:
+                item = await queue.get()
+                if item is _FAILED:
+                    raise WorkerUnavailable(f"worker {self.worker_id} became unavailable during request {request_id}")
+                if item.error is not None:
+                    finished = True
+                    raise WorkerUnavailable(f"worker {self.worker_id} failed request {request_id}: {item.error}")
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self.healthy:
+                with contextlib.suppress(Exception):
+                    await self._send(proto.Abort(version=proto.PROTOCOL_VERSION, request_id=request_id))
+
+    async def _send(self, message: proto.Message) -> None:
+        try:
+            await self._sock.send_multipart(proto.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise WorkerUnavailable(f"worker {self.worker_id} is not draining its control socket") from None
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                message = proto.decode(frames)
+            except proto.ProtocolError as exc:
+                log.warning("refused a message from worker %s: %s", self.worker_id, exc)
+                continue
+            if isinstance(message, proto.Pong):
+                self.last_pong_at = time.monotonic()
+                self.load = message.load
+                if not self.healthy:
+                    log.info("worker %s is healthy", self.worker_id)
+                self.healthy = True
+                self._ever_healthy.set()
+            elif isinstance(message, proto.Output):
+                queue = self._queues.get(message.request_id)
+                if queue is not None:
+                    queue.put_nowait(message)
+
+    async def _health_loop(self) -> None:
+        while True:
+            with contextlib.suppress(WorkerUnavailable):
+                await self._send(proto.Ping(version=proto.PROTOCOL_VERSION, nonce=next(self._nonce)))
+            await asyncio.sleep(self.health_interval_s)
+            dead_process = self.is_process_alive is not None and not self.is_process_alive()
+            silent = self.healthy and time.monotonic() - self.last_pong_at > self.health_timeout_s
+            if self.healthy and (dead_process or silent):
+                reason = "its process exited" if dead_process else f"no health reply for {self.health_timeout_s:.1f} s"
+                log.warning("worker %s taken out of rotation: %s", self.worker_id, reason)
+                self.healthy = False
+                self._fail_all(reason)
+
+    def _fail_all(self, reason: str) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(_FAILED)
