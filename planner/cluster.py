@@ -61,6 +61,8 @@ class Cluster:
     # Node-to-node link bandwidth (bytes/s) and latency (s); the diagonal is the intra-node link.
     bandwidth: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     latency: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    # Links between regions are shared pipes: (region a, region b) -> bytes/s each way, both orders present.
+    region_bandwidth: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
 
     @property
     def num_gpus(self) -> int:
@@ -88,6 +90,7 @@ class Cluster:
         return Cluster(
             nodes=nodes, model=self.model, workload=self.workload, options=self.options,
             name=name or self.name, bandwidth=self.bandwidth[np.ix_(idx, idx)], latency=self.latency[np.ix_(idx, idx)],
+            region_bandwidth=self.region_bandwidth,
         )
 
 
@@ -127,7 +130,7 @@ def _parse_nodes(fleet: Fields, catalog: Catalog) -> list[Node]:
     return nodes
 
 
-def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarray]:
+def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str], float]]:
     net.check_keys({"intra_node", "inter_node", "inter_region", "links"})
     n = len(nodes)
     bw = np.zeros((n, n))
@@ -183,7 +186,14 @@ def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarr
                 spec = inter
             bw[i, j] = spec.bandwidth_gb_per_s * GB
             lat[i, j] = spec.latency_us * 1e-6
-    return bw, lat
+    shared: dict[tuple[str, str], float] = {}
+    for a in regions:
+        for b in regions:
+            if a != b:
+                spec = region_links.get(frozenset((a, b)), inter_region)
+                if spec is not None:
+                    shared[(a, b)] = spec.bandwidth_gb_per_s * GB
+    return bw, lat, shared
 
 
 def _parse_options(f: Fields) -> Options:
@@ -222,10 +232,10 @@ def parse_cluster(data: Any, base_dir: Path | str = ".", catalog: Catalog | None
     )
     workload = parse_workload(f.obj("workload"), base_dir)
     nodes = _parse_nodes(f.obj("fleet"), catalog)
-    bw, lat = _link_matrices(nodes, f.obj("network", {}))
+    bw, lat, shared = _link_matrices(nodes, f.obj("network", {}))
     return Cluster(
         nodes=tuple(nodes), model=model, workload=workload, options=_parse_options(f.obj("options", {})),
-        name=f.string("name", "cluster"), bandwidth=bw, latency=lat,
+        name=f.string("name", "cluster"), bandwidth=bw, latency=lat, region_bandwidth=shared,
     )
 
 

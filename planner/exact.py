@@ -12,7 +12,8 @@ taken uniform and aggregated per composition pair without loss: a route
 between compositions c -> c' then carries at most ``cap(c, c') * y[c,P] *
 y[c',D]``. Where a route cannot bind (its capacity is at least either end's),
 no product is needed; where it can (slow links between regions) CP-SAT models
-the product exactly. When no route can bind at all the flow is just
+the product exactly, and the routes over one inter-region link share its
+capacity (a linear constraint). When no route can bind at all the flow is just
 ``min(sum prefill, sum decode)`` and dominated compositions are pruned.
 """
 
@@ -108,7 +109,8 @@ def solve_exact(
                 allowed = r.transfer_s + dp.latency_s <= pp.kv_budget_s
                 binding = allowed and r.capacity_rps < min(cp, cd)
                 pairs[(pg, dg)] = (allowed, r.capacity_rps)
-                if binding or not allowed:
+                crosses = (routes.region(pg), routes.region(dg)) in routes.link_rps
+                if binding or not allowed or crosses:
                     simple = False
     if simple:
         for role in roles:
@@ -140,13 +142,17 @@ def solve_exact(
         in_flow: dict[Group, list] = {g: [] for g, _ in cands[DECODE]}
         cap_p = dict(cands[PREFILL])
         cap_d = dict(cands[DECODE])
+        over_link: dict[tuple[str, str], list] = {}
         for (pg, dg), (allowed, rcap) in pairs.items():
-            if not allowed:
+            if not allowed or pg not in cap_p or dg not in cap_d:
                 continue
             hi = int(min(cap_p[pg], cap_d[dg]) * SCALE) * cluster.num_gpus
             f = model.NewIntVar(0, hi, f"f_{len(out_flow[pg])}_{id(dg) % 997}")
             out_flow[pg].append(f)
             in_flow[dg].append(f)
+            link = (routes.region(pg), routes.region(dg))
+            if link in routes.link_rps:
+                over_link.setdefault(link, []).append(f)
             if rcap < min(cap_p[pg], cap_d[dg]):
                 z = model.NewIntVar(0, cluster.num_gpus**2, "z")
                 model.AddMultiplicationEquality(z, [y[(pg, PREFILL)], y[(dg, DECODE)]])
@@ -157,6 +163,8 @@ def solve_exact(
         for g, c in cands[DECODE]:
             if in_flow[g]:
                 model.Add(sum(in_flow[g]) <= int(c * SCALE) * y[(g, DECODE)])
+        for link, fs in over_link.items():  # a link between regions is one pipe all its routes share
+            model.Add(sum(fs) <= int(routes.link_rps[link] * SCALE))
         model.Add(objective <= sum(f for fs in out_flow.values() for f in fs))
     model.Maximize(objective)
     solver = cp_model.CpSolver()

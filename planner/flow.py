@@ -2,6 +2,9 @@
 
     source --(prefill capacity)--> P_i --(KV route capacity)--> D_j --(decode capacity)--> sink
 
+Routes between regions also pass through the link between the two regions,
+which all of them share (a vertex with the link's capacity in requests/s).
+
 Capacities are requests/s. A route P_i -> D_j exists when the KV cache of an
 average prompt crosses the link between the two groups within P_i's share of
 the TTFT SLO; its capacity is the link's transfer rate in requests/s. The
@@ -54,6 +57,11 @@ class RouteTable:
         self.cluster = cluster
         self.kv_bytes = cm.kv_bytes_per_request(cluster.model, cluster.workload)
         self._cache: dict[tuple[Group, Group, tuple, tuple], Route] = {}
+        # A shared inter-region link carries this many average requests' KV per second.
+        self.link_rps = {pair: bw / self.kv_bytes for pair, bw in cluster.region_bandwidth.items()}
+
+    def region(self, group: Group) -> str:
+        return self.cluster.nodes[group[0][0]].region
 
     def _shards(self, group: Group, perf: PhasePerf) -> dict[int, float]:
         """Largest KV share one GPU holds, per node of the group."""
@@ -86,12 +94,14 @@ def max_flow(
     decode: list[tuple[Group, PhasePerf]],
     routes: RouteTable,
 ) -> FlowResult:
-    """Max flow from prefill groups through KV routes to decode groups."""
+    """Max flow from prefill groups through KV routes (and shared inter-region links) to decode groups."""
     cap_p = [p.capacity_rps for _, p in prefill]
     cap_d = [d.capacity_rps for _, d in decode]
     sum_p, sum_d = sum(cap_p), sum(cap_d)
     if not prefill or not decode or sum_p <= 0 or sum_d <= 0:
         return FlowResult(0.0, {}, sum_p <= sum_d, sum_d <= sum_p, False)
+    region_p = [routes.region(g) for g, _ in prefill]
+    region_d = [routes.region(g) for g, _ in decode]
     edges: dict[tuple[int, int], float] = {}
     binding = False
     for i, (pg, pp) in enumerate(prefill):
@@ -103,23 +113,64 @@ def max_flow(
             edges[(i, j)] = r.capacity_rps
             if r.capacity_rps < min(cap_p[i], cap_d[j]):
                 binding = True
+    links: dict[tuple[str, str], float] = {}
+    for (i, j) in edges:
+        pair = (region_p[i], region_d[j])
+        if pair[0] != pair[1] and pair in routes.link_rps:
+            links[pair] = routes.link_rps[pair]
+    for (a, b), cap in links.items():
+        if cap < min(sum(c for c, r in zip(cap_p, region_p) if r == a), sum(c for c, r in zip(cap_d, region_d) if r == b)):
+            binding = True
     if not binding:
         value = min(sum_p, sum_d)
         flows = {(i, j): value * cap_p[i] / sum_p * cap_d[j] / sum_d for (i, j) in edges}
         return FlowResult(value, flows, sum_p <= sum_d, sum_d <= sum_p, False)
-    return _networkx_flow(cap_p, cap_d, edges)
+    shared = {e: (region_p[e[0]], region_d[e[1]]) for e in edges if (region_p[e[0]], region_d[e[1]]) in links}
+    return _networkx_flow(cap_p, cap_d, edges, shared, links)
 
 
-def _networkx_flow(cap_p: list[float], cap_d: list[float], edges: dict[tuple[int, int], float]) -> FlowResult:
+def _networkx_flow(
+    cap_p: list[float],
+    cap_d: list[float],
+    edges: dict[tuple[int, int], float],
+    shared: dict[tuple[int, int], tuple[str, str]] | None = None,
+    links: dict[tuple[str, str], float] | None = None,
+) -> FlowResult:
+    """General max flow. Edges in ``shared`` cross an inter-region link whose capacity (``links``) they share.
+
+    A shared link is a vertex pair (in -> out, capacity = link) between the
+    prefill groups of one region and the decode groups of the other; its flow
+    is split back into per-route flows by a second max flow over the routes
+    the link serves, so every reported route respects its own capacity.
+    """
+    shared = shared or {}
+    links = links or {}
     g = nx.DiGraph()
     for i, c in enumerate(cap_p):
         g.add_edge("s", ("P", i), capacity=int(c * SCALE))
     for j, c in enumerate(cap_d):
         g.add_edge(("D", j), "t", capacity=int(c * SCALE))
+    for pair, c in links.items():
+        g.add_edge(("Lin", pair), ("Lout", pair), capacity=int(c * SCALE))
     for (i, j), c in edges.items():
-        g.add_edge(("P", i), ("D", j), capacity=int(min(c, 1e12) * SCALE))
+        c = int(min(c, 1e12) * SCALE)
+        if (i, j) in shared:
+            pair = shared[(i, j)]
+            for u, v in ((("P", i), ("Lin", pair)), (("Lout", pair), ("D", j))):
+                old = g.edges[u, v]["capacity"] if g.has_edge(u, v) else 0
+                g.add_edge(u, v, capacity=max(old, c))
+        else:
+            g.add_edge(("P", i), ("D", j), capacity=c)
     value, flow = nx.maximum_flow(g, "s", "t")
-    flows = {(i, j): flow[("P", i)][("D", j)] / SCALE for (i, j) in edges if flow[("P", i)][("D", j)] > 0}
+    flows = {(i, j): flow[("P", i)][("D", j)] / SCALE for (i, j) in edges
+             if (i, j) not in shared and flow[("P", i)][("D", j)] > 0}
+    lost = 0.0
+    for pair in links:
+        sent = {i: flow[("P", i)][("Lin", pair)] for (i, _), p in shared.items() if p == pair}
+        got = {j: flow[("Lout", pair)][("D", j)] for (_, j), p in shared.items() if p == pair}
+        split = _decompose(sent, got, {e: edges[e] for e, p in shared.items() if p == pair})
+        flows.update(split)
+        lost += sum(sent.values()) / SCALE - sum(split.values())
     # Min cut: vertices reachable from the source in the residual graph.
     residual_reach = {"s"}
     stack = ["s"]
@@ -135,5 +186,25 @@ def _networkx_flow(cap_p: list[float], cap_d: list[float], edges: dict[tuple[int
                 stack.append(v)
     prefill_bound = any(("P", i) not in residual_reach for i in range(len(cap_p)))
     decode_bound = any(("D", j) in residual_reach for j in range(len(cap_d)))
-    route_bound = any(("P", i) in residual_reach and ("D", j) not in residual_reach for (i, j) in edges)
-    return FlowResult(value / SCALE, flows, prefill_bound, decode_bound, route_bound, residual_reach)
+    route_bound = any(("P", i) in residual_reach and ("D", j) not in residual_reach for (i, j) in edges) or any(
+        ("Lin", pair) in residual_reach and ("Lout", pair) not in residual_reach for pair in links)
+    return FlowResult(max(value / SCALE - lost, 0.0), flows, prefill_bound, decode_bound, route_bound, residual_reach)
+
+
+def _decompose(sent: dict[int, int], got: dict[int, int], caps: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    """Split a shared link's flow into prefill -> decode route flows (a small bipartite max flow)."""
+    g = nx.DiGraph()
+    for i, f in sent.items():
+        if f > 0:
+            g.add_edge("s", ("P", i), capacity=f)
+    for j, f in got.items():
+        if f > 0:
+            g.add_edge(("D", j), "t", capacity=f)
+    for (i, j), c in caps.items():
+        if sent.get(i, 0) > 0 and got.get(j, 0) > 0:
+            g.add_edge(("P", i), ("D", j), capacity=int(min(c, 1e12) * SCALE))
+    if "s" not in g or "t" not in g:
+        return {}
+    _, flow = nx.maximum_flow(g, "s", "t")
+    return {(i, j): flow[("P", i)][("D", j)] / SCALE for (i, j) in caps
+            if ("P", i) in g and ("D", j) in g and flow[("P", i)].get(("D", j), 0) > 0}

@@ -1,0 +1,192 @@
+"""``python -m planner profile``: measurement against a simulated server, the fit, and a real vLLM on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from planner.__main__ import main
+from planner.calibration import decode_bytes, fit_profile, load_profile, parse_profile, prefill_flops
+from planner.catalog import default_catalog
+from planner.errors import PlanInputError
+from planner.model import model_preset
+from planner.profiler import ProfileSettings, run_profile
+from tests.planner.planner_factories import REPO, make_cluster
+
+TINY = model_preset("hexserve-tiny-llama")
+CPU = default_catalog().resolve("CPU", "t")
+TRUE_MFU, PREFILL_OVERHEAD_S = 0.25, 0.005
+TRUE_BW, DECODE_OVERHEAD_S = 1e9, 0.002  # effective bytes/s: the catalog's 20 GB/s * mbu 0.05
+
+
+def simulated_app() -> FastAPI:
+    """Answers like vLLM, with latencies the cost model's own formulas predict for known coefficients."""
+    app = FastAPI()
+    active = {"n": 0}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "sim"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        n = len(body["prompt"])
+        await asyncio.sleep(PREFILL_OVERHEAD_S + prefill_flops(TINY, n) / (CPU.peak_bf16_tflops * 1e12 * TRUE_MFU))
+        if not body.get("stream"):
+            return JSONResponse({"choices": [{"text": "x", "index": 0}]})
+
+        async def stream():
+            active["n"] += 1
+            try:
+                for k in range(body["max_tokens"]):
+                    if k:
+                        step = DECODE_OVERHEAD_S + decode_bytes(TINY, active["n"], n + k) / TRUE_BW
+                        await asyncio.sleep(step)
+                    yield f"data: {json.dumps({'choices': [{'text': 'x', 'index': 0}]})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                active["n"] -= 1
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+class Served:
+    def __init__(self, app: FastAPI) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "simulated server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def test_profile_recovers_known_coefficients(tmp_path):
+    with Served(simulated_app()) as server:
+        settings = ProfileSettings(url=server.url, gpu_type="CPU", prompt_lengths=(16, 128, 256, 384),
+                                   batch_sizes=(1, 4, 8), decode_tokens=12, repeats=2)
+        profile = run_profile(settings, preset="hexserve-tiny-llama")
+    assert [s.prompt_tokens for s in profile.prefill] == [16, 128, 256, 384]
+    assert profile.prefill[-1].latency_ms > profile.prefill[0].latency_ms
+    assert [s.batch for s in profile.decode] == [1, 4, 8]
+    fit = fit_profile(profile, CPU)
+    assert fit.mfu == pytest.approx(TRUE_MFU, rel=0.2)
+    assert fit.mbu == pytest.approx(TRUE_BW / (CPU.memory_bandwidth_gb_per_s * 1e9), rel=0.35)
+    assert fit.prefill_r2 > 0.9
+    # The profile survives a round trip through its file format.
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile.to_json()))
+    again = load_profile(path)
+    assert [s.prompt_tokens for s in again.prefill] == [s.prompt_tokens for s in profile.prefill]
+    assert [s.latency_ms for s in again.prefill] == pytest.approx([s.latency_ms for s in profile.prefill], abs=1e-3)
+    assert again.model.num_layers == TINY.num_layers
+
+
+def test_calibration_file_changes_the_catalog_used_by_the_plan(tmp_path):
+    profile = {
+        "schema": "hexserve.profile", "schema_version": 1, "gpu_type": "H100", "tp": 1,
+        "model": model_preset("Llama-3-8B").to_json(),
+        "prefill": [{"prompt_tokens": n, "latency_ms": 2 + prefill_flops(model_preset("Llama-3-8B"), n) / 989e12 / 0.3 * 1e3}
+                    for n in (128, 512, 1024, 2048)],
+        "decode": [{"batch": b, "context_tokens": 600, "step_ms": 1 + decode_bytes(model_preset("Llama-3-8B"), b, 600) / 3350e9 / 0.6 * 1e3}
+                   for b in (1, 8, 32)],
+    }
+    path = tmp_path / "h100.json"
+    path.write_text(json.dumps(profile))
+    c = make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 1}], model="Llama-3-8B", calibration=[str(path)])
+    spec = c.nodes[0].spec
+    assert spec.mfu == pytest.approx(0.3, rel=1e-3) and spec.mbu == pytest.approx(0.6, rel=1e-3)
+    assert spec.prefill_overhead_ms == pytest.approx(2, abs=1e-3) and spec.decode_overhead_ms == pytest.approx(1, abs=1e-3)
+
+
+def test_bad_profiles_name_the_field(tmp_path):
+    with pytest.raises(PlanInputError, match="profile.schema"):
+        parse_profile({"schema": "x", "schema_version": 1})
+    with pytest.raises(PlanInputError, match="at least 2"):
+        parse_profile({"schema": "hexserve.profile", "schema_version": 1, "gpu_type": "CPU",
+                       "model": TINY.to_json(), "prefill": [{"prompt_tokens": 1, "latency_ms": 1}], "decode": []})
+    with pytest.raises(PlanInputError, match="at least two distinct"):
+        ProfileSettings(url="http://x", gpu_type="CPU", prompt_lengths=(8, 8))
+    c_path = tmp_path / "missing.json"
+    with pytest.raises(PlanInputError, match="cannot read profile"):
+        make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 1}], calibration=[str(c_path)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_profile_a_real_vllm_server_on_cpu(tmp_path, tiny_model_dir):
+    """Start `vllm serve` on the tiny model, profile it through the CLI, and fit the CPU entry."""
+    port = _free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir, "--dtype", "float32",
+         "--max-model-len", "1024", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, f"vllm exited: {proc.stderr.read()[-2000:]}"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "vllm did not come up in 240 s"
+            time.sleep(1)
+        out = tmp_path / "cpu.json"
+        code = main(["profile", "--url", url, "--gpu-type", "CPU", "--hf-config", tiny_model_dir, "--out", str(out),
+                     "--prompt-lengths", "16,128,384", "--batch-sizes", "1,4", "--decode-tokens", "16", "--repeats", "2"])
+        assert code == 0
+        profile = load_profile(out)
+        assert len(profile.prefill) == 3 and len(profile.decode) == 2
+        assert profile.prefill[-1].latency_ms > profile.prefill[0].latency_ms  # longer prompts take longer
+        fit = fit_profile(profile, CPU)
+        assert 0 < fit.mfu <= 1 and 0 < fit.mbu <= 1
+        # The fitted profile plans the embedded default.
+        data = json.loads((REPO / "configs" / "embedded_default.json").read_text())
+        data["calibration"] = [str(out)]
+        cluster_file = tmp_path / "embedded.json"
+        cluster_file.write_text(json.dumps(data))
+        assert main(["solve", str(cluster_file), "--out", str(tmp_path / "plan.json"), "--time-limit", "5",
+                     "--quiet"]) == 0
+        assert json.loads((tmp_path / "plan.json").read_text())["predicted"]["throughput_rps"] > 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
