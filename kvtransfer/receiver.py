@@ -5,6 +5,10 @@ receives frames without copying them (payloads stay in ZeroMQ's buffers until
 they are copied once, into the paged KV cache), feeds them to the Assembler,
 answers each finished or refused transfer with an Ack, and expires leases.
 The engine's thread only calls `claim`/`forget`, under the lock.
+
+Flow control: the receive high-water mark (64 messages) bounds what ZeroMQ
+queues before this thread looks at it; past that, TCP backpressure stalls
+the sender. Begin's reservation against `max_buffer_bytes` bounds the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class KVReceiver:
-    def __init__(self, endpoint: str, assembler: Assembler, stats: Stats, *, hwm_messages: int = 1024) -> None:
+    def __init__(self, endpoint: str, assembler: Assembler, stats: Stats, *, hwm_messages: int = 64) -> None:
         self.endpoint = endpoint
         self.assembler = assembler
         self.stats = stats

@@ -86,7 +86,8 @@ class SchedulerSide:
                     block_ids=list(block_ids),
                 )
             )
-        elif params.get("do_remote_decode") and request.request_id not in self._sending:
+        elif params.get("do_remote_decode") and request.request_id not in self._sending and request.request_id not in self._sent:
+            # (A request preempted after its prompt went out is not sent twice.)
             endpoint, transfer_id = params.get("decode_endpoint"), params.get("transfer_id")
             if not endpoint or not transfer_id:
                 logger.warning("kvtransfer: request %s has do_remote_decode but no decode_endpoint/transfer_id; not sending", request.request_id)
