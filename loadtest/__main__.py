@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 
 from loadtest.metrics import SLO
@@ -45,7 +46,10 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-len", type=int, help="fixed output tokens (overrides the trace)")
     g.add_argument("--max-input-tokens", type=int, help="clip prompts to what the model accepts")
     g.add_argument("--max-output-tokens", type=int, help="clip outputs")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic arrivals")
+    g.add_argument("--prompt-seed", type=int, default=None,
+                   help="seed of the prompt tokens (default: random per run, so a second run does not "
+                        "hit the server's prefix cache; set it to send identical prompts)")
     s = p.add_argument_group("SLOs and output")
     s.add_argument("--slo-ttft-ms", type=float)
     s.add_argument("--slo-tpot-ms", type=float)
@@ -71,7 +75,9 @@ def _prepare(args):
         seed=args.seed,
     )
     workload = build_workload(wcfg, trace)
-    builder = PromptBuilder(load_tokenizer(args.tokenizer), args.prompt_format, args.seed)
+    if args.prompt_seed is None:
+        args.prompt_seed = random.SystemRandom().randrange(1 << 30)
+    builder = PromptBuilder(load_tokenizer(args.tokenizer), args.prompt_format, args.prompt_seed)
     prompts = build_prompts(builder, workload)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms)
     meta = {
@@ -83,6 +89,7 @@ def _prepare(args):
         "max_concurrency": args.concurrency,
         "rate_scale": args.rate_scale,
         "prompt_format": args.prompt_format,
+        "prompt_seed": args.prompt_seed,
     }
     return wcfg, workload, prompts, slo, meta
 

@@ -33,8 +33,14 @@ def normalize_base_url(url: str) -> str:
 
 async def detect_model(client: httpx.AsyncClient, base_url: str) -> str:
     """The first model the endpoint serves (GET /v1/models)."""
-    resp = await client.get(f"{base_url}/models")
-    resp.raise_for_status()
+    try:
+        resp = await client.get(f"{base_url}/models")
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        raise ValueError(
+            f"cannot list models at {base_url}/models ({type(e).__name__}: {e}); "
+            f"is the server running there? (or pass --model NAME)"
+        ) from None
     models = resp.json().get("data") or []
     if not models:
         raise ValueError(f"{base_url}/models lists no model; pass --model NAME")

@@ -52,7 +52,8 @@ def plot_result(results: dict[str, dict], out_prefix: str | Path) -> list[Path]:
         ax.set_xlabel(title)
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_prefix.with_name(out_prefix.name + "_latency_cdf.png")
     fig.savefig(path, dpi=90)
@@ -73,7 +74,8 @@ def plot_result(results: dict[str, dict], out_prefix: str | Path) -> list[Path]:
         ax.set_xlabel("time since start (s)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_prefix.with_name(out_prefix.name + "_timeline.png")
     fig.savefig(path, dpi=90)

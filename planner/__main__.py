@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("catalog", help="list GPU types and model presets")
     p.set_defaults(func=_cmd_catalog)
+
+    from planner.sim_cli import add_simulate_parser  # `simulate`: lives in planner/sim_cli.py
+
+    add_simulate_parser(sub)
     return parser
 
 

@@ -38,7 +38,7 @@ def make_group(
     options: Options | None = None,
     inter_stage_bandwidth_gb_per_s: float = 25.0,
     inter_stage_latency_us: float = 10.0,
-    max_prefill_tokens: int = 8192,
+    max_prefill_tokens: int = 2048,
 ) -> SimGroup:
     """A group; raises ValueError when the weights do not fit its memory."""
     options = options or Options()

@@ -42,7 +42,9 @@ class SimGroup:
     stages: tuple[SimStage, ...]
     max_batch_size: int = 256  # decode/colocated: vLLM max_num_seqs
     kv_capacity_tokens: int = 1 << 30  # decode/colocated: tokens of KV cache the group holds
-    max_prefill_tokens: int = 8192  # prefill/colocated: prompt tokens in one forward pass
+    # prefill/colocated: prompt tokens in one forward pass (vLLM max_num_batched_tokens; a
+    # longer prompt runs alone, as its chunks would run back to back)
+    max_prefill_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

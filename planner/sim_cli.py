@@ -1,0 +1,116 @@
+"""`python -m planner simulate plan.json --trace ...`: replay a trace on a plan in simulation.
+
+    python -m planner simulate plan.json --cluster cluster.json --trace azure-conv \\
+        --rate-scale 4 --max-requests 5000 --out benchmarks/results/sim_run
+    python -m planner simulate plan.json --trace azure-conv --find-max-rate   # throughput at SLO
+
+Costs come from the planner's analytical model (with the cluster file's
+catalog overrides when given), or from a measured profile (`--profile`, the
+`hexserve.profile` JSON that `python -m planner profile` writes). The result
+has the load-test harness's schema (`loadtest.metrics`), so a simulation and
+a measurement can be compared field by field, and plotted the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from loadtest.metrics import SLO
+from loadtest.report import build_result, summary_table, write_result
+from loadtest.traces import TraceError, load_trace
+from loadtest.workload import WorkloadConfig, build_workload
+
+
+def add_simulate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("simulate", help="simulate a plan under a request trace (discrete-event)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="plan.json from `python -m planner solve`")
+    p.add_argument("--cluster", help="the cluster file the plan was solved from (links, options, catalog)")
+    p.add_argument("--trace", default="azure-conv", help="trace file, or azure-conv / azure-code")
+    p.add_argument("--trace-format", default="auto", choices=("auto", "azure", "burstgpt", "mooncake"))
+    p.add_argument("--rate-scale", type=float, default=1.0, help="replay speed: 2 = twice the trace's rate")
+    p.add_argument("--start-s", type=float, default=0.0)
+    p.add_argument("--max-requests", type=int, default=5000)
+    p.add_argument("--duration", type=float, default=3600.0, help="trace seconds (after scaling) to replay")
+    p.add_argument("--max-input-tokens", type=int)
+    p.add_argument("--max-output-tokens", type=int)
+    p.add_argument("--slo-ttft-ms", type=float, help="default: the plan's workload SLO")
+    p.add_argument("--slo-tpot-ms", type=float, help="default: the plan's workload SLO")
+    p.add_argument("--profile", help="measured profile JSON: use it instead of the analytical model")
+    p.add_argument("--find-max-rate", action="store_true", help="bisect the rate for SLO attainment >= --attainment")
+    p.add_argument("--attainment", type=float, default=0.9)
+    p.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX_*.png")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+    return p
+
+
+def _costs(args, model, cluster):
+    from planner.sim_costs import AnalyticCosts, ProfileCosts
+
+    if args.profile:
+        data = json.loads(open(args.profile, encoding="utf-8").read())
+        return ProfileCosts.from_points(
+            [{"tokens": s["prompt_tokens"], "latency_s": s["latency_ms"] / 1e3} for s in data["prefill"]],
+            [{"batch": s["batch"], "context_tokens": s["context_tokens"], "step_s": s["step_ms"] / 1e3}
+             for s in data["decode"]])
+    return AnalyticCosts(model)
+
+
+def cmd_simulate(args) -> int:
+    from planner.cluster import load_cluster
+    from planner.model import model_from_fields
+    from planner.plan import load_plan
+    from planner.sim_plan import fleet_from_plan
+    from planner.sim_sweep import max_rate_at_slo
+    from planner.simulator import SimConfig, simulate
+
+    plan = load_plan(args.plan)
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    fleet = fleet_from_plan(plan, cluster)
+    model = model_from_fields(plan.model, "plan.model")
+    costs = _costs(args, model, cluster)
+    slo_cfg = plan.workload.get("slo") or {}
+    slo = SLO(args.slo_ttft_ms or slo_cfg.get("ttft_ms"), args.slo_tpot_ms or slo_cfg.get("tpot_ms"))
+    try:
+        trace = load_trace(args.trace, args.trace_format)
+    except TraceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    wcfg = WorkloadConfig(arrival="trace", rate_scale=args.rate_scale, start_s=args.start_s,
+                          max_requests=args.max_requests, duration_s=args.duration,
+                          max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens)
+    meta = {"source": "simulation", "plan": str(args.plan), "trace": args.trace, "fleet": fleet.name,
+            "num_gpus": fleet.num_gpus, "cost_per_hour": fleet.price_per_hour,
+            "costs": "profile" if args.profile else "analytic"}
+    if args.find_max_rate:
+        best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=args.attainment)
+        if best is None:
+            print(f"the plan misses {args.attainment:.0%} SLO attainment even at the lowest rate tried")
+            return 1
+        print(f"throughput at SLO ({args.attainment:.0%} attainment): {best.result['request_throughput']:.2f} req/s "
+              f"(offered {best.rate_rps:.2f} req/s, rate scale {best.rate_scale:.3f})")
+        result = {**meta, **best.result, "offered_rate_rps": best.rate_rps}
+    else:
+        workload = build_workload(wcfg, trace)
+        records = simulate(fleet, workload, costs, SimConfig(keep_itls=len(workload) <= 20_000))
+        result = build_result(records, slo, meta)
+    print(summary_table(result))
+    if args.out:
+        paths = write_result(result, args.out, plots=not args.no_plots)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m planner.sim_cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_simulate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
