@@ -32,14 +32,19 @@ def kv_transfer_config(role: str, kv_endpoint: str | None, connector: str) -> di
     return connector_config(role=KV_ROLE_BY_WORKER_ROLE[role], listen_endpoint=kv_endpoint)
 
 
-def kv_stats_reader(connector: str):
-    if connector != "zmq":
+def kv_stats_reader(settings: EngineSettings):
+    """A callable returning the connector's transfer counters, or None without a connector."""
+    if settings.kv_transfer_config is None:
         return None
-    try:
-        from kvtransfer import read_stats
-    except ImportError:
-        return None
-    return read_stats
+    from kvtransfer import read_stats, stats_path
+
+    path = stats_path(settings.kv_transfer_config)
+
+    def read() -> dict[str, float]:
+        counters = read_stats(path)
+        return {k: float(v) for k, v in counters.items() if k not in ("pid", "time_s")}
+
+    return read
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
@@ -90,11 +95,12 @@ def main(role: str, argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("HEXSERVE_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     args = build_parser(role).parse_args(argv)
+    settings = settings_from_args(role, args)
     server = WorkerServer(
-        settings=settings_from_args(role, args),
+        settings=settings,
         role=role,
         worker_id=args.worker_id or f"{role}-{os.getpid()}",
         control_endpoint=args.control_endpoint,
-        kv_stats_reader=kv_stats_reader(args.kv_connector),
+        kv_stats_reader=kv_stats_reader(settings),
     )
     run_worker(server, exit_with_parent=args.exit_with_parent)

@@ -56,6 +56,7 @@ class _Prepared:
     sampling: proto.SamplingSpec
     stream: bool
     include_usage: bool
+    return_token_ids: bool
 
 
 def _sse(payload: dict) -> bytes:
@@ -144,7 +145,7 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
             seed=req.seed, stop=req.stop or [], ignore_eos=req.ignore_eos, min_tokens=min(req.min_tokens, max_tokens),
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         )
-        return _Prepared(kind, prompt_ids, sampling, req.stream, req.include_usage)
+        return _Prepared(kind, prompt_ids, sampling, req.stream, req.include_usage, req.return_token_ids)
 
     async def _outputs(prep: _Prepared, endpoint: str) -> AsyncIterator[proto.Output]:
         """The cluster's output deltas, with metrics; maps worker failures to API errors."""
@@ -208,7 +209,8 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
                 with contextlib.suppress(asyncio.CancelledError):
                     await collect
                 return Response(status_code=499)
-        text, token_count, finish_reason = collect.result()
+        text, token_ids, finish_reason = collect.result()
+        token_count = len(token_ids)
         if prep.kind == "completion":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
@@ -216,24 +218,26 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish_reason}
             obj = "chat.completion"
+        if prep.return_token_ids:
+            choice["token_ids"] = token_ids
         return JSONResponse({"id": response_id, "object": obj, "created": created, "model": model,
                              "choices": [choice], "usage": _usage(prep, token_count)})
 
-    async def _collect(prep: _Prepared, endpoint: str) -> tuple[str, int, str | None]:
+    async def _collect(prep: _Prepared, endpoint: str) -> tuple[str, list[int], str | None]:
         for attempt in range(2):
-            parts, count, reason = [], 0, None
+            parts, token_ids, reason = [], [], None
             try:
                 async with contextlib.aclosing(_outputs(prep, endpoint)) as stream:
                     async for output in stream:
                         parts.append(output.text)
-                        count += len(output.token_ids)
+                        token_ids.extend(output.token_ids)
                         reason = output.finish_reason or reason
-                return "".join(parts), count, reason
+                return "".join(parts), token_ids, reason
             except ApiError as exc:
                 # Nothing reached the client yet: a mid-generation worker failure
                 # is retried from the start once (cluster.generate already
                 # retried a failure that happened before the first token).
-                if exc.status_code != 503 or attempt == 1 or count == 0:
+                if exc.status_code != 503 or attempt == 1 or not token_ids:
                     raise
                 metrics.retries.inc()
         raise AssertionError("unreachable")
@@ -242,12 +246,14 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
         count, chat = 0, prep.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+        def chunk(text: str | None, finish_reason: str | None, first: bool = False, token_ids=()) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            if prep.return_token_ids and not first:
+                choice["token_ids"] = list(token_ids)
             return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [choice]}
 
         try:
@@ -256,8 +262,9 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
             async with contextlib.aclosing(_outputs(prep, endpoint)) as stream:
                 async for output in stream:
                     count += len(output.token_ids)
-                    if output.text or output.finished:
-                        yield _sse(chunk(output.text, output.finish_reason if output.finished else None))
+                    if output.text or output.finished or (prep.return_token_ids and output.token_ids):
+                        yield _sse(chunk(output.text, output.finish_reason if output.finished else None,
+                                         token_ids=output.token_ids))
             if prep.include_usage:
                 yield _sse({"id": response_id, "object": obj, "created": created, "model": model,
                             "choices": [], "usage": _usage(prep, count)})

@@ -40,6 +40,15 @@ def prefill_kv_params(decode: WorkerInfo, transfer_id: str, kv_connector: str) -
     return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id)
 
 
+def decode_kv_params(prefill_final: proto.Output | None, kv_connector: str) -> dict | None:
+    """What the decode request carries: the prefill's handoff, or None to recompute."""
+    if kv_connector == "none" or prefill_final is None:
+        return None
+    from kvtransfer.handoff import decode_params_from
+
+    return decode_params_from(prefill_final.kv_transfer_params)
+
+
 @dataclass
 class Cluster:
     workers: list[WorkerInfo]
@@ -140,7 +149,7 @@ class Cluster:
                     final = output
             finally:
                 prefill.outstanding_tokens -= num_prompt
-            kv_params = final.kv_transfer_params if final is not None else None
+            kv_params = decode_kv_params(final, self.kv_connector)
         budget = num_prompt + sampling.max_tokens
         decode.outstanding_tokens += budget
         try:

@@ -55,38 +55,45 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
 def deployment_from_plan(plan, model: str | None = None, served_model_name: str | None = None,
                          max_model_len: int = 1024, kv_connector: str = "zmq", host: str = "127.0.0.1",
                          cpu_kvcache_gib: int = 1) -> Deployment:
-    """One worker per plan group; routes and weights as the plan's max-flow gave them.
+    """One worker per plan group; routes weighted by the plan's max-flow.
 
-    `model` overrides the plan's model (a plan made for Llama-2-70B can be
-    rehearsed on this machine with the tiny model). Colocated groups serve
-    both phases and route to themselves.
+    A route's weight is its flow (`rate_rps`, requests/s the plan sends along
+    it), so the router splits traffic the way the max-flow does. `model`
+    overrides the plan's model: a plan made for Llama-2-70B can be rehearsed
+    on a CPU machine with the tiny model (then TP/PP are 1, as a CPU worker
+    cannot split). Colocated groups serve both phases and route to themselves.
     """
     model_path, served = _resolve_model(model, served_model_name)
+    rehearsal = model is None
     workers: list[WorkerSpec] = []
     placement: dict[str, dict] = {}
     worker_of_group: dict[str, str] = {}
     for group in plan.groups:
-        role = group.role if group.role in ("prefill", "decode") else "decode"
         worker_id = f"{group.role}-{group.id}"
         worker_of_group[group.id] = worker_id
+        env = ()
+        if not rehearsal and group.pp > 1:
+            env = (("VLLM_PP_LAYER_PARTITION", ",".join(str(n) for n in group.layer_partition)),)
         workers.append(WorkerSpec(
-            worker_id=worker_id, role=role, control_endpoint=local_endpoint(host),
-            kv_endpoint=local_endpoint(host), model=model_path, served_model_name=served,
-            max_model_len=max_model_len, kv_connector=kv_connector if group.role != "colocated" else "none",
-            tensor_parallel_size=1 if model is None else group.tp,
-            pipeline_parallel_size=1 if model is None else group.pp,
-            cpu_kvcache_gib=cpu_kvcache_gib, group_id=group.id))
-        gpu_types = {}
-        for gpu in group.gpus:
-            gpu_types[gpu.gpu_type] = gpu_types.get(gpu.gpu_type, 0) + 1
-        nodes = sorted({gpu.node for gpu in group.gpus})
-        placement[worker_id] = {"node": nodes[0] if len(nodes) == 1 else None, "gpu_types": gpu_types}
-    routes = [Route(worker_of_group[r.prefill_group], worker_of_group[r.decode_group], r.weight)
-              for r in plan.routes if r.weight > 0]
+            worker_id=worker_id, role="prefill" if group.role == "prefill" else "decode",
+            control_endpoint=local_endpoint(host), kv_endpoint=local_endpoint(host), model=model_path,
+            served_model_name=served, max_model_len=max_model_len,
+            kv_connector=kv_connector if group.role != "colocated" else "none",
+            tensor_parallel_size=1 if rehearsal else group.tp,
+            pipeline_parallel_size=1 if rehearsal else group.pp,
+            cpu_kvcache_gib=cpu_kvcache_gib, env=env, group_id=group.id))
+        placement[worker_id] = {"nodes": list(group.nodes), "gpu_types": dict(group.gpu_types),
+                                "num_gpus": len(group.gpus)}
+    routes = []
+    for r in plan.routes:
+        flow = r.rate_rps if r.rate_rps > 0 else r.weight
+        if flow > 0:
+            routes.append(Route(worker_of_group[r.prefill], worker_of_group[r.decode], flow))
     for group in plan.groups:
-        if group.role == "colocated":
-            routes.append(Route(worker_of_group[group.id], worker_of_group[group.id], max(group.capacity_rps, 1e-9)))
+        if group.role == "colocated" and group.capacity_rps > 0:
+            worker_id = worker_of_group[group.id]
+            routes.append(Route(worker_id, worker_id, group.load_rps or group.capacity_rps))
     if not routes:
-        raise ValueError("the plan has no route with positive weight; re-solve it or check its groups")
+        raise ValueError("the plan has no route with positive flow; re-solve it (is any group able to serve?)")
     return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
                       max_model_len=max_model_len, placement=placement)

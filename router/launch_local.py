@@ -71,10 +71,17 @@ class LocalLauncher:
 
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    specs: dict[str, WorkerSpec] = field(default_factory=dict)
     _logs: list = field(default_factory=list)
 
-    def start(self, spec: WorkerSpec) -> subprocess.Popen:
-        if spec.worker_id in self.processes:
+    def start(self, spec: WorkerSpec) -> WorkerSpec:
+        """Start the worker; returns its spec (as started: a Ray launcher may move endpoints)."""
+        self._spawn(spec)
+        self.specs[spec.worker_id] = spec
+        return spec
+
+    def _spawn(self, spec: WorkerSpec) -> subprocess.Popen:
+        if spec.worker_id in self.processes and self.processes[spec.worker_id].poll() is None:
             raise ValueError(f"worker {spec.worker_id!r} is already running")
         stdout = None
         if self.log_dir is not None:
@@ -107,7 +114,19 @@ class LocalLauncher:
         old = self.processes.pop(spec.worker_id, None)
         if old is not None and old.poll() is None:
             raise ValueError(f"worker {spec.worker_id!r} is still running")
-        return self.start(spec)
+        if old is not None:  # reap what the dead worker left in its process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(old.pid, signal.SIGKILL)
+        return self._spawn(spec)
+
+    def restart_dead(self) -> list[str]:
+        """Start again every worker whose process exited; the router's health checks bring it back."""
+        restarted = []
+        for worker_id, spec in self.specs.items():
+            if not self.is_alive(worker_id):
+                self.restart(spec)
+                restarted.append(worker_id)
+        return restarted
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         for worker_id, proc in self.processes.items():
@@ -126,4 +145,6 @@ class LocalLauncher:
                 proc.wait(timeout=10)
         for handle in self._logs:
             handle.close()
+        self._logs.clear()
         self.processes.clear()
+        self.specs.clear()

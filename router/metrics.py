@@ -29,6 +29,7 @@ class RouterMetrics:
         labels = ["worker", "role"]
         self.worker_healthy = Gauge("hexserve_worker_healthy", "1 if the worker is in rotation", labels, registry=r)
         self.worker_running = Gauge("hexserve_worker_running_requests", "Requests running in the worker's scheduler", labels, registry=r)
+        self.worker_inflight = Gauge("hexserve_worker_inflight_requests", "Requests the worker's control loop holds", labels, registry=r)
         self.worker_waiting = Gauge("hexserve_worker_waiting_requests", "Requests waiting in the worker's scheduler", labels, registry=r)
         self.worker_kv_usage = Gauge("hexserve_worker_kv_cache_usage", "Fraction of the worker's KV cache in use", labels, registry=r)
         self.worker_outstanding = Gauge("hexserve_worker_outstanding_tokens", "Tokens the router has outstanding on the worker", labels, registry=r)
@@ -43,6 +44,7 @@ class RouterMetrics:
             if load is None:
                 continue
             self.worker_running.labels(*labels).set(load.num_running)
+            self.worker_inflight.labels(*labels).set(load.num_inflight)
             self.worker_waiting.labels(*labels).set(load.num_waiting)
             self.worker_kv_usage.labels(*labels).set(load.kv_cache_usage)
             for stat, value in load.kv_stats.items():

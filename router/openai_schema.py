@@ -52,6 +52,7 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(default=0, ge=0)  # vLLM extension
     logprobs: Any = None
     user: str | None = None
+    return_token_ids: bool = False  # vLLM extension: each choice carries its generated token ids
 
     @field_validator("n")
     @classmethod

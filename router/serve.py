@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -45,7 +45,8 @@ class ServeOptions:
     worker_ready_timeout_s: float = 900.0
     log_dir: Path | None = None
     worker_host: str = "127.0.0.1"
-    extra_env: dict[str, str] = field(default_factory=dict)
+    restart_workers: bool = True
+    restart_check_s: float = 2.0
 
 
 def build_deployment(options: ServeOptions) -> Deployment:
@@ -75,10 +76,10 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         launcher = RayLauncher(address=options.ray_address, deployment=deployment)
     else:
         launcher = LocalLauncher(log_dir=options.log_dir)
-    for spec in deployment.workers:
-        launcher.start(spec)
+    deployment.workers = [launcher.start(spec) for spec in deployment.workers]
     cluster = Cluster(workers=deployment.worker_infos(), routes=deployment.routes, kv_connector=options.kv_connector)
     server = None
+    supervisor = None
     try:
         await cluster.start(process_alive=launcher.alive_checks())
         tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
@@ -98,6 +99,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         server_task = asyncio.ensure_future(server.serve())
+        if options.restart_workers:
+            supervisor = asyncio.ensure_future(_supervise(launcher, options.restart_check_s))
         while not server.started and not server_task.done():
             await asyncio.sleep(0.05)
         if server.started:
@@ -108,9 +111,24 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                 ready.set()
         await server_task
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
         await cluster.close()
         # uvicorn has finished in-flight HTTP requests (graceful); workers drain theirs.
         await asyncio.to_thread(launcher.stop)
+
+
+async def _supervise(launcher, interval_s: float) -> None:
+    """Restart workers whose process died; health checks put them back in rotation when ready."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            restarted = await asyncio.to_thread(launcher.restart_dead)
+        except Exception:  # noqa: BLE001 - keep supervising; the next round retries
+            log.exception("could not restart dead workers")
+            continue
+        for worker_id in restarted:
+            log.warning("worker %s had exited; started it again", worker_id)
 
 
 def run(options: ServeOptions) -> None:

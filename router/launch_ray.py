@@ -1,0 +1,171 @@
+"""Placing workers on a Ray cluster: one actor per plan group, pinned by placement group.
+
+GPU types are Ray custom resources: each node advertises what it holds, e.g.
+`ray start --resources '{"gpu_type:H100": 8}'` (or `ray.init(resources=...)`
+for a local cluster). A group that the plan gives 2 H100 + 2 A6000 asks for a
+placement group of one bundle per GPU type with `STRICT_PACK` when the plan
+keeps the group on one node, `PACK` otherwise; Ray finds the nodes. On real
+GPU nodes each bundle also asks for `GPU`, so Ray sets CUDA_VISIBLE_DEVICES.
+
+The actor does not run vLLM itself: it starts the same `python -m prefill|decode`
+process a local deployment uses, on its node, bound to the node's address.
+vLLM manages its own engine processes, which it does more reliably as a plain
+process than nested inside an actor, and the router talks to every worker the
+same way (ZeroMQ control endpoint), wherever it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from router.deployment import Deployment
+from router.launch_local import LocalLauncher, WorkerSpec, local_endpoint
+
+log = logging.getLogger(__name__)
+
+GPU_TYPE_RESOURCE_PREFIX = "gpu_type:"
+
+
+def gpu_type_resource(gpu_type: str) -> str:
+    return f"{GPU_TYPE_RESOURCE_PREFIX}{gpu_type}"
+
+
+def placement_bundles(placement: dict, use_gpus: bool) -> tuple[list[dict[str, float]], str]:
+    """Bundles and strategy for one group: a bundle per GPU type, packed onto one node if the plan did."""
+    bundles = []
+    for gpu_type, count in sorted(placement.get("gpu_types", {}).items()):
+        bundle = {gpu_type_resource(gpu_type): float(count), "CPU": 1.0}
+        if use_gpus:
+            bundle["GPU"] = float(count)
+        bundles.append(bundle)
+    if not bundles:
+        bundles = [{"CPU": 1.0}]
+    strategy = "STRICT_PACK" if len(placement.get("nodes", [])) <= 1 else "PACK"
+    return bundles, strategy
+
+
+class _WorkerActor:
+    """Runs one worker process on the actor's node and reports where it listens."""
+
+    def __init__(self, spec: WorkerSpec):
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()
+        self.spec = dataclasses.replace(
+            spec,
+            control_endpoint=local_endpoint(node_ip),
+            kv_endpoint=local_endpoint(node_ip) if spec.kv_endpoint else None,
+        )
+        gpu_ids = ray.get_gpu_ids()
+        if gpu_ids:
+            self.spec = dataclasses.replace(
+                self.spec, env=self.spec.env + (("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in gpu_ids)),))
+        self.launcher = LocalLauncher()
+        self.launcher.start(self.spec)
+
+    def spec_(self) -> WorkerSpec:
+        return self.spec
+
+    def alive(self) -> bool:
+        return self.launcher.is_alive(self.spec.worker_id)
+
+    def restart_if_dead(self) -> bool:
+        if self.alive():
+            return False
+        self.launcher.restart(self.spec)
+        return True
+
+    def stop(self) -> None:
+        self.launcher.stop()
+
+
+@dataclass
+class RayLauncher:
+    """Starts each worker as a Ray actor; same interface as LocalLauncher."""
+
+    address: str
+    deployment: Deployment
+    use_gpus: bool = False
+    actors: dict[str, object] = field(default_factory=dict)
+    placement_groups: dict[str, object] = field(default_factory=dict)
+    specs: dict[str, WorkerSpec] = field(default_factory=dict)
+    _owns_ray: bool = False
+
+    def __post_init__(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=None if self.address == "local" else self.address, ignore_reinit_error=True,
+                     log_to_driver=False)
+            self._owns_ray = True
+
+    def start(self, spec: WorkerSpec, timeout_s: float = 300.0) -> WorkerSpec:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        placement = (self.deployment.placement or {}).get(spec.worker_id, {})
+        bundles, strategy = placement_bundles(placement, self.use_gpus)
+        group = placement_group(bundles, strategy=strategy, name=f"hexserve-{spec.worker_id}")
+        try:
+            ray.get(group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise RuntimeError(
+                f"Ray could not place worker {spec.worker_id}: no node offers {bundles} ({strategy}). "
+                f"Start nodes with e.g. `ray start --resources '{{\"{gpu_type_resource('H100')}\": 8}}'`."
+            ) from None
+        actor_cls = ray.remote(num_cpus=0, num_gpus=bundles[0].get("GPU", 0), max_restarts=0)(_WorkerActor)
+        actor = actor_cls.options(
+            name=f"hexserve-{spec.worker_id}",
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
+                                                                 placement_group_bundle_index=0),
+        ).remote(spec)
+        actual = ray.get(actor.spec_.remote(), timeout=timeout_s)
+        self.actors[spec.worker_id] = actor
+        self.placement_groups[spec.worker_id] = group
+        self.specs[spec.worker_id] = actual
+        return actual
+
+    def is_alive(self, worker_id: str) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self.actors[worker_id].alive.remote(), timeout=5))
+        except Exception:  # noqa: BLE001 - an unreachable actor is a dead worker
+            return False
+
+    def alive_checks(self) -> dict:
+        # Health pings already detect a dead worker within seconds; polling Ray
+        # from the router's event loop every half second would block it.
+        return {}
+
+    def restart_dead(self) -> list[str]:
+        import ray
+
+        restarted = []
+        for worker_id, actor in self.actors.items():
+            try:
+                if ray.get(actor.restart_if_dead.remote(), timeout=10):
+                    restarted.append(worker_id)
+            except Exception:  # noqa: BLE001 - the actor itself is gone; nothing to restart here
+                log.warning("worker actor %s is unreachable", worker_id)
+        return restarted
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            try:
+                ray.get(actor.stop.remote(), timeout=drain_timeout_s + 15)
+            except Exception:  # noqa: BLE001 - best effort; the actor is killed next
+                pass
+            ray.kill(actor)
+        for group in self.placement_groups.values():
+            ray.util.remove_placement_group(group)
+        self.actors.clear()
+        self.placement_groups.clear()
+        if self._owns_ray:
+            ray.shutdown()

@@ -1,0 +1,87 @@
+"""Start `python -m router serve` as a real process for tests, and find its workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RouterProcess:
+    proc: subprocess.Popen
+    port: int
+    api_key: str | None
+    log_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def worker_pid(self, role: str) -> int:
+        """PID of the router's `python -m <role>` child."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:
+                continue
+            if "-m" in cmdline and role in cmdline and "--control-endpoint" in cmdline:
+                return child.pid
+        raise LookupError(f"no {role} worker under router pid {self.proc.pid}")
+
+    def wait_healthy(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}; see {self.log_dir}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"router not healthy after {timeout_s} s; see {self.log_dir}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_router(log_dir: Path, *args: str, api_key: str | None = None) -> RouterProcess:
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "router", "serve", "--port", str(port), "--log-dir", str(log_dir), *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    log = open(log_dir / "router.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    router = RouterProcess(proc=proc, port=port, api_key=api_key, log_dir=log_dir)
+    try:
+        router.wait_healthy()
+    except Exception:
+        router.stop()
+        raise
+    return router
