@@ -43,11 +43,23 @@ class Route:
 @dataclass(slots=True)
 class FlowResult:
     value_rps: float
-    flows: dict[tuple[int, int], float]  # (prefill index, decode index) -> requests/s
+    explicit_flows: dict[tuple[int, int], float]  # (prefill index, decode index) -> requests/s
     prefill_bound: bool  # the min cut crosses the prefill side (more prefill would help)
     decode_bound: bool
     route_bound: bool  # some route in the min cut
     source_side: set = field(default_factory=set)
+    # Fast path: flows are proportional, f_ij = F * (P_i / sum P) * (D_j / sum D), made only when asked for
+    # (a search evaluates thousands of states and reads only the value).
+    proportional: tuple[list[float], list[float]] | None = None
+
+    @property
+    def flows(self) -> dict[tuple[int, int], float]:
+        if self.proportional is None:
+            return self.explicit_flows
+        cap_p, cap_d = self.proportional
+        sum_p, sum_d = sum(cap_p), sum(cap_d)
+        return {(i, j): self.value_rps * cp / sum_p * cd / sum_d
+                for i, cp in enumerate(cap_p) for j, cd in enumerate(cap_d)}
 
 
 class RouteTable:
@@ -56,7 +68,14 @@ class RouteTable:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.kv_bytes = cm.kv_bytes_per_request(cluster.model, cluster.workload)
-        self._cache: dict[tuple[Group, Group, tuple, tuple], Route] = {}
+        self._cache: dict[tuple, Route] = {}
+        self._worst: dict[tuple, float] = {}
+        self._min_bw: dict[int, float] = {}
+        regions = {n.region for n in cluster.nodes}
+        self._max_region_latency = max(
+            (float(cluster.latency[a.index, b.index]) for a in cluster.nodes for b in cluster.nodes if a.region == b.region),
+            default=0.0,
+        ) if len(regions) == 1 else None
         # A shared inter-region link carries this many average requests' KV per second.
         self.link_rps = {pair: bw / self.kv_bytes for pair, bw in cluster.region_bandwidth.items()}
 
@@ -72,8 +91,28 @@ class RouteTable:
             out[node] = max(out.get(node, 0.0), share)
         return out
 
+    def _region_min_bw(self, node: int) -> float:
+        found = self._min_bw.get(node)
+        if found is None:
+            region = self.cluster.nodes[node].region
+            same = [m.index for m in self.cluster.nodes if m.region == region]
+            found = float(self.cluster.bandwidth[node, same].min())
+            self._min_bw[node] = found
+        return found
+
+    def worst_transfer_s(self, group: Group, perf: PhasePerf) -> float:
+        """Upper bound on moving this group's KV shards to or from any group of its region (no latency)."""
+        key = (group, id(perf))
+        found = self._worst.get(key)
+        if found is None:
+            found = max(share * self.kv_bytes / self._region_min_bw(n) for n, share in self._shards(group, perf).items())
+            self._worst[key] = found
+        return found
+
     def route(self, pg: Group, pp: PhasePerf, dg: Group, dp: PhasePerf) -> Route:
-        key = (pg, dg, pp.stages, dp.stages)
+        # PhasePerf objects live as long as the evaluator's cache, so their ids are stable keys
+        # (hashing their stage tuples on every lookup was the planner's hottest path).
+        key = (pg, dg, id(pp), id(dp))
         found = self._cache.get(key)
         if found is not None:
             return found
@@ -100,6 +139,8 @@ def max_flow(
     sum_p, sum_d = sum(cap_p), sum(cap_d)
     if not prefill or not decode or sum_p <= 0 or sum_d <= 0:
         return FlowResult(0.0, {}, sum_p <= sum_d, sum_d <= sum_p, False)
+    if _routes_cannot_bind(prefill, decode, routes):
+        return FlowResult(min(sum_p, sum_d), {}, sum_p <= sum_d, sum_d <= sum_p, False, proportional=(cap_p, cap_d))
     region_p = [routes.region(g) for g, _ in prefill]
     region_d = [routes.region(g) for g, _ in decode]
     edges: dict[tuple[int, int], float] = {}
@@ -127,6 +168,32 @@ def max_flow(
         return FlowResult(value, flows, sum_p <= sum_d, sum_d <= sum_p, False)
     shared = {e: (region_p[e[0]], region_d[e[1]]) for e in edges if (region_p[e[0]], region_d[e[1]]) in links}
     return _networkx_flow(cap_p, cap_d, edges, shared, links)
+
+
+def _routes_cannot_bind(prefill, decode, routes: RouteTable) -> bool:
+    """O(groups) proof, for a one-region fleet, that every route exists and none can bind.
+
+    With s_P, r_D upper bounds on a group's KV send/receive time to any group
+    of the region: if ``1/s_P >= cap P`` and ``1/r_D >= cap D`` for all groups,
+    every route carries ``min(cap P, cap D)``; if ``s_P + latency + max TPOT``
+    and ``max(r_D + TPOT_D) + latency`` fit every budget, every route exists.
+    Otherwise the caller checks the pairs one by one.
+    """
+    latency = routes._max_region_latency
+    if latency is None:
+        return False
+    worst_tpot = max(d.latency_s for _, d in decode)
+    worst_recv = 0.0
+    for g, d in decode:
+        r = routes.worst_transfer_s(g, d)
+        if r * d.capacity_rps > 1:
+            return False
+        worst_recv = max(worst_recv, r + d.latency_s)
+    for g, p in prefill:
+        s = routes.worst_transfer_s(g, p)
+        if s * p.capacity_rps > 1 or s + latency + worst_tpot > p.kv_budget_s or worst_recv + latency > p.kv_budget_s:
+            return False
+    return True
 
 
 def _networkx_flow(

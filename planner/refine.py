@@ -233,13 +233,14 @@ class Search:
                 for r in sorted(roles_to_try):
                     yield Move("merge", (i, j), ((merged, r),))
         # Move GPUs from a slack-side group to a need-side group (same node first: TP stays on NVLink).
+        need_idx = [j for j in range(n) if roles[j] in need]
         for i in range(n):
             if roles[i] not in slack:
                 continue
             for node, count in groups[i]:
                 receivers = [j for j in by_node[node] if j != i and roles[j] in need]
                 if not receivers:
-                    receivers = self._sample([j for j in range(n) if j != i and roles[j] in need], 2)
+                    receivers = [j for j in self._sample(need_idx, 3) if j != i][:2]
                 for k in sorted({1, count}):
                     donor = group_add(groups[i], node, -k)
                     if donor and not self.can_hold(donor):

@@ -114,7 +114,7 @@ class Planner:
                 merged.pool[n] = merged.pool.get(n, 0) + c
         return merged
 
-    def search(self, mode: str, seed: int, deadline: float, starts: int = 2) -> SearchOutcome:
+    def search(self, mode: str, seed: int, deadline: float, starts: int = 4) -> SearchOutcome:
         search = Search(self.evaluator, self.routes, mode, seed=seed, deadline=deadline)
         scored = []
         for idx, state in enumerate(self.initial_states(search, seed)):
