@@ -1,0 +1,61 @@
+"""A worker dies mid-stream: clients get an answer within seconds, and the router recovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from engine.tiny_model import TINY_MODEL_NAME
+from router_process import start_router
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fault_router(tmp_path_factory, tiny_model_dir):
+    router = start_router(tmp_path_factory.mktemp("fault-router"))
+    yield router
+    router.stop()
+
+
+def _completion(router, timeout=30.0, **extra):
+    body = {"model": TINY_MODEL_NAME, "prompt": "fault test", "max_tokens": 8, "temperature": 0, **extra}
+    return httpx.post(f"{router.base_url}/v1/completions", json=body, timeout=timeout)
+
+
+def test_decode_killed_mid_stream_fails_fast_then_recovers(fault_router):
+    assert _completion(fault_router).status_code == 200
+    body = {"model": TINY_MODEL_NAME, "prompt": "a long answer", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    events = []
+    with httpx.stream("POST", f"{fault_router.base_url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        events.append(next(line for line in lines if line.startswith("data:")))
+        decode_pid = fault_router.worker_pid("decode")
+        killed_at = time.monotonic()
+        os.killpg(decode_pid, signal.SIGKILL)  # the worker and its engine processes
+        events.extend(line for line in lines if line.startswith("data:"))
+        ended_after_s = time.monotonic() - killed_at
+    # The stream ends (no hang) with an error event naming the failure, then [DONE].
+    assert ended_after_s < 15, ended_after_s
+    assert events[-1] == "data: [DONE]"
+    assert any('"error"' in e and "unavailable" in e for e in events), events[-3:]
+
+    # While the only decode worker is down, requests fail fast with 503, not hang.
+    started = time.monotonic()
+    response = _completion(fault_router)
+    assert response.status_code == 503, response.text
+    assert time.monotonic() - started < 10
+    assert httpx.get(f"{fault_router.base_url}/health").status_code == 503
+
+    # The router restarts the worker; once it is healthy again, requests succeed.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and httpx.get(f"{fault_router.base_url}/health").status_code != 200:
+        time.sleep(1)
+    assert fault_router.worker_pid("decode") != decode_pid
+    response = _completion(fault_router)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
