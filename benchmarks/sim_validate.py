@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -165,8 +166,10 @@ def main(argv=None) -> int:
             wcfg = WorkloadConfig(arrival="trace", rate_scale=scale, max_requests=args.max_requests,
                                   duration_s=args.duration, max_input_tokens=args.max_input_tokens,
                                   max_output_tokens=args.max_output_tokens)
+            load_before = os.getloadavg()[0]
             workload, recs = _measure(url, model, _fresh_builder(tokenizer), wcfg, duration_s=args.duration)
-            measured.append((scale, workload, build_result(recs, slo, {"rate_scale": scale}, per_request=False)))
+            meta = {"rate_scale": scale, "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+            measured.append((scale, workload, build_result(recs, slo, meta, per_request=False)))
 
     prof_costs = _costs(args.target, prof)
     an_costs, cpu_spec, fit = _calibrated_costs(args.target, prof)
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
             "analytic": build_result(simulate(an_fleet, workload, an_costs, SimConfig()), slo, {}, per_request=False),
         }
         for kind, sim in sims.items():
-            row = {"target": args.target, "rate_scale": scale, "costs": kind, "requests": meas["num_prompts"]}
+            row = {"target": args.target, "rate_scale": scale, "costs": kind, "requests": meas["num_prompts"],
+                   "loadavg_1m": (meas["loadavg_1m_before"] + meas["loadavg_1m_after"]) / 2}
             for m in METRICS:
                 row[f"{m}_measured"] = meas[m]
                 row[f"{m}_sim"] = sim[m]
@@ -190,9 +194,9 @@ def main(argv=None) -> int:
 
     lines = [f"Simulator vs measurement, target `{args.target}` (tiny model on this machine's CPU; "
              f"Azure conv trace, input <= {args.max_input_tokens}, output <= {args.max_output_tokens} tokens).",
-             "", "| rate scale | costs | reqs | TTFT mean meas/sim (err) | TTFT p90 meas/sim (err) | "
+             "", "| rate scale | costs | reqs | machine load | TTFT mean meas/sim (err) | TTFT p90 meas/sim (err) | "
              "TPOT mean meas/sim (err) | TPOT p90 meas/sim (err) | throughput req/s meas/sim (err) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, m):
         e = r[f"{m}_err"]
@@ -200,7 +204,8 @@ def main(argv=None) -> int:
                 else f"{r[f'{m}_measured']} / {r[f'{m}_sim']}")
 
     for r in rows:
-        lines.append(f"| {r['rate_scale']} | {r['costs']} | {r['requests']} | {cell(r, 'mean_ttft_ms')} | "
+        lines.append(f"| {r['rate_scale']} | {r['costs']} | {r['requests']} | {r['loadavg_1m']:.1f} | "
+                     f"{cell(r, 'mean_ttft_ms')} | "
                      f"{cell(r, 'p90_ttft_ms')} | {cell(r, 'mean_tpot_ms')} | {cell(r, 'p90_tpot_ms')} | "
                      f"{r['request_throughput_measured']:.2f} / {r['request_throughput_sim']:.2f} "
                      f"({r['request_throughput_err']:+.0%}) |")

@@ -2,7 +2,8 @@
 
 A request's life in the simulation mirrors the real system:
 
-    arrival -> route pick (plan weights, smooth weighted round-robin)
+    arrival -> route pick (plan weights divided by the route's outstanding
+      tokens, smooth weighted round-robin: the router's policy)
       -> prefill group FIFO queue -> batched prefill pass (token budget)
       -> KV transfer over the route's link (FIFO per route)
       -> decode group waiting queue -> admitted when a batch slot and KV
@@ -35,10 +36,22 @@ from loadtest.workload import PlannedRequest
 from planner.sim_types import SimCosts, SimFleet, SimGroup, SimRoute
 
 
+ROUTINGS = ("load_aware", "weighted")
+
+
 @dataclass(slots=True)
 class SimConfig:
     keep_itls: bool = True  # per-token gaps in the records (memory grows with tokens)
     horizon_s: float | None = None  # stop the clock here; unfinished requests fail as 'timeout'
+    # load_aware: the router's policy (router/routing.py): weight / (1 + outstanding
+    # tokens on the route's two groups / load_scale_tokens), then smooth WRR.
+    # weighted: the plan's weights alone.
+    routing: str = "load_aware"
+    load_scale_tokens: float = 4096.0
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} is unknown; use one of {ROUTINGS}")
 
 
 @dataclass(slots=True)
@@ -69,19 +82,29 @@ class _PrefillState:
 
 
 class _WeightedRoundRobin:
-    """Nginx's smooth weighted round-robin: deterministic, spreads picks evenly."""
+    """Nginx's smooth weighted round-robin: deterministic, spreads picks evenly.
 
-    def __init__(self, routes: list[SimRoute]) -> None:
+    With `load_scale_tokens`, each weight is first divided by
+    1 + outstanding tokens of the route's groups / scale, as our router does.
+    """
+
+    def __init__(self, routes: list[SimRoute], load_scale_tokens: float | None = None) -> None:
         self.routes = [r for r in routes if r.weight > 0]
         total = sum(r.weight for r in self.routes)
         self.weights = [r.weight / total for r in self.routes]
         self.current = [0.0] * len(self.routes)
+        self.scale = load_scale_tokens
 
-    def pick(self) -> SimRoute:
-        for i, w in enumerate(self.weights):
+    def pick(self, outstanding: dict[str, int]) -> SimRoute:
+        if self.scale:
+            weights = [w / (1.0 + (outstanding[r.prefill] + (outstanding[r.decode] if r.decode != r.prefill else 0))
+                                  / self.scale) for w, r in zip(self.weights, self.routes)]
+        else:
+            weights = self.weights
+        for i, w in enumerate(weights):
             self.current[i] += w
         best = max(range(len(self.routes)), key=self.current.__getitem__)
-        self.current[best] -= 1.0
+        self.current[best] -= sum(weights)
         return self.routes[best]
 
 
@@ -93,7 +116,10 @@ class Simulation:
         self.prefill = {g.name: _PrefillState(g) for g in fleet.groups if g.role == "prefill"}
         self.decode = {g.name: _DecodeState(g) for g in fleet.groups if g.role in ("decode", "colocated")}
         self.link_free_s = {(r.prefill, r.decode): 0.0 for r in fleet.routes}
-        self.rr = _WeightedRoundRobin(fleet.routes)
+        scale = self.cfg.load_scale_tokens if self.cfg.routing == "load_aware" else None
+        self.rr = _WeightedRoundRobin(fleet.routes, scale)
+        # Tokens (prompt + output) of requests routed to a group and not yet done there.
+        self.outstanding = {g.name: 0 for g in fleet.groups}
         self.events: list = []
         self.seq = 0
         self.now = 0.0
@@ -122,16 +148,19 @@ class Simulation:
 
     # -- prefill ---------------------------------------------------------
     def _arrive(self, rec: RequestRecord) -> None:
-        route = self.rr.pick()
+        route = self.rr.pick(self.outstanding)
         rec.route = f"{route.prefill}->{route.decode}"
-        need = rec.input_tokens + rec.output_tokens_requested
-        if need > self.decode[route.decode].group.kv_capacity_tokens:
+        tokens = rec.input_tokens + rec.output_tokens_requested
+        capacity = self.decode[route.decode].group.kv_capacity_tokens
+        if tokens > capacity:
             rec.error_kind = "kv_capacity"
-            rec.error = f"needs {need} KV tokens; decode group {route.decode} holds {self.decode[route.decode].group.kv_capacity_tokens}"
+            rec.error = f"needs {tokens} KV tokens; decode group {route.decode} holds {capacity}"
             return
+        self.outstanding[route.decode] += tokens
         if route.prefill == route.decode:  # colocated: prefill rides in the decode steps
             self._kv_arrived(_Req(rec, route))
             return
+        self.outstanding[route.prefill] += tokens
         st = self.prefill[route.prefill]
         st.queue.append(_Req(rec, route))
         if not st.busy:
@@ -155,6 +184,7 @@ class Simulation:
 
     def _prefill_done(self, batch: list[_Req]) -> None:
         for req in batch:
+            self.outstanding[req.route.prefill] -= req.rec.input_tokens + req.rec.output_tokens_requested
             key = (req.route.prefill, req.route.decode)
             start = max(self.now, self.link_free_s[key])
             done = start + req.route.kv_latency_s + req.route.kv_seconds_per_token * req.rec.input_tokens
@@ -223,6 +253,7 @@ class Simulation:
             rec.itls_s = [ends[k] - ends[k - 1] for k in range(req.start_step + 1, req.finish_step + 1)]
         rec.success = True
         st.kv_used -= rec.input_tokens + rec.output_tokens_requested
+        self.outstanding[st.group.name] -= rec.input_tokens + rec.output_tokens_requested
         st.sum_context -= rec.input_tokens + rec.output_tokens_requested
 
 

@@ -151,3 +151,21 @@ def test_profile_costs_fit_measured_points():
     g = SimGroup("p", "prefill", (_stage(),))
     assert prof.prefill_batch_s(g, 300, 300**2)[0] == pytest.approx(0.04, rel=0.02)
     assert prof.decode_step_s(g, 3, 300) == pytest.approx(0.011, rel=0.05)
+
+
+def test_unknown_routing_is_refused():
+    with pytest.raises(ValueError, match="routing"):
+        SimConfig(routing="random")
+
+
+def test_load_aware_routing_prefers_the_idle_group():
+    stage = _stage()
+    groups = [SimGroup("p0", "prefill", (stage,)), SimGroup("d0", "decode", (stage,), max_batch_size=1),
+              SimGroup("d1", "decode", (stage,), max_batch_size=64)]
+    # d0 is slow (batch 1) but has 3x the weight: weights alone overload it.
+    fleet = SimFleet("skew", groups, [SimRoute("p0", "d0", 3.0, 0.0), SimRoute("p0", "d1", 1.0, 0.0)])
+    reqs = [_req(i, i * 0.05, out=100) for i in range(80)]
+    weighted = simulate(fleet, reqs, ConstCosts(), SimConfig(routing="weighted"))
+    aware = simulate(fleet, reqs, ConstCosts(), SimConfig(routing="load_aware", load_scale_tokens=200))
+    assert sum(r.route == "p0->d1" for r in aware) > sum(r.route == "p0->d1" for r in weighted) == 20
+    assert max(r.latency_s for r in aware) < max(r.latency_s for r in weighted)
