@@ -98,6 +98,9 @@ class WorkerServer:
     worker_id: str
     control_endpoint: str
     kv_stats_reader: Any = None  # callable returning dict[str, float], from the KV connector
+    # Builds the engine; None: vLLM's AsyncLLM from `settings`. Benchmarks of the
+    # router's own overhead pass a stand-in (engine.standin) here.
+    engine_factory: Any = None
     drain_timeout_s: float = 30.0
     _engine: Any = None
     _sock: Any = None
@@ -109,16 +112,23 @@ class WorkerServer:
         if self.role not in ROLES:
             raise ValueError(f"role={self.role!r} is not one of {ROLES}")
 
-    async def serve(self) -> None:
+    def _build_vllm_engine(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.settings.apply_process_env()
-        self._stopping = asyncio.Event()
-        self._engine = AsyncLLM.from_engine_args(
+        return AsyncLLM.from_engine_args(
             AsyncEngineArgs(**self.settings.engine_kwargs()),
             stat_loggers=[_make_stat_logger_factory(self._load)],
         )
+
+    async def serve(self) -> None:
+        # Import vLLM's request types before answering health checks: a first
+        # import inside a request would stall the loop for seconds.
+        from vllm import SamplingParams  # noqa: F401
+
+        self._stopping = asyncio.Event()
+        self._engine = (self.engine_factory or self._build_vllm_engine)()
         ctx = zmq.asyncio.Context()
         self._sock = make_socket(ctx, zmq.ROUTER, self.control_endpoint, bind=True)
         log.info("%s worker %s serving on %s", self.role, self.worker_id, self.control_endpoint)

@@ -1,0 +1,190 @@
+"""Router overhead: latency the router adds per request, and requests/s it sustains.
+
+Stand-in workers (engine.standin, answering instantly) replace vLLM so that
+what is measured is the router: HTTP parsing, validation, tokenization, route
+choice, the prefill→decode handoff over the control protocol, SSE/JSON.
+
+Side by side, in one run, against the same stand-in workers:
+- direct: a client that calls the prefill then the decode worker itself over
+  the control protocol (what the router does, minus HTTP and tokenization);
+- router: the same requests through `POST /v1/completions`.
+
+    python -m benchmarks.router_overhead [--requests 400] [--concurrency 32]
+
+Writes benchmarks/results/router_overhead.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import zmq.asyncio
+
+from engine import control_protocol as proto
+from router.launch_local import free_tcp_port, local_endpoint
+from router.worker_client import WorkerClient, WorkerInfo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_TOKENS = 16
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) -> None:
+    """Child process: the router app in front of the stand-in workers."""
+    import uvicorn
+
+    from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
+    from router.app import RouterSettings, create_app
+    from router.cluster import Cluster
+    from router.routing import Route
+    from router.serve import load_tokenizer
+
+    async def main():
+        cluster = Cluster(workers=[WorkerInfo("p", "prefill", prefill_ep), WorkerInfo("d", "decode", decode_ep, decode_kv)],
+                          routes=[Route("p", "d", 1.0)], kv_connector="none")
+        await cluster.start()
+        await cluster.wait_ready(300)
+        app = create_app(cluster, RouterSettings(TINY_MODEL_NAME, 1024), load_tokenizer(str(build_tiny_model())))
+        await uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")).serve()
+
+    asyncio.run(main())
+
+
+async def _direct(prefill_ep: str, decode_ep: str, n: int, concurrency: int) -> tuple[list[float], float]:
+    ctx = zmq.asyncio.Context()
+    prefill = WorkerClient(WorkerInfo("p", "prefill", prefill_ep), ctx)
+    decode = WorkerClient(WorkerInfo("d", "decode", decode_ep), ctx)
+    prefill.start(), decode.start()
+    await prefill.wait_healthy(300), await decode.wait_healthy(300)
+    prompt = list(range(5, 40))
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        async for out in prefill.generate(f"p{i}", prompt, proto.SamplingSpec(max_tokens=1)):
+            handoff = out.kv_transfer_params
+        count = 0
+        async for out in decode.generate(f"d{i}", prompt, proto.SamplingSpec(max_tokens=MAX_TOKENS), handoff):
+            count += len(out.token_ids)
+        assert count == MAX_TOKENS
+        latencies.append(time.perf_counter() - started)
+
+    wall = await _run(one, n, concurrency)
+    await prefill.close(), await decode.close()
+    ctx.term()
+    return latencies, wall
+
+
+async def _via_router(port: int, n: int, concurrency: int) -> tuple[list[float], float]:
+    from engine.tiny_model import TINY_MODEL_NAME
+
+    latencies: list[float] = []
+    body = {"model": TINY_MODEL_NAME, "prompt": "The quick brown fox jumps over the lazy dog.", "max_tokens": MAX_TOKENS}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one(_i: int) -> None:
+            started = time.perf_counter()
+            response = await client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] == MAX_TOKENS
+            latencies.append(time.perf_counter() - started)
+
+        wall = await _run(one, n, concurrency)
+    return latencies, wall
+
+
+async def _run(one, n: int, concurrency: int) -> float:
+    queue = list(range(n))
+    started = time.perf_counter()
+
+    async def worker():
+        while queue:
+            await one(queue.pop())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+def _wait_router(port: int, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("router did not come up")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--serve-router", nargs=4, metavar=("PREFILL", "DECODE", "DECODE_KV", "PORT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_router:
+        p, d, kv, port = args.serve_router
+        _serve_router(p, d, kv, int(port))
+        return
+
+    prefill_ep, decode_ep, decode_kv, port = local_endpoint(), local_endpoint(), local_endpoint(), free_tcp_port()
+    env = dict(os.environ, HEXSERVE_LOG_LEVEL="WARNING")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", "prefill", "--control-endpoint", prefill_ep], env=env),
+        subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", "decode", "--control-endpoint", decode_ep], env=env),
+        subprocess.Popen([sys.executable, "-m", "benchmarks.router_overhead", "--serve-router", prefill_ep, decode_ep,
+                          decode_kv, str(port)], env=env),
+    ]
+    try:
+        _wait_router(port)
+        rows = []
+        for mode, concurrency, n in (("sequential", 1, max(50, args.requests // 4)),
+                                     ("concurrent", args.concurrency, args.requests)):
+            asyncio.run(_via_router(port, 20, 1))  # warm up connections and the tokenizer
+            direct, direct_wall = asyncio.run(_direct(prefill_ep, decode_ep, n, concurrency))
+            routed, routed_wall = asyncio.run(_via_router(port, n, concurrency))
+            rows.append({
+                "mode": mode, "concurrency": concurrency, "requests": n, "max_tokens": MAX_TOKENS,
+                "direct_p50_ms": 1000 * statistics.median(direct), "direct_p99_ms": 1000 * _percentile(direct, 99),
+                "router_p50_ms": 1000 * statistics.median(routed), "router_p99_ms": 1000 * _percentile(routed, 99),
+                "added_p50_ms": 1000 * (statistics.median(routed) - statistics.median(direct)),
+                "added_p99_ms": 1000 * (_percentile(routed, 99) - _percentile(direct, 99)),
+                "direct_rps": n / direct_wall, "router_rps": n / routed_wall,
+                "router_over_direct_rps": (n / routed_wall) / (n / direct_wall),
+            })
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "router_overhead.json").write_text(json.dumps({"rows": rows, "machine_cores": os.cpu_count()}, indent=2))
+    lines = ["| mode | conc. | direct p50 / p99 ms | router p50 / p99 ms | added p50 / p99 ms | direct req/s | router req/s | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | "
+                     f"{r['router_p50_ms']:.2f} / {r['router_p99_ms']:.2f} | {r['added_p50_ms']:.2f} / {r['added_p99_ms']:.2f} | "
+                     f"{r['direct_rps']:.0f} | {r['router_rps']:.0f} | {r['router_over_direct_rps']:.2f} |")
+    table = "\n".join(lines)
+    (RESULTS / "router_overhead.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
