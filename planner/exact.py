@@ -96,8 +96,8 @@ def solve_exact(
     roles = [COLOCATED] if mode == COLOCATED else [PREFILL, DECODE]
     cands: dict[str, list[tuple[Group, float]]] = {}
     for role in roles:
-        cands[role] = [(g, p.for_role(role).capacity_rps) for g, p in perf.items()
-                       if p.for_role(role) is not None and p.for_role(role).capacity_rps > 0]
+        role_perf = {g: ev.perf(g, role) for g in perf}
+        cands[role] = [(g, p.capacity_rps) for g, p in role_perf.items() if p is not None and p.capacity_rps > 0]
     pairs: dict[tuple[Group, Group], tuple[bool, float]] = {}
     simple = True
     if mode != COLOCATED:

@@ -23,6 +23,8 @@ optimum or the deadline.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -35,6 +37,9 @@ DISAGGREGATED = "disaggregated"
 VERIFY_PER_ITERATION = 6  # after one improving candidate, verify at most this many
 MAX_VERIFY = 48  # candidates verified per iteration when none improves
 MAX_PARTNERS = 3
+MAX_RESPLIT_GPUS = 16  # re-split only unions this small (their sub-multisets are enumerated)
+MAX_RESPLIT_PAIRS = 12  # group pairs re-split per iteration (sampled by the seed beyond that)
+MAX_RESPLIT_SPLITS = 64  # ... and only when the union has at most this many sub-multisets
 
 
 def group_add(group: Group, node: int, k: int) -> Group:
@@ -52,6 +57,15 @@ def group_union(a: Group, b: Group) -> Group:
 
 def group_size(group: Group) -> int:
     return sum(c for _, c in group)
+
+
+def _sub_compositions(group: Group) -> list[Group]:
+    """Every non-empty proper sub-multiset of a group's GPUs."""
+    out = []
+    for counts in itertools.product(*(range(c + 1) for _, c in group)):
+        if 0 < sum(counts) < group_size(group):
+            out.append(tuple((node, k) for (node, _), k in zip(group, counts) if k))
+    return out
 
 
 @dataclass(slots=True)
@@ -105,7 +119,7 @@ class Search:
 
     # -- capacities and values -------------------------------------------------------------------
     def cap(self, group: Group, role: str) -> float:
-        perf = self.ev.evaluate(group).for_role(role)
+        perf = self.ev.perf(group, role)
         return perf.capacity_rps if perf is not None else 0.0
 
     def can_hold(self, group: Group) -> bool:
@@ -206,6 +220,11 @@ class Search:
         for i, g in enumerate(groups):
             for node, _ in g:
                 by_node.setdefault(node, []).append(i)
+        region_of = [self.cluster.nodes[g[0][0]].region for g in groups]
+
+        def by_node_partners(i: int) -> list[int]:
+            near = {j for node, _ in groups[i] for j in by_node[node] if j != i}
+            return sorted(near | set(self._sample([j for j in range(n) if region_of[j] == region_of[i] and j != i], 3)))
         # Flip roles.
         if self.mode != COLOCATED:
             for i in range(n):
@@ -263,6 +282,23 @@ class Search:
                             gi = group_add(group_add(groups[i], na, -1), nb, 1)
                             gj = group_add(group_add(groups[j], nb, -1), na, 1)
                             yield Move("swap", (i, j), ((gi, PREFILL), (gj, DECODE)))
+        # Re-split two groups: every way to cut their union in two (small unions only). This reaches
+        # mixed groups (say 2 H100 + 2 L40S per replica) that single-GPU moves reach only through worse states.
+        pairs = [(i, j) for i in range(n) for j in by_node_partners(i) if j > i
+                 and group_size(groups[i]) + group_size(groups[j]) <= MAX_RESPLIT_GPUS
+                 and math.prod(c + 1 for _, c in group_union(groups[i], groups[j])) <= MAX_RESPLIT_SPLITS]
+        for i, j in self._sample(pairs, MAX_RESPLIT_PAIRS):
+            union = group_union(groups[i], groups[j])
+            role_pairs = [(COLOCATED, COLOCATED)] if self.mode == COLOCATED else [
+                (PREFILL, DECODE), (DECODE, PREFILL), (roles[i], roles[j])]
+            for a in _sub_compositions(union):
+                b = tuple((node, k - dict(a).get(node, 0)) for node, k in union if k - dict(a).get(node, 0) > 0)
+                if not b or a > b and self.mode == COLOCATED:
+                    continue
+                if not (self.can_hold(a) and self.can_hold(b)):
+                    continue
+                for ra, rb in dict.fromkeys(role_pairs):
+                    yield Move("resplit", (i, j), ((a, ra), (b, rb)))
         # Use pooled GPUs: grow a group on the same node, or form a new group.
         for node, k in sorted(state.pool.items()):
             for j in by_node.get(node, []):

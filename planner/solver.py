@@ -198,7 +198,7 @@ def build_plan(cluster: Cluster, planner: Planner, state: State, mode: str, info
     order = sorted(range(len(state.groups)), key=lambda i: ({PREFILL: 0, DECODE: 1}.get(state.roles[i], 0), state.groups[i], i))
     for i in order:
         group, role = state.groups[i], state.roles[i]
-        perf = ev.evaluate(group).for_role(role)
+        perf = ev.perf(group, role)
         if perf is None:  # cannot serve this role: its GPUs go unused
             continue
         gpus_by_part = []

@@ -58,17 +58,15 @@ class PhasePerf:
 
 @dataclass(frozen=True, slots=True)
 class GroupPerf:
+    """A group's best strategy per disaggregated role (colocated: ``GroupEvaluator.colocated``)."""
+
     prefill: PhasePerf | None
     decode: PhasePerf | None
-    colocated: PhasePerf | None
     memory_shortfall_bytes: float  # > 0 when the group cannot hold a replica at all
 
     @property
     def feasible(self) -> bool:
         return self.prefill is not None or self.decode is not None
-
-    def for_role(self, role: str) -> PhasePerf | None:
-        return {PREFILL: self.prefill, DECODE: self.decode, COLOCATED: self.colocated}[role]
 
 
 def min_bottleneck_split(costs: np.ndarray, total: int) -> tuple[float, list[int]] | None:
@@ -126,6 +124,7 @@ class GroupEvaluator:
         self._ks = np.arange(self.model.num_layers + 1, dtype=float)
         self._signature_cache: dict[tuple, GroupPerf] = {}
         self._group_cache: dict[Group, GroupPerf] = {}
+        self._row_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.evaluations = 0
 
     # -- shape and caching -------------------------------------------------------------------
@@ -139,6 +138,33 @@ class GroupEvaluator:
         )
         intra = tuple((float(self.cluster.bandwidth[n, n]), float(self.cluster.latency[n, n])) for n, _ in group)
         return parts, links, intra
+
+    def perf(self, group: Group, role: str) -> PhasePerf | None:
+        """The group's best strategy in ``role`` (None when it cannot serve it)."""
+        if role == COLOCATED:
+            return self.colocated(group)
+        found = self.evaluate(group)
+        return found.prefill if role == PREFILL else found.decode
+
+    def colocated(self, group: Group) -> PhasePerf | None:
+        """Best colocated strategy; computed only when asked (disaggregated searches never need it)."""
+        key = ("colocated", self.signature(group))
+        if key in self._signature_cache:
+            return self._signature_cache[key]  # type: ignore[return-value]
+        best: PhasePerf | None = None
+        if self.evaluate(group).feasible:
+            for tp in self.tp_options(group):
+                slots = self._slots(group, tp)
+                if len(slots) > min(self.model.num_layers, self.options.max_pipeline_stages):
+                    continue
+                decoded = self._decode(group, tp, slots)
+                if decoded is None:
+                    continue
+                perf = self._colocated(group, tp, slots, decoded[1])
+                if perf is not None and perf.capacity_rps > 0 and (best is None or perf.capacity_rps > best.capacity_rps * (1 + 1e-9)):
+                    best = perf
+        self._signature_cache[key] = best  # type: ignore[assignment]
+        return best
 
     def evaluate(self, group: Group) -> GroupPerf:
         perf = self._group_cache.get(group)
@@ -181,7 +207,7 @@ class GroupEvaluator:
 
     def _compute(self, group: Group) -> GroupPerf:
         shortfall = self.min_replica_bytes() - self.memory_bytes(group)
-        best: dict[str, PhasePerf | None] = {PREFILL: None, DECODE: None, COLOCATED: None}
+        best: dict[str, PhasePerf | None] = {PREFILL: None, DECODE: None}
         if shortfall <= 0:
             for tp in self.tp_options(group):
                 slots = self._slots(group, tp)
@@ -191,7 +217,7 @@ class GroupEvaluator:
                     cur = best[perf.role]
                     if cur is None or perf.capacity_rps > cur.capacity_rps * (1 + 1e-9):
                         best[perf.role] = perf
-        return GroupPerf(best[PREFILL], best[DECODE], best[COLOCATED], max(shortfall, 0.0))
+        return GroupPerf(best[PREFILL], best[DECODE], max(shortfall, 0.0))
 
     def _stage_costs(self, group: Group, tp: int, slots: list[_StageSlot], phase: str, batch: float):
         """(time[i, k], fits[i, k]) for every stage i and layer count k; hops folded into time."""
@@ -205,6 +231,13 @@ class GroupEvaluator:
             node = nodes[slot.node]
             first, last = i == 0, i == n - 1
             intra_bw, intra_lat = self.cluster.bandwidth[slot.node, slot.node], self.cluster.latency[slot.node, slot.node]
+            # Stages on alike nodes cost the same: most groups have a handful of distinct stages.
+            key = (node.gpu_type, tp, first, last, float(intra_bw), float(intra_lat), slot.hop_bw, slot.hop_lat,
+                   phase, batch, n)
+            row = self._row_cache.get(key)
+            if row is not None:
+                times[i], fits[i] = row
+                continue
             if phase == PREFILL:
                 t = cm.prefill_stage_time(model, wl, node.spec, tp, ks, first, last, intra_bw, intra_lat)
                 hop = cm.link_time(cm.activation_bytes(model, wl.input_mean), slot.hop_bw, slot.hop_lat)
@@ -216,6 +249,7 @@ class GroupEvaluator:
             need = cm.stage_weight_bytes(model, ks, first, last) + kv_tokens * ks * model.kv_bytes_per_token_per_layer
             fits[i] = need / tp <= self.options.usable_bytes(node.spec)
             times[i] = np.maximum(t, hop) if i < n - 1 else t
+            self._row_cache[key] = (times[i].copy(), fits[i].copy())
         fits[:, 0] = False
         return times, fits
 
@@ -286,7 +320,10 @@ class GroupEvaluator:
         lo_found = feasible(1)
         if lo_found is None:
             return None
-        lo, hi = 1, self.options.max_batch_size
+        # No split can hold more requests than the group's free memory after weights.
+        free = self.memory_bytes(group) - self.model.weight_bytes
+        per_request = cm.kv_alloc_tokens(self.workload) * self.model.kv_bytes_per_token
+        lo, hi = 1, max(1, min(self.options.max_batch_size, int(free // per_request)))
         best = lo_found
         top = feasible(hi)
         if top is not None:
@@ -386,11 +423,7 @@ class GroupEvaluator:
             out.append(prefill)
         decoded = self._decode(group, tp, slots)
         if decoded is not None:
-            decode, split = decoded
-            out.append(decode)
-            colocated = self._colocated(group, tp, slots, split)
-            if colocated is not None and colocated.capacity_rps > 0:
-                out.append(colocated)
+            out.append(decoded[0])
         return out
 
 

@@ -28,7 +28,7 @@ from tests.planner.planner_factories import REPO, make_cluster
 
 TINY = model_preset("hexserve-tiny-llama")
 CPU = default_catalog().resolve("CPU", "t")
-TRUE_MFU, PREFILL_OVERHEAD_S = 0.25, 0.005
+TRUE_MFU, PREFILL_OVERHEAD_S = 0.1, 0.005
 TRUE_BW, DECODE_OVERHEAD_S = 1e9, 0.002  # effective bytes/s: the catalog's 20 GB/s * mbu 0.05
 
 
@@ -97,9 +97,11 @@ def test_profile_recovers_known_coefficients(tmp_path):
     assert profile.prefill[-1].latency_ms > profile.prefill[0].latency_ms
     assert [s.batch for s in profile.decode] == [1, 4, 8]
     fit = fit_profile(profile, CPU)
-    assert fit.mfu == pytest.approx(TRUE_MFU, rel=0.2)
-    assert fit.mbu == pytest.approx(TRUE_BW / (CPU.memory_bandwidth_gb_per_s * 1e9), rel=0.35)
-    assert fit.prefill_r2 > 0.9
+    # Sleep-based timings on a busy 2-core machine overshoot by milliseconds: tolerances are loose,
+    # but a wrong formula (FLOPs or bytes off by a factor) lands far outside them.
+    assert fit.mfu == pytest.approx(TRUE_MFU, rel=0.35)
+    assert fit.mbu == pytest.approx(TRUE_BW / (CPU.memory_bandwidth_gb_per_s * 1e9), rel=0.5)
+    assert fit.prefill_r2 > 0.8
     # The profile survives a round trip through its file format.
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile.to_json()))

@@ -97,13 +97,15 @@ def test_tp_options_follow_head_counts():
 
 def test_colocated_capacity_is_below_either_phase_alone():
     c = make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 4}])
-    perf = GroupEvaluator(c).evaluate(((0, 4),))
-    assert perf.colocated is not None
-    assert perf.colocated.capacity_rps < min(perf.prefill.capacity_rps, perf.decode.capacity_rps)
-    assert perf.colocated.latency_s <= c.workload.tpot_slo_s + 1e-9
-    assert perf.colocated.ttft_s <= c.workload.ttft_slo_s + 1e-9
-    assert perf.for_role(COLOCATED) is perf.colocated
-    assert perf.for_role(PREFILL) is perf.prefill and perf.for_role(DECODE) is perf.decode
+    ev = GroupEvaluator(c)
+    perf = ev.evaluate(((0, 4),))
+    colocated = ev.colocated(((0, 4),))
+    assert colocated is not None
+    assert colocated.capacity_rps < min(perf.prefill.capacity_rps, perf.decode.capacity_rps)
+    assert colocated.latency_s <= c.workload.tpot_slo_s + 1e-9
+    assert colocated.ttft_s <= c.workload.ttft_slo_s + 1e-9
+    assert ev.perf(((0, 4),), COLOCATED) is colocated
+    assert ev.perf(((0, 4),), PREFILL) is perf.prefill and ev.perf(((0, 4),), DECODE) is perf.decode
 
 
 def test_evaluations_are_cached_by_shape():
