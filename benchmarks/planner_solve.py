@@ -93,7 +93,7 @@ def run_one(size: int, mix: str, time_limit: float, exact_limit: float) -> dict:
                    vs_exact=round(plan.throughput_rps / exact.value_rps, 4) if exact.value_rps else None)
     ev, routes = GroupEvaluator(cluster), RouteTable(cluster)
     results = [
-        baselines.homogeneous_best(cluster, cluster.price_per_hour, time_limit_s=min(time_limit, 10)),
+        baselines.homogeneous_best(cluster, cluster.price_per_hour, time_limit_s=min(time_limit or 10, 10)),
         baselines.distserve_uniform(cluster, ev, routes),
         baselines.random_partition(cluster, 5, ev, routes),
         baselines.per_type_split(cluster, ev, routes),
@@ -136,7 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--mixes", default=",".join(MIXES))
-    parser.add_argument("--time-limit", type=float, default=25.0, help="planner time limit per solve (s)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="planner time limit per solve (s); default: the CLI's (0.07 s per GPU, 4 to 25)")
     parser.add_argument("--exact-time-limit", type=float, default=300.0)
     parser.add_argument("--out", default=str(RESULTS / "planner_solve"))
     args = parser.parse_args()

@@ -31,7 +31,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     if args.solver == "exact":
         mode = "disaggregated" if args.mode == "auto" else args.mode
-        plan = solve_exact_plan(cluster, mode, time_limit_s=args.time_limit)
+        plan = solve_exact_plan(cluster, mode, time_limit_s=args.time_limit or 120.0)
     else:
         plan = solve(cluster, mode=args.mode, seed=args.seed, time_limit_s=args.time_limit,
                      budget_per_hour=args.budget)
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="heuristic", choices=("heuristic", "exact"),
                    help="exact: OR-Tools optimum, for fleets of at most 16 GPUs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds (default %(default)s)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help=f"seconds (default: 0.07 per GPU, between 4 and {DEFAULT_TIME_LIMIT_S:g})")
     p.add_argument("--budget", type=float, default=None, help="price budget, $/hour (overrides the workload's)")
     p.add_argument("--json", action="store_true", help="print the plan JSON instead of the table")
     p.add_argument("--quiet", action="store_true")

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from planner.cluster import Cluster
-from planner.flow import RouteTable, max_flow
+from planner.flow import RouteTable
 from planner.refine import DISAGGREGATED, Search, State
 from planner.strategy import DECODE, PREFILL, Group, GroupEvaluator
 

@@ -13,7 +13,10 @@ min cut of the current max flow, which says where throughput is bounded:
 
 Merges and splits inside one role change parallel degrees (a memory-starved
 decode replica gains KV room by merging; a large group with a TP/PP it cannot
-use well splits into two replicas). Every candidate is screened by an upper
+use well splits into two replicas). A re-split cuts the union of two small
+groups every possible way, which reaches mixed groups (two H100s with two
+L40Ss in each replica, say) that single-GPU moves reach only through worse
+states. Every candidate is screened by an upper
 bound (``min(sum prefill, sum decode)`` after the move, which bounds the max
 flow) and the most promising ones get a real max-flow; the best improving
 move is applied. The search is deterministic for a given seed (the seed only
