@@ -2,8 +2,8 @@
 
 Each transfer moves through:
 
-    (unknown) --Begin--> receiving --Chunk*--> receiving --End--> complete --claim--> (gone)
-                             |                                       |
+    (unknown) --Begin--> receiving --Chunk*--> receiving --End--> complete --claim--> claimed
+                             |                                       |                   | reclaim_s
                              +-- any bad frame / Abort / timeout --> failed (tombstone, no bytes)
                                                                      +-- lease expires --> (gone)
 
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from kvtransfer import protocol
 from kvtransfer.protocol import Abort, Ack, Begin, Chunk, End, Limits, ProtocolError
+
+ALREADY_CLAIMED = "already claimed by another request (and its reclaim window passed)"
 
 
 @dataclass(slots=True)
@@ -71,6 +73,7 @@ class Assembler:
         max_buffer_bytes: int = 2 * 1024**3,
         transfer_timeout_s: float = 30.0,
         lease_s: float = 60.0,
+        reclaim_s: float = 5.0,
         expected: Callable[[Begin], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -78,6 +81,7 @@ class Assembler:
         self.max_buffer_bytes = max_buffer_bytes
         self.transfer_timeout_s = transfer_timeout_s
         self.lease_s = lease_s
+        self.reclaim_s = reclaim_s
         self._expected = expected  # returns an error text if this Begin cannot fit our cache
         self._clock = clock
         self._transfers: dict[str, Transfer] = {}
@@ -208,20 +212,25 @@ class Assembler:
             raise _error(transfer_id, error)
 
     def _release(self, transfer: Transfer) -> None:
-        if transfer.state in ("receiving", "complete"):
+        if transfer.state in ("receiving", "complete", "claimed"):
             self.reserved_bytes -= transfer.begin.reserve_bytes
 
     # -- the decode side ---------------------------------------------------------------------
 
     def claim(self, transfer_id: str) -> Claim:
-        """Take a finished transfer out (the caller then owns its payloads)."""
+        """A finished transfer, if there is one. Claiming starts a short grace
+        period (`reclaim_s`) in which the same transfer can be claimed again:
+        vLLM admits the children of a parallel-sampling request (n > 1) one by
+        one, possibly a step apart, and each loads the same KV. After that the
+        bytes are dropped and a later claim fails fast (decode recomputes)."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None or transfer.state == "receiving":
             return Claim("pending")
-        del self._transfers[transfer_id]
-        self._release(transfer)
-        if transfer.state == "failed":
+        if transfer.state == "failed":  # the tombstone stays until its lease ends (siblings fail fast too)
             return Claim("failed", error=transfer.error)
+        if transfer.state == "complete":
+            transfer.state = "claimed"
+            transfer.deadline_s = self._clock() + self.reclaim_s
         return Claim("complete", transfer)
 
     def forget(self, transfer_id: str, error: str) -> None:
@@ -240,10 +249,13 @@ class Assembler:
             transfer = self._transfers[tid]
             if transfer.state == "receiving":
                 self._fail_quietly(transfer, "transfer timed out before End")
-            elif transfer.state == "complete":
+            elif transfer.state == "complete":  # nobody claimed it within the lease
                 self.counters.lease_expiries += 1
                 self._release(transfer)
                 del self._transfers[tid]
+            elif transfer.state == "claimed":
+                self._release(transfer)
+                self._transfers[tid] = Transfer(transfer.begin, now + self.lease_s, "failed", ALREADY_CLAIMED)
             else:
                 del self._transfers[tid]
         return expired

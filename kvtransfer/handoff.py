@@ -60,6 +60,7 @@ class ConnectorOptions:
     load_timeout_s: float = 30.0  # decode: how long a request waits for its KV
     transfer_timeout_s: float = 30.0  # decode: Begin..End must finish within this
     lease_s: float = 60.0  # decode: unclaimed complete KV is dropped after this
+    reclaim_s: float = 5.0  # decode: claimed KV stays loadable this long (n > 1 siblings)
     max_buffer_bytes: int = 2 * 1024**3  # decode: received, unclaimed KV
     max_queued_bytes: int = 256 * 1024**2  # prefill: KV waiting for the socket
     enqueue_timeout_s: float = 10.0
@@ -73,7 +74,7 @@ class ConnectorOptions:
             raise ValueError(f"encoding={self.encoding!r}; use 'raw' (exact) or 'int8' (lossy, 2-4x smaller)")
         if self.checksum not in CHECKSUMS:
             raise ValueError(f"checksum={self.checksum!r}; use one of {CHECKSUMS}")
-        for name in ("load_timeout_s", "transfer_timeout_s", "lease_s", "enqueue_timeout_s", "ack_timeout_s"):
+        for name in ("load_timeout_s", "transfer_timeout_s", "lease_s", "reclaim_s", "enqueue_timeout_s", "ack_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")
 

@@ -120,6 +120,7 @@ class WorkerSide:
                 max_buffer_bytes=opts.max_buffer_bytes,
                 transfer_timeout_s=opts.transfer_timeout_s,
                 lease_s=opts.lease_s,
+                reclaim_s=opts.reclaim_s,
                 expected=self._check_begin,
             )
             self.receiver = KVReceiver(opts.listen_endpoint, assembler, self.stats)
@@ -221,26 +222,33 @@ class WorkerSide:
                 self._fail(request_id, "this engine has no receiver (kv_role is not a consumer)")
             return
         now = time.monotonic()
-        for request_id, pending in list(self._pending.items()):
-            spec = pending.spec
-            claim = self.receiver.claim(spec.transfer_id)
+        by_transfer: dict[str, list[_PendingLoad]] = {}
+        for pending in self._pending.values():
+            by_transfer.setdefault(pending.spec.transfer_id, []).append(pending)
+        # Requests sharing a transfer (parallel sampling, n > 1) load from one claim.
+        for transfer_id, loads in by_transfer.items():
+            claim = self.receiver.claim(transfer_id)
             if claim.state == "pending":
-                if now >= pending.deadline_s:
-                    self.receiver.forget(spec.transfer_id, "decode stopped waiting")
-                    self.stats.add("load_timeouts")
-                    self._fail(request_id, f"KV for transfer {spec.transfer_id} did not arrive within {self.options.load_timeout_s}s")
+                for pending in loads:
+                    if now >= pending.deadline_s:
+                        self.stats.add("load_timeouts")
+                        self._fail(pending.spec.request_id, f"KV for transfer {transfer_id} did not arrive within {self.options.load_timeout_s}s")
+                if not any(p.spec.request_id in self._pending for p in loads):
+                    self.receiver.forget(transfer_id, "decode stopped waiting")
                 continue
-            if claim.state == "failed":
-                self._fail(request_id, f"transfer {spec.transfer_id} failed: {claim.error}")
-                continue
-            assert claim.transfer is not None
-            error = self._write(spec, claim.transfer)
-            if error:
-                self._fail(request_id, error)
-            else:
-                del self._pending[request_id]
-                self._finished.add(request_id)
-                self.stats.add("transfers_loaded_ok")
+            for pending in loads:
+                request_id = pending.spec.request_id
+                if claim.state == "failed":
+                    self._fail(request_id, f"transfer {transfer_id} failed: {claim.error}")
+                    continue
+                assert claim.transfer is not None
+                error = self._write(pending.spec, claim.transfer)
+                if error:
+                    self._fail(request_id, error)
+                else:
+                    del self._pending[request_id]
+                    self._finished.add(request_id)
+                    self.stats.add("transfers_loaded_ok")
 
     def _write(self, spec: LoadSpec, transfer: Transfer) -> str | None:
         begin = transfer.begin

@@ -140,6 +140,41 @@ def test_decode_prefix_cache_hit_loads_only_the_tail(cluster):
         assert d["transfers_loaded_ok"] == 1 and d["transfers_loaded_failed"] == 0
 
 
+def test_parallel_sampling_children_share_one_transfer(cluster):
+    from vllm import SamplingParams
+
+    prompt = random_prompt(140, seed=3200)
+    (handoff,) = run_prefill(cluster, [prompt])
+    before = cluster.decode_stats()
+    # vLLM refuses n > 1 with temperature 0; 1e-5 samples the argmax all the same.
+    params = SamplingParams(n=2, max_tokens=8, temperature=1e-5, seed=0, ignore_eos=True, extra_args={"kv_transfer_params": handoff})
+    out = cluster.decode.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)[0]
+    (expected,) = run_reference(cluster, [prompt])
+    assert [list(c.token_ids) for c in out.outputs] == [expected[:8]] * 2
+    d = wait_for(lambda: (x := deltas(before, cluster.decode_stats()))["transfers_loaded_ok"] >= 2 and x)
+    assert d["transfers_loaded_ok"] == 2 and d["transfers_loaded_failed"] == 0
+
+
+def test_decode_request_aborted_while_waiting_for_kv(cluster):
+    """An abort while waiting releases the request: no load timeout is ever counted."""
+    import time
+
+    engine = cluster.decode.llm_engine
+    prompt = random_prompt(30, seed=3300)
+    before = cluster.decode_stats()
+    from kvt_engines import greedy
+
+    params = greedy(extra_args={"kv_transfer_params": handoff_for(prompt, "never-sent-" + new_transfer_id())})
+    engine.add_request("abort-me", {"prompt_token_ids": prompt}, params)
+    time.sleep(1)  # EngineCore (its own process) parks it in WAITING_FOR_REMOTE_KVS
+    engine.abort_request(["abort-me"])
+    time.sleep(5)  # longer than load_timeout_s: a leaked wait would now count a timeout
+    (decoded,) = run_decode(cluster, [prompt], [None])  # the engine still serves
+    assert decoded == run_reference(cluster, [prompt])[0]
+    d = deltas(before, cluster.decode_stats())
+    assert d["load_timeouts"] == 0 and d["transfers_loaded_failed"] == 0
+
+
 def test_shared_prefix_between_requests(cluster):
     base = random_prompt(256, seed=3100)
     prompts = [base + random_prompt(n, seed=3100 + n) for n in (1, 5, 20)]

@@ -103,13 +103,19 @@ def test_int8_codec_error_is_small_and_payload_smaller():
 
 def test_assembler_completes_and_reassembles_exactly():
     data = kv()
-    a = Assembler()
+    now = [0.0]
+    a = Assembler(reclaim_s=2, clock=lambda: now[0])
     acks = feed(a, transfer_messages("t1", data, blocks_per_chunk=2))
     assert [x.ok for x in acks] == [True]
     claim = a.claim("t1")
     assert claim.state == "complete"
     assert torch.equal(reassemble(claim.transfer), data)
-    assert a.reserved_bytes == 0 and len(a) == 0
+    assert a.claim("t1").state == "complete"  # a sibling (n > 1) admitted a step later
+    now[0] = 3.0
+    a.expire()
+    assert a.reserved_bytes == 0 and a.held_bytes() == 0
+    again = a.claim("t1")  # a late duplicate must not wait for KV that is gone
+    assert again.state == "failed" and "already claimed" in again.error
 
 
 def test_claim_before_arrival_is_pending_and_lease_expiry_frees():
