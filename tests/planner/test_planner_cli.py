@@ -10,7 +10,7 @@ import pytest
 
 from planner.__main__ import EXIT_BAD_INPUT, EXIT_INFEASIBLE, main
 from planner.plan import PLAN_SCHEMA, PLAN_SCHEMA_VERSION, load_plan, plan_from_json
-from tests.planner.planner_factories import CONFIGS, REPO, cluster_dict
+from planner_factories import CONFIGS, REPO, cluster_dict
 
 EXAMPLES = sorted(p for p in CONFIGS.glob("*.json") if json.loads(p.read_text()).get("schema") == "hexserve.cluster")
 

@@ -11,7 +11,7 @@ from planner.flow import RouteTable
 from planner.refine import DISAGGREGATED, Search
 from planner.solver import solve, solve_exact_plan
 from planner.strategy import COLOCATED, GroupEvaluator
-from tests.planner.planner_factories import make_cluster
+from planner_factories import make_cluster
 
 SMALL_FLEETS = {
     "two-type-8": [{"gpu_type": "H100", "num_gpus": 4}, {"gpu_type": "A100-80G", "num_gpus": 4}],

@@ -6,7 +6,7 @@ import pytest
 
 from planner.flow import RouteTable, _networkx_flow, max_flow
 from planner.strategy import GroupEvaluator
-from tests.planner.planner_factories import make_cluster
+from planner_factories import make_cluster
 
 
 def test_general_flow_respects_capacities_and_finds_the_cut():

@@ -11,7 +11,7 @@ from planner.cluster import load_cluster, parse_cluster
 from planner.errors import PlanInputError
 from planner.model import model_preset, preset_names
 from planner.workload import read_trace
-from tests.planner.planner_factories import CONFIGS, REPO, cluster_dict, make_cluster
+from planner_factories import CONFIGS, REPO, cluster_dict, make_cluster
 
 REQUIRED_GPUS = ["H100", "H200", "A100-80G", "A100-40G", "L40S", "L40", "A6000", "A10G", "L4", "RTX4090", "V100",
                  "T4", "CPU"]

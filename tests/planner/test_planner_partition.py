@@ -6,7 +6,7 @@ import networkx as nx
 
 from planner.partition import fiedler_order, gpu_graph, node_graph, partition, spectral_bisect
 from planner.strategy import GroupEvaluator
-from tests.planner.planner_factories import make_cluster
+from planner_factories import make_cluster
 
 
 def two_cliques() -> nx.Graph:

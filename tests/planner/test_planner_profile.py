@@ -23,7 +23,7 @@ from planner.catalog import default_catalog
 from planner.errors import PlanInputError
 from planner.model import model_preset
 from planner.profiler import ProfileSettings, run_profile
-from tests.planner.planner_factories import REPO, make_cluster
+from planner_factories import REPO, make_cluster
 
 TINY = model_preset("hexserve-tiny-llama")
 CPU = default_catalog().resolve("CPU", "t")

@@ -10,7 +10,7 @@ from planner.flow import RouteTable
 from planner.refine import DISAGGREGATED, Move, Search, State
 from planner.solver import Planner, solve
 from planner.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
-from tests.planner.planner_factories import make_cluster
+from planner_factories import make_cluster
 
 TWO_TYPE = [{"gpu_type": "H100", "num_gpus": 8, "count": 2}, {"gpu_type": "L40S", "num_gpus": 8, "count": 2}]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from planner.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator, min_bottleneck_split
-from tests.planner.planner_factories import make_cluster
+from planner_factories import make_cluster
 
 
 def brute_force(costs: np.ndarray, total: int) -> float:
