@@ -38,6 +38,7 @@ class _Item:
     frames: list
     nbytes: int
     is_end: bool
+    is_abort: bool = False  # sent even though the transfer failed: it tells decode so
 
 
 class KVSender:
@@ -82,7 +83,7 @@ class KVSender:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._mark_failed(transfer_id, f"send queue full for {self.enqueue_timeout_s}s (decode too slow)")
-                    self._queue.append(_Item(endpoint, transfer_id, [protocol.encode(Abort(protocol.PROTOCOL_VERSION, transfer_id, "sender queue full"))], 0, False))
+                    self._queue.append(self._abort_item(endpoint, transfer_id, "sender queue full"))
                     self._cond.notify_all()
                     return False
                 self._cond.wait(remaining)
@@ -98,8 +99,13 @@ class KVSender:
     def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
         with self._cond:
             self._mark_failed(transfer_id, reason)
-            self._queue.append(_Item(endpoint, transfer_id, [protocol.encode(Abort(protocol.PROTOCOL_VERSION, transfer_id, reason))], 0, False))
+            self._queue.append(self._abort_item(endpoint, transfer_id, reason))
             self._cond.notify_all()
+
+    @staticmethod
+    def _abort_item(endpoint: str, transfer_id: str, reason: str) -> _Item:
+        frames = [protocol.encode(Abort(protocol.PROTOCOL_VERSION, transfer_id, reason))]
+        return _Item(endpoint, transfer_id, frames, 0, is_end=False, is_abort=True)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until everything queued was sent and acked or failed (tests, benchmarks)."""
@@ -171,7 +177,7 @@ class KVSender:
     def _send(self, item: _Item, sockets: dict[str, zmq.Socket], poller: zmq.Poller) -> None:
         failed = False
         with self._cond:
-            failed = item.transfer_id in self._failed and item.nbytes > 0
+            failed = item.transfer_id in self._failed and not item.is_abort
         if not failed:
             try:
                 self._socket(item.endpoint, sockets, poller).send_multipart(item.frames, copy=False)

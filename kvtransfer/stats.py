@@ -48,12 +48,6 @@ class Stats:
             self._values[name] += amount
             self._dirty = True
 
-    def set_max(self, name: str, value: int) -> None:
-        with self._lock:
-            if value > self._values[name]:
-                self._values[name] = value
-                self._dirty = True
-
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
