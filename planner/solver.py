@@ -174,6 +174,14 @@ def solve(cluster: Cluster, mode: str = "auto", seed: int = 0, time_limit_s: flo
         deadline = time.monotonic() + left / (len(modes) - k)
         outcomes.append(planner.search(m, seed, deadline))
     best = max(outcomes, key=lambda o: (o.value_rps, o.mode == DISAGGREGATED))
+    if best.value_rps <= 0 and best.mode == DISAGGREGATED and best.state.groups:
+        need = 2 * planner.evaluator.min_replica_bytes()
+        have = planner.evaluator.memory_bytes(tuple((n.index, n.num_gpus) for n in cluster.nodes))
+        raise InfeasibleFleetError(
+            "disaggregated serving needs a prefill and a decode replica, and this fleet holds only one "
+            f"({max(need - have, 0) / 1024**3:.1f} GiB short of two); use --mode colocated or auto",
+            shortfall_gib=max(need - have, 0) / 1024**3,
+        )
     if best.value_rps <= 0 and not best.state.groups:
         raise InfeasibleFleetError(
             "no group of the fleet can hold a replica with a valid TP/PP layout (every stage needs at least one "

@@ -137,6 +137,14 @@ def test_infeasible_fleet_reports_the_shortfall():
     assert "GiB short" in str(info.value) and info.value.field == "fleet"
 
 
+def test_disaggregation_needs_two_replicas_and_says_so():
+    c = make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 2}])
+    with pytest.raises(InfeasibleFleetError, match="only one") as info:
+        solve(c, mode=DISAGGREGATED)
+    assert info.value.shortfall_gib > 100
+    assert solve(c, mode="auto").mode == COLOCATED
+
+
 def test_bad_mode_and_time_limit_name_the_field():
     c = make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 8}])
     with pytest.raises(PlanInputError, match="mode: 'fast' is not a mode"):
