@@ -240,11 +240,9 @@ import time; time.sleep(600)
 """
 
 FAKE_PREFILL = """
-import sys, time, torch, zmq
-from kvtransfer.framing import transfer_messages
+import pickle, time, zmq
 from kvtransfer.sockets import make_socket
-kv = torch.randn({shape})
-messages = transfer_messages({transfer_id!r}, kv, num_tokens={num_tokens}, prompt_hash={prompt_hash!r})
+messages = pickle.load(open({path!r}, "rb"))
 sock = make_socket(zmq.Context(), zmq.DEALER, {endpoint!r}, bind=False)
 for frames in messages[: len(messages) // 2]:
     sock.send_multipart(frames)
@@ -280,18 +278,16 @@ def test_decode_killed_mid_transfer_prefill_keeps_serving(cluster, tmp_path):
     assert run_decode(cluster, prompts, run_prefill(cluster, prompts)) == run_reference(cluster, prompts)
 
 
-def test_prefill_killed_mid_transfer_decode_recomputes(cluster):
+def test_prefill_killed_mid_transfer_decode_recomputes(cluster, tmp_path):
+    import pickle
+
     prompt = random_prompt(400, seed=6000)
     transfer_id = new_transfer_id()
-    shape = (num_kv_layers(), -(-len(prompt) // BLOCK_SIZE), *tiny_block_shape())
+    messages = transfer_messages(transfer_id, prompt_kv(prompt), num_tokens=len(prompt), prompt_hash=prompt_hash(prompt))
+    path = tmp_path / "messages.pkl"
+    path.write_bytes(pickle.dumps([[bytes(f) for f in m] for m in messages]))
     before = cluster.decode_stats()
-    fake = spawn_python(
-        textwrap.dedent(
-            FAKE_PREFILL.format(
-                shape=shape, transfer_id=transfer_id, num_tokens=len(prompt), prompt_hash=prompt_hash(prompt), endpoint=cluster.decode_endpoint
-            )
-        )
-    )
+    fake = spawn_python(textwrap.dedent(FAKE_PREFILL.format(path=str(path), endpoint=cluster.decode_endpoint)))
     try:
         assert fake.stdout.readline().strip() == "mid-transfer"
         fake.send_signal(signal.SIGKILL)
