@@ -1,0 +1,113 @@
+"""Scheduler-side bookkeeping with small fakes of vLLM's objects: which blocks go when."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from kvtransfer.handoff import prefill_params, prompt_hash
+from kvtransfer.scheduler_side import SchedulerSide
+
+BLOCK = 4
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    kv_transfer_params: dict | None
+    num_computed_tokens: int = 0
+
+
+@dataclass
+class FakeBlock:
+    block_id: int
+    block_hash: object = None
+    is_null: bool = False
+
+
+@dataclass
+class FakeBlocks:
+    blocks: tuple = field(default_factory=tuple)
+
+    def get_block_ids(self):
+        return ([b.block_id for b in self.blocks[0]],)
+
+
+class FakeManager:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_block_ids(self, request_id):
+        return (self.ids[request_id],)
+
+
+def step(side: SchedulerSide, request: FakeRequest, scheduled: int):
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={request.request_id: scheduled}))
+    request.num_computed_tokens += scheduled
+    return meta
+
+
+def producer(prompt_len: int, physical=(10, 11, 12, 13)):
+    side = SchedulerSide(BLOCK)
+    side.kv_cache_manager = FakeManager({"r": list(physical)})
+    request = FakeRequest("r", list(range(prompt_len)), prefill_params("ipc:///tmp/d", transfer_id="t"))
+    side.update_state_after_alloc(request, FakeBlocks(), 0)
+    return side, request
+
+
+def test_chunked_prefill_sends_each_block_once_in_order():
+    side, request = producer(10)
+    first = step(side, request, 6)  # tokens 0..5: block 0 complete
+    second = step(side, request, 4)  # tokens 6..9: the rest, partial last block included
+    (a,), (b,) = first.sends, second.sends
+    assert (a.first_block, a.block_ids, a.is_first, a.is_last) == (0, [10], True, False)
+    assert (b.first_block, b.block_ids, b.is_first, b.is_last) == (1, [11, 12], False, True)
+    assert a.num_blocks == b.num_blocks == 3 and a.prompt_hash == prompt_hash(request.prompt_token_ids)
+    done, params = side.request_finished(request, [10, 11, 12])
+    assert done is False and params["do_remote_prefill"] and params["transfer_id"] == "t"
+    assert params["num_prompt_tokens"] == 10 and params["decode_endpoint"] == "ipc:///tmp/d"
+
+
+def test_prefix_cache_hit_on_prefill_still_sends_cached_blocks():
+    side, request = producer(10)
+    request.num_computed_tokens = 8  # two blocks came from the local prefix cache
+    (spec,) = step(side, request, 2).sends
+    assert (spec.first_block, spec.block_ids, spec.is_first, spec.is_last) == (0, [10, 11, 12], True, True)
+
+
+def test_step_without_a_finished_block_sends_nothing():
+    side, request = producer(10)
+    assert step(side, request, 3).sends == []
+    (spec,) = step(side, request, 7).sends
+    assert spec.is_first and spec.is_last and spec.block_ids == [10, 11, 12]
+
+
+def test_request_ending_before_its_prompt_aborts_the_transfer():
+    side, request = producer(10)
+    step(side, request, 6)
+    assert side.request_finished(request, [10, 11]) == (False, None)
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).aborts == [("ipc:///tmp/d", "t")]
+
+
+def test_decode_loads_only_blocks_past_the_local_hit_and_only_once():
+    side = SchedulerSide(BLOCK)
+    prompt = list(range(10))
+    request = FakeRequest("d", prompt, {"do_remote_prefill": True, "transfer_id": "t"})
+    assert side.get_num_new_matched_tokens(request, 4) == (6, True)
+    blocks = FakeBlocks(([FakeBlock(20, block_hash="h0"), FakeBlock(21), FakeBlock(22), FakeBlock(23)],))
+    side.update_state_after_alloc(request, blocks, 6)
+    (load,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert (load.first_block, load.block_ids, load.num_tokens) == (1, [21, 22], 10)
+    assert load.prompt_hash == prompt_hash(prompt)
+    # After a failed load vLLM asks again from zero: now it must recompute.
+    assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+
+
+def test_requests_without_params_are_ignored():
+    side = SchedulerSide(BLOCK)
+    request = FakeRequest("x", [1, 2, 3], None)
+    assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+    side.update_state_after_alloc(request, FakeBlocks(), 0)
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"x": 3}))
+    assert meta.sends == [] and meta.loads == [] and side.request_finished(request, []) == (False, None)
