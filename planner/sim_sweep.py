@@ -27,9 +27,9 @@ class SweepPoint:
 
 
 def run_at(fleet: SimFleet, trace: list[TraceRequest], costs: SimCosts, slo: SLO, wcfg: WorkloadConfig,
-           rate_scale: float) -> SweepPoint:
+           rate_scale: float, routing: str = "load_aware") -> SweepPoint:
     workload = build_workload(replace(wcfg, arrival="trace", rate_scale=rate_scale), trace)
-    records = simulate(fleet, workload, costs, SimConfig(keep_itls=False))
+    records = simulate(fleet, workload, costs, SimConfig(keep_itls=False, routing=routing))
     result = build_result(records, slo, {"source": "simulation", "fleet": fleet.name, "rate_scale": rate_scale},
                           per_request=False)
     result.pop("timeline", None)
@@ -37,19 +37,20 @@ def run_at(fleet: SimFleet, trace: list[TraceRequest], costs: SimCosts, slo: SLO
 
 
 def max_rate_at_slo(fleet: SimFleet, trace: list[TraceRequest], costs: SimCosts, slo: SLO, wcfg: WorkloadConfig,
-                    target: float = 0.9, lo: float = 0.05, hi: float = 64.0, iterations: int = 12) -> SweepPoint | None:
+                    target: float = 0.9, lo: float = 0.05, hi: float = 64.0, iterations: int = 12,
+                    routing: str = "load_aware") -> SweepPoint | None:
     """The best point with attainment >= target (None when even `lo` misses it)."""
     best = None
-    point = run_at(fleet, trace, costs, slo, wcfg, lo)
+    point = run_at(fleet, trace, costs, slo, wcfg, lo, routing)
     if point.result["slo_attainment"] < target:
         return None
     best = point
-    top = run_at(fleet, trace, costs, slo, wcfg, hi)
+    top = run_at(fleet, trace, costs, slo, wcfg, hi, routing)
     if top.result["slo_attainment"] >= target:
         return top
     for _ in range(iterations):
         mid = (lo * hi) ** 0.5  # geometric: rates span orders of magnitude
-        point = run_at(fleet, trace, costs, slo, wcfg, mid)
+        point = run_at(fleet, trace, costs, slo, wcfg, mid, routing)
         if point.result["slo_attainment"] >= target:
             best, lo = point, mid
         else:
