@@ -78,7 +78,9 @@ class KVSender:
             while True:
                 if transfer_id in self._failed:
                     return False
-                if not self._queue or self._queued_bytes + nbytes <= self.max_queued_bytes:
+                # Bytes count until the socket took them; a single message larger
+                # than the credit still goes, alone.
+                if self._queued_bytes == 0 or self._queued_bytes + nbytes <= self.max_queued_bytes:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
