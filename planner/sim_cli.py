@@ -39,6 +39,8 @@ def add_simulate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft-ms", type=float, help="default: the plan's workload SLO")
     p.add_argument("--slo-tpot-ms", type=float, help="default: the plan's workload SLO")
     p.add_argument("--profile", help="measured profile JSON: use it instead of the analytical model")
+    p.add_argument("--routing", default="load_aware", choices=("load_aware", "weighted"),
+                   help="load_aware: the router's policy (default); weighted: the plan's weights alone")
     p.add_argument("--find-max-rate", action="store_true", help="bisect the rate for SLO attainment >= --attainment")
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX_*.png")
@@ -67,9 +69,13 @@ def cmd_simulate(args) -> int:
     from planner.sim_sweep import max_rate_at_slo
     from planner.simulator import SimConfig, simulate
 
-    plan = load_plan(args.plan)
-    cluster = load_cluster(args.cluster) if args.cluster else None
-    fleet = fleet_from_plan(plan, cluster)
+    try:
+        plan = load_plan(args.plan)
+        cluster = load_cluster(args.cluster) if args.cluster else None
+        fleet = fleet_from_plan(plan, cluster)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: cannot simulate {args.plan}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     model = model_from_fields(plan.model, "plan.model")
     costs = _costs(args, model, cluster)
     slo_cfg = plan.workload.get("slo") or {}
@@ -84,9 +90,9 @@ def cmd_simulate(args) -> int:
                           max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens)
     meta = {"source": "simulation", "plan": str(args.plan), "trace": args.trace, "fleet": fleet.name,
             "num_gpus": fleet.num_gpus, "cost_per_hour": fleet.price_per_hour,
-            "costs": "profile" if args.profile else "analytic"}
+            "costs": "profile" if args.profile else "analytic", "routing": args.routing}
     if args.find_max_rate:
-        best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=args.attainment)
+        best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=args.attainment, routing=args.routing)
         if best is None:
             print(f"the plan misses {args.attainment:.0%} SLO attainment even at the lowest rate tried")
             return 1
@@ -95,7 +101,8 @@ def cmd_simulate(args) -> int:
         result = {**meta, **best.result, "offered_rate_rps": best.rate_rps}
     else:
         workload = build_workload(wcfg, trace)
-        records = simulate(fleet, workload, costs, SimConfig(keep_itls=len(workload) <= 20_000))
+        records = simulate(fleet, workload, costs,
+                           SimConfig(keep_itls=len(workload) <= 20_000, routing=args.routing))
         result = build_result(records, slo, meta)
     print(summary_table(result))
     if args.out:
