@@ -61,6 +61,7 @@ class KVSender:
         self._ctx = zmq.Context.instance()
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_bytes = 0
+        self._in_flight = 0  # popped from the queue, not yet handed to ZeroMQ
         self._cond = threading.Condition()
         self._failed: dict[str, float] = {}  # transfer_id -> when (pruned after a while)
         self._awaiting_ack: dict[str, float] = {}  # transfer_id -> deadline
@@ -113,7 +114,7 @@ class KVSender:
         """Block until everything queued was sent and acked or failed (tests, benchmarks)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._queue or self._awaiting_ack:
+            while self._queue or self._in_flight or self._awaiting_ack:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -149,6 +150,7 @@ class KVSender:
                     if not self._queue and not self._awaiting_ack:
                         self._cond.wait(0.1)
                     item = self._queue.popleft() if self._queue else None
+                    self._in_flight += item is not None
                 if item is not None:
                     self._send(item, sockets, poller)
                 self._receive_acks(poller, timeout_ms=0 if item is not None else 5)
@@ -188,6 +190,7 @@ class KVSender:
                     self._mark_failed(item.transfer_id, f"send to {item.endpoint} failed: {exc or 'timed out'}")
                 failed = True
         with self._cond:
+            self._in_flight -= 1
             self._queued_bytes -= item.nbytes
             if not failed:
                 self.stats.add("bytes_sent", item.nbytes)
