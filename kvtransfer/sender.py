@@ -65,6 +65,7 @@ class KVSender:
         self._cond = threading.Condition()
         self._failed: dict[str, float] = {}  # transfer_id -> when (pruned after a while)
         self._awaiting_ack: dict[str, float] = {}  # transfer_id -> deadline
+        self._open: set[str] = set()  # submitted, neither acked nor failed: the only ids an Ack may settle
         self.results: dict[str, str] = {}  # transfer_id -> "ok" | error, for tests/benchmarks
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="kvtransfer-send", daemon=True)
@@ -91,6 +92,7 @@ class KVSender:
                     return False
                 self._cond.wait(remaining)
             self._queue.append(_Item(endpoint, transfer_id, frames, nbytes, is_end))
+            self._open.add(transfer_id)
             self._queued_bytes += nbytes
             self._cond.notify_all()
         return True
@@ -133,6 +135,7 @@ class KVSender:
         """Caller holds the lock."""
         if transfer_id in self._failed:
             return
+        self._open.discard(transfer_id)
         self._failed[transfer_id] = time.monotonic()
         self._awaiting_ack.pop(transfer_id, None)
         self.results[transfer_id] = reason
@@ -217,8 +220,11 @@ class KVSender:
 
     def _on_ack(self, ack: Ack) -> None:
         with self._cond:
+            if ack.transfer_id not in self._open:
+                return  # not ours or already settled (e.g. a refusal of a garbled frame)
             if ack.ok and ack.transfer_id in self._awaiting_ack:
                 del self._awaiting_ack[ack.transfer_id]
+                self._open.discard(ack.transfer_id)
                 self.results[ack.transfer_id] = "ok"
                 self.stats.add("transfers_sent_ok")
             elif not ack.ok:
