@@ -1,5 +1,6 @@
 import pytest
 
+from loadtest_fixtures import tokenizer_dir, tokenizer_dir_plain  # noqa: F401 (pytest fixtures)
 from loadtest.prompts import PromptBuilder, PromptError, load_tokenizer
 
 

@@ -5,6 +5,7 @@ import socket
 
 import pytest
 
+from loadtest_fixtures import make_fake_server, tokenizer_dir  # noqa: F401 (pytest fixtures)
 from loadtest.__main__ import main
 from loadtest.metrics import summarize
 from loadtest.prompts import PromptBuilder, load_tokenizer

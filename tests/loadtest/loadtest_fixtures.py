@@ -1,4 +1,4 @@
-"""Fixtures for the harness tests: a local tokenizer folder and the fake server."""
+"""Fixtures for the harness tests (imported by name: a conftest.py here would shadow tests/conftest.py)."""
 
 from __future__ import annotations
 
