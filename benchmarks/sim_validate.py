@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-input-tokens", type=int, default=768)
     ap.add_argument("--max-output-tokens", type=int, default=64)
     ap.add_argument("--trace", default="azure-conv")
+    ap.add_argument("--profile", help="a hexserve.profile file (e.g. from `python -m planner profile --url ...`) "
+                                      "to use instead of profiling with the harness")
     ap.add_argument("--out", default=str(RESULTS / "sim_validate"))
     args = ap.parse_args(argv)
 
@@ -156,10 +158,14 @@ def main(argv=None) -> int:
     rows, runs = [], []
     slo = SLO(ttft_ms=1000, tpot_ms=100)
     with server as (url, model):
-        prof = profile(url, model, tokenizer, (32, 128, 256, 512, 768), (1, 4, 8, 16), (64, 384))
-        prof_doc = {"schema": "hexserve.profile", "schema_version": 1, "gpu_type": "CPU", "tp": 1,
-                    "source": {"how": "benchmarks.sim_validate via the load-test harness", "target": args.target},
-                    **prof}
+        if args.profile:
+            prof_doc = json.loads(Path(args.profile).read_text())
+            prof = {"prefill": prof_doc["prefill"], "decode": prof_doc["decode"]}
+        else:
+            prof = profile(url, model, tokenizer, (32, 128, 256, 512, 768), (1, 4, 8, 16), (64, 384))
+            prof_doc = {"schema": "hexserve.profile", "schema_version": 1, "gpu_type": "CPU", "tp": 1,
+                        "source": {"how": "benchmarks.sim_validate via the load-test harness",
+                                   "target": args.target}, **prof}
         Path(f"{args.out}_profile_{args.target}.json").write_text(json.dumps(prof_doc, indent=1))
         measured = []
         for i, scale in enumerate(float(x) for x in args.rate_scales.split(",")):
