@@ -143,11 +143,13 @@ def solve_exact(
         cap_p = dict(cands[PREFILL])
         cap_d = dict(cands[DECODE])
         over_link: dict[tuple[str, str], list] = {}
+        route_flows: list = []
         for (pg, dg), (allowed, rcap) in pairs.items():
             if not allowed or pg not in cap_p or dg not in cap_d:
                 continue
             hi = int(min(cap_p[pg], cap_d[dg]) * SCALE) * cluster.num_gpus
-            f = model.NewIntVar(0, hi, f"f_{len(out_flow[pg])}_{id(dg) % 997}")
+            f = model.NewIntVar(0, hi, f"flow_{len(route_flows)}")
+            route_flows.append(f)
             out_flow[pg].append(f)
             in_flow[dg].append(f)
             link = (routes.region(pg), routes.region(dg))

@@ -71,11 +71,10 @@ class RouteTable:
         self._cache: dict[tuple, Route] = {}
         self._worst: dict[tuple, float] = {}
         self._min_bw: dict[int, float] = {}
-        regions = {n.region for n in cluster.nodes}
-        self._max_region_latency = max(
-            (float(cluster.latency[a.index, b.index]) for a in cluster.nodes for b in cluster.nodes if a.region == b.region),
-            default=0.0,
-        ) if len(regions) == 1 else None
+        # The slowest link latency of a one-region fleet (None with several regions: routes between
+        # regions always get the pair-by-pair check).
+        one_region = len({n.region for n in cluster.nodes}) == 1
+        self.max_region_latency = float(cluster.latency.max()) if one_region else None
         # A shared inter-region link carries this many average requests' KV per second.
         self.link_rps = {pair: bw / self.kv_bytes for pair, bw in cluster.region_bandwidth.items()}
 
@@ -179,7 +178,7 @@ def _routes_cannot_bind(prefill, decode, routes: RouteTable) -> bool:
     and ``max(r_D + TPOT_D) + latency`` fit every budget, every route exists.
     Otherwise the caller checks the pairs one by one.
     """
-    latency = routes._max_region_latency
+    latency = routes.max_region_latency
     if latency is None:
         return False
     worst_tpot = max(d.latency_s for _, d in decode)
