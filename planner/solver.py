@@ -62,10 +62,13 @@ class Planner:
         self.evaluator = GroupEvaluator(cluster)
         self.routes = RouteTable(cluster)
 
+    def fleet_memory_bytes(self) -> float:
+        """Usable memory of every GPU in the fleet together."""
+        return self.evaluator.memory_bytes(tuple((n.index, n.num_gpus) for n in self.cluster.nodes))
+
     def check_feasible(self) -> None:
-        whole: Group = tuple((n.index, n.num_gpus) for n in self.cluster.nodes)
         need = self.evaluator.min_replica_bytes()
-        have = self.evaluator.memory_bytes(whole)
+        have = self.fleet_memory_bytes()
         if have < need:
             gib = (need - have) / 1024**3
             raise InfeasibleFleetError(
@@ -175,8 +178,7 @@ def solve(cluster: Cluster, mode: str = "auto", seed: int = 0, time_limit_s: flo
         outcomes.append(planner.search(m, seed, deadline))
     best = max(outcomes, key=lambda o: (o.value_rps, o.mode == DISAGGREGATED))
     if best.value_rps <= 0 and best.mode == DISAGGREGATED and best.state.groups:
-        need = 2 * planner.evaluator.min_replica_bytes()
-        have = planner.evaluator.memory_bytes(tuple((n.index, n.num_gpus) for n in cluster.nodes))
+        need, have = 2 * planner.evaluator.min_replica_bytes(), planner.fleet_memory_bytes()
         raise InfeasibleFleetError(
             "disaggregated serving needs a prefill and a decode replica, and this fleet holds only one "
             f"({max(need - have, 0) / 1024**3:.1f} GiB short of two); use --mode colocated or auto",
