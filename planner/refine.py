@@ -138,25 +138,15 @@ class Search:
         return result.value_rps, result
 
     def upper_bound(self, state: State, move: Move, sums: tuple[float, float]) -> float:
-        sum_p, sum_d = sums
-        for i in move.remove:
-            role = state.roles[i]
-            if role == PREFILL:
-                sum_p -= self.cap(state.groups[i], PREFILL)
-            elif role == DECODE:
-                sum_d -= self.cap(state.groups[i], DECODE)
-            else:
-                sum_p -= self.cap(state.groups[i], COLOCATED)
-        for g, role in move.add:
-            if role == PREFILL:
-                sum_p += self.cap(g, PREFILL)
-            elif role == DECODE:
-                sum_d += self.cap(g, DECODE)
-            else:
-                sum_p += self.cap(g, COLOCATED)
-        return sum_p if self.mode == COLOCATED else min(sum_p, sum_d)
+        """``min(sum prefill, sum decode)`` after the move (the colocated sum in that mode): bounds the flow."""
+        totals = {PREFILL: sums[0], DECODE: sums[1]}
+        changes = [(state.groups[i], state.roles[i], -1.0) for i in move.remove] + [(g, r, 1.0) for g, r in move.add]
+        for group, role, sign in changes:
+            totals[DECODE if role == DECODE else PREFILL] += sign * self.cap(group, role)
+        return totals[PREFILL] if self.mode == COLOCATED else min(totals.values())
 
     def sums(self, state: State) -> tuple[float, float]:
+        """(sum of prefill or colocated capacity, sum of decode capacity)."""
         sum_p = sum_d = 0.0
         for g, r in zip(state.groups, state.roles):
             if r == DECODE:
