@@ -38,13 +38,11 @@ def reference_llm(tiny_model_dir):
     gc.collect()
 
 
-EMBEDDED_API_KEY = "test-key-123"
-
 
 @pytest.fixture(scope="session")
 def embedded_router(tmp_path_factory, tiny_model_dir):
     """`python -m router serve` (the embedded default: one prefill, one decode worker), with an API key."""
-    from router_process import start_router
+    from router_process import EMBEDDED_API_KEY, start_router
 
     router = start_router(tmp_path_factory.mktemp("embedded-router"), api_key=EMBEDDED_API_KEY)
     yield router

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+EMBEDDED_API_KEY = "test-key-123"  # the session-wide embedded router requires it
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import EMBEDDED_API_KEY
 from engine.tiny_model import TINY_MODEL_NAME
+from router_process import EMBEDDED_API_KEY
 
 pytestmark = pytest.mark.slow
 
