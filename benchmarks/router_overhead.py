@@ -50,6 +50,7 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
     from router.app import RouterSettings, create_app
     from router.cluster import Cluster
     from router.routing import Route
+    from engine.aio import run_event_loop
     from router.serve import load_tokenizer
 
     async def main():
@@ -60,7 +61,7 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
         app = create_app(cluster, RouterSettings(TINY_MODEL_NAME, 1024), load_tokenizer(str(build_tiny_model())))
         await uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")).serve()
 
-    asyncio.run(main())
+    run_event_loop(main())
 
 
 async def _direct(prefill_ep: str, decode_ep: str, n: int, concurrency: int) -> tuple[list[float], float]:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for mode, concurrency, n in (("sequential", 1, max(50, args.requests // 4)),
                                      ("concurrent", args.concurrency, args.requests)):
-            asyncio.run(_via_router(port, 20, 1))  # warm up connections and the tokenizer
+            asyncio.run(_via_router(port, 4 * concurrency, concurrency))  # warm up connections and the tokenizer
             direct, direct_wall = asyncio.run(_direct(prefill_ep, decode_ep, n, concurrency))
             routed, routed_wall = asyncio.run(_via_router(port, n, concurrency))
             rows.append({

@@ -31,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from engine import control_protocol as proto
+from engine.aio import run_event_loop
 from engine.config import EngineSettings
 from engine.zmq_sockets import make_socket
 
@@ -282,4 +283,4 @@ def run_worker(server: WorkerServer, exit_with_parent: bool = False) -> None:
                 watcher.cancel()
             log.info("worker %s exited after %.1f s", server.worker_id, time.monotonic() - started)
 
-    asyncio.run(main())
+    run_event_loop(main())

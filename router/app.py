@@ -35,7 +35,8 @@ from router.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.25
+# Prompts shorter than this are tokenized on the event loop: a thread hop costs more.
+INLINE_TOKENIZE_MAX_CHARS = 4096
 
 
 @dataclass(slots=True)
@@ -129,7 +130,11 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
             raise ApiError(404, f"model {req.model!r} does not exist; this server serves {settings.served_model_name!r}",
                            param="model", code="model_not_found")
         if kind == "completion":
-            prompt_ids = await asyncio.to_thread(_tokenize_prompt, req.single_prompt())
+            prompt = req.single_prompt()
+            if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_MAX_CHARS:
+                prompt_ids = await asyncio.to_thread(_tokenize_prompt, prompt)
+            else:
+                prompt_ids = _tokenize_prompt(prompt)
             max_tokens = req.max_tokens or settings.default_completion_max_tokens
         else:
             prompt_ids = await asyncio.to_thread(_tokenize_chat, req)
@@ -202,13 +207,16 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
             return StreamingResponse(_stream(prep, endpoint, response_id, created, model),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(_collect(prep, endpoint))
-        while not collect.done():
-            done, _ = await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
-            if not done and await request.is_disconnected():
-                collect.cancel()  # frees the request's KV on the workers
-                with contextlib.suppress(asyncio.CancelledError):
-                    await collect
-                return Response(status_code=499)
+        disconnect = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+        if not collect.done():  # the client went away: free the request's KV on the workers
+            collect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect
+            return Response(status_code=499)
         text, token_ids, finish_reason = collect.result()
         token_count = len(token_ids)
         if prep.kind == "completion":
@@ -222,6 +230,11 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
             choice["token_ids"] = token_ids
         return JSONResponse({"id": response_id, "object": obj, "created": created, "model": model,
                              "choices": [choice], "usage": _usage(prep, token_count)})
+
+    async def _client_gone(request: Request) -> None:
+        """Returns when the client disconnects (the body has been read, so only that message is left)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def _collect(prep: _Prepared, endpoint: str) -> tuple[str, list[int], str | None]:
         for attempt in range(2):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
+from engine.aio import run_event_loop
 from router.admission import Admission
 from router.app import RouterSettings, create_app
 from router.cluster import Cluster
@@ -133,4 +134,5 @@ async def _supervise(launcher, interval_s: float) -> None:
 
 def run(options: ServeOptions) -> None:
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(options))
+        run_event_loop(serve(options))
+
