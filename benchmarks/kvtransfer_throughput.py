@@ -157,7 +157,10 @@ def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[
                     cpu["kvtransfer" if checksum != "none" else "kvtransfer_nochecksum"].append(sender_cpu + receiver_cpu)
                     return elapsed
 
-                send_raw(), send_kv("xxh3")  # warm up connections and page cache
+                # Warm up connections and the allocator: glibc needs a couple of
+                # rounds before big freed frames are reused instead of re-faulted.
+                for _ in range(2):
+                    send_raw(), send_raw(hold=True), send_kv("xxh3")
                 for values in cpu.values():
                     values.clear()
                 for _ in range(repeats):
