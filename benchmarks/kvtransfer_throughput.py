@@ -75,7 +75,8 @@ def _kv_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
         transfer_id, cpu = job, _cpu_s()
         while (claim := receiver.claim(transfer_id)).state == "pending":
             time.sleep(0.05)  # not timed (the sender's clock stops at the Ack); keeps the GIL free
-        done.put((claim.state, _cpu_s() - cpu))  # dropping the claim frees the buffers
+        receiver.release(transfer_id)  # as the decode worker does once the request loaded it
+        done.put((claim.state, _cpu_s() - cpu))
     receiver.close()
 
 

@@ -218,11 +218,14 @@ class Assembler:
     # -- the decode side ---------------------------------------------------------------------
 
     def claim(self, transfer_id: str) -> Claim:
-        """A finished transfer, if there is one. Claiming starts a short grace
-        period (`reclaim_s`) in which the same transfer can be claimed again:
-        vLLM admits the children of a parallel-sampling request (n > 1) one by
-        one, possibly a step apart, and each loads the same KV. After that the
-        bytes are dropped and a later claim fails fast (decode recomputes)."""
+        """A finished transfer, if there is one. Claiming starts a grace period
+        in which the same transfer can be claimed again: vLLM admits the
+        children of a parallel-sampling request (n > 1) one by one, possibly a
+        step apart, and each loads the same KV. The period ends with
+        `release` (the worker calls it a couple of engine steps later) or
+        after `reclaim_s`; then the bytes are dropped and a later claim fails
+        fast (decode recomputes). Holding bytes longer than needed costs
+        throughput: fresh memory for every transfer instead of reused pages."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None or transfer.state == "receiving":
             return Claim("pending")
@@ -232,6 +235,13 @@ class Assembler:
             transfer.state = "claimed"
             transfer.deadline_s = self._clock() + self.reclaim_s
         return Claim("complete", transfer)
+
+    def release(self, transfer_id: str) -> None:
+        """End a claimed transfer's reclaim window now: its bytes go back at once."""
+        transfer = self._transfers.get(transfer_id)
+        if transfer is not None and transfer.state == "claimed":
+            self._release(transfer)
+            self._transfers[transfer_id] = Transfer(transfer.begin, self._clock() + self.lease_s, "failed", ALREADY_CLAIMED)
 
     def forget(self, transfer_id: str, error: str) -> None:
         """The decode side gave up waiting: fail the transfer if it is still arriving."""

@@ -48,6 +48,10 @@ class KVReceiver:
         with self._lock:
             return self.assembler.claim(transfer_id)
 
+    def release(self, transfer_id: str) -> None:
+        with self._lock:
+            self.assembler.release(transfer_id)
+
     def forget(self, transfer_id: str, error: str) -> None:
         with self._lock:
             self.assembler.forget(transfer_id, error)

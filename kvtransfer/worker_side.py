@@ -98,6 +98,7 @@ class WorkerSide:
         self._pending: dict[str, _PendingLoad] = {}
         self._finished: set[str] = set()
         self._failed: set[str] = set()
+        self._claimed: dict[str, int] = {}  # transfer_id -> polls left before its bytes are released
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -214,7 +215,20 @@ class WorkerSide:
             self._pending[spec.request_id] = _PendingLoad(spec, now + self.options.load_timeout_s)
         self._poll_loads()
 
+    # A claimed transfer stays loadable for this many more polls (engine steps),
+    # for parallel-sampling siblings admitted a step later; then it is released.
+    RECLAIM_POLLS = 3
+
+    def _release_claimed(self) -> None:
+        for transfer_id in list(self._claimed):
+            self._claimed[transfer_id] -= 1
+            if self._claimed[transfer_id] <= 0:
+                del self._claimed[transfer_id]
+                if self.receiver is not None:
+                    self.receiver.release(transfer_id)
+
     def _poll_loads(self) -> None:
+        self._release_claimed()
         if not self._pending:
             return
         if self.receiver is None:
@@ -228,6 +242,8 @@ class WorkerSide:
         # Requests sharing a transfer (parallel sampling, n > 1) load from one claim.
         for transfer_id, loads in by_transfer.items():
             claim = self.receiver.claim(transfer_id)
+            if claim.state == "complete":
+                self._claimed[transfer_id] = self.RECLAIM_POLLS
             if claim.state == "pending":
                 for pending in loads:
                     if now >= pending.deadline_s:

@@ -50,6 +50,21 @@ def deltas(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in before if isinstance(before[k], int) and k not in ("pid",)}
 
 
+def settled(read) -> dict:
+    """Counters once the previous test's updates are published (the worker
+    rewrites the file at most every 0.2 s), so deltas count only this test."""
+    import time
+
+    last = read()
+    for _ in range(20):
+        time.sleep(0.3)
+        current = read()
+        if {k: v for k, v in current.items() if k != "time_s"} == {k: v for k, v in last.items() if k != "time_s"}:
+            return current
+        last = current
+    return last
+
+
 def wait_delta(before: dict, read, key: str, timeout_s: float = 15.0) -> dict:
     """Counter deltas once `key` has moved (the worker publishes a few times a second)."""
     return wait_for(lambda: (d := deltas(before, read()))[key] and d, timeout_s=timeout_s, what=f"{key} to change")
@@ -86,7 +101,7 @@ def send_messages(endpoint: str, messages, *, want_ack: bool = True):
 
 def test_token_equality_many_prompts_in_flight(cluster):
     prompts = [random_prompt(n, seed=n) for n in LENGTHS]
-    before_d, before_p = cluster.decode_stats(), cluster.prefill_stats()
+    before_d, before_p = settled(cluster.decode_stats), settled(cluster.prefill_stats)
     handoffs = run_prefill(cluster, prompts)
     assert all(h and h["do_remote_prefill"] and h["num_prompt_tokens"] == len(p) for h, p in zip(handoffs, prompts))
     decoded = run_decode(cluster, prompts, handoffs)
@@ -103,7 +118,7 @@ def test_decode_really_uses_the_transferred_kv(cluster):
     """Valid frames carrying the wrong KV for a prompt change decode's output."""
     prompt = random_prompt(40, seed=1001)
     transfer_id = new_transfer_id()
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     ack = send_messages(cluster.decode_endpoint, transfer_messages(transfer_id, prompt_kv(prompt), num_tokens=len(prompt), prompt_hash=prompt_hash(prompt)))
     assert ack.ok, ack.error
     (decoded,) = run_decode(cluster, [prompt], [handoff_for(prompt, transfer_id)])
@@ -123,7 +138,7 @@ def test_prefill_token_is_a_stop_token_kv_still_handed_over(cluster):
         (h,) = run_prefill(cluster, [prompt], stop_token_ids=[stop])
         handoffs.append(h)
     assert all(h and h["do_remote_prefill"] for h in handoffs)
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     assert run_decode(cluster, prompts, handoffs) == run_reference(cluster, prompts)
     d = wait_for(lambda: (x := deltas(before, cluster.decode_stats()))["transfers_loaded_ok"] >= 2 and x)
     assert d["transfers_loaded_failed"] == 0
@@ -133,7 +148,7 @@ def test_decode_prefix_cache_hit_loads_only_the_tail(cluster):
     prompt = random_prompt(300, seed=3000)
     expected = run_reference(cluster, [prompt])
     for _ in range(2):  # the second time decode (and prefill) hold the first 2 blocks already
-        before = cluster.decode_stats()
+        before = settled(cluster.decode_stats)
         handoffs = run_prefill(cluster, [prompt])
         assert run_decode(cluster, [prompt], handoffs) == expected
         d = wait_delta(before, cluster.decode_stats, "transfers_loaded_ok")
@@ -145,7 +160,7 @@ def test_parallel_sampling_children_share_one_transfer(cluster):
 
     prompt = random_prompt(140, seed=3200)
     (handoff,) = run_prefill(cluster, [prompt])
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     # vLLM refuses n > 1 with temperature 0; 1e-5 samples the argmax all the same.
     params = SamplingParams(n=2, max_tokens=8, temperature=1e-5, seed=0, ignore_eos=True, extra_args={"kv_transfer_params": handoff})
     out = cluster.decode.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)[0]
@@ -161,7 +176,7 @@ def test_decode_request_aborted_while_waiting_for_kv(cluster):
 
     engine = cluster.decode.llm_engine
     prompt = random_prompt(30, seed=3300)
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     from kvt_engines import greedy
 
     params = greedy(extra_args={"kv_transfer_params": handoff_for(prompt, "never-sent-" + new_transfer_id())})
@@ -187,7 +202,7 @@ def test_shared_prefix_between_requests(cluster):
 
 def test_missing_transfer_times_out_and_recomputes(cluster):
     prompt = random_prompt(20, seed=4000)
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     decoded = run_decode(cluster, [prompt], [handoff_for(prompt, "never-sent-" + new_transfer_id())])
     assert decoded == run_reference(cluster, [prompt])
     d = wait_delta(before, cluster.decode_stats, "load_timeouts")
@@ -201,7 +216,7 @@ def test_corrupt_transfer_refused_and_recomputed(cluster):
     payload = bytearray(messages[2][1])
     payload[100] ^= 0xFF
     messages[2][1] = bytes(payload)
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     ack = send_messages(cluster.decode_endpoint, messages[:3])
     assert not ack.ok and "checksum" in ack.error
     assert run_decode(cluster, [prompt], [handoff_for(prompt, transfer_id)]) == run_reference(cluster, [prompt])
@@ -212,14 +227,14 @@ def test_corrupt_transfer_refused_and_recomputed(cluster):
 def test_kv_for_another_prompt_is_not_used(cluster):
     prompt, other = random_prompt(30, seed=4200), random_prompt(30, seed=4201)
     (handoff,) = run_prefill(cluster, [other])
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     assert run_decode(cluster, [prompt], [handoff]) == run_reference(cluster, [prompt])
     assert wait_delta(before, cluster.decode_stats, "transfers_loaded_failed")["transfers_loaded_failed"] == 1
 
 
 def test_unclaimed_kv_expires_under_lease(cluster):
     prompt = random_prompt(25, seed=4300)
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     (handoff,) = run_prefill(cluster, [prompt])  # decode never asks for it
     d = wait_delta(before, cluster.decode_stats, "lease_expiries", timeout_s=30)
     assert d["lease_expiries"] == 1
@@ -256,7 +271,7 @@ def test_decode_killed_mid_transfer_prefill_keeps_serving(cluster, tmp_path):
     fake = spawn_python(textwrap.dedent(FAKE_DECODE.format(endpoint=endpoint)))
     try:
         assert fake.stdout.readline().strip() == "ready"
-        before = cluster.prefill_stats()
+        before = settled(cluster.prefill_stats)
         from vllm import SamplingParams
 
         from kvtransfer.handoff import prefill_params
@@ -286,7 +301,7 @@ def test_prefill_killed_mid_transfer_decode_recomputes(cluster, tmp_path):
     messages = transfer_messages(transfer_id, prompt_kv(prompt), num_tokens=len(prompt), prompt_hash=prompt_hash(prompt))
     path = tmp_path / "messages.pkl"
     path.write_bytes(pickle.dumps([[bytes(f) for f in m] for m in messages]))
-    before = cluster.decode_stats()
+    before = settled(cluster.decode_stats)
     fake = spawn_python(textwrap.dedent(FAKE_PREFILL.format(path=str(path), endpoint=cluster.decode_endpoint)))
     try:
         assert fake.stdout.readline().strip() == "mid-transfer"

@@ -111,11 +111,21 @@ def test_assembler_completes_and_reassembles_exactly():
     assert claim.state == "complete"
     assert torch.equal(reassemble(claim.transfer), data)
     assert a.claim("t1").state == "complete"  # a sibling (n > 1) admitted a step later
-    now[0] = 3.0
-    a.expire()
+    assert a.held_bytes() > 0
+    a.release("t1")  # the worker ends the window early
     assert a.reserved_bytes == 0 and a.held_bytes() == 0
     again = a.claim("t1")  # a late duplicate must not wait for KV that is gone
     assert again.state == "failed" and "already claimed" in again.error
+
+
+def test_reclaim_window_also_ends_by_itself():
+    now = [0.0]
+    a = Assembler(reclaim_s=2, clock=lambda: now[0])
+    feed(a, transfer_messages("t1", kv()))
+    assert a.claim("t1").state == "complete"
+    now[0] = 3.0
+    a.expire()
+    assert a.held_bytes() == 0 and a.reserved_bytes == 0 and a.claim("t1").state == "failed"
 
 
 def test_claim_before_arrival_is_pending_and_lease_expiry_frees():
