@@ -30,7 +30,10 @@ def test_open_loop_run_measures_the_fake_server(tokenizer_dir, make_fake_server)
     assert s["output_len_mismatches"] == 0 and s["input_len_mismatches"] == 0
     assert all(r.server_prompt_tokens == 20 for r in out.records)
     assert min(r.ttft_s for r in out.records) >= 0.05
-    assert min(g for r in out.records for g in r.itls_s) >= 0.009
+    # Lower bounds only (the server cannot be faster than its sleeps); chunks may arrive
+    # bunched on a busy machine, so single gaps are not bounded below.
+    assert min(r.latency_s for r in out.records) >= 0.05 + 5 * 0.01
+    assert all(len(r.itls_s) == 5 for r in out.records)
     body = srv.cfg.bodies[0]
     assert body["ignore_eos"] is True and body["max_tokens"] == body["min_tokens"] == 6
     assert isinstance(body["prompt"], list) and len(body["prompt"]) == 20
@@ -72,7 +75,7 @@ def test_duration_and_drain_bound_the_run(tokenizer_dir, make_fake_server):
     # drain 0.5 s cancels what is still streaming.
     w, prompts = _workload(tokenizer_dir, rate_rps=10.0, max_requests=100, output_len=20)
     out = run(RunConfig(srv.url, duration_s=0.5, drain_s=0.5, progress=False), w, prompts)
-    assert out.wall_s < 3.0
+    assert out.wall_s < 8.0  # unbounded, it would take > 19 s (sending 10 s + 10 s per stream)
     assert 1 <= len(out.records) <= 10 and out.not_sent == 100 - len(out.records)
     assert {r.error_kind for r in out.records} == {"cancelled"}
 
