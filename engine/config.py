@@ -68,8 +68,21 @@ class EngineSettings:
         return kwargs
 
     def apply_process_env(self) -> None:
-        """Set the environment vLLM reads at engine start (call before importing vllm engines)."""
+        """Set the environment vLLM reads at engine start (call before building an engine).
+
+        On a machine without a GPU, vLLM's engine processes stop busy-waiting
+        on each other (see engine.vllm_plugin): with several engines sharing
+        few cores, spinning readers starve the model.
+        """
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_gib))
+        if not _has_cuda():
+            os.environ.setdefault("HEXSERVE_VLLM_SPIN_SLEEP_S", "0.0002")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def tiny_model_settings(**overrides: Any) -> EngineSettings:

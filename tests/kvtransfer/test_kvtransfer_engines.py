@@ -312,7 +312,10 @@ def test_prefill_killed_mid_transfer_decode_recomputes(cluster, tmp_path):
         fake.wait(10)
     assert run_decode(cluster, [prompt], [handoff_for(prompt, transfer_id)]) == run_reference(cluster, [prompt])
     d = wait_delta(before, cluster.decode_stats, "transfers_loaded_failed")
-    assert d["transfers_loaded_failed"] == 1 and d["transfers_loaded_ok"] == 0
+    # The truncated transfer was refused (a load of it would not count as failed).
+    # Only failures are compared: under load, earlier tests' successful loads
+    # can still be published inside this window.
+    assert d["transfers_loaded_failed"] == 1
     # Decode still takes transfers afterwards.
     prompts = [random_prompt(35, seed=6100)]
     assert run_decode(cluster, prompts, run_prefill(cluster, prompts)) == run_reference(cluster, prompts)

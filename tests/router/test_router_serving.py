@@ -169,6 +169,7 @@ def test_client_disconnect_aborts_on_workers(embedded_router):
 
 def test_metrics_count_requests_and_kv_transfers(embedded_router):
     _client(embedded_router).completions.create(model=TINY_MODEL_NAME, prompt="metrics", max_tokens=4)
+    time.sleep(1.5)  # workers publish their counters a few times a second; the router reads them on each ping
     text = httpx.get(f"{embedded_router.base_url}/metrics").text
     ok = re.search(r'hexserve_requests_total\{endpoint="completions",status="ok"\} (\d+)', text)
     assert ok and int(ok.group(1)) >= 1

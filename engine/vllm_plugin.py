@@ -1,0 +1,50 @@
+"""A vLLM general plugin (loaded by vLLM in every engine process): no busy-waiting on shared CPUs.
+
+vLLM's engine core and its model worker hand work to each other through a
+shared-memory queue whose reader spins (`sched_yield`) for a second after
+every message (`SpinCondition.busy_loop_s = 1`). With a GPU and spare cores
+that saves microseconds. On a CPU machine running several engines, the
+spinning readers take the cores the model needs: two spinning engines on two
+cores made each decode step several times slower here.
+
+With `HEXSERVE_VLLM_SPIN_SLEEP_S` set (the workers set it on CPU), a reader
+inside its busy-wait window sleeps that long instead of yielding: it still
+sees new work within a fraction of a millisecond, but leaves the cores to
+the model. Outside the window vLLM's own wait (a ZeroMQ notification) is
+unchanged. (Waiting on the notification alone, with no busy window, lost
+wake-ups here and stalled steps for a second: that is why we sleep-poll.)
+The class's `wait` is patched rather than its constructor because the worker
+process builds its queues before vLLM loads plugins; `wait` is looked up at
+call time, so queues built earlier follow the setting too.
+
+Registered in pyproject.toml under the `vllm.general_plugins` entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+ENV_VAR = "HEXSERVE_VLLM_SPIN_SLEEP_S"
+
+
+def register() -> None:
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return
+    sleep_s = float(value)
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    spin = shm_broadcast.SpinCondition
+    if getattr(spin.wait, "_hexserve_patched", False):
+        return
+    original_wait = spin.wait
+
+    def wait(self, timeout_ms=None):
+        if self.is_reader and time.monotonic() <= self.last_read + self.busy_loop_s:
+            time.sleep(sleep_s)
+            return
+        original_wait(self, timeout_ms)
+
+    wait._hexserve_patched = True
+    spin.wait = wait
