@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from threaded_server import ThreadedServer
 
 MODEL = "fake-model"
 
@@ -79,31 +77,9 @@ def make_app(cfg: FakeConfig) -> FastAPI:
     return app
 
 
-class FakeServer:
-    """Runs the app with uvicorn in a thread on a free 127.0.0.1 port; a context manager."""
+class FakeServer(ThreadedServer):
+    """The fake app, served on a free 127.0.0.1 port in a thread; a context manager."""
 
     def __init__(self, cfg: FakeConfig | None = None) -> None:
         self.cfg = cfg or FakeConfig()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(make_app(self.cfg), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "FakeServer":
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("fake server did not start in 10 s")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+        super().__init__(make_app(self.cfg))

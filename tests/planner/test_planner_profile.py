@@ -8,12 +8,10 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -24,6 +22,7 @@ from planner.errors import PlanInputError
 from planner.model import model_preset
 from planner.profiler import ProfileSettings, run_profile
 from planner_factories import REPO, make_cluster
+from threaded_server import ThreadedServer
 
 TINY = model_preset("hexserve-tiny-llama")
 CPU = default_catalog().resolve("CPU", "t")
@@ -65,30 +64,8 @@ def simulated_app() -> FastAPI:
     return app
 
 
-class Served:
-    def __init__(self, app: FastAPI) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            assert time.time() < deadline, "simulated server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
 def test_profile_recovers_known_coefficients(tmp_path):
-    with Served(simulated_app()) as server:
+    with ThreadedServer(simulated_app()) as server:
         settings = ProfileSettings(url=server.url, gpu_type="CPU", prompt_lengths=(16, 128, 256, 384),
                                    batch_sizes=(1, 4, 8), decode_tokens=10, repeats=3)
         profile = run_profile(settings, preset="hexserve-tiny-llama")
