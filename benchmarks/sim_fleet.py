@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             f"{r['native_mean_ttft_ms']:.0f} / {r['native_p90_ttft_ms']:.0f} | "
             f"{r['native_mean_tpot_ms']:.1f} / {r['native_p90_tpot_ms']:.1f} |")
     lines += ["", f"'vs best homogeneous': throughput at SLO per $/hour relative to {base['plan']} on {base['fleet']}. "
-              "Routing as our router does it (plan weight / (1 + outstanding tokens / 4096), smooth WRR); "
+              "Routing as our router does it (plan weight / (1 + each worker's outstanding tokens / (4096 x its share of the flow)), smooth WRR); "
               "'plan weights only' drops the load term."]
     md = "\n".join(lines)
     Path(args.out + ".md").write_text(md + "\n")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from loadtest.metrics import RequestRecord
 from loadtest.workload import PlannedRequest
 from planner.sim_types import SimCosts, SimFleet, SimGroup, SimRoute
+from router.routing import load_corrected_weight, worker_shares
 
 
 ROUTINGS = ("load_aware", "weighted")
@@ -84,8 +85,9 @@ class _PrefillState:
 class _WeightedRoundRobin:
     """Nginx's smooth weighted round-robin: deterministic, spreads picks evenly.
 
-    With `load_scale_tokens`, each weight is first divided by
-    1 + outstanding tokens of the route's groups / scale, as our router does.
+    With `load_scale_tokens`, each weight is first corrected for the
+    outstanding tokens of the route's groups exactly as our router does
+    (`router.routing.load_corrected_weight`).
     """
 
     def __init__(self, routes: list[SimRoute], load_scale_tokens: float | None = None) -> None:
@@ -94,11 +96,13 @@ class _WeightedRoundRobin:
         self.weights = [r.weight / total for r in self.routes]
         self.current = [0.0] * len(self.routes)
         self.scale = load_scale_tokens
+        self.shares = worker_shares((r.prefill, r.decode, r.weight) for r in self.routes) if self.routes else {}
 
     def pick(self, outstanding: dict[str, int]) -> SimRoute:
         if self.scale:
-            weights = [w / (1.0 + (outstanding[r.prefill] + (outstanding[r.decode] if r.decode != r.prefill else 0))
-                                  / self.scale) for w, r in zip(self.weights, self.routes)]
+            weights = [load_corrected_weight(w, [(outstanding[g], self.shares[g]) for g in {r.prefill, r.decode}],
+                                             self.scale)
+                       for w, r in zip(self.weights, self.routes)]
         else:
             weights = self.weights
         for i, w in enumerate(weights):

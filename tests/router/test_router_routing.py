@@ -57,3 +57,24 @@ def test_bad_weights_are_refused():
         Route("p", "d", 0.0)
     with pytest.raises(ValueError, match="at least one"):
         RoutePolicy([])
+
+
+def test_backlog_in_proportion_to_weights_keeps_the_planned_split():
+    # The 3x route holds 3x the tokens: both are equally busy for their size.
+    policy = RoutePolicy(ROUTES, load_scale_tokens=1000)
+    busy = {"p0": 0, "d0": 6000, "p1": 0, "d1": 2000}
+    picks = Counter(policy.choose(_all_healthy, busy.__getitem__) for _ in range(400))
+    assert picks == {ROUTES[0]: 300, ROUTES[1]: 100}
+
+
+def test_a_shared_decode_worker_weighs_on_its_routes_equally():
+    routes = [Route("p0", "d0", 2.0), Route("p1", "d0", 1.0)]
+    policy = RoutePolicy(routes, load_scale_tokens=1000)
+    busy = {"p0": 0, "p1": 0, "d0": 50_000}
+    picks = Counter(policy.choose(_all_healthy, busy.__getitem__) for _ in range(300))
+    assert picks == {routes[0]: 200, routes[1]: 100}
+
+
+def test_colocated_route_counts_its_worker_once():
+    single = RoutePolicy([Route("c0", "c0", 1.0)], load_scale_tokens=1000)
+    assert single.effective_weight(single.routes[0], lambda w: 1000) == pytest.approx(0.5)
