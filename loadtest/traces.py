@@ -115,12 +115,24 @@ def _parse_int(path: Path, line_no: int, name: str, text: str) -> int:
     return value
 
 
-def _check_order(path: Path, line_no: int, t_s: float, prev_s: float | None) -> None:
-    if prev_s is not None and t_s < prev_s:
-        raise TraceError(
-            f"{path}:{line_no}: timestamp goes back in time ({t_s:.6f} s < {prev_s:.6f} s "
-            f"on the previous request); sort the trace by timestamp first"
-        )
+class _Timeline:
+    """Arrival times relative to a trace's first request; refuses a timestamp that goes back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.first_s: float | None = None
+        self.prev_s: float | None = None
+
+    def arrival_s(self, line_no: int, t_s: float) -> float:
+        if self.prev_s is not None and t_s < self.prev_s:
+            raise TraceError(
+                f"{self.path}:{line_no}: timestamp goes back in time ({t_s:.6f} s < {self.prev_s:.6f} s "
+                f"on the previous request); sort the trace by timestamp first"
+            )
+        if self.first_s is None:
+            self.first_s = t_s
+        self.prev_s = t_s
+        return t_s - self.first_s
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]):
@@ -159,14 +171,11 @@ def _azure_time_s(path: Path, line_no: int, text: str) -> float:
 
 def _parse_azure(path: Path) -> list[TraceRequest]:
     out: list[TraceRequest] = []
-    first_s = prev_s = None
+    timeline = _Timeline(path)
     for line_no, row in _csv_rows(path, AZURE_COLUMNS):
-        t_s = _azure_time_s(path, line_no, row["TIMESTAMP"] or "")
-        _check_order(path, line_no, t_s, prev_s)
-        first_s = t_s if first_s is None else first_s
-        prev_s = t_s
+        arrival_s = timeline.arrival_s(line_no, _azure_time_s(path, line_no, row["TIMESTAMP"] or ""))
         out.append(TraceRequest(
-            arrival_s=t_s - first_s,
+            arrival_s=arrival_s,
             input_tokens=_parse_int(path, line_no, "ContextTokens", row["ContextTokens"]),
             output_tokens=_parse_int(path, line_no, "GeneratedTokens", row["GeneratedTokens"]),
             line_no=line_no,
@@ -176,7 +185,7 @@ def _parse_azure(path: Path) -> list[TraceRequest]:
 
 def _parse_burstgpt(path: Path) -> list[TraceRequest]:
     out: list[TraceRequest] = []
-    first_s = prev_s = None
+    timeline = _Timeline(path)
     for line_no, row in _csv_rows(path, BURSTGPT_COLUMNS):
         try:
             t_s = float(row["Timestamp"])
@@ -184,11 +193,8 @@ def _parse_burstgpt(path: Path) -> list[TraceRequest]:
             raise TraceError(
                 f"{path}:{line_no}: Timestamp {row['Timestamp']!r} is not a number of seconds"
             ) from None
-        _check_order(path, line_no, t_s, prev_s)
-        first_s = t_s if first_s is None else first_s
-        prev_s = t_s
         out.append(TraceRequest(
-            arrival_s=t_s - first_s,
+            arrival_s=timeline.arrival_s(line_no, t_s),
             input_tokens=_parse_int(path, line_no, "Request tokens", row["Request tokens"]),
             output_tokens=_parse_int(path, line_no, "Response tokens", row["Response tokens"]),
             line_no=line_no,
@@ -198,7 +204,7 @@ def _parse_burstgpt(path: Path) -> list[TraceRequest]:
 
 def _parse_mooncake(path: Path) -> list[TraceRequest]:
     out: list[TraceRequest] = []
-    first_s = prev_s = None
+    timeline = _Timeline(path)
     with path.open("r", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -221,14 +227,12 @@ def _parse_mooncake(path: Path) -> list[TraceRequest]:
                 raise TraceError(
                     f"{path}:{line_no}: timestamp {obj['timestamp']!r} is not a number of ms"
                 ) from None
-            _check_order(path, line_no, t_s, prev_s)
-            first_s = t_s if first_s is None else first_s
-            prev_s = t_s
+            arrival_s = timeline.arrival_s(line_no, t_s)
             hash_ids = obj.get("hash_ids") or []
             if not isinstance(hash_ids, list) or not all(isinstance(h, int) for h in hash_ids):
                 raise TraceError(f"{path}:{line_no}: hash_ids must be a list of integers")
             out.append(TraceRequest(
-                arrival_s=t_s - first_s,
+                arrival_s=arrival_s,
                 input_tokens=_parse_int(path, line_no, "input_length", obj["input_length"]),
                 output_tokens=_parse_int(path, line_no, "output_length", obj["output_length"]),
                 hash_ids=tuple(hash_ids),
