@@ -74,7 +74,10 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     if options.ray_address is not None:
         from router.launch_ray import RayLauncher
 
-        launcher = RayLauncher(address=options.ray_address, deployment=deployment)
+        # A real model runs on the GPUs the plan names (bundles ask Ray for GPUs,
+        # which sets CUDA_VISIBLE_DEVICES); a rehearsal with the tiny model does not.
+        launcher = RayLauncher(address=options.ray_address, deployment=deployment,
+                               use_gpus=options.model is not None)
     else:
         launcher = LocalLauncher(log_dir=options.log_dir)
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
