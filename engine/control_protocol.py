@@ -33,6 +33,11 @@ PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_PROMPT_TOKENS = 1_000_000
 
+# Socket options of both ends of a control connection: deep queues (many small
+# token messages), and ZeroMQ drops frames past 16 MiB before buffering them;
+# bodies between MAX_BODY_BYTES and that reach decode() and are refused by name.
+CONTROL_SOCKET_LIMITS = dict(hwm_messages=10_000, max_message_bytes=16 * 1024 * 1024)
+
 
 class ProtocolError(ValueError):
     """A message that is malformed, oversized, of another version or of an unknown type."""

@@ -33,7 +33,7 @@ import zmq.asyncio
 from engine import control_protocol as proto
 from engine.aio import run_event_loop
 from engine.config import EngineSettings
-from engine.zmq_sockets import make_socket
+from kvtransfer.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class WorkerServer:
         self._stopping = asyncio.Event()
         self._engine = (self.engine_factory or self._build_vllm_engine)()
         ctx = zmq.asyncio.Context()
-        self._sock = make_socket(ctx, zmq.ROUTER, self.control_endpoint, bind=True)
+        self._sock = make_socket(ctx, zmq.ROUTER, self.control_endpoint, bind=True, router_mandatory=True,
+                                 **proto.CONTROL_SOCKET_LIMITS)
         log.info("%s worker %s serving on %s", self.role, self.worker_id, self.control_endpoint)
         try:
             await self._receive_loop()

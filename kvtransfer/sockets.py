@@ -1,4 +1,5 @@
-"""The one place kvtransfer makes ZeroMQ sockets.
+"""The one place the project makes ZeroMQ sockets: the KV data path and the
+router<->worker control plane (engine.worker_server, router.worker_client).
 
 Every socket gets: bind or connect, linger (so close never hangs on a dead
 peer), high-water marks (ZeroMQ's own flow control: a full queue blocks or
@@ -38,6 +39,7 @@ def make_socket(
     max_message_bytes: int = -1,
     immediate: bool = False,
     identity: bytes | None = None,
+    router_mandatory: bool = False,
 ) -> zmq.Socket:
     """Create, configure and bind/connect a socket. The caller closes it."""
     check_endpoint(endpoint)
@@ -55,6 +57,9 @@ def make_socket(
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
+    if router_mandatory:
+        # A ROUTER sending to a peer that went away raises instead of silently dropping.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
         if bind:
             sock.bind(endpoint)

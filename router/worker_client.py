@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from engine import control_protocol as proto
-from engine.zmq_sockets import make_socket
+from kvtransfer.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class WorkerClient:
         return len(self._queues)
 
     def start(self) -> None:
-        self._sock = make_socket(self.ctx, zmq.DEALER, self.info.control_endpoint, bind=False)
+        self._sock = make_socket(self.ctx, zmq.DEALER, self.info.control_endpoint, bind=False,
+                                 **proto.CONTROL_SOCKET_LIMITS)
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._health_loop())]
 
     async def close(self) -> None:
