@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import zmq.asyncio
 
+from benchmarks.loadtest_servers import wait_ready
 from engine import control_protocol as proto
 from router.launch_local import free_tcp_port, local_endpoint
 from router.worker_client import WorkerClient, WorkerInfo
@@ -119,18 +120,6 @@ async def _run(one, n: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def _wait_router(port: int, timeout_s: float = 400) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("router did not come up")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
@@ -152,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                           decode_kv, str(port)], env=env),
     ]
     try:
-        _wait_router(port)
+        # The router's stdout is this process's; its own log is what to read if it dies.
+        wait_ready(f"http://127.0.0.1:{port}", procs[2], timeout_s=400, log=Path("the output above"))
         rows = []
         for mode, concurrency, n in (("sequential", 1, max(50, args.requests // 4)),
                                      ("concurrent", args.concurrency, args.requests)):
