@@ -49,16 +49,8 @@ def plot_result(results: dict[str, dict], out_prefix: str | Path) -> list[Path]:
         _cdf(axes[2], [g * 1e3 for itl, good in zip(res["itls"], ok) if good for g in itl], label)
         _cdf(axes[3], [t * 1e3 for t, good in zip(res["latencies"], ok) if good], label)
     for ax, title in zip(axes, ("TTFT (ms)", "TPOT (ms)", "ITL (ms)", "end-to-end latency (ms)")):
-        ax.set_xlabel(title)
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_prefix.with_name(out_prefix.name + "_latency_cdf.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
+        _label_axes(ax, title, "fraction of requests")
+    paths.append(_save(plt, fig, out_prefix, "_latency_cdf.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, res in results.items():
@@ -71,14 +63,22 @@ def plot_result(results: dict[str, dict], out_prefix: str | Path) -> list[Path]:
         if any(tl["client_queued"]):
             axes[2].plot(tl["t_s"], tl["client_queued"], "--", label=f"{label} queued (client)")
     for ax, title in zip(axes, ("output tokens/s", "completed requests/s", "requests")):
-        ax.set_xlabel("time since start (s)")
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _label_axes(ax, "time since start (s)", title)
+    paths.append(_save(plt, fig, out_prefix, "_timeline.png"))
+    return paths
+
+
+def _label_axes(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _save(plt, fig, out_prefix: Path, suffix: str) -> Path:
     fig.tight_layout()
-    path = out_prefix.with_name(out_prefix.name + "_timeline.png")
+    path = out_prefix.with_name(out_prefix.name + suffix)
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return path
