@@ -77,7 +77,7 @@ def to_sampling_params(spec: proto.SamplingSpec, kv_transfer_params: dict[str, A
         max_tokens=spec.max_tokens,
         temperature=spec.temperature,
         top_p=spec.top_p,
-        top_k=spec.top_k if spec.top_k > 0 else 0,
+        top_k=max(spec.top_k, 0),
         seed=spec.seed,
         stop=list(spec.stop) or None,
         stop_token_ids=list(spec.stop_token_ids) or None,

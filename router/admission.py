@@ -28,11 +28,15 @@ class Admission:
         if self.max_running < 1 or self.max_waiting < 0:
             raise ValueError(f"max_running={self.max_running} must be >= 1 and max_waiting={self.max_waiting} >= 0")
 
+    def is_full(self) -> bool:
+        """Every slot taken and the waiting line at its bound: a new request would be refused."""
+        return self.running >= self.max_running and self.waiting >= self.max_waiting
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_running)
-        if self._slots.locked() and self.waiting >= self.max_waiting:
+        if self.is_full():
             raise AdmissionRejected(
                 f"the server is at capacity ({self.running} running, {self.waiting} waiting); retry later"
             )

@@ -200,7 +200,7 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
         response_id = ("cmpl-" if prep.kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         created = int(time.time())
         model = settings.served_model_name
-        if admission.waiting >= admission.max_waiting and admission.running >= admission.max_running:
+        if admission.is_full():
             metrics.requests.labels(endpoint, "rejected").inc()
             raise ApiError(429, "the server is at capacity; retry later", error_type="rate_limit_error")
         if prep.stream:
