@@ -59,3 +59,20 @@ def test_decode_killed_mid_stream_fails_fast_then_recovers(fault_router):
     response = _completion(fault_router)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_sigterm_drains_in_flight_streams_then_exits(fault_router):
+    """Runs last in this module: it stops the module's router."""
+    assert httpx.get(f"{fault_router.base_url}/health").status_code == 200
+    body = {"model": TINY_MODEL_NAME, "prompt": "drain me", "max_tokens": 200, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{fault_router.base_url}/v1/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        fault_router.proc.send_signal(signal.SIGTERM)
+        events = [line for line in lines if line.startswith("data:")]
+    # The request admitted before SIGTERM ran to its end, usage and [DONE] included.
+    assert events[-1] == "data: [DONE]"
+    assert '"completion_tokens":200' in events[-2], events[-2]
+    assert not any('"error"' in e for e in events)
+    assert fault_router.proc.wait(timeout=90) == 0
