@@ -1,12 +1,16 @@
 """KV transfer throughput: kvtransfer against raw ZeroMQ PUSH/PULL of the same bytes.
 
 For real models' KV sizes (Llama-2-70B and Llama-3-8B, fp16, 16-token blocks,
-one chunk per layer as a single-step prefill sends it) this times, in one run
-and on the same link:
+each layer split into chunks of at most framing.MAX_CHUNK_BYTES as the
+connector sends it) this times, in one run and on the same link:
 
-- raw: PUSH/PULL of the per-layer buffers (copy=False), receiver discards them;
-- kvtransfer (xxh3 / none): Begin, per-layer Chunks with checksums, End, the
-  receiver's validation and assembly, until the sender holds the Ack.
+- raw: PUSH/PULL of the same chunk buffers (copy=False), receiver discards them;
+- raw, keep: the same, but the receiver keeps every frame until the last;
+- kvtransfer (xxh3 / none): Begin, Chunks with checksums, End, the receiver's
+  validation and assembly, until the sender holds the Ack.
+
+All receivers run with the same allocator setting (kvtransfer.allocator, which
+KVReceiver applies by default), so the ratios measure the protocol, not malloc.
 
 The sender is this process, the receiver a child process. Each cell is the
 best of --repeats runs (medians in the JSON), interleaved so all variants
@@ -33,6 +37,7 @@ MODELS = {
     "Llama-3-8B": (32, 8, 128, 2),
 }
 BLOCK_SIZE = 16
+RECEIVE_BUFFER_BYTES = 8 * 1024**3
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -47,8 +52,10 @@ def _cpu_s() -> float:
 def _raw_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
     import zmq
 
+    from kvtransfer.allocator import keep_freed_memory
     from kvtransfer.sockets import make_socket
 
+    keep_freed_memory(RECEIVE_BUFFER_BYTES)  # as KVReceiver does: same process settings on both sides
     sock = make_socket(zmq.Context(), zmq.PULL, endpoint, bind=True, hwm_messages=16)
     done.put("ready")
     while (job := jobs.get()) is not None:
@@ -69,7 +76,7 @@ def _kv_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
     from kvtransfer.receiver import KVReceiver
     from kvtransfer.stats import Stats
 
-    receiver = KVReceiver(endpoint, Assembler(max_buffer_bytes=8 * 1024**3, lease_s=600), Stats(), hwm_messages=16)
+    receiver = KVReceiver(endpoint, Assembler(max_buffer_bytes=RECEIVE_BUFFER_BYTES, lease_s=600), Stats(), hwm_messages=16)
     done.put("ready")
     while (job := jobs.get()) is not None:
         transfer_id, cpu = job, _cpu_s()
@@ -104,7 +111,7 @@ def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[
     import zmq
 
     from kvtransfer import protocol
-    from kvtransfer.framing import chunk_message
+    from kvtransfer.framing import block_ranges, chunk_message
     from kvtransfer.protocol import Begin, End
     from kvtransfer.sender import KVSender
     from kvtransfer.sockets import make_socket
@@ -124,14 +131,18 @@ def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[
                 layer = torch.randn(blocks, 2, BLOCK_SIZE, kv_heads, head_dim).to(torch.float16)
                 layer_bytes = layer.numel() * layer.element_size()
                 total = layer_bytes * layers
+                ranges = block_ranges(blocks, layer_bytes // blocks)
+                messages = layers * len(ranges)
+                raw_frames = [layer[first : first + count].view(torch.uint8).numpy() for first, count in ranges]
                 times: dict[str, list[float]] = {"raw": [], "raw_hold": [], "kvtransfer": [], "kvtransfer_nochecksum": []}
                 cpu: dict[str, list[float]] = {k: [] for k in times}  # sender + receiver CPU seconds
 
                 def send_raw(hold: bool = False) -> float:
-                    raw_jobs.put((layers, hold))
+                    raw_jobs.put((messages, hold))
                     start, cpu0 = time.perf_counter(), _cpu_s()
                     for _ in range(layers):
-                        push.send_multipart([b"", layer.view(torch.uint8).numpy()], copy=False)
+                        for frame in raw_frames:
+                            push.send_multipart([b"", frame], copy=False)
                     state, receiver_cpu = raw_done.get(timeout=600)
                     elapsed = time.perf_counter() - start
                     assert state == "done"
@@ -145,9 +156,10 @@ def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[
                     begin = Begin(protocol.PROTOCOL_VERSION, transfer_id, "bench", "0" * 16, tokens, layers, blocks, "float16", tuple(layer.shape[1:]), "raw", total)
                     sender.submit(kv_ep, transfer_id, [protocol.encode(begin)], 0)
                     for index in range(layers):
-                        frames = chunk_message(transfer_id, index, 0, layer, checksum=checksum)
-                        sender.submit(kv_ep, transfer_id, frames, len(frames[1]))
-                    end = End(protocol.PROTOCOL_VERSION, transfer_id, layers, total)
+                        for first, count in ranges:
+                            frames = chunk_message(transfer_id, index, first, layer[first : first + count], checksum=checksum)
+                            sender.submit(kv_ep, transfer_id, frames, len(frames[1]))
+                    end = End(protocol.PROTOCOL_VERSION, transfer_id, messages, total)
                     sender.submit(kv_ep, transfer_id, [protocol.encode(end)], 0, is_end=True)
                     sender.wait_idle(600)  # wakes on the Ack
                     elapsed = time.perf_counter() - start

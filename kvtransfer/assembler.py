@@ -41,7 +41,10 @@ class Transfer:
     state: str = "receiving"  # receiving | complete | failed
     error: str = ""
     chunks: list[ReceivedChunk] = field(default_factory=list)
-    covered: set[tuple[int, int]] = field(default_factory=set)  # (layer, block)
+    # One byte per (layer, block), set once received: C-speed duplicate checks.
+    # Its size is bounded by the bytes Begin reserved (every block is >= 1 byte).
+    covered: bytearray = field(default_factory=bytearray)
+    covered_count: int = 0
     received_bytes: int = 0
 
 
@@ -136,7 +139,9 @@ class Assembler:
             self._tombstone(begin, text)
             raise _error(begin.transfer_id, text)
         self.reserved_bytes += begin.reserve_bytes
-        self._transfers[begin.transfer_id] = Transfer(begin, self._clock() + self.transfer_timeout_s)
+        transfer = Transfer(begin, self._clock() + self.transfer_timeout_s)
+        transfer.covered = bytearray(begin.num_layers * begin.num_blocks)
+        self._transfers[begin.transfer_id] = transfer
         return None
 
     def _receiving(self, transfer_id: str) -> Transfer | None:
@@ -165,13 +170,15 @@ class Assembler:
             self._fail(chunk.transfer_id, f"{where}: payload is {len(payload)} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)")
         if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
             self._fail(chunk.transfer_id, f"{where}: exceeds reserve_bytes={begin.reserve_bytes}")
-        keys = [(chunk.layer, b) for b in range(chunk.first_block, chunk.first_block + chunk.num_blocks)]
-        if any(k in transfer.covered for k in keys):
+        lo = chunk.layer * begin.num_blocks + chunk.first_block
+        hi = lo + chunk.num_blocks
+        if transfer.covered.find(1, lo, hi) != -1:
             # A duplicate may carry different bytes: we cannot tell which copy is right.
             self._fail(chunk.transfer_id, f"{where}: blocks already received (duplicate chunk)")
         if protocol.checksum(chunk.checksum_kind, payload) != chunk.checksum:
             self._fail(chunk.transfer_id, f"{where}: checksum mismatch (corrupted payload)")
-        transfer.covered.update(keys)
+        transfer.covered[lo:hi] = b"\x01" * chunk.num_blocks
+        transfer.covered_count += chunk.num_blocks
         transfer.chunks.append(ReceivedChunk(chunk, payload))
         transfer.received_bytes += chunk.payload_bytes
         self.counters.bytes_received += chunk.payload_bytes
@@ -182,7 +189,7 @@ class Assembler:
         if transfer is None:
             return None
         begin = transfer.begin
-        missing = begin.num_layers * begin.num_blocks - len(transfer.covered)
+        missing = begin.num_layers * begin.num_blocks - transfer.covered_count
         if missing:
             self._fail(end.transfer_id, f"End arrived with {missing} (layer, block) pairs missing")
         if end.num_chunks != len(transfer.chunks) or end.total_payload_bytes != transfer.received_bytes:
@@ -273,7 +280,7 @@ class Assembler:
     def _fail_quietly(self, transfer: Transfer, error: str) -> None:
         self._release(transfer)
         transfer.state, transfer.error = "failed", error
-        transfer.chunks, transfer.covered, transfer.received_bytes = [], set(), 0
+        transfer.chunks, transfer.covered, transfer.covered_count, transfer.received_bytes = [], bytearray(), 0, 0
         transfer.deadline_s = self._clock() + self.lease_s
         self.counters.transfers_failed += 1
 

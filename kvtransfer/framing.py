@@ -12,6 +12,18 @@ import torch
 from kvtransfer import codec, protocol
 from kvtransfer.protocol import Begin, Chunk, End
 
+# Largest payload one Chunk carries: a layer's blocks are split into ranges below
+# this. Kept under glibc's 32 MiB mmap ceiling so a receiver reuses freed frames
+# (see kvtransfer.allocator) and small enough that checksumming a chunk finds it
+# in cache; large enough that per-message costs stay negligible.
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def block_ranges(num_blocks: int, block_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[int, int]]:
+    """(first, count) ranges covering num_blocks, each at most max_chunk_bytes (at least one block)."""
+    step = max(1, max_chunk_bytes // max(1, block_bytes))
+    return [(first, min(step, num_blocks - first)) for first in range(0, num_blocks, step)]
+
 
 def chunk_message(
     transfer_id: str, layer: int, first_block: int, blocks: torch.Tensor, *, encoding: str = "raw", checksum: str = protocol.DEFAULT_CHECKSUM
@@ -51,7 +63,12 @@ def transfer_messages(
     num_layers, num_blocks = int(kv.shape[0]), int(kv.shape[1])
     block_shape = tuple(int(d) for d in kv.shape[2:])
     dtype = codec.dtype_name(kv.dtype)
-    step = blocks_per_chunk or num_blocks
+    block_bytes = protocol.raw_bytes(dtype, block_shape)
+    ranges = (
+        [(first, min(blocks_per_chunk, num_blocks - first)) for first in range(0, num_blocks, blocks_per_chunk)]
+        if blocks_per_chunk
+        else block_ranges(num_blocks, block_bytes)
+    )
     messages: list[list] = [
         [
             protocol.encode(
@@ -72,9 +89,9 @@ def transfer_messages(
         ]
     ]
     total = 0
-    for first in range(0, num_blocks, step):
+    for first, count in ranges:
         for layer in range(num_layers):
-            frames = chunk_message(transfer_id, layer, first, kv[layer, first : first + step], encoding=encoding, checksum=checksum)
+            frames = chunk_message(transfer_id, layer, first, kv[layer, first : first + count], encoding=encoding, checksum=checksum)
             total += len(frames[1])
             messages.append(frames)
     messages.append([protocol.encode(End(protocol.PROTOCOL_VERSION, transfer_id, len(messages) - 1, total))])

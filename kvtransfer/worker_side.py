@@ -26,7 +26,7 @@ from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler, Transfer
 from kvtransfer.handoff import ConnectorOptions
 from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
-from kvtransfer.framing import chunk_message
+from kvtransfer.framing import block_ranges, chunk_message
 from kvtransfer.protocol import Begin, End, Limits
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
@@ -68,6 +68,7 @@ class CacheLayout:
         del shape[self.block_dim]
         self.block_shape = tuple(shape)
         self.dtype = codec.dtype_name(first.dtype)
+        self.block_bytes = protocol.raw_bytes(self.dtype, self.block_shape)
 
     def gather(self, layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
         idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
@@ -162,16 +163,18 @@ class WorkerSide:
             if spec.is_first and layer == 0:
                 self._send_begin(spec)
             blocks = self.layout.gather(kv_layer, spec.block_ids)
-            frames = chunk_message(
-                spec.transfer_id, layer, spec.first_block, blocks,
-                encoding=self.options.encoding, checksum=self.options.checksum,
-            )
-            payload = frames[1]
-            if self.sender.submit(spec.endpoint, spec.transfer_id, frames, len(payload)):
+            # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
+            for first, count in block_ranges(len(spec.block_ids), self.layout.block_bytes):
+                frames = chunk_message(
+                    spec.transfer_id, layer, spec.first_block + first, blocks[first : first + count],
+                    encoding=self.options.encoding, checksum=self.options.checksum,
+                )
+                payload = frames[1]
+                if not self.sender.submit(spec.endpoint, spec.transfer_id, frames, len(payload)):
+                    progress.failed = True
+                    break
                 progress.num_chunks += 1
                 progress.payload_bytes += len(payload)
-            else:
-                progress.failed = True
 
     def _send_begin(self, spec: SendSpec) -> None:
         layout = self.layout
