@@ -10,7 +10,7 @@ cost a holding receiver 30-70 % of its throughput against one that drops
 each frame at once.
 
 `keep_freed_memory` pins the mmap threshold at its maximum (the sender keeps
-each chunk below it, see framing.MAX_CHUNK_BYTES) and raises the trim
+each chunk below it, see protocol.MAX_CHUNK_BYTES) and raises the trim
 threshold, so freed frames stay mapped and the next transfer reuses them.
 It also caps malloc at one arena for threads started from now on: ZeroMQ's
 I/O thread would otherwise get an arena of its own, made of 64 MiB heaps that

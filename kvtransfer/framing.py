@@ -12,14 +12,7 @@ import torch
 from kvtransfer import codec, protocol
 from kvtransfer.protocol import Begin, Chunk, End
 
-# Largest payload one Chunk carries: a layer's blocks are split into ranges below
-# this. Kept under glibc's 32 MiB mmap ceiling so a receiver reuses freed frames
-# (see kvtransfer.allocator) and small enough that checksumming a chunk finds it
-# in cache; large enough that per-message costs stay negligible.
-MAX_CHUNK_BYTES = 8 * 1024 * 1024
-
-
-def block_ranges(num_blocks: int, block_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[int, int]]:
+def block_ranges(num_blocks: int, block_bytes: int, max_chunk_bytes: int = protocol.MAX_CHUNK_BYTES) -> list[tuple[int, int]]:
     """(first, count) ranges covering num_blocks, each at most max_chunk_bytes (at least one block)."""
     step = max(1, max_chunk_bytes // max(1, block_bytes))
     return [(first, min(step, num_blocks - first)) for first in range(0, num_blocks, step)]

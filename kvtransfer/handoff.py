@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM
+from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM, MAX_CHUNK_BYTES
 from kvtransfer.sockets import check_endpoint
 
 CONNECTOR_NAME = "HexKVConnector"
@@ -63,6 +63,7 @@ class ConnectorOptions:
     reclaim_s: float = 5.0  # decode: claimed KV stays loadable this long (n > 1 siblings)
     max_buffer_bytes: int = 2 * 1024**3  # decode: received, unclaimed KV
     max_queued_bytes: int = 256 * 1024**2  # prefill: KV waiting for the socket
+    max_chunk_bytes: int = MAX_CHUNK_BYTES  # prefill: a layer's blocks go in chunks of at most this (>= 1 block)
     enqueue_timeout_s: float = 10.0
     send_timeout_ms: int = 5000
     ack_timeout_s: float = 30.0
@@ -74,6 +75,8 @@ class ConnectorOptions:
             raise ValueError(f"encoding={self.encoding!r}; use 'raw' (exact) or 'int8' (lossy, 2-4x smaller)")
         if self.checksum not in CHECKSUMS:
             raise ValueError(f"checksum={self.checksum!r}; use one of {CHECKSUMS}")
+        if self.max_chunk_bytes <= 0:
+            raise ValueError(f"max_chunk_bytes={self.max_chunk_bytes} must be > 0 (a chunk always holds at least one block)")
         for name in ("load_timeout_s", "transfer_timeout_s", "lease_s", "reclaim_s", "enqueue_timeout_s", "ack_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")

@@ -54,6 +54,13 @@ def _default_checksum() -> str:
 DEFAULT_CHECKSUM = _default_checksum()
 
 
+# Default for the largest payload one Chunk carries (senders split a layer's
+# blocks into ranges below it; ConnectorOptions.max_chunk_bytes). Under glibc's
+# 32 MiB mmap ceiling, so a receiver reuses freed frames (kvtransfer.allocator);
+# large enough that per-message costs stay negligible.
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+
+
 class ProtocolError(ValueError):
     """A message broke the protocol; the text names the field and what was expected."""
 

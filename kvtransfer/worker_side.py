@@ -164,7 +164,7 @@ class WorkerSide:
                 self._send_begin(spec)
             blocks = self.layout.gather(kv_layer, spec.block_ids)
             # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
-            for first, count in block_ranges(len(spec.block_ids), self.layout.block_bytes):
+            for first, count in block_ranges(len(spec.block_ids), self.layout.block_bytes, self.options.max_chunk_bytes):
                 frames = chunk_message(
                     spec.transfer_id, layer, spec.first_block + first, blocks[first : first + count],
                     encoding=self.options.encoding, checksum=self.options.checksum,

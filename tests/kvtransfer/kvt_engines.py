@@ -64,7 +64,13 @@ def build_cluster(workdir: str, reference) -> Cluster:
 
     endpoint = f"ipc://{workdir}/decode.sock"
     prefill_config = kvtransfer.connector_config(
-        "producer", stats_path=f"{workdir}/prefill.json", ack_timeout_s=3, send_timeout_ms=2000
+        "producer",
+        stats_path=f"{workdir}/prefill.json",
+        ack_timeout_s=3,
+        send_timeout_ms=2000,
+        # One block per chunk: every multi-block prompt exercises the split of a
+        # layer into several chunks, as an 8k-token prompt of a big model does.
+        max_chunk_bytes=1,
     )
     decode_config = kvtransfer.connector_config(
         "consumer",

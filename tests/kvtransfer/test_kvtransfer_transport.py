@@ -6,7 +6,7 @@ import torch
 import zmq
 
 from kvtransfer.assembler import Assembler
-from kvtransfer.framing import transfer_messages
+from kvtransfer.framing import block_ranges, transfer_messages
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
 from kvtransfer.sockets import socket
@@ -86,3 +86,56 @@ def test_slow_decode_bounds_prefill_memory(tmp_path):
             assert sender.stats.snapshot()["transfers_sent_failed"] == 1
         finally:
             sender.close()
+
+
+def test_block_ranges_cover_every_block_once_within_the_cap():
+    assert block_ranges(10, 100, 350) == [(0, 3), (3, 3), (6, 3), (9, 1)]
+    assert block_ranges(4, 1000, 1) == [(0, 1), (1, 1), (2, 1), (3, 1)]  # a block larger than the cap still goes
+    assert block_ranges(5, 64, 8 * 1024**2) == [(0, 5)]
+
+
+REUSE_PROBE = r"""
+import resource, sys, torch
+from kvtransfer.assembler import Assembler
+from kvtransfer.framing import block_ranges, transfer_messages
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender
+from kvtransfer.stats import Stats
+
+endpoint, reuse = sys.argv[1], sys.argv[2] == "1"
+receiver = KVReceiver(endpoint, Assembler(), Stats(), reuse_freed_memory=reuse)
+sender = KVSender(Stats())
+data = torch.randn(8, 48, 2, 16, 8, 128).to(torch.float16)  # 8 layers x 48 blocks x 64 KiB = 24 MiB
+faults = []
+for round in range(3):
+    tid = f"t{round}"
+    messages = transfer_messages(tid, data, blocks_per_chunk=16)  # 1 MiB chunks, held until claimed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i, frames in enumerate(messages):
+        sender.submit(endpoint, tid, frames, len(frames[1]) if len(frames) > 1 else 0, is_end=i == len(messages) - 1)
+    assert sender.wait_idle(30) and sender.results[tid] == "ok", sender.results
+    assert receiver.claim(tid).state == "complete"
+    receiver.release(tid)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+sender.close(); receiver.close()
+print(faults[-1], data.numel() * 2 // 4096)
+"""
+
+
+def test_receiver_reuses_the_memory_of_released_transfers(tmp_path):
+    """A held-then-released transfer's frames are reused by the next one instead of
+    being faulted in again (kvtransfer.allocator); without it every page faults."""
+    import subprocess
+    import sys
+
+    def faults(reuse: bool) -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", REUSE_PROBE, f"ipc://{tmp_path}/reuse{int(reuse)}.sock", str(int(reuse))],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout.split()
+        return int(out[0]), int(out[1])
+
+    reused, pages = faults(True)
+    fresh, _ = faults(False)
+    assert reused < pages // 4, (reused, pages)
+    assert fresh > pages // 2, (fresh, pages)  # the probe would notice if reuse stopped working
