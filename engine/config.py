@@ -77,6 +77,22 @@ class EngineSettings:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_gib))
         if not _has_cuda():
             os.environ.setdefault("HEXSERVE_VLLM_SPIN_SLEEP_S", "0.0002")
+            world_size = self.tensor_parallel_size * self.pipeline_parallel_size
+            if world_size > 1:
+                # vLLM's CPU worker binds each rank's threads to NUMA nodes and
+                # refuses more ranks than nodes; give each rank its own cores.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(world_size))
+
+
+def cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND value splitting this process's CPUs among `ranks`
+    ("0|1" for 2 ranks on 2 cores; cores are shared when there are fewer than ranks)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        return "|".join(str(cpus[rank % len(cpus)]) for rank in range(ranks))
+    per_rank = len(cpus) // ranks
+    groups = [cpus[rank * per_rank : (rank + 1) * per_rank] for rank in range(ranks)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
 def _has_cuda() -> bool:

@@ -40,8 +40,12 @@ class HexKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         kv_config = self._kv_transfer_config
         self.options = ConnectorOptions.from_extra_config(dict(kv_config.kv_connector_extra_config or {}))
-        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
-            raise ValueError("HexKVConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only")
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size != 1:
+            raise ValueError(
+                "HexKVConnector supports pipeline_parallel_size=1 only (tensor_parallel_size may be > 1): "
+                "run pipelined plan groups colocated, or with PP=1"
+            )
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -52,6 +56,7 @@ class HexKVConnector(KVConnectorBase_V1):
                 is_producer=kv_config.is_kv_producer,
                 is_consumer=kv_config.is_kv_consumer,
                 num_blocks=kv_cache_config.num_blocks,
+                rank=_tensor_parallel_rank(parallel.tensor_parallel_size),
             )
 
     # -- worker side -----------------------------------------------------------------------
@@ -118,3 +123,12 @@ class HexKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler_side is not None
         return self.scheduler_side.request_finished(request, block_ids)
+
+
+def _tensor_parallel_rank(tensor_parallel_size: int) -> int:
+    """This worker's TP rank: it sends and receives only its own slice of the KV heads."""
+    if tensor_parallel_size == 1:
+        return 0
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()

@@ -117,6 +117,28 @@ def stats_path(config: dict[str, Any]) -> str:
     return config["kv_connector_extra_config"]["stats_path"]
 
 
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """Where tensor-parallel rank `rank` of a decode worker listens for its shard.
+
+    Each rank of a TP engine holds its own slice of the KV heads and moves it
+    on its own socket: prefill rank r sends to decode rank r. Rank 0 uses the
+    endpoint as given (so TP=1 is unchanged); rank r uses port + r for tcp and
+    a `.rank<r>` suffix for ipc/inproc. A launcher gives a TP decode worker a
+    base port with the next tp-1 ports free (router.launch_local.local_endpoint).
+    """
+    check_endpoint(endpoint)
+    if rank == 0:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"endpoint {endpoint!r} needs a numeric port for tensor-parallel rank {rank}")
+        if int(port) + rank > 65535:
+            raise ValueError(f"endpoint {endpoint!r}: port + rank {rank} is past 65535")
+        return f"tcp://{host}:{int(port) + rank}"
+    return f"{endpoint}.rank{rank}"
+
+
 def new_transfer_id() -> str:
     return uuid.uuid4().hex
 

@@ -72,12 +72,26 @@ class Stats:
             pass  # stats are best effort; never fail a transfer for them
 
 
+def rank_stats_path(path: str | os.PathLike, rank: int) -> Path:
+    """The counters file of tensor-parallel rank `rank` (rank 0: `path` itself)."""
+    path = Path(path)
+    return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
+
+
 def read_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Counters a connector published at `path`; all zero if it has not written yet."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        data = {}
-    return {name: int(data.get(name, 0)) for name in COUNTER_NAMES} | {
-        k: data[k] for k in ("pid", "time_s") if k in data
-    }
+    """Counters a connector published at `path`, summed over its tensor-parallel
+    ranks (each rank moves its own shard, so with TP=n one request counts n
+    transfers); all zero if nothing was written yet."""
+    path = Path(path)
+    totals = dict.fromkeys(COUNTER_NAMES, 0)
+    meta: dict[str, Any] = {}
+    for index, file in enumerate([path, *sorted(path.parent.glob(f"{path.name}.rank*"))]):
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        for name in COUNTER_NAMES:
+            totals[name] += int(data.get(name, 0))
+        if index == 0:
+            meta = {k: data[k] for k in ("pid", "time_s") if k in data}
+    return totals | meta

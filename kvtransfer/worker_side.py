@@ -24,13 +24,13 @@ import torch
 
 from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler, Transfer
-from kvtransfer.handoff import ConnectorOptions
+from kvtransfer.handoff import ConnectorOptions, rank_endpoint
 from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
 from kvtransfer.framing import block_ranges, chunk_message
 from kvtransfer.protocol import Begin, End, Limits
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
-from kvtransfer.stats import Stats
+from kvtransfer.stats import Stats, rank_stats_path
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,16 @@ class CacheLayout:
 
 
 class WorkerSide:
-    def __init__(self, options: ConnectorOptions, *, is_producer: bool, is_consumer: bool, num_blocks: int) -> None:
+    def __init__(
+        self, options: ConnectorOptions, *, is_producer: bool, is_consumer: bool, num_blocks: int, rank: int = 0
+    ) -> None:
         self.options = options
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.num_blocks = num_blocks
-        self.stats = Stats(options.stats_path)
+        # Tensor-parallel rank: this worker moves only its slice of the KV heads,
+        # from prefill rank r to decode rank r (see handoff.rank_endpoint).
+        self.rank = rank
+        self.stats = Stats(rank_stats_path(options.stats_path, rank) if options.stats_path else None)
         self.layout: CacheLayout | None = None
         self.sender: KVSender | None = None
         self.receiver: KVReceiver | None = None
@@ -125,7 +130,7 @@ class WorkerSide:
                 reclaim_s=opts.reclaim_s,
                 expected=self._check_begin,
             )
-            self.receiver = KVReceiver(opts.listen_endpoint, assembler, self.stats)
+            self.receiver = KVReceiver(rank_endpoint(opts.listen_endpoint, self.rank), assembler, self.stats)
         self.stats.flush(force=True)
 
     def _check_begin(self, begin: Begin) -> str | None:
@@ -137,7 +142,7 @@ class WorkerSide:
         if tuple(begin.block_shape) != layout.block_shape or begin.dtype != layout.dtype:
             return (
                 f"block {begin.block_shape}/{begin.dtype} differs from this cache's "
-                f"{layout.block_shape}/{layout.dtype} (different model, block_size or dtype?)"
+                f"{layout.block_shape}/{layout.dtype} (different model, block_size, dtype or tensor_parallel_size?)"
             )
         return None
 
@@ -170,7 +175,7 @@ class WorkerSide:
                     encoding=self.options.encoding, checksum=self.options.checksum,
                 )
                 payload = frames[1]
-                if not self.sender.submit(spec.endpoint, spec.transfer_id, frames, len(payload)):
+                if not self.sender.submit(self._endpoint(spec.endpoint), spec.transfer_id, frames, len(payload)):
                     progress.failed = True
                     break
                 progress.num_chunks += 1
@@ -192,15 +197,18 @@ class WorkerSide:
             self.options.encoding,
             protocol.raw_bytes(layout.dtype, (len(layout.names), spec.num_blocks, *layout.block_shape)),
         )
-        if not self.sender.submit(spec.endpoint, spec.transfer_id, [protocol.encode(begin)], 0):
+        if not self.sender.submit(self._endpoint(spec.endpoint), spec.transfer_id, [protocol.encode(begin)], 0):
             self._progress[spec.transfer_id].failed = True
+
+    def _endpoint(self, decode_endpoint: str) -> str:
+        return rank_endpoint(decode_endpoint, self.rank)
 
     def wait_for_save(self, meta: HexConnectorMetadata) -> None:
         if self.sender is None:
             return
         for endpoint, transfer_id in meta.aborts:
             self._progress.pop(transfer_id, None)
-            self.sender.abort(endpoint, transfer_id, "prefill request ended before its prompt was computed")
+            self.sender.abort(self._endpoint(endpoint), transfer_id, "prefill request ended before its prompt was computed")
         for spec in meta.sends:
             if not spec.is_last:
                 continue
@@ -208,7 +216,7 @@ class WorkerSide:
             if progress.failed:
                 continue
             end = End(protocol.PROTOCOL_VERSION, spec.transfer_id, progress.num_chunks, progress.payload_bytes)
-            self.sender.submit(spec.endpoint, spec.transfer_id, [protocol.encode(end)], 0, is_end=True)
+            self.sender.submit(self._endpoint(spec.endpoint), spec.transfer_id, [protocol.encode(end)], 0, is_end=True)
 
     # -- decode ----------------------------------------------------------------------------
 

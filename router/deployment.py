@@ -76,7 +76,9 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
             env = (("VLLM_PP_LAYER_PARTITION", ",".join(str(n) for n in group.layer_partition)),)
         workers.append(WorkerSpec(
             worker_id=worker_id, role="prefill" if group.role == "prefill" else "decode",
-            control_endpoint=local_endpoint(host), kv_endpoint=local_endpoint(host), model=model_path,
+            control_endpoint=local_endpoint(host),
+            kv_endpoint=local_endpoint(host, ports=1 if rehearsal else group.tp),  # one port per TP rank
+            model=model_path,
             served_model_name=served, max_model_len=max_model_len,
             kv_connector=kv_connector if group.role != "colocated" else "none",
             tensor_parallel_size=1 if rehearsal else group.tp,

@@ -15,6 +15,10 @@ import torch
 import zmq
 
 from kvt_engines import (
+    deltas,
+    handoff_for,
+    settled,
+    wait_delta,
     BLOCK_SIZE,
     build_cluster,
     num_kv_layers,
@@ -44,40 +48,6 @@ def cluster(reference_llm):
     yield c
     for engine in (c.prefill, c.decode):
         engine.llm_engine.engine_core.shutdown()  # stops EngineCore and its Worker process
-
-
-def deltas(before: dict, after: dict) -> dict:
-    return {k: after[k] - before[k] for k in before if isinstance(before[k], int) and k not in ("pid",)}
-
-
-def settled(read) -> dict:
-    """Counters once the previous test's updates are published (the worker
-    rewrites the file at most every 0.2 s), so deltas count only this test."""
-    import time
-
-    last = read()
-    for _ in range(20):
-        time.sleep(0.3)
-        current = read()
-        if {k: v for k, v in current.items() if k != "time_s"} == {k: v for k, v in last.items() if k != "time_s"}:
-            return current
-        last = current
-    return last
-
-
-def wait_delta(before: dict, read, key: str, timeout_s: float = 15.0) -> dict:
-    """Counter deltas once `key` has moved (the worker publishes a few times a second)."""
-    return wait_for(lambda: (d := deltas(before, read()))[key] and d, timeout_s=timeout_s, what=f"{key} to change")
-
-
-def handoff_for(prompt: list[int], transfer_id: str) -> dict:
-    """The kv_transfer_params prefill would have returned for this prompt."""
-    return {
-        "do_remote_prefill": True,
-        "transfer_id": transfer_id,
-        "num_prompt_tokens": len(prompt),
-        "prompt_hash": prompt_hash(prompt),
-    }
 
 
 def prompt_kv(prompt: list[int], fill: str = "random") -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import zmq
 
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import block_ranges, transfer_messages
+from kvtransfer.handoff import rank_endpoint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
 from kvtransfer.sockets import socket
@@ -98,6 +100,7 @@ REUSE_PROBE = r"""
 import resource, sys, torch
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import block_ranges, transfer_messages
+from kvtransfer.handoff import rank_endpoint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
 from kvtransfer.stats import Stats
@@ -139,3 +142,11 @@ def test_receiver_reuses_the_memory_of_released_transfers(tmp_path):
     fresh, _ = faults(False)
     assert reused < pages // 4, (reused, pages)
     assert fresh > pages // 2, (fresh, pages)  # the probe would notice if reuse stopped working
+
+
+def test_rank_endpoints():
+    assert rank_endpoint("tcp://10.0.0.5:7000", 0) == "tcp://10.0.0.5:7000"
+    assert rank_endpoint("tcp://10.0.0.5:7000", 3) == "tcp://10.0.0.5:7003"
+    assert rank_endpoint("ipc:///tmp/d.sock", 1) == "ipc:///tmp/d.sock.rank1"
+    with pytest.raises(ValueError, match="65535"):
+        rank_endpoint("tcp://h:65535", 1)
