@@ -7,11 +7,14 @@ with the plan's weight.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from router.launch_local import WorkerSpec, local_endpoint
 from router.routing import Route
 from router.worker_client import WorkerInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -65,6 +68,8 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     """
     model_path, served = _resolve_model(model, served_model_name)
     rehearsal = model is None
+    if not rehearsal and kv_connector != "none":
+        check_kv_layouts(plan)
     workers: list[WorkerSpec] = []
     placement: dict[str, dict] = {}
     worker_of_group: dict[str, str] = {}
@@ -99,3 +104,29 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
         raise ValueError("the plan has no route with positive flow; re-solve it (is any group able to serve?)")
     return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
                       max_model_len=max_model_len, placement=placement)
+
+
+def check_kv_layouts(plan) -> None:
+    """Refuse, before anything starts, plans the KV connector cannot serve.
+
+    The connector moves each tensor-parallel rank's slice of the KV heads to
+    the same rank of the decode group, with pipeline_parallel_size=1 on both
+    sides (kvtransfer/connector.py). A prefill or decode group with PP > 1
+    would fail at engine start; say so now. A route between groups of
+    different TP still serves (decode refuses the mismatched KV and
+    recomputes the prompt), but loses the point of disaggregation: warn.
+    """
+    pipelined = [f"{g.id} ({g.role}, pp={g.pp})" for g in plan.groups if g.role != "colocated" and g.pp > 1]
+    if pipelined:
+        raise ValueError(
+            f"plan groups {', '.join(pipelined)} split layers across a pipeline; the KV connector moves KV between "
+            "engines with pipeline_parallel_size=1 only. Re-solve for a fleet or model that fits without pipelining, "
+            "rehearse the plan on this machine without --model, or serve it with --kv-connector none (decode recomputes)"
+        )
+    tp_of = {g.id: g.tp for g in plan.groups}
+    for route in plan.routes:
+        if route.prefill != route.decode and tp_of.get(route.prefill) != tp_of.get(route.decode):
+            logger.warning(
+                "route %s (tp=%s) -> %s (tp=%s): KV layouts differ, so decode will recompute these prompts",
+                route.prefill, tp_of.get(route.prefill), route.decode, tp_of.get(route.decode),
+            )

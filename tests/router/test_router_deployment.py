@@ -1,0 +1,62 @@
+"""Deployment from a plan: KV layouts the connector cannot move are caught before anything starts."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+from planner.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from router.deployment import deployment_from_plan
+from router.launch_local import free_tcp_port
+
+
+def _group(group_id: str, role: str, tp: int = 1, pp: int = 1) -> GroupPlan:
+    gpus = [f"n0:{i}" for i in range(tp * pp)]
+    stages = [StagePlan(node="n0", gpu_type="H100", gpus=gpus[s * tp : (s + 1) * tp], tp=tp, layers=[s * 80 // pp, (s + 1) * 80 // pp]) for s in range(pp)]
+    return GroupPlan(id=group_id, role=role, gpus=gpus, gpu_types={"H100": tp * pp}, nodes=["n0"], region="local",
+                     tp=tp, pp=pp, layer_partition=[80 // pp] * pp, stages=stages, capacity_rps=1.0, load_rps=1.0,
+                     batch=8, latency_ms=10.0, service_ms=10.0, kv_budget_ms=5.0)
+
+
+def _plan(prefill: GroupPlan, decode: GroupPlan) -> Plan:
+    return Plan(mode="disaggregated", cluster="t", model={"name": "Llama-2-70B"}, workload={}, groups=[prefill, decode],
+                routes=[RoutePlan(prefill=prefill.id, decode=decode.id, weight=1.0, rate_rps=1.0, kv_gb_per_s=1.0, transfer_ms=1.0)],
+                unused_gpus=[], predicted=Predicted(1.0, 10.0, 50.0, 10.0, 1.0, 1.0, 1.0, None))
+
+
+def test_tp_decode_worker_gets_one_port_per_rank():
+    deployment = deployment_from_plan(_plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=4)), model="/models/llama")
+    decode = next(w for w in deployment.workers if w.role == "decode")
+    assert decode.tensor_parallel_size == 4
+    port = int(decode.kv_endpoint.rsplit(":", 1)[1])
+    for rank in range(4):  # rank r listens on port + r (kvtransfer.handoff.rank_endpoint)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port + rank))
+
+
+def test_pipelined_disaggregated_group_is_refused_before_start():
+    plan = _plan(_group("p0", "prefill", tp=2, pp=2), _group("d0", "decode", tp=2))
+    with pytest.raises(ValueError, match=r"p0 \(prefill, pp=2\).*pipeline_parallel_size=1"):
+        deployment_from_plan(plan, model="/models/llama")
+    # Rehearsal on this machine (tiny model, TP/PP forced to 1) and --kv-connector none still work.
+    assert len(deployment_from_plan(plan).workers) == 2
+    assert len(deployment_from_plan(plan, model="/models/llama", kv_connector="none").workers) == 2
+
+
+def test_route_between_different_tp_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="router.deployment"):
+        deployment_from_plan(_plan(_group("p0", "prefill", tp=1), _group("d0", "decode", tp=2)), model="/models/llama")
+    assert "p0 (tp=1) -> d0 (tp=2)" in caplog.text and "recompute" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="router.deployment"):
+        deployment_from_plan(_plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=2)), model="/models/llama")
+    assert "recompute" not in caplog.text
+
+
+def test_free_tcp_port_finds_consecutive_ports():
+    port = free_tcp_port("127.0.0.1", 3)
+    for offset in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port + offset))
