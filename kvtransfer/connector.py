@@ -57,6 +57,8 @@ class HexKVConnector(KVConnectorBase_V1):
                 is_consumer=kv_config.is_kv_consumer,
                 num_blocks=kv_cache_config.num_blocks,
                 rank=_tensor_parallel_rank(parallel.tensor_parallel_size),
+                tp_size=parallel.tensor_parallel_size,
+                kv_heads=vllm_config.model_config.get_num_kv_heads(parallel),
             )
 
     # -- worker side -----------------------------------------------------------------------

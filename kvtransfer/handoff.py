@@ -143,18 +143,26 @@ def new_transfer_id() -> str:
     return uuid.uuid4().hex
 
 
-def prefill_params(decode_endpoint: str, transfer_id: str | None = None) -> dict[str, Any]:
-    """kv_transfer_params for the prefill request (put in SamplingParams.extra_args)."""
+def prefill_params(decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1) -> dict[str, Any]:
+    """kv_transfer_params for the prefill request (put in SamplingParams.extra_args).
+
+    decode_tp: the decode engine's tensor_parallel_size. With the same TP as
+    prefill each rank sends to its twin; with k times prefill's TP each
+    prefill rank splits its KV heads k ways (see WorkerSide._targets).
+    """
+    if not isinstance(decode_tp, int) or decode_tp < 1:
+        raise ValueError(f"decode_tp={decode_tp!r} must be the decode engine's tensor_parallel_size (an int >= 1)")
     return {
         "do_remote_decode": True,
         "decode_endpoint": check_endpoint(decode_endpoint),
         "transfer_id": transfer_id or new_transfer_id(),
+        "decode_tp": decode_tp,
     }
 
 
-def prefill_sampling_extra_args(decode_endpoint: str, transfer_id: str | None = None) -> dict[str, Any]:
+def prefill_sampling_extra_args(decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1) -> dict[str, Any]:
     """Convenience: the whole extra_args dict for the prefill request."""
-    return {"kv_transfer_params": prefill_params(decode_endpoint, transfer_id)}
+    return {"kv_transfer_params": prefill_params(decode_endpoint, transfer_id, decode_tp)}
 
 
 def decode_params_from(prefill_output_params: dict[str, Any] | None) -> dict[str, Any] | None:

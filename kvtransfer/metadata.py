@@ -25,6 +25,7 @@ class SendSpec:
     block_ids: list[int]  # this engine's physical ids of those blocks
     is_first: bool  # send Begin before the first chunk
     is_last: bool  # send End after this step's chunks
+    decode_tp: int = 1  # decode engine's tensor_parallel_size (where each slice of heads goes)
 
 
 @dataclass(slots=True)
@@ -43,4 +44,4 @@ class LoadSpec:
 class HexConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
-    aborts: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, transfer_id)
+    aborts: list[tuple[str, str, int]] = field(default_factory=list)  # (endpoint, transfer_id, decode_tp)

@@ -38,6 +38,7 @@ class _Sending:
     endpoint: str
     prompt_hash: str
     num_tokens: int
+    decode_tp: int = 1
     blocks_sent: int = 0
 
 
@@ -48,7 +49,7 @@ class SchedulerSide:
         self._sending: dict[str, _Sending] = {}
         self._sent: dict[str, _Sending] = {}  # whole prompt shipped; awaiting request_finished
         self._loads: list[LoadSpec] = []
-        self._aborts: list[tuple[str, str]] = []
+        self._aborts: list[tuple[str, str, int]] = []
 
     def _num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -92,8 +93,14 @@ class SchedulerSide:
             if not endpoint or not transfer_id:
                 logger.warning("kvtransfer: request %s has do_remote_decode but no decode_endpoint/transfer_id; not sending", request.request_id)
                 return
+            decode_tp = params.get("decode_tp", 1)
+            if not isinstance(decode_tp, int) or decode_tp < 1:
+                logger.warning("kvtransfer: request %s has decode_tp=%r; using 1", request.request_id, decode_tp)
+                decode_tp = 1
             prompt = request.prompt_token_ids or ()
-            self._sending[request.request_id] = _Sending(request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt))
+            self._sending[request.request_id] = _Sending(
+                request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt), decode_tp
+            )
 
     # -- prefill -------------------------------------------------------------------------
 
@@ -124,6 +131,7 @@ class SchedulerSide:
                     block_ids=list(all_ids[state.blocks_sent : upto]),
                     is_first=state.blocks_sent == 0,
                     is_last=is_last,
+                    decode_tp=state.decode_tp,
                 )
             )
             state.blocks_sent = upto
@@ -139,7 +147,7 @@ class SchedulerSide:
         if unfinished is not None:
             # Finished (aborted) before its whole prompt was computed: nothing to decode from.
             if unfinished.blocks_sent:
-                self._aborts.append((unfinished.endpoint, unfinished.transfer_id))
+                self._aborts.append((unfinished.endpoint, unfinished.transfer_id, unfinished.decode_tp))
             return False, None
         state = self._sent.pop(request.request_id, None)
         if state is None:

@@ -17,6 +17,7 @@ vLLM recomputes the prompt.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class _PendingLoad:
 class CacheLayout:
     """Where the block axis is in each layer's cache tensor and what one block looks like."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, kv_heads: int | None = None) -> None:
         if not kv_caches:
             raise ValueError("register_kv_caches got no layers")
         self.names = list(kv_caches)
@@ -69,6 +70,11 @@ class CacheLayout:
         self.block_shape = tuple(shape)
         self.dtype = codec.dtype_name(first.dtype)
         self.block_bytes = protocol.raw_bytes(self.dtype, self.block_shape)
+        # The KV-head axis of one block, if exactly one axis has this rank's head
+        # count (CPU: [kv_heads, block_size, 2 * head_size]; flash-attn:
+        # [2, block_size, kv_heads, head_size]); None: heads cannot be split.
+        axes = [i for i, size in enumerate(self.block_shape) if kv_heads and size == kv_heads]
+        self.head_axis: int | None = axes[0] if len(axes) == 1 else None
 
     def gather(self, layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
         idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
@@ -88,19 +94,27 @@ class CacheLayout:
 
 class WorkerSide:
     def __init__(
-        self, options: ConnectorOptions, *, is_producer: bool, is_consumer: bool, num_blocks: int, rank: int = 0
+        self,
+        options: ConnectorOptions,
+        *,
+        is_producer: bool,
+        is_consumer: bool,
+        num_blocks: int,
+        rank: int = 0,
+        tp_size: int = 1,
+        kv_heads: int | None = None,
     ) -> None:
         self.options = options
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.num_blocks = num_blocks
         # Tensor-parallel rank: this worker moves only its slice of the KV heads,
-        # from prefill rank r to decode rank r (see handoff.rank_endpoint).
-        self.rank = rank
+        # to the decode rank(s) that hold the same heads (see `_targets`).
+        self.rank, self.tp_size, self.kv_heads = rank, tp_size, kv_heads
         self.stats = Stats(rank_stats_path(options.stats_path, rank) if options.stats_path else None)
         self.layout: CacheLayout | None = None
         self.sender: KVSender | None = None
         self.receiver: KVReceiver | None = None
-        self._progress: dict[str, _Progress] = {}
+        self._progress: dict[tuple[str, int], _Progress] = {}  # (transfer_id, decode rank)
         self._pending: dict[str, _PendingLoad] = {}
         self._finished: set[str] = set()
         self._failed: set[str] = set()
@@ -109,7 +123,7 @@ class WorkerSide:
     # -- setup -----------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.layout = CacheLayout(kv_caches, self.num_blocks)
+        self.layout = CacheLayout(kv_caches, self.num_blocks, self.kv_heads)
         opts = self.options
         if self.is_producer and self.sender is None:
             self.sender = KVSender(
@@ -155,6 +169,27 @@ class WorkerSide:
 
     # -- prefill ---------------------------------------------------------------------------
 
+    def _targets(self, decode_tp: int) -> list[tuple[int, slice | None]]:
+        """The decode ranks this rank's KV goes to, each with its slice of our heads.
+
+        Same TP on both sides: decode rank r gets all of prefill rank r's heads.
+        Decode TP = k x ours: our heads split k ways, slice m to decode rank
+        r*k + m (each decode rank then gets one whole transfer, shaped for its
+        cache). Anything else (decode TP smaller, or heads that do not split)
+        goes to rank r as is, where a different block shape is refused before
+        buffering and decode recomputes.
+        """
+        layout = self.layout
+        assert layout is not None
+        if decode_tp == self.tp_size or decode_tp % self.tp_size or layout.head_axis is None:
+            return [(self.rank, None)]
+        ways = decode_tp // self.tp_size
+        heads = layout.block_shape[layout.head_axis]
+        if heads % ways:
+            return [(self.rank, None)]
+        per = heads // ways
+        return [(self.rank * ways + m, slice(m * per, (m + 1) * per)) for m in range(ways)]
+
     def save_kv_layer(self, meta: HexConnectorMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
         if not meta.sends or self.sender is None or self.layout is None:
             return
@@ -162,26 +197,38 @@ class WorkerSide:
         if layer is None:
             return
         for spec in meta.sends:
-            progress = self._progress.setdefault(spec.transfer_id, _Progress())
-            if progress.failed:
-                continue
-            if spec.is_first and layer == 0:
-                self._send_begin(spec)
             blocks = self.layout.gather(kv_layer, spec.block_ids)
-            # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
-            for first, count in block_ranges(len(spec.block_ids), self.layout.block_bytes, self.options.max_chunk_bytes):
-                frames = chunk_message(
-                    spec.transfer_id, layer, spec.first_block + first, blocks[first : first + count],
-                    encoding=self.options.encoding, checksum=self.options.checksum,
-                )
-                payload = frames[1]
-                if not self.sender.submit(self._endpoint(spec.endpoint), spec.transfer_id, frames, len(payload)):
-                    progress.failed = True
-                    break
-                progress.num_chunks += 1
-                progress.payload_bytes += len(payload)
+            for target, heads in self._targets(spec.decode_tp):
+                progress = self._progress.setdefault((spec.transfer_id, target), _Progress())
+                if progress.failed:
+                    continue
+                part = blocks if heads is None else self._heads(blocks, heads)
+                if spec.is_first and layer == 0:
+                    self._send_begin(spec, target, tuple(part.shape[1:]))
+                self._send_chunks(spec, target, layer, part, progress)
 
-    def _send_begin(self, spec: SendSpec) -> None:
+    def _heads(self, blocks: torch.Tensor, heads: slice) -> torch.Tensor:
+        assert self.layout is not None and self.layout.head_axis is not None
+        axis = self.layout.head_axis + 1  # blocks is (num_blocks, *block_shape)
+        return blocks.narrow(axis, heads.start, heads.stop - heads.start).contiguous()
+
+    def _send_chunks(self, spec: SendSpec, target: int, layer: int, blocks: torch.Tensor, progress: _Progress) -> None:
+        assert self.sender is not None
+        block_bytes = math.prod(blocks.shape[1:]) * blocks.element_size()
+        # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
+        for first, count in block_ranges(len(spec.block_ids), block_bytes, self.options.max_chunk_bytes):
+            frames = chunk_message(
+                spec.transfer_id, layer, spec.first_block + first, blocks[first : first + count],
+                encoding=self.options.encoding, checksum=self.options.checksum,
+            )
+            payload = frames[1]
+            if not self.sender.submit(rank_endpoint(spec.endpoint, target), spec.transfer_id, frames, len(payload)):
+                progress.failed = True
+                return
+            progress.num_chunks += 1
+            progress.payload_bytes += len(payload)
+
+    def _send_begin(self, spec: SendSpec, target: int, block_shape: tuple[int, ...]) -> None:
         layout = self.layout
         assert layout is not None and self.sender is not None
         begin = Begin(
@@ -193,30 +240,29 @@ class WorkerSide:
             len(layout.names),
             spec.num_blocks,
             layout.dtype,
-            layout.block_shape,
+            block_shape,
             self.options.encoding,
-            protocol.raw_bytes(layout.dtype, (len(layout.names), spec.num_blocks, *layout.block_shape)),
+            protocol.raw_bytes(layout.dtype, (len(layout.names), spec.num_blocks, *block_shape)),
         )
-        if not self.sender.submit(self._endpoint(spec.endpoint), spec.transfer_id, [protocol.encode(begin)], 0):
-            self._progress[spec.transfer_id].failed = True
-
-    def _endpoint(self, decode_endpoint: str) -> str:
-        return rank_endpoint(decode_endpoint, self.rank)
+        if not self.sender.submit(rank_endpoint(spec.endpoint, target), spec.transfer_id, [protocol.encode(begin)], 0):
+            self._progress[(spec.transfer_id, target)].failed = True
 
     def wait_for_save(self, meta: HexConnectorMetadata) -> None:
-        if self.sender is None:
+        if self.sender is None or self.layout is None:
             return
-        for endpoint, transfer_id in meta.aborts:
-            self._progress.pop(transfer_id, None)
-            self.sender.abort(self._endpoint(endpoint), transfer_id, "prefill request ended before its prompt was computed")
+        for endpoint, transfer_id, decode_tp in meta.aborts:
+            for target, _ in self._targets(decode_tp):
+                self._progress.pop((transfer_id, target), None)
+                self.sender.abort(rank_endpoint(endpoint, target), transfer_id, "prefill request ended before its prompt was computed")
         for spec in meta.sends:
             if not spec.is_last:
                 continue
-            progress = self._progress.pop(spec.transfer_id, _Progress())
-            if progress.failed:
-                continue
-            end = End(protocol.PROTOCOL_VERSION, spec.transfer_id, progress.num_chunks, progress.payload_bytes)
-            self.sender.submit(self._endpoint(spec.endpoint), spec.transfer_id, [protocol.encode(end)], 0, is_end=True)
+            for target, _ in self._targets(spec.decode_tp):
+                progress = self._progress.pop((spec.transfer_id, target), _Progress())
+                if progress.failed:
+                    continue
+                end = End(protocol.PROTOCOL_VERSION, spec.transfer_id, progress.num_chunks, progress.payload_bytes)
+                self.sender.submit(rank_endpoint(spec.endpoint, target), spec.transfer_id, [protocol.encode(end)], 0, is_end=True)
 
     # -- decode ----------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ class Deployment:
 
     def worker_infos(self) -> list[WorkerInfo]:
         return [WorkerInfo(worker_id=s.worker_id, role=s.role, control_endpoint=s.control_endpoint,
-                           kv_endpoint=s.kv_endpoint, group_id=s.group_id) for s in self.workers]
+                           kv_endpoint=s.kv_endpoint, group_id=s.group_id,
+                           tensor_parallel_size=s.tensor_parallel_size) for s in self.workers]
 
 
 def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[str, str]:
@@ -111,10 +112,11 @@ def check_kv_layouts(plan) -> None:
 
     The connector moves each tensor-parallel rank's slice of the KV heads to
     the same rank of the decode group, with pipeline_parallel_size=1 on both
-    sides (kvtransfer/connector.py). A prefill or decode group with PP > 1
-    would fail at engine start; say so now. A route between groups of
-    different TP still serves (decode refuses the mismatched KV and
-    recomputes the prompt), but loses the point of disaggregation: warn.
+    sides (kvtransfer/connector.py); a decode group whose TP is a multiple of
+    its prefill group's gets each prefill rank's heads split among its ranks.
+    A prefill or decode group with PP > 1 would fail at engine start; say so
+    now. Any other TP pair still serves (decode refuses the mismatched KV and
+    recomputes the prompt) but loses the point of disaggregation: warn.
     """
     pipelined = [f"{g.id} ({g.role}, pp={g.pp})" for g in plan.groups if g.role != "colocated" and g.pp > 1]
     if pipelined:
@@ -125,8 +127,10 @@ def check_kv_layouts(plan) -> None:
         )
     tp_of = {g.id: g.tp for g in plan.groups}
     for route in plan.routes:
-        if route.prefill != route.decode and tp_of.get(route.prefill) != tp_of.get(route.decode):
+        prefill_tp, decode_tp = tp_of.get(route.prefill, 1), tp_of.get(route.decode, 1)
+        if route.prefill != route.decode and decode_tp % prefill_tp:
             logger.warning(
-                "route %s (tp=%s) -> %s (tp=%s): KV layouts differ, so decode will recompute these prompts",
-                route.prefill, tp_of.get(route.prefill), route.decode, tp_of.get(route.decode),
+                "route %s (tp=%s) -> %s (tp=%s): decode TP is not a multiple of prefill TP, so the KV cannot be "
+                "resharded and decode will recompute these prompts",
+                route.prefill, prefill_tp, route.decode, decode_tp,
             )

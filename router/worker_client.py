@@ -36,6 +36,7 @@ class WorkerInfo:
     control_endpoint: str
     kv_endpoint: str | None = None
     group_id: str | None = None
+    tensor_parallel_size: int = 1  # a decode worker's TP: prefill splits KV heads to match it
 
 
 _FAILED = object()  # queue sentinel: the worker failed under this request

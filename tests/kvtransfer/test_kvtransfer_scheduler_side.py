@@ -87,7 +87,7 @@ def test_request_ending_before_its_prompt_aborts_the_transfer():
     side, request = producer(10)
     step(side, request, 6)
     assert side.request_finished(request, [10, 11]) == (False, None)
-    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).aborts == [("ipc:///tmp/d", "t")]
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).aborts == [("ipc:///tmp/d", "t", 1)]
 
 
 def test_decode_loads_only_blocks_past_the_local_hit_and_only_once():
@@ -111,3 +111,12 @@ def test_requests_without_params_are_ignored():
     side.update_state_after_alloc(request, FakeBlocks(), 0)
     meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"x": 3}))
     assert meta.sends == [] and meta.loads == [] and side.request_finished(request, []) == (False, None)
+
+
+def test_decode_tp_travels_to_the_worker():
+    side = SchedulerSide(BLOCK)
+    side.kv_cache_manager = FakeManager({"r": [10, 11]})
+    request = FakeRequest("r", list(range(8)), prefill_params("ipc:///tmp/d", transfer_id="t", decode_tp=4))
+    side.update_state_after_alloc(request, FakeBlocks(), 0)
+    (send,) = step(side, request, 8).sends
+    assert send.decode_tp == 4 and send.is_last

@@ -1,9 +1,10 @@
-"""Tensor parallelism: a TP=2 prefill engine hands its KV to a TP=2 decode engine.
+"""Tensor parallelism: TP=2 prefill -> TP=2 decode, and TP=1 prefill -> TP=2 decode.
 
 Each rank moves its own slice of the KV heads on its own socket (prefill rank
-r -> decode rank r, kvtransfer.handoff.rank_endpoint). The reference is the
-decode engine itself running the prompt without kv_transfer_params: the same
-TP=2 layout computing everything locally, so greedy tokens must agree.
+r -> decode rank r, kvtransfer.handoff.rank_endpoint); a TP=1 prefill engine
+splits its heads between the two decode ranks. The reference is the decode
+engine itself running the prompt without kv_transfer_params: the same TP=2
+layout computing everything locally, so greedy tokens must agree.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def tp_cluster():
         "consumer", listen_endpoint=endpoint, stats_path=f"{workdir}/decode.json", load_timeout_s=4, transfer_timeout_s=3
     )
     tiny_model_settings().apply_process_env()
+    producer_tp1_config = kvtransfer.connector_config(
+        "producer", stats_path=f"{workdir}/prefill-tp1.json", ack_timeout_s=3, send_timeout_ms=2000
+    )
+    prefill_tp1 = LLM(**tiny_model_settings(kv_transfer_config=producer_tp1_config).engine_kwargs())
     # Only these engines get one core per rank: the variable is read when their
     # workers start, and the session's TP=1 engines must keep both cores.
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
@@ -73,13 +78,13 @@ def tp_cluster():
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
     cluster = SimpleNamespace(
-        prefill=engines[0], decode=engines[1], decode_endpoint=endpoint,
+        prefill=engines[0], decode=engines[1], decode_endpoint=endpoint, prefill_tp1=prefill_tp1,
         prefill_config=prefill_config, decode_config=decode_config,
         decode_stats=lambda: kvtransfer.read_stats(kvtransfer.stats_path(decode_config)),
         prefill_stats=lambda: kvtransfer.read_stats(kvtransfer.stats_path(prefill_config)),
     )
     yield cluster
-    for engine in engines:
+    for engine in (*engines, prefill_tp1):
         engine.llm_engine.engine_core.shutdown()
 
 
@@ -92,7 +97,7 @@ def test_tp2_token_equality_every_rank_moves_its_shard(tp_cluster):
     prompts = [random_prompt(n, seed=300 + n) for n in LENGTHS]
     expected = run_local(tp_cluster.decode, prompts)
     before = settled(tp_cluster.decode_stats)
-    handoffs = run_prefill(tp_cluster, prompts)
+    handoffs = run_prefill(tp_cluster, prompts, decode_tp=TP)
     assert all(h and h.get("do_remote_prefill") for h in handoffs), handoffs
     got = run_decode(tp_cluster, prompts, handoffs)
     assert got == expected
@@ -131,3 +136,20 @@ def test_tp_mismatch_is_refused_and_decode_recomputes(tp_cluster):
     failed = wait_delta(before, tp_cluster.decode_stats, "transfers_loaded_failed")
     assert failed["transfers_loaded_failed"] >= 1 and failed["frames_refused"] >= 1, failed
 
+
+def test_tp1_prefill_splits_its_heads_between_tp2_decode_ranks(tp_cluster):
+    from types import SimpleNamespace
+
+    prompts = [random_prompt(n, seed=500 + n) for n in (5, 128, 129, 400)]
+    expected = run_local(tp_cluster.decode, prompts)
+    before = settled(tp_cluster.decode_stats)
+    producer = SimpleNamespace(prefill=tp_cluster.prefill_tp1, decode_endpoint=tp_cluster.decode_endpoint)
+    handoffs = run_prefill(producer, prompts, decode_tp=TP)
+    got = run_decode(tp_cluster, prompts, handoffs)
+    assert got == expected
+    want = TP * len(prompts)  # every decode rank loaded its half of the heads
+    moved = wait_for(
+        lambda: (d := deltas(before, tp_cluster.decode_stats()))["transfers_loaded_ok"] >= want and d,
+        what=f"{want} shard loads",
+    )
+    assert moved["transfers_loaded_ok"] == want and moved["transfers_loaded_failed"] == 0, moved

@@ -45,14 +45,15 @@ def test_pipelined_disaggregated_group_is_refused_before_start():
     assert len(deployment_from_plan(plan, model="/models/llama", kv_connector="none").workers) == 2
 
 
-def test_route_between_different_tp_warns(caplog):
+def test_route_whose_kv_cannot_be_resharded_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="router.deployment"):
-        deployment_from_plan(_plan(_group("p0", "prefill", tp=1), _group("d0", "decode", tp=2)), model="/models/llama")
-    assert "p0 (tp=1) -> d0 (tp=2)" in caplog.text and "recompute" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="router.deployment"):
-        deployment_from_plan(_plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=2)), model="/models/llama")
-    assert "recompute" not in caplog.text
+        deployment_from_plan(_plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=3)), model="/models/llama")
+    assert "p0 (tp=2) -> d0 (tp=3)" in caplog.text and "recompute" in caplog.text
+    for prefill_tp, decode_tp in ((2, 2), (1, 2), (2, 4)):  # equal, or resharded by splitting heads
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="router.deployment"):
+            deployment_from_plan(_plan(_group("p0", "prefill", tp=prefill_tp), _group("d0", "decode", tp=decode_tp)), model="/models/llama")
+        assert "recompute" not in caplog.text
 
 
 def test_free_tcp_port_finds_consecutive_ports():
