@@ -10,7 +10,8 @@ Who calls what:
 
 2. The router picks prefill worker P and decode worker D, then submits to P
    the prompt token ids with ``SamplingParams(max_tokens=1, extra_args=
-   {"kv_transfer_params": prefill_params(decode_endpoint=D's endpoint)})``.
+   {"kv_transfer_params": prefill_params(decode_endpoint=D's endpoint,
+   decode_tp=D's tensor_parallel_size)})``.
    While P computes the prompt, its connector pushes the KV cache, layer by
    layer, to D's endpoint, where it waits (under a lease) to be claimed.
 
