@@ -49,7 +49,7 @@ class HexKVConnector(KVConnectorBase_V1):
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size)
+            self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, parallel.tensor_parallel_size)
         else:
             self.worker_side = WorkerSide(
                 self.options,

@@ -38,6 +38,7 @@ class LoadSpec:
     num_tokens: int
     first_block: int  # blocks before this were a local prefix-cache hit
     block_ids: list[int]
+    prefill_tp: int = 1  # prefill engine's tensor_parallel_size (how many parts hold our heads)
 
 
 @dataclass

@@ -43,8 +43,9 @@ class _Sending:
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, tp_size: int = 1) -> None:
         self.block_size = block_size
+        self.tp_size = tp_size  # told to decode in the handoff: how the KV heads were split
         self.kv_cache_manager: KVCacheManager | None = None
         self._sending: dict[str, _Sending] = {}
         self._sent: dict[str, _Sending] = {}  # whole prompt shipped; awaiting request_finished
@@ -85,6 +86,7 @@ class SchedulerSide:
                     num_tokens=len(prompt),
                     first_block=local_hit_blocks,
                     block_ids=list(block_ids),
+                    prefill_tp=_positive_int(params.get("prefill_tp", 1)),
                 )
             )
         elif params.get("do_remote_decode") and request.request_id not in self._sending and request.request_id not in self._sent:
@@ -93,10 +95,7 @@ class SchedulerSide:
             if not endpoint or not transfer_id:
                 logger.warning("kvtransfer: request %s has do_remote_decode but no decode_endpoint/transfer_id; not sending", request.request_id)
                 return
-            decode_tp = params.get("decode_tp", 1)
-            if not isinstance(decode_tp, int) or decode_tp < 1:
-                logger.warning("kvtransfer: request %s has decode_tp=%r; using 1", request.request_id, decode_tp)
-                decode_tp = 1
+            decode_tp = _positive_int(params.get("decode_tp", 1))
             prompt = request.prompt_token_ids or ()
             self._sending[request.request_id] = _Sending(
                 request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt), decode_tp
@@ -159,5 +158,14 @@ class SchedulerSide:
             "decode_endpoint": state.endpoint,
             "num_prompt_tokens": state.num_tokens,
             "prompt_hash": state.prompt_hash,
+            "prefill_tp": self.tp_size,
             "kv_protocol_version": protocol.PROTOCOL_VERSION,
         }
+
+
+def _positive_int(value: Any) -> int:
+    """A TP size from kv_transfer_params (client-supplied, so checked): 1 if it is not a positive int."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    logger.warning("kvtransfer: ignoring tensor-parallel size %r in kv_transfer_params; using 1", value)
+    return 1

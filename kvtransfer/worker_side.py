@@ -83,13 +83,25 @@ class CacheLayout:
             out = out.movedim(self.block_dim, 0)
         return out.contiguous().cpu()
 
-    def scatter(self, layer_index: int, block_ids: list[int], blocks: torch.Tensor) -> None:
+    def scatter(self, layer_index: int, block_ids: list[int], blocks: torch.Tensor, heads: slice | None = None) -> None:
+        """Write blocks (n, *block_shape) into block_ids; with `heads`, into that slice of the KV heads only."""
         layer = self.tensors[layer_index]
+        if heads is not None:
+            assert self.head_axis is not None
+            axis = self.head_axis + (1 if self.head_axis >= self.block_dim else 0)  # the block axis sits before it
+            layer = layer.narrow(axis, heads.start, heads.stop - heads.start)
         idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
         src = blocks.to(layer.device)
         if self.block_dim:
             src = src.movedim(0, self.block_dim)
         layer.index_copy_(self.block_dim, idx, src)
+
+    def head_slices(self, ways: int) -> list[slice] | None:
+        """This cache's KV heads split `ways` ways, or None if they cannot be."""
+        if self.head_axis is None or self.block_shape[self.head_axis] % ways:
+            return None
+        per = self.block_shape[self.head_axis] // ways
+        return [slice(m * per, (m + 1) * per) for m in range(ways)]
 
 
 class WorkerSide:
@@ -153,12 +165,24 @@ class WorkerSide:
         assert layout is not None
         if begin.num_layers != len(layout.names):
             return f"num_layers={begin.num_layers} but this model has {len(layout.names)} KV layers"
-        if tuple(begin.block_shape) != layout.block_shape or begin.dtype != layout.dtype:
+        if not self._fits(tuple(begin.block_shape)) or begin.dtype != layout.dtype:
             return (
                 f"block {begin.block_shape}/{begin.dtype} differs from this cache's "
                 f"{layout.block_shape}/{layout.dtype} (different model, block_size, dtype or tensor_parallel_size?)"
             )
         return None
+
+    def _fits(self, block_shape: tuple[int, ...]) -> bool:
+        """Our block shape, or (one part from a prefill engine with more TP) ours with fewer KV heads."""
+        layout = self.layout
+        assert layout is not None
+        if block_shape == layout.block_shape:
+            return True
+        axis = layout.head_axis
+        if axis is None or len(block_shape) != len(layout.block_shape):
+            return False
+        others_equal = all(a == b for i, (a, b) in enumerate(zip(block_shape, layout.block_shape)) if i != axis)
+        return others_equal and 0 < block_shape[axis] < layout.block_shape[axis] and layout.block_shape[axis] % block_shape[axis] == 0
 
     def shutdown(self) -> None:
         if self.sender is not None:
@@ -169,26 +193,38 @@ class WorkerSide:
 
     # -- prefill ---------------------------------------------------------------------------
 
-    def _targets(self, decode_tp: int) -> list[tuple[int, slice | None]]:
-        """The decode ranks this rank's KV goes to, each with its slice of our heads.
+    def _targets(self, decode_tp: int) -> list[tuple[int, slice | None, str]]:
+        """(decode rank, slice of our heads or None for all, transfer id suffix) per destination.
 
         Same TP on both sides: decode rank r gets all of prefill rank r's heads.
         Decode TP = k x ours: our heads split k ways, slice m to decode rank
-        r*k + m (each decode rank then gets one whole transfer, shaped for its
-        cache). Anything else (decode TP smaller, or heads that do not split)
-        goes to rank r as is, where a different block shape is refused before
-        buffering and decode recomputes.
+        r*k + m (each decode rank gets one whole transfer, shaped for its cache).
+        Prefill TP = k x decode's: our whole shard goes to decode rank r // k as
+        part `#h<r % k>` of the transfer; that rank assembles its heads from k
+        parts (see `_sources`). Anything else goes to rank r as is, where a
+        different block shape is refused before buffering and decode recomputes.
         """
         layout = self.layout
         assert layout is not None
-        if decode_tp == self.tp_size or decode_tp % self.tp_size or layout.head_axis is None:
-            return [(self.rank, None)]
-        ways = decode_tp // self.tp_size
-        heads = layout.block_shape[layout.head_axis]
-        if heads % ways:
-            return [(self.rank, None)]
-        per = heads // ways
-        return [(self.rank * ways + m, slice(m * per, (m + 1) * per)) for m in range(ways)]
+        if decode_tp > self.tp_size and decode_tp % self.tp_size == 0:
+            slices = layout.head_slices(decode_tp // self.tp_size)
+            if slices is not None:
+                ways = len(slices)
+                return [(self.rank * ways + m, heads, "") for m, heads in enumerate(slices)]
+        if decode_tp < self.tp_size and self.tp_size % decode_tp == 0 and layout.head_axis is not None:
+            ways = self.tp_size // decode_tp
+            return [(self.rank // ways, None, f"#h{self.rank % ways}")]
+        return [(self.rank, None, "")]
+
+    def _sources(self, spec: LoadSpec) -> list[tuple[str, slice | None]]:
+        """(transfer id, slice of our heads it fills) for each part this rank loads (see `_targets`)."""
+        layout = self.layout
+        assert layout is not None
+        if spec.prefill_tp > self.tp_size and spec.prefill_tp % self.tp_size == 0:
+            slices = layout.head_slices(spec.prefill_tp // self.tp_size)
+            if slices is not None:
+                return [(f"{spec.transfer_id}#h{m}", heads) for m, heads in enumerate(slices)]
+        return [(spec.transfer_id, None)]
 
     def save_kv_layer(self, meta: HexConnectorMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
         if not meta.sends or self.sender is None or self.layout is None:
@@ -198,42 +234,45 @@ class WorkerSide:
             return
         for spec in meta.sends:
             blocks = self.layout.gather(kv_layer, spec.block_ids)
-            for target, heads in self._targets(spec.decode_tp):
-                progress = self._progress.setdefault((spec.transfer_id, target), _Progress())
+            for target, heads, suffix in self._targets(spec.decode_tp):
+                transfer_id = spec.transfer_id + suffix
+                progress = self._progress.setdefault((transfer_id, target), _Progress())
                 if progress.failed:
                     continue
                 part = blocks if heads is None else self._heads(blocks, heads)
                 if spec.is_first and layer == 0:
-                    self._send_begin(spec, target, tuple(part.shape[1:]))
-                self._send_chunks(spec, target, layer, part, progress)
+                    self._send_begin(spec, transfer_id, target, tuple(part.shape[1:]))
+                self._send_chunks(spec, transfer_id, target, layer, part, progress)
 
     def _heads(self, blocks: torch.Tensor, heads: slice) -> torch.Tensor:
         assert self.layout is not None and self.layout.head_axis is not None
         axis = self.layout.head_axis + 1  # blocks is (num_blocks, *block_shape)
         return blocks.narrow(axis, heads.start, heads.stop - heads.start).contiguous()
 
-    def _send_chunks(self, spec: SendSpec, target: int, layer: int, blocks: torch.Tensor, progress: _Progress) -> None:
+    def _send_chunks(
+        self, spec: SendSpec, transfer_id: str, target: int, layer: int, blocks: torch.Tensor, progress: _Progress
+    ) -> None:
         assert self.sender is not None
         block_bytes = math.prod(blocks.shape[1:]) * blocks.element_size()
         # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
         for first, count in block_ranges(len(spec.block_ids), block_bytes, self.options.max_chunk_bytes):
             frames = chunk_message(
-                spec.transfer_id, layer, spec.first_block + first, blocks[first : first + count],
+                transfer_id, layer, spec.first_block + first, blocks[first : first + count],
                 encoding=self.options.encoding, checksum=self.options.checksum,
             )
             payload = frames[1]
-            if not self.sender.submit(rank_endpoint(spec.endpoint, target), spec.transfer_id, frames, len(payload)):
+            if not self.sender.submit(rank_endpoint(spec.endpoint, target), transfer_id, frames, len(payload)):
                 progress.failed = True
                 return
             progress.num_chunks += 1
             progress.payload_bytes += len(payload)
 
-    def _send_begin(self, spec: SendSpec, target: int, block_shape: tuple[int, ...]) -> None:
+    def _send_begin(self, spec: SendSpec, transfer_id: str, target: int, block_shape: tuple[int, ...]) -> None:
         layout = self.layout
         assert layout is not None and self.sender is not None
         begin = Begin(
             protocol.PROTOCOL_VERSION,
-            spec.transfer_id,
+            transfer_id,
             spec.request_id,
             spec.prompt_hash,
             spec.num_tokens,
@@ -244,25 +283,26 @@ class WorkerSide:
             self.options.encoding,
             protocol.raw_bytes(layout.dtype, (len(layout.names), spec.num_blocks, *block_shape)),
         )
-        if not self.sender.submit(rank_endpoint(spec.endpoint, target), spec.transfer_id, [protocol.encode(begin)], 0):
-            self._progress[(spec.transfer_id, target)].failed = True
+        if not self.sender.submit(rank_endpoint(spec.endpoint, target), transfer_id, [protocol.encode(begin)], 0):
+            self._progress[(transfer_id, target)].failed = True
 
     def wait_for_save(self, meta: HexConnectorMetadata) -> None:
         if self.sender is None or self.layout is None:
             return
-        for endpoint, transfer_id, decode_tp in meta.aborts:
-            for target, _ in self._targets(decode_tp):
-                self._progress.pop((transfer_id, target), None)
-                self.sender.abort(rank_endpoint(endpoint, target), transfer_id, "prefill request ended before its prompt was computed")
+        for endpoint, base_id, decode_tp in meta.aborts:
+            for target, _, suffix in self._targets(decode_tp):
+                self._progress.pop((base_id + suffix, target), None)
+                self.sender.abort(rank_endpoint(endpoint, target), base_id + suffix, "prefill request ended before its prompt was computed")
         for spec in meta.sends:
             if not spec.is_last:
                 continue
-            for target, _ in self._targets(spec.decode_tp):
-                progress = self._progress.pop((spec.transfer_id, target), _Progress())
+            for target, _, suffix in self._targets(spec.decode_tp):
+                transfer_id = spec.transfer_id + suffix
+                progress = self._progress.pop((transfer_id, target), _Progress())
                 if progress.failed:
                     continue
-                end = End(protocol.PROTOCOL_VERSION, spec.transfer_id, progress.num_chunks, progress.payload_bytes)
-                self.sender.submit(rank_endpoint(spec.endpoint, target), spec.transfer_id, [protocol.encode(end)], 0, is_end=True)
+                end = End(protocol.PROTOCOL_VERSION, transfer_id, progress.num_chunks, progress.payload_bytes)
+                self.sender.submit(rank_endpoint(spec.endpoint, target), transfer_id, [protocol.encode(end)], 0, is_end=True)
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -296,26 +336,35 @@ class WorkerSide:
         by_transfer: dict[str, list[_PendingLoad]] = {}
         for pending in self._pending.values():
             by_transfer.setdefault(pending.spec.transfer_id, []).append(pending)
-        # Requests sharing a transfer (parallel sampling, n > 1) load from one claim.
+        # Requests sharing a transfer (parallel sampling, n > 1) load from one claim;
+        # a transfer may come in parts (one per prefill rank, see `_sources`).
         for transfer_id, loads in by_transfer.items():
-            claim = self.receiver.claim(transfer_id)
-            if claim.state == "complete":
-                self._claimed[transfer_id] = self.RECLAIM_POLLS
-            if claim.state == "pending":
+            parts = [(part_id, heads, self.receiver.claim(part_id)) for part_id, heads in self._sources(loads[0].spec)]
+            for part_id, _, claim in parts:
+                if claim.state == "complete":
+                    self._claimed[part_id] = self.RECLAIM_POLLS
+            failed = next((claim for _, _, claim in parts if claim.state == "failed"), None)
+            if failed is None and any(claim.state == "pending" for _, _, claim in parts):
                 for pending in loads:
                     if now >= pending.deadline_s:
                         self.stats.add("load_timeouts")
                         self._fail(pending.spec.request_id, f"KV for transfer {transfer_id} did not arrive within {self.options.load_timeout_s}s")
                 if not any(p.spec.request_id in self._pending for p in loads):
-                    self.receiver.forget(transfer_id, "decode stopped waiting")
+                    self._forget_parts(parts, "decode stopped waiting")
                 continue
+            if failed is not None:
+                self._forget_parts(parts, "another part of this transfer failed")
             for pending in loads:
                 request_id = pending.spec.request_id
-                if claim.state == "failed":
-                    self._fail(request_id, f"transfer {transfer_id} failed: {claim.error}")
+                if failed is not None:
+                    self._fail(request_id, f"transfer {transfer_id} failed: {failed.error}")
                     continue
-                assert claim.transfer is not None
-                error = self._write(pending.spec, claim.transfer)
+                error = None
+                for _, heads, claim in parts:
+                    assert claim.transfer is not None
+                    error = self._write(pending.spec, claim.transfer, heads)
+                    if error:
+                        break
                 if error:
                     self._fail(request_id, error)
                 else:
@@ -323,7 +372,13 @@ class WorkerSide:
                     self._finished.add(request_id)
                     self.stats.add("transfers_loaded_ok")
 
-    def _write(self, spec: LoadSpec, transfer: Transfer) -> str | None:
+    def _forget_parts(self, parts, reason: str) -> None:
+        assert self.receiver is not None
+        for part_id, _, claim in parts:
+            if claim.state == "pending":
+                self.receiver.forget(part_id, reason)
+
+    def _write(self, spec: LoadSpec, transfer: Transfer, heads: slice | None = None) -> str | None:
         begin = transfer.begin
         if begin.prompt_hash != spec.prompt_hash or begin.num_tokens != spec.num_tokens:
             return f"transfer {spec.transfer_id} carries another prompt ({begin.num_tokens} tokens, hash {begin.prompt_hash})"
@@ -337,7 +392,7 @@ class WorkerSide:
                 if lo >= hi:
                     continue  # these blocks were a local prefix-cache hit
                 blocks = codec.decode(chunk.payload, h.encoding, h.dtype, h.shape)
-                layout.scatter(h.layer, spec.block_ids[lo - start : hi - start], blocks[lo - h.first_block : hi - h.first_block])
+                layout.scatter(h.layer, spec.block_ids[lo - start : hi - start], blocks[lo - h.first_block : hi - h.first_block], heads)
         except (RuntimeError, ValueError) as exc:
             return f"transfer {spec.transfer_id} could not be written into the cache: {exc}"
         return None

@@ -113,7 +113,8 @@ def check_kv_layouts(plan) -> None:
     The connector moves each tensor-parallel rank's slice of the KV heads to
     the same rank of the decode group, with pipeline_parallel_size=1 on both
     sides (kvtransfer/connector.py); a decode group whose TP is a multiple of
-    its prefill group's gets each prefill rank's heads split among its ranks.
+    its prefill group's gets each prefill rank's heads split among its ranks,
+    and one whose TP divides prefill's assembles its heads from several ranks.
     A prefill or decode group with PP > 1 would fail at engine start; say so
     now. Any other TP pair still serves (decode refuses the mismatched KV and
     recomputes the prompt) but loses the point of disaggregation: warn.
@@ -128,9 +129,9 @@ def check_kv_layouts(plan) -> None:
     tp_of = {g.id: g.tp for g in plan.groups}
     for route in plan.routes:
         prefill_tp, decode_tp = tp_of.get(route.prefill, 1), tp_of.get(route.decode, 1)
-        if route.prefill != route.decode and decode_tp % prefill_tp:
+        if route.prefill != route.decode and decode_tp % prefill_tp and prefill_tp % decode_tp:
             logger.warning(
-                "route %s (tp=%s) -> %s (tp=%s): decode TP is not a multiple of prefill TP, so the KV cannot be "
+                "route %s (tp=%s) -> %s (tp=%s): neither TP divides the other, so the KV cannot be "
                 "resharded and decode will recompute these prompts",
                 route.prefill, prefill_tp, route.decode, decode_tp,
             )

@@ -1,10 +1,11 @@
-"""Tensor parallelism: TP=2 prefill -> TP=2 decode, and TP=1 prefill -> TP=2 decode.
+"""Tensor parallelism: TP=2 -> TP=2, TP=1 -> TP=2 and TP=2 -> TP=1 handoffs.
 
 Each rank moves its own slice of the KV heads on its own socket (prefill rank
 r -> decode rank r, kvtransfer.handoff.rank_endpoint); a TP=1 prefill engine
-splits its heads between the two decode ranks. The reference is the decode
-engine itself running the prompt without kv_transfer_params: the same TP=2
-layout computing everything locally, so greedy tokens must agree.
+splits its heads between the two decode ranks; a TP=1 decode engine
+assembles its heads from both ranks of a TP=2 prefill engine. The reference
+is the decode engine itself running the prompt without kv_transfer_params:
+the same layout computing everything locally, so greedy tokens must agree.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def tp_cluster():
         "producer", stats_path=f"{workdir}/prefill-tp1.json", ack_timeout_s=3, send_timeout_ms=2000
     )
     prefill_tp1 = LLM(**tiny_model_settings(kv_transfer_config=producer_tp1_config).engine_kwargs())
+    consumer_tp1_config = kvtransfer.connector_config(
+        "consumer", listen_endpoint=f"ipc://{workdir}/decode-tp1.sock", stats_path=f"{workdir}/decode-tp1.json",
+        load_timeout_s=4, transfer_timeout_s=3,
+    )
+    decode_tp1 = LLM(**tiny_model_settings(kv_transfer_config=consumer_tp1_config).engine_kwargs())
     # Only these engines get one core per rank: the variable is read when their
     # workers start, and the session's TP=1 engines must keep both cores.
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
@@ -79,12 +85,14 @@ def tp_cluster():
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
     cluster = SimpleNamespace(
         prefill=engines[0], decode=engines[1], decode_endpoint=endpoint, prefill_tp1=prefill_tp1,
+        decode_tp1=decode_tp1, decode_tp1_endpoint=f"ipc://{workdir}/decode-tp1.sock",
+        decode_tp1_stats=lambda: kvtransfer.read_stats(kvtransfer.stats_path(consumer_tp1_config)),
         prefill_config=prefill_config, decode_config=decode_config,
         decode_stats=lambda: kvtransfer.read_stats(kvtransfer.stats_path(decode_config)),
         prefill_stats=lambda: kvtransfer.read_stats(kvtransfer.stats_path(prefill_config)),
     )
     yield cluster
-    for engine in (*engines, prefill_tp1):
+    for engine in (*engines, prefill_tp1, decode_tp1):
         engine.llm_engine.engine_core.shutdown()
 
 
@@ -153,3 +161,23 @@ def test_tp1_prefill_splits_its_heads_between_tp2_decode_ranks(tp_cluster):
         what=f"{want} shard loads",
     )
     assert moved["transfers_loaded_ok"] == want and moved["transfers_loaded_failed"] == 0, moved
+
+
+def test_tp1_decode_assembles_its_heads_from_both_tp2_prefill_ranks(tp_cluster):
+    from types import SimpleNamespace
+
+    prompts = [random_prompt(n, seed=700 + n) for n in (3, 128, 200, 450)]
+    expected = run_local(tp_cluster.decode_tp1, prompts)
+    before = settled(tp_cluster.decode_tp1_stats)
+    producer = SimpleNamespace(prefill=tp_cluster.prefill, decode_endpoint=tp_cluster.decode_tp1_endpoint)
+    handoffs = run_prefill(producer, prompts, decode_tp=1)
+    assert all(h and h.get("prefill_tp") == TP for h in handoffs), handoffs
+    consumer = SimpleNamespace(decode=tp_cluster.decode_tp1)
+    got = run_decode(consumer, prompts, handoffs)
+    assert got == expected
+    moved = wait_for(
+        lambda: (d := deltas(before, tp_cluster.decode_tp1_stats()))["transfers_loaded_ok"] >= len(prompts) and d,
+        what=f"{len(prompts)} loads",
+    )
+    assert moved["transfers_loaded_ok"] == len(prompts) and moved["transfers_loaded_failed"] == 0, moved
+    assert moved["bytes_received"] > 0

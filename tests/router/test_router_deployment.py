@@ -49,7 +49,7 @@ def test_route_whose_kv_cannot_be_resharded_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="router.deployment"):
         deployment_from_plan(_plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=3)), model="/models/llama")
     assert "p0 (tp=2) -> d0 (tp=3)" in caplog.text and "recompute" in caplog.text
-    for prefill_tp, decode_tp in ((2, 2), (1, 2), (2, 4)):  # equal, or resharded by splitting heads
+    for prefill_tp, decode_tp in ((2, 2), (1, 2), (2, 4), (2, 1), (4, 2)):  # equal, or heads split / merged
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="router.deployment"):
             deployment_from_plan(_plan(_group("p0", "prefill", tp=prefill_tp), _group("d0", "decode", tp=decode_tp)), model="/models/llama")
