@@ -12,6 +12,7 @@ import torch
 from kvtransfer import codec, protocol
 from kvtransfer.protocol import Begin, Chunk, End
 
+
 def block_ranges(num_blocks: int, block_bytes: int, max_chunk_bytes: int = protocol.MAX_CHUNK_BYTES) -> list[tuple[int, int]]:
     """(first, count) ranges covering num_blocks, each at most max_chunk_bytes (at least one block)."""
     step = max(1, max_chunk_bytes // max(1, block_bytes))
@@ -57,11 +58,8 @@ def transfer_messages(
     block_shape = tuple(int(d) for d in kv.shape[2:])
     dtype = codec.dtype_name(kv.dtype)
     block_bytes = protocol.raw_bytes(dtype, block_shape)
-    ranges = (
-        [(first, min(blocks_per_chunk, num_blocks - first)) for first in range(0, num_blocks, blocks_per_chunk)]
-        if blocks_per_chunk
-        else block_ranges(num_blocks, block_bytes)
-    )
+    max_chunk_bytes = block_bytes * blocks_per_chunk if blocks_per_chunk else protocol.MAX_CHUNK_BYTES
+    ranges = block_ranges(num_blocks, block_bytes, max_chunk_bytes)
     messages: list[list] = [
         [
             protocol.encode(

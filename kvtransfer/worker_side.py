@@ -69,7 +69,6 @@ class CacheLayout:
         del shape[self.block_dim]
         self.block_shape = tuple(shape)
         self.dtype = codec.dtype_name(first.dtype)
-        self.block_bytes = protocol.raw_bytes(self.dtype, self.block_shape)
         # The KV-head axis of one block, if exactly one axis has this rank's head
         # count (CPU: [kv_heads, block_size, 2 * head_size]; flash-attn:
         # [2, block_size, kv_heads, head_size]); None: heads cannot be split.

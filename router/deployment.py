@@ -77,17 +77,18 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     for group in plan.groups:
         worker_id = f"{group.role}-{group.id}"
         worker_of_group[group.id] = worker_id
+        tp = 1 if rehearsal else group.tp
         env = ()
         if not rehearsal and group.pp > 1:
             env = (("VLLM_PP_LAYER_PARTITION", ",".join(str(n) for n in group.layer_partition)),)
         workers.append(WorkerSpec(
             worker_id=worker_id, role="prefill" if group.role == "prefill" else "decode",
             control_endpoint=local_endpoint(host),
-            kv_endpoint=local_endpoint(host, ports=1 if rehearsal else group.tp),  # one port per TP rank
+            kv_endpoint=local_endpoint(host, ports=tp),  # one port per TP rank
             model=model_path,
             served_model_name=served, max_model_len=max_model_len,
             kv_connector=kv_connector if group.role != "colocated" else "none",
-            tensor_parallel_size=1 if rehearsal else group.tp,
+            tensor_parallel_size=tp,
             pipeline_parallel_size=1 if rehearsal else group.pp,
             cpu_kvcache_gib=cpu_kvcache_gib, env=env, group_id=group.id))
         placement[worker_id] = {"nodes": list(group.nodes), "gpu_types": dict(group.gpu_types),
