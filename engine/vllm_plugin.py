@@ -17,6 +17,13 @@ The class's `wait` is patched rather than its constructor because the worker
 process builds its queues before vLLM loads plugins; `wait` is looked up at
 call time, so queues built earlier follow the setting too.
 
+Second fix, always on: vLLM's CPU model runner allocates the buffers a
+later pipeline stage receives its input in (`intermediate_tensors`) only in
+its compile warm-up, which eager mode with an explicit KV-cache size (our
+CPU default) skips, so every pipeline_parallel_size > 1 engine on CPU died on
+its first step (`assert self.intermediate_tensors is not None`). We allocate
+them once the model is loaded, as the GPU runner's dummy run does.
+
 Registered in pyproject.toml under the `vllm.general_plugins` entry point.
 """
 
@@ -29,6 +36,7 @@ ENV_VAR = "HEXSERVE_VLLM_SPIN_SLEEP_S"
 
 
 def register() -> None:
+    _allocate_pipeline_buffers_on_cpu()
     value = os.environ.get(ENV_VAR)
     if value is None:
         return
@@ -48,3 +56,25 @@ def register() -> None:
 
     wait._hexserve_patched = True
     spin.wait = wait
+
+
+def _allocate_pipeline_buffers_on_cpu() -> None:
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # a GPU build of vLLM
+        return
+    if getattr(CPUModelRunner.load_model, "_hexserve_patched", False):
+        return
+    original = CPUModelRunner.load_model
+
+    def load_model(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        from vllm.distributed.parallel_state import get_pp_group
+
+        if self.intermediate_tensors is None and not get_pp_group().is_first_rank:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device
+            )
+
+    load_model._hexserve_patched = True
+    CPUModelRunner.load_model = load_model

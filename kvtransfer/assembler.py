@@ -164,13 +164,18 @@ class Assembler:
             self._fail(chunk.transfer_id, f"{where}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}")
         if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
             self._fail(chunk.transfer_id, f"{where}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}")
-        if chunk.layer >= begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
-            self._fail(chunk.transfer_id, f"{where}: outside the {begin.num_layers} layers x {begin.num_blocks} blocks Begin declared")
+        layer = chunk.layer - begin.first_layer
+        if not 0 <= layer < begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
+            self._fail(
+                chunk.transfer_id,
+                f"{where}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
+                f"x {begin.num_blocks} blocks that Begin declared",
+            )
         if len(payload) != chunk.payload_bytes:
             self._fail(chunk.transfer_id, f"{where}: payload is {len(payload)} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)")
         if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
             self._fail(chunk.transfer_id, f"{where}: exceeds reserve_bytes={begin.reserve_bytes}")
-        lo = chunk.layer * begin.num_blocks + chunk.first_block
+        lo = layer * begin.num_blocks + chunk.first_block
         hi = lo + chunk.num_blocks
         if transfer.covered.find(1, lo, hi) != -1:
             # A duplicate may carry different bytes: we cannot tell which copy is right.

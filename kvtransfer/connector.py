@@ -5,7 +5,8 @@ kv_connector="HexKVConnector", kv_connector_module_path="kvtransfer.connector").
 vLLM builds one instance per role: SCHEDULER in EngineCore (metadata only,
 see scheduler_side.py) and WORKER next to the model (tensors and sockets, see
 worker_side.py); the two talk only through HexConnectorMetadata each step and
-the finished/failed request ids the worker reports back.
+the finished/failed request ids the worker reports back. A TP x PP engine has
+one WORKER per rank; each moves its own heads of its own layers.
 """
 
 from __future__ import annotations
@@ -41,15 +42,13 @@ class HexKVConnector(KVConnectorBase_V1):
         kv_config = self._kv_transfer_config
         self.options = ConnectorOptions.from_extra_config(dict(kv_config.kv_connector_extra_config or {}))
         parallel = vllm_config.parallel_config
-        if parallel.pipeline_parallel_size != 1:
-            raise ValueError(
-                "HexKVConnector supports pipeline_parallel_size=1 only (tensor_parallel_size may be > 1): "
-                "run pipelined plan groups colocated, or with PP=1"
-            )
+        layers_per_stage = _layers_per_stage(vllm_config)
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, parallel.tensor_parallel_size)
+            self.scheduler_side = SchedulerSide(
+                vllm_config.cache_config.block_size, parallel.tensor_parallel_size, layers_per_stage
+            )
         else:
             self.worker_side = WorkerSide(
                 self.options,
@@ -59,6 +58,9 @@ class HexKVConnector(KVConnectorBase_V1):
                 rank=_tensor_parallel_rank(parallel.tensor_parallel_size),
                 tp_size=parallel.tensor_parallel_size,
                 kv_heads=vllm_config.model_config.get_num_kv_heads(parallel),
+                pp_rank=_pipeline_rank(parallel.pipeline_parallel_size),
+                pp_size=parallel.pipeline_parallel_size,
+                total_layers=sum(layers_per_stage),
             )
 
     # -- worker side -----------------------------------------------------------------------
@@ -134,3 +136,21 @@ def _tensor_parallel_rank(tensor_parallel_size: int) -> int:
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank()
+
+
+def _pipeline_rank(pipeline_parallel_size: int) -> int:
+    """This worker's pipeline stage: it sends and receives only its own layers."""
+    if pipeline_parallel_size == 1:
+        return 0
+    from vllm.distributed.parallel_state import get_pp_group
+
+    return get_pp_group().rank_in_group
+
+
+def _layers_per_stage(vllm_config: "VllmConfig") -> tuple[int, ...]:
+    """This engine's layers per pipeline stage, as vLLM splits them (VLLM_PP_LAYER_PARTITION or even)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    total = vllm_config.model_config.get_total_num_hidden_layers()
+    stages = vllm_config.parallel_config.pipeline_parallel_size
+    return tuple(stop - start for start, stop in (get_pp_indices(total, stage, stages) for stage in range(stages)))

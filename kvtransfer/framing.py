@@ -52,8 +52,10 @@ def transfer_messages(
     blocks_per_chunk: int | None = None,
     encoding: str = "raw",
     checksum: str = protocol.DEFAULT_CHECKSUM,
+    first_layer: int = 0,
 ) -> list[list]:
-    """All messages (each a frame list) of one transfer. kv: (layers, blocks, *block_shape)."""
+    """All messages (each a frame list) of one transfer. kv: (layers, blocks, *block_shape),
+    holding the model's layers first_layer, first_layer + 1, ... (a pipeline stage's part)."""
     num_layers, num_blocks = int(kv.shape[0]), int(kv.shape[1])
     block_shape = tuple(int(d) for d in kv.shape[2:])
     dtype = codec.dtype_name(kv.dtype)
@@ -75,6 +77,7 @@ def transfer_messages(
                     block_shape,
                     encoding,
                     protocol.raw_bytes(dtype, tuple(kv.shape)),
+                    first_layer,
                 )
             )
         ]
@@ -82,7 +85,7 @@ def transfer_messages(
     total = 0
     for first, count in ranges:
         for layer in range(num_layers):
-            frames = chunk_message(transfer_id, layer, first, kv[layer, first : first + count], encoding=encoding, checksum=checksum)
+            frames = chunk_message(transfer_id, first_layer + layer, first, kv[layer, first : first + count], encoding=encoding, checksum=checksum)
             total += len(frames[1])
             messages.append(frames)
     messages.append([protocol.encode(End(protocol.PROTOCOL_VERSION, transfer_id, len(messages) - 1, total))])

@@ -119,13 +119,14 @@ def stats_path(config: dict[str, Any]) -> str:
 
 
 def rank_endpoint(endpoint: str, rank: int) -> str:
-    """Where tensor-parallel rank `rank` of a decode worker listens for its shard.
+    """Where rank `rank` of a decode worker listens for its shard.
 
-    Each rank of a TP engine holds its own slice of the KV heads and moves it
-    on its own socket: prefill rank r sends to decode rank r. Rank 0 uses the
-    endpoint as given (so TP=1 is unchanged); rank r uses port + r for tcp and
-    a `.rank<r>` suffix for ipc/inproc. A launcher gives a TP decode worker a
-    base port with the next tp-1 ports free (router.launch_local.local_endpoint).
+    Each rank of a TP/PP engine holds its own slice of the KV heads (TP) of
+    its own layers (PP) and moves it on its own socket. Ranks are numbered as
+    vLLM does: pipeline stage x tensor_parallel_size + TP rank. Rank 0 uses the
+    endpoint as given (so one rank is unchanged); rank r uses port + r for tcp
+    and a `.rank<r>` suffix for ipc/inproc. A launcher gives a decode worker a
+    base port with the next tp*pp-1 ports free (router.launch_local.local_endpoint).
     """
     check_endpoint(endpoint)
     if rank == 0:
@@ -140,30 +141,63 @@ def rank_endpoint(endpoint: str, rank: int) -> str:
     return f"{endpoint}.rank{rank}"
 
 
+def stage_ranges(partition: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each pipeline stage's layers, from layers per stage
+    (the form of VLLM_PP_LAYER_PARTITION and of a plan group's layer_partition)."""
+    ranges, start = [], 0
+    for count in partition:
+        ranges.append((start, start + count))
+        start += count
+    return ranges
+
+
+def layer_partition(value: Any, total_layers: int | None = None, name: str = "layer partition") -> tuple[int, ...]:
+    """Layers per pipeline stage, checked: positive ints (summing to total_layers when given)."""
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
+    ):
+        raise ValueError(f"{name}={value!r} must be a non-empty list of layers per pipeline stage, e.g. [16, 16]")
+    if total_layers is not None and sum(value) != total_layers:
+        raise ValueError(f"{name}={list(value)} covers {sum(value)} layers; this model has {total_layers}")
+    return tuple(value)
+
+
 def new_transfer_id() -> str:
     return uuid.uuid4().hex
 
 
-def prefill_params(decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1) -> dict[str, Any]:
+def prefill_params(
+    decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1, decode_layers: Sequence[int] | None = None
+) -> dict[str, Any]:
     """kv_transfer_params for the prefill request (put in SamplingParams.extra_args).
 
     decode_tp: the decode engine's tensor_parallel_size. With the same TP as
     prefill each rank sends to its twin; with k times prefill's TP each
     prefill rank splits its KV heads k ways (see WorkerSide._targets).
+    decode_layers: a pipelined decode engine's layers per stage (its
+    VLLM_PP_LAYER_PARTITION); each prefill stage sends each decode stage the
+    layers it holds. None: decode has one stage.
     """
     if not isinstance(decode_tp, int) or decode_tp < 1:
         raise ValueError(f"decode_tp={decode_tp!r} must be the decode engine's tensor_parallel_size (an int >= 1)")
-    return {
+    params = {
         "do_remote_decode": True,
         "decode_endpoint": check_endpoint(decode_endpoint),
         "transfer_id": transfer_id or new_transfer_id(),
         "decode_tp": decode_tp,
     }
+    if decode_layers is not None and len(decode_layers) > 1:
+        params["decode_layers"] = list(layer_partition(decode_layers, name="decode_layers"))
+    return params
 
 
-def prefill_sampling_extra_args(decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1) -> dict[str, Any]:
+def prefill_sampling_extra_args(
+    decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1, decode_layers: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Convenience: the whole extra_args dict for the prefill request."""
-    return {"kv_transfer_params": prefill_params(decode_endpoint, transfer_id, decode_tp)}
+    return {"kv_transfer_params": prefill_params(decode_endpoint, transfer_id, decode_tp, decode_layers)}
 
 
 def decode_params_from(prefill_output_params: dict[str, Any] | None) -> dict[str, Any] | None:

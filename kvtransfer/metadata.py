@@ -26,6 +26,7 @@ class SendSpec:
     is_first: bool  # send Begin before the first chunk
     is_last: bool  # send End after this step's chunks
     decode_tp: int = 1  # decode engine's tensor_parallel_size (where each slice of heads goes)
+    decode_layers: tuple[int, ...] | None = None  # decode's layers per pipeline stage (None: one stage)
 
 
 @dataclass(slots=True)
@@ -39,10 +40,22 @@ class LoadSpec:
     first_block: int  # blocks before this were a local prefix-cache hit
     block_ids: list[int]
     prefill_tp: int = 1  # prefill engine's tensor_parallel_size (how many parts hold our heads)
+    prefill_layers: tuple[int, ...] | None = None  # prefill's layers per pipeline stage (None: one stage)
+
+
+@dataclass(slots=True)
+class AbortSpec:
+    """Prefill: tell every decode rank that was sent part of this transfer to drop it."""
+
+    endpoint: str
+    transfer_id: str
+    decode_tp: int = 1
+    decode_layers: tuple[int, ...] | None = None
 
 
 @dataclass
 class HexConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
-    aborts: list[tuple[str, str, int]] = field(default_factory=list)  # (endpoint, transfer_id, decode_tp)
+    aborts: list[AbortSpec] = field(default_factory=list)
+

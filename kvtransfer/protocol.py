@@ -31,7 +31,9 @@ from typing import Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+# 2: Begin carries first_layer and Chunk.layer is the model's layer index (a
+# pipeline stage sends a part holding only its own layers).
+PROTOCOL_VERSION = 2
 
 # dtypes a payload may carry, with their element size in bytes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
@@ -95,6 +97,9 @@ class Begin(msgspec.Struct, tag="begin", array_like=True, frozen=True):
     block_shape: tuple[int, ...]  # one block of one layer, as the sender's cache holds it
     encoding: str
     reserve_bytes: int
+    # The transfer holds the model's layers [first_layer, first_layer + num_layers);
+    # a pipeline stage's part starts past 0 (Chunk.layer is in that range).
+    first_layer: int = 0
 
 
 class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):
@@ -180,6 +185,10 @@ def validate(message: Message, limits: Limits) -> None:
         _check(message.dtype in DTYPE_BYTES, f"dtype={message.dtype!r}; known: {sorted(DTYPE_BYTES)}")
         _check(message.encoding in ENCODINGS, f"encoding={message.encoding!r}; known: {ENCODINGS}")
         _check(0 < message.num_layers <= limits.max_layers, f"num_layers={message.num_layers} is outside 1..{limits.max_layers}")
+        _check(
+            0 <= message.first_layer <= limits.max_layers - message.num_layers,
+            f"first_layer={message.first_layer} + num_layers={message.num_layers} is outside 0..{limits.max_layers}",
+        )
         _check(0 < message.num_blocks <= limits.max_blocks, f"num_blocks={message.num_blocks} is outside 1..{limits.max_blocks}")
         _check(message.num_tokens > 0, f"num_tokens={message.num_tokens} must be > 0")
         _check(

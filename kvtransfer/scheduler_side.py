@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvtransfer import protocol
-from kvtransfer.handoff import prompt_hash
-from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
+from kvtransfer.handoff import layer_partition, prompt_hash
+from kvtransfer.metadata import AbortSpec, HexConnectorMetadata, LoadSpec, SendSpec
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -39,18 +39,38 @@ class _Sending:
     prompt_hash: str
     num_tokens: int
     decode_tp: int = 1
+    decode_layers: tuple[int, ...] | None = None
     blocks_sent: int = 0
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, tp_size: int = 1) -> None:
+    def __init__(
+        self, block_size: int, tp_size: int = 1, layers_per_stage: tuple[int, ...] | None = None
+    ) -> None:
         self.block_size = block_size
-        self.tp_size = tp_size  # told to decode in the handoff: how the KV heads were split
+        # Told to decode in the handoff: how the KV heads (TP) and layers (PP)
+        # were split, so each decode rank knows which parts to assemble.
+        self.tp_size = tp_size
+        self.layers_per_stage = layers_per_stage  # None: layer count unknown (checks skipped), one stage
         self.kv_cache_manager: KVCacheManager | None = None
         self._sending: dict[str, _Sending] = {}
         self._sent: dict[str, _Sending] = {}  # whole prompt shipped; awaiting request_finished
         self._loads: list[LoadSpec] = []
-        self._aborts: list[tuple[str, str, int]] = []
+        self._aborts: list[AbortSpec] = []
+
+    @property
+    def total_layers(self) -> int | None:
+        return sum(self.layers_per_stage) if self.layers_per_stage else None
+
+    def _other_partition(self, params: dict, key: str) -> tuple[tuple[int, ...] | None, str | None]:
+        """The other engine's layers per stage from kv_transfer_params (client-supplied, so checked)."""
+        value = params.get(key)
+        if value is None:
+            return None, None
+        try:
+            return layer_partition(value, self.total_layers, key), None
+        except ValueError as exc:
+            return None, str(exc)
 
     def _num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -60,6 +80,12 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_prefill") or not params.get("transfer_id"):
+            return 0, False
+        _, error = self._other_partition(params, "prefill_layers")
+        if error:
+            # No part could be matched to our layers: recompute now rather than time out.
+            logger.warning("kvtransfer: request %s recomputes its prompt: %s", request.request_id, error)
+            params["do_remote_prefill"] = False
             return 0, False
         count = len(request.prompt_token_ids or ()) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
@@ -87,6 +113,7 @@ class SchedulerSide:
                     first_block=local_hit_blocks,
                     block_ids=list(block_ids),
                     prefill_tp=_positive_int(params.get("prefill_tp", 1)),
+                    prefill_layers=self._other_partition(params, "prefill_layers")[0],
                 )
             )
         elif params.get("do_remote_decode") and request.request_id not in self._sending and request.request_id not in self._sent:
@@ -95,10 +122,15 @@ class SchedulerSide:
             if not endpoint or not transfer_id:
                 logger.warning("kvtransfer: request %s has do_remote_decode but no decode_endpoint/transfer_id; not sending", request.request_id)
                 return
+            decode_layers, error = self._other_partition(params, "decode_layers")
+            if error:
+                # Without a handoff the router's decode request recomputes at once.
+                logger.warning("kvtransfer: request %s: not sending its KV: %s", request.request_id, error)
+                return
             decode_tp = _positive_int(params.get("decode_tp", 1))
             prompt = request.prompt_token_ids or ()
             self._sending[request.request_id] = _Sending(
-                request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt), decode_tp
+                request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt), decode_tp, decode_layers
             )
 
     # -- prefill -------------------------------------------------------------------------
@@ -131,6 +163,7 @@ class SchedulerSide:
                     is_first=state.blocks_sent == 0,
                     is_last=is_last,
                     decode_tp=state.decode_tp,
+                    decode_layers=state.decode_layers,
                 )
             )
             state.blocks_sent = upto
@@ -146,12 +179,14 @@ class SchedulerSide:
         if unfinished is not None:
             # Finished (aborted) before its whole prompt was computed: nothing to decode from.
             if unfinished.blocks_sent:
-                self._aborts.append((unfinished.endpoint, unfinished.transfer_id, unfinished.decode_tp))
+                self._aborts.append(
+                    AbortSpec(unfinished.endpoint, unfinished.transfer_id, unfinished.decode_tp, unfinished.decode_layers)
+                )
             return False, None
         state = self._sent.pop(request.request_id, None)
         if state is None:
             return False, None
-        return False, {
+        handoff = {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "transfer_id": state.transfer_id,
@@ -161,6 +196,9 @@ class SchedulerSide:
             "prefill_tp": self.tp_size,
             "kv_protocol_version": protocol.PROTOCOL_VERSION,
         }
+        if self.layers_per_stage and len(self.layers_per_stage) > 1:
+            handoff["prefill_layers"] = list(self.layers_per_stage)
+        return False, handoff
 
 
 def _positive_int(value: Any) -> int:

@@ -12,6 +12,11 @@ complete, verified transfer, checks it is for this prompt and this cache
 layout, and copies it into the request's blocks (the one copy on this side).
 It is reported finished; on failure or timeout it is also reported failed and
 vLLM recomputes the prompt.
+
+Parallel engines: every rank (pipeline stage x TP rank) moves its own KV, on
+its own socket. A transfer may reach a decode rank in parts, one from each
+prefill rank holding some of its heads and layers; chunks name the model's
+layer numbers, so a stage's part fills exactly the layers it computed.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler, Transfer
-from kvtransfer.handoff import ConnectorOptions, rank_endpoint
+from kvtransfer.handoff import ConnectorOptions, rank_endpoint, stage_ranges
 from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
 from kvtransfer.framing import block_ranges, chunk_message
 from kvtransfer.protocol import Begin, End, Limits
@@ -40,7 +45,26 @@ logger = logging.getLogger(__name__)
 class _Progress:
     num_chunks: int = 0
     payload_bytes: int = 0
+    begun: bool = False
     failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One decode rank's share of a transfer: some layers, some (or all) KV heads.
+
+    Prefill sends it as `transfer_id + suffix` to decode rank `rank`; decode
+    assembles its cache from the parts that cover its layers and heads.
+    """
+
+    rank: int  # decode rank (its pipeline stage x its TP size + its TP rank)
+    suffix: str  # "" | "#p<prefill stage>" + "" | "#h<head part>"
+    heads: slice | None  # prefill: slice of our heads sent; decode: slice of our heads filled
+    first_layer: int
+    num_layers: int
+
+    def holds(self, layer: int) -> bool:
+        return self.first_layer <= layer < self.first_layer + self.num_layers
 
 
 @dataclass(slots=True)
@@ -52,12 +76,19 @@ class _PendingLoad:
 class CacheLayout:
     """Where the block axis is in each layer's cache tensor and what one block looks like."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, kv_heads: int | None = None) -> None:
+    def __init__(
+        self, kv_caches: dict[str, torch.Tensor], num_blocks: int, kv_heads: int | None = None, pipelined: bool = False
+    ) -> None:
         if not kv_caches:
             raise ValueError("register_kv_caches got no layers")
         self.names = list(kv_caches)
-        self.index = {name: i for i, name in enumerate(self.names)}
         self.tensors = list(kv_caches.values())
+        # The model's layer number of each cache ("model.layers.17.self_attn.attn"
+        # -> 17): a pipeline stage holds a contiguous range of them, and chunks
+        # carry these numbers so stages with different splits agree on layers.
+        self.number = _layer_numbers(self.names, pipelined)
+        self.local = {number: i for i, number in enumerate(self.number.values())}
+        self.first_layer, self.num_layers = min(self.local), len(self.local)
         first = self.tensors[0]
         if first.shape[0] == num_blocks:
             self.block_dim = 0  # CPU: [num_blocks, kv_heads, block_size, 2 * head_size]
@@ -103,6 +134,21 @@ class CacheLayout:
         return [slice(m * per, (m + 1) * per) for m in range(ways)]
 
 
+def _layer_numbers(names: list[str], pipelined: bool) -> dict[str, int]:
+    """name -> the model's layer number; positions 0.. if names do not number a contiguous range."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        numbers = [extract_layer_index(name) for name in names]
+    except (AssertionError, ValueError):
+        numbers = []
+    if numbers and sorted(numbers) == list(range(min(numbers), min(numbers) + len(names))):
+        return dict(zip(names, numbers))
+    if pipelined:
+        raise ValueError(f"cannot number KV layers {names[:3]}... one per model layer; a pipelined engine needs that")
+    return {name: i for i, name in enumerate(names)}
+
+
 class WorkerSide:
     def __init__(
         self,
@@ -114,6 +160,9 @@ class WorkerSide:
         rank: int = 0,
         tp_size: int = 1,
         kv_heads: int | None = None,
+        pp_rank: int = 0,
+        pp_size: int = 1,
+        total_layers: int | None = None,
     ) -> None:
         self.options = options
         self.is_producer, self.is_consumer = is_producer, is_consumer
@@ -121,7 +170,12 @@ class WorkerSide:
         # Tensor-parallel rank: this worker moves only its slice of the KV heads,
         # to the decode rank(s) that hold the same heads (see `_targets`).
         self.rank, self.tp_size, self.kv_heads = rank, tp_size, kv_heads
-        self.stats = Stats(rank_stats_path(options.stats_path, rank) if options.stats_path else None)
+        # Pipeline stage: this worker holds (and moves) only its stage's layers.
+        self.pp_rank, self.pp_size = pp_rank, pp_size
+        self.total_layers = total_layers  # None: this worker's layers are all of them (pp_size 1)
+        self.worker_index = pp_rank * tp_size + rank  # vLLM's rank numbering: our socket and stats file
+        self._parts: dict[tuple[int, tuple[int, ...] | None], list[_Part]] = {}
+        self.stats = Stats(rank_stats_path(options.stats_path, self.worker_index) if options.stats_path else None)
         self.layout: CacheLayout | None = None
         self.sender: KVSender | None = None
         self.receiver: KVReceiver | None = None
@@ -134,7 +188,9 @@ class WorkerSide:
     # -- setup -----------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.layout = CacheLayout(kv_caches, self.num_blocks, self.kv_heads)
+        self.layout = CacheLayout(kv_caches, self.num_blocks, self.kv_heads, pipelined=self.pp_size > 1)
+        if self.total_layers is None:
+            self.total_layers = self.layout.first_layer + self.layout.num_layers
         opts = self.options
         if self.is_producer and self.sender is None:
             self.sender = KVSender(
@@ -155,15 +211,19 @@ class WorkerSide:
                 reclaim_s=opts.reclaim_s,
                 expected=self._check_begin,
             )
-            self.receiver = KVReceiver(rank_endpoint(opts.listen_endpoint, self.rank), assembler, self.stats)
+            self.receiver = KVReceiver(rank_endpoint(opts.listen_endpoint, self.worker_index), assembler, self.stats)
         self.stats.flush(force=True)
 
     def _check_begin(self, begin: Begin) -> str | None:
         """Refuse, before buffering anything, KV this cache cannot hold."""
         layout = self.layout
         assert layout is not None
-        if begin.num_layers != len(layout.names):
-            return f"num_layers={begin.num_layers} but this model has {len(layout.names)} KV layers"
+        if begin.first_layer < layout.first_layer or begin.first_layer + begin.num_layers > layout.first_layer + layout.num_layers:
+            return (
+                f"layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} are not all in this worker's "
+                f"cache (layers {layout.first_layer}..{layout.first_layer + layout.num_layers - 1}; different model "
+                "or pipeline split?)"
+            )
         if not self._fits(tuple(begin.block_shape)) or begin.dtype != layout.dtype:
             return (
                 f"block {begin.block_shape}/{begin.dtype} differs from this cache's "
@@ -192,16 +252,16 @@ class WorkerSide:
 
     # -- prefill ---------------------------------------------------------------------------
 
-    def _targets(self, decode_tp: int) -> list[tuple[int, slice | None, str]]:
-        """(decode rank, slice of our heads or None for all, transfer id suffix) per destination.
+    def _head_targets(self, decode_tp: int) -> list[tuple[int, slice | None, str]]:
+        """(decode TP rank, slice of our heads or None for all, part suffix) per destination.
 
         Same TP on both sides: decode rank r gets all of prefill rank r's heads.
         Decode TP = k x ours: our heads split k ways, slice m to decode rank
-        r*k + m (each decode rank gets one whole transfer, shaped for its cache).
+        r*k + m (each decode rank gets one whole part, shaped for its cache).
         Prefill TP = k x decode's: our whole shard goes to decode rank r // k as
-        part `#h<r % k>` of the transfer; that rank assembles its heads from k
-        parts (see `_sources`). Anything else goes to rank r as is, where a
-        different block shape is refused before buffering and decode recomputes.
+        part `#h<r % k>`; that rank assembles its heads from k parts (see
+        `_sources`). Anything else goes to rank r as is, where a different
+        block shape is refused before buffering and decode recomputes.
         """
         layout = self.layout
         assert layout is not None
@@ -215,33 +275,69 @@ class WorkerSide:
             return [(self.rank // ways, None, f"#h{self.rank % ways}")]
         return [(self.rank, None, "")]
 
-    def _sources(self, spec: LoadSpec) -> list[tuple[str, slice | None]]:
-        """(transfer id, slice of our heads it fills) for each part this rank loads (see `_targets`)."""
+    def _targets(self, decode_tp: int, decode_layers: tuple[int, ...] | None = None) -> list[_Part]:
+        """Every part this rank sends: to each decode stage holding some of our
+        layers (decode_layers: its layers per stage), for each of its TP ranks
+        holding some of our heads. Parts of a pipelined prefill are suffixed
+        `#p<our stage>` so a decode rank can tell the stages' parts apart."""
+        key = (decode_tp, decode_layers)
+        if key not in self._parts:
+            layout = self.layout
+            assert layout is not None and self.total_layers is not None
+            ours = (layout.first_layer, layout.first_layer + layout.num_layers)
+            stage = f"#p{self.pp_rank}" if self.pp_size > 1 else ""
+            parts = []
+            for q, (lo, hi) in enumerate(stage_ranges(decode_layers or (self.total_layers,))):
+                first, stop = max(lo, ours[0]), min(hi, ours[1])
+                if first < stop:
+                    parts += [
+                        _Part(q * decode_tp + t, stage + suffix, heads, first, stop - first)
+                        for t, heads, suffix in self._head_targets(decode_tp)
+                    ]
+            self._parts[key] = parts
+        return self._parts[key]
+
+    def _sources(self, spec: LoadSpec) -> list[_Part]:
+        """Every part this rank loads (the mirror of `_targets`): from each prefill
+        stage holding some of our layers, each prefill rank holding some of our heads."""
         layout = self.layout
-        assert layout is not None
+        assert layout is not None and self.total_layers is not None
+        heads: list[tuple[str, slice | None]] = [("", None)]
         if spec.prefill_tp > self.tp_size and spec.prefill_tp % self.tp_size == 0:
             slices = layout.head_slices(spec.prefill_tp // self.tp_size)
             if slices is not None:
-                return [(f"{spec.transfer_id}#h{m}", heads) for m, heads in enumerate(slices)]
-        return [(spec.transfer_id, None)]
+                heads = [(f"#h{m}", part) for m, part in enumerate(slices)]
+        stages = stage_ranges(spec.prefill_layers or (self.total_layers,))
+        ours = (layout.first_layer, layout.first_layer + layout.num_layers)
+        parts = []
+        for s, (lo, hi) in enumerate(stages):
+            first, stop = max(lo, ours[0]), min(hi, ours[1])
+            stage = f"#p{s}" if len(stages) > 1 else ""
+            if first < stop:
+                parts += [_Part(self.worker_index, stage + suffix, part, first, stop - first) for suffix, part in heads]
+        return parts
 
     def save_kv_layer(self, meta: HexConnectorMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
         if not meta.sends or self.sender is None or self.layout is None:
             return
-        layer = self.layout.index.get(layer_name)
+        layer = self.layout.number.get(layer_name)
         if layer is None:
             return
         for spec in meta.sends:
+            targets = [part for part in self._targets(spec.decode_tp, spec.decode_layers) if part.holds(layer)]
+            if not targets:
+                continue
             blocks = self.layout.gather(kv_layer, spec.block_ids)
-            for target, heads, suffix in self._targets(spec.decode_tp):
-                transfer_id = spec.transfer_id + suffix
-                progress = self._progress.setdefault((transfer_id, target), _Progress())
+            for part in targets:
+                transfer_id = spec.transfer_id + part.suffix
+                progress = self._progress.setdefault((transfer_id, part.rank), _Progress())
                 if progress.failed:
                     continue
-                part = blocks if heads is None else self._heads(blocks, heads)
-                if spec.is_first and layer == 0:
-                    self._send_begin(spec, transfer_id, target, tuple(part.shape[1:]))
-                self._send_chunks(spec, transfer_id, target, layer, part, progress)
+                data = blocks if part.heads is None else self._heads(blocks, part.heads)
+                if spec.is_first and not progress.begun:
+                    progress.begun = True
+                    self._send_begin(spec, transfer_id, part, tuple(data.shape[1:]), progress)
+                self._send_chunks(spec, transfer_id, part.rank, layer, data, progress)
 
     def _heads(self, blocks: torch.Tensor, heads: slice) -> torch.Tensor:
         assert self.layout is not None and self.layout.head_axis is not None
@@ -252,6 +348,8 @@ class WorkerSide:
         self, spec: SendSpec, transfer_id: str, target: int, layer: int, blocks: torch.Tensor, progress: _Progress
     ) -> None:
         assert self.sender is not None
+        if progress.failed:
+            return
         block_bytes = math.prod(blocks.shape[1:]) * blocks.element_size()
         # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
         for first, count in block_ranges(len(spec.block_ids), block_bytes, self.options.max_chunk_bytes):
@@ -266,7 +364,9 @@ class WorkerSide:
             progress.num_chunks += 1
             progress.payload_bytes += len(payload)
 
-    def _send_begin(self, spec: SendSpec, transfer_id: str, target: int, block_shape: tuple[int, ...]) -> None:
+    def _send_begin(
+        self, spec: SendSpec, transfer_id: str, part: _Part, block_shape: tuple[int, ...], progress: _Progress
+    ) -> None:
         layout = self.layout
         assert layout is not None and self.sender is not None
         begin = Begin(
@@ -275,33 +375,35 @@ class WorkerSide:
             spec.request_id,
             spec.prompt_hash,
             spec.num_tokens,
-            len(layout.names),
+            part.num_layers,
             spec.num_blocks,
             layout.dtype,
             block_shape,
             self.options.encoding,
-            protocol.raw_bytes(layout.dtype, (len(layout.names), spec.num_blocks, *block_shape)),
+            protocol.raw_bytes(layout.dtype, (part.num_layers, spec.num_blocks, *block_shape)),
+            part.first_layer,
         )
-        if not self.sender.submit(rank_endpoint(spec.endpoint, target), transfer_id, [protocol.encode(begin)], 0):
-            self._progress[(transfer_id, target)].failed = True
+        if not self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, [protocol.encode(begin)], 0):
+            progress.failed = True
 
     def wait_for_save(self, meta: HexConnectorMetadata) -> None:
         if self.sender is None or self.layout is None:
             return
-        for endpoint, base_id, decode_tp in meta.aborts:
-            for target, _, suffix in self._targets(decode_tp):
-                self._progress.pop((base_id + suffix, target), None)
-                self.sender.abort(rank_endpoint(endpoint, target), base_id + suffix, "prefill request ended before its prompt was computed")
+        for abort in meta.aborts:
+            for part in self._targets(abort.decode_tp, abort.decode_layers):
+                transfer_id = abort.transfer_id + part.suffix
+                self._progress.pop((transfer_id, part.rank), None)
+                self.sender.abort(rank_endpoint(abort.endpoint, part.rank), transfer_id, "prefill request ended before its prompt was computed")
         for spec in meta.sends:
             if not spec.is_last:
                 continue
-            for target, _, suffix in self._targets(spec.decode_tp):
-                transfer_id = spec.transfer_id + suffix
-                progress = self._progress.pop((transfer_id, target), _Progress())
+            for part in self._targets(spec.decode_tp, spec.decode_layers):
+                transfer_id = spec.transfer_id + part.suffix
+                progress = self._progress.pop((transfer_id, part.rank), _Progress())
                 if progress.failed:
                     continue
                 end = End(protocol.PROTOCOL_VERSION, transfer_id, progress.num_chunks, progress.payload_bytes)
-                self.sender.submit(rank_endpoint(spec.endpoint, target), transfer_id, [protocol.encode(end)], 0, is_end=True)
+                self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, [protocol.encode(end)], 0, is_end=True)
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -338,30 +440,30 @@ class WorkerSide:
         # Requests sharing a transfer (parallel sampling, n > 1) load from one claim;
         # a transfer may come in parts (one per prefill rank, see `_sources`).
         for transfer_id, loads in by_transfer.items():
-            parts = [(part_id, heads, self.receiver.claim(part_id)) for part_id, heads in self._sources(loads[0].spec)]
-            for part_id, _, claim in parts:
+            parts = [(part, self.receiver.claim(transfer_id + part.suffix)) for part in self._sources(loads[0].spec)]
+            for part, claim in parts:
                 if claim.state == "complete":
-                    self._claimed[part_id] = self.RECLAIM_POLLS
-            failed = next((claim for _, _, claim in parts if claim.state == "failed"), None)
-            if failed is None and any(claim.state == "pending" for _, _, claim in parts):
+                    self._claimed[transfer_id + part.suffix] = self.RECLAIM_POLLS
+            failed = next((claim for _, claim in parts if claim.state == "failed"), None)
+            if failed is None and any(claim.state == "pending" for _, claim in parts):
                 for pending in loads:
                     if now >= pending.deadline_s:
                         self.stats.add("load_timeouts")
                         self._fail(pending.spec.request_id, f"KV for transfer {transfer_id} did not arrive within {self.options.load_timeout_s}s")
                 if not any(p.spec.request_id in self._pending for p in loads):
-                    self._forget_parts(parts, "decode stopped waiting")
+                    self._forget_parts(transfer_id, parts, "decode stopped waiting")
                 continue
             if failed is not None:
-                self._forget_parts(parts, "another part of this transfer failed")
+                self._forget_parts(transfer_id, parts, "another part of this transfer failed")
             for pending in loads:
                 request_id = pending.spec.request_id
                 if failed is not None:
                     self._fail(request_id, f"transfer {transfer_id} failed: {failed.error}")
                     continue
                 error = None
-                for _, heads, claim in parts:
+                for part, claim in parts:
                     assert claim.transfer is not None
-                    error = self._write(pending.spec, claim.transfer, heads)
+                    error = self._write(pending.spec, part, claim.transfer)
                     if error:
                         break
                 if error:
@@ -371,16 +473,21 @@ class WorkerSide:
                     self._finished.add(request_id)
                     self.stats.add("transfers_loaded_ok")
 
-    def _forget_parts(self, parts, reason: str) -> None:
+    def _forget_parts(self, transfer_id: str, parts, reason: str) -> None:
         assert self.receiver is not None
-        for part_id, _, claim in parts:
+        for part, claim in parts:
             if claim.state == "pending":
-                self.receiver.forget(part_id, reason)
+                self.receiver.forget(transfer_id + part.suffix, reason)
 
-    def _write(self, spec: LoadSpec, transfer: Transfer, heads: slice | None = None) -> str | None:
+    def _write(self, spec: LoadSpec, part: _Part, transfer: Transfer) -> str | None:
         begin = transfer.begin
         if begin.prompt_hash != spec.prompt_hash or begin.num_tokens != spec.num_tokens:
             return f"transfer {spec.transfer_id} carries another prompt ({begin.num_tokens} tokens, hash {begin.prompt_hash})"
+        if (begin.first_layer, begin.num_layers) != (part.first_layer, part.num_layers):
+            return (
+                f"part {spec.transfer_id}{part.suffix} holds layers {begin.first_layer}+{begin.num_layers}; "
+                f"expected {part.first_layer}+{part.num_layers} (prefill's pipeline split is not the one its handoff named)"
+            )
         layout = self.layout
         assert layout is not None
         start, stop = spec.first_block, spec.first_block + len(spec.block_ids)
@@ -391,7 +498,10 @@ class WorkerSide:
                 if lo >= hi:
                     continue  # these blocks were a local prefix-cache hit
                 blocks = codec.decode(chunk.payload, h.encoding, h.dtype, h.shape)
-                layout.scatter(h.layer, spec.block_ids[lo - start : hi - start], blocks[lo - h.first_block : hi - h.first_block], heads)
+                layout.scatter(
+                    layout.local[h.layer], spec.block_ids[lo - start : hi - start],
+                    blocks[lo - h.first_block : hi - h.first_block], part.heads,
+                )
         except (RuntimeError, ValueError) as exc:
             return f"transfer {spec.transfer_id} could not be written into the cache: {exc}"
         return None

@@ -96,7 +96,9 @@ def greedy(max_tokens: int = DECODE_TOKENS, **kwargs):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
 
 
-def run_prefill(cluster: Cluster, prompts: list[list[int]], *, decode_tp: int = 1, **sampling) -> list[dict | None]:
+def run_prefill(
+    cluster: Cluster, prompts: list[list[int]], *, decode_tp: int = 1, decode_layers: list[int] | None = None, **sampling
+) -> list[dict | None]:
     """Prefill on P (max_tokens=1) and return each request's kv_transfer_params."""
     from vllm import SamplingParams
 
@@ -104,7 +106,7 @@ def run_prefill(cluster: Cluster, prompts: list[list[int]], *, decode_tp: int = 
         SamplingParams(
             max_tokens=1,
             temperature=0.0,
-            extra_args={"kv_transfer_params": prefill_params(cluster.decode_endpoint, decode_tp=decode_tp)},
+            extra_args={"kv_transfer_params": prefill_params(cluster.decode_endpoint, decode_tp=decode_tp, decode_layers=decode_layers)},
             **sampling,
         )
         for _ in prompts

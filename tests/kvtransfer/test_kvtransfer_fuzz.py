@@ -169,3 +169,30 @@ def test_corruption_refused_for_every_encoding_and_checksum(encoding, checksum, 
     payload[int(len(payload) * position)] ^= 0x10
     messages[index][1] = bytes(payload)
     assert_refused(*run(messages))
+
+
+def test_pipeline_part_completes_with_its_own_layer_numbers():
+    # A pipeline stage's part: the model's layers 5..7, numbered as the model numbers them.
+    messages = [[bytes(f) for f in m] for m in transfer_messages("t1", DATA, blocks_per_chunk=2, first_layer=5)]
+    a, acks = run(messages)
+    assert [ack.ok for ack in acks] == [True]
+    claim = a.claim("t1")
+    assert claim.state == "complete"
+    assert sorted({c.header.layer for c in claim.transfer.chunks}) == [5, 6, 7]
+
+
+@FAST
+@given(index=st.sampled_from(CHUNKS), layer=st.sampled_from([0, 4, 8, 9, 1000]))
+def test_chunk_outside_the_parts_layers_refused(index, layer):
+    # Chunks relabelled to a layer the part's Begin did not declare (5..7): a
+    # wrong stage's KV must never fill this part, even with a valid checksum.
+    from kvtransfer.framing import chunk_message
+    from kvtransfer.protocol import decode_header
+
+    messages = [[bytes(f) for f in m] for m in transfer_messages("t1", DATA, blocks_per_chunk=2, first_layer=5)]
+    header = decode_header(messages[index][0], Limits())
+    blocks = codec.decode(messages[index][1], header.encoding, header.dtype, header.shape)
+    messages[index] = [bytes(f) for f in chunk_message("t1", layer, header.first_block, blocks, checksum=header.checksum_kind)]
+    a, acks = run(messages)
+    assert any("outside layers 5..7" in ack.error for ack in acks), acks
+    assert_refused(a, acks)

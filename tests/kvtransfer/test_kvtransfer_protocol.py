@@ -40,14 +40,18 @@ def test_header_type_tag_and_version_come_first():
     assert msgspec.msgpack.decode(raw)[:2] == ["end", protocol.PROTOCOL_VERSION]
 
 
+V = protocol.PROTOCOL_VERSION
+
+
 def test_round_trip_every_message():
     limits = Limits()
     messages = [
-        Begin(1, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64),
-        Chunk(1, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5),
-        End(1, "t", 2, 64),
-        protocol.Abort(1, "t", "why"),
-        Ack(1, "t", False, "bad"),
+        Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64),
+        Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64, 30),
+        Chunk(V, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5),
+        End(V, "t", 2, 64),
+        protocol.Abort(V, "t", "why"),
+        Ack(V, "t", False, "bad"),
     ]
     for m in messages:
         assert protocol.decode_header(protocol.encode(m), limits) == m
@@ -56,13 +60,15 @@ def test_round_trip_every_message():
 @pytest.mark.parametrize(
     "message, field",
     [
-        (End(2, "t", 1, 1), "version"),
-        (End(1, "", 1, 1), "transfer_id"),
-        (Begin(1, "t", "r", "h", 10, 2, 1, "complex64", (2, 4), "raw", 64), "dtype"),
-        (Begin(1, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "zstd", 64), "encoding"),
-        (Begin(1, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 65), "reserve_bytes"),
-        (Chunk(1, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 31, "crc32", 5), "payload_bytes"),
-        (Chunk(1, "t", 0, 0, 2, "float32", (1, 2, 4), "raw", 32, "crc32", 5), "shape"),
+        (End(V + 1, "t", 1, 1), "version"),
+        (End(V, "", 1, 1), "transfer_id"),
+        (Begin(V, "t", "r", "h", 10, 2, 1, "complex64", (2, 4), "raw", 64), "dtype"),
+        (Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "zstd", 64), "encoding"),
+        (Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 65), "reserve_bytes"),
+        (Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64, -1), "first_layer"),
+        (Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64, 1023), "first_layer"),
+        (Chunk(V, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 31, "crc32", 5), "payload_bytes"),
+        (Chunk(V, "t", 0, 0, 2, "float32", (1, 2, 4), "raw", 32, "crc32", 5), "shape"),
     ],
 )
 def test_invalid_fields_are_named(message, field):
@@ -78,7 +84,7 @@ def test_oversized_header_refused_before_decoding():
 def test_oversized_payload_refused_by_header():
     limits = Limits(max_payload_bytes=16)
     with pytest.raises(ProtocolError, match="max_payload_bytes"):
-        protocol.decode_header(protocol.encode(Chunk(1, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5)), limits)
+        protocol.decode_header(protocol.encode(Chunk(V, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5)), limits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -170,7 +176,7 @@ def test_abort_drops_received_bytes():
     messages = transfer_messages("t1", kv())
     feed(a, messages[:2])
     assert a.held_bytes() > 0
-    a.on_frames([protocol.encode(protocol.Abort(1, "t1", "prefill died"))])
+    a.on_frames([protocol.encode(protocol.Abort(V, "t1", "prefill died"))])
     assert a.held_bytes() == 0 and a.reserved_bytes == 0
     assert "prefill died" in a.claim("t1").error
 

@@ -17,35 +17,42 @@ def worker(rank: int, tp_size: int, kv_heads: int) -> tuple[WorkerSide, torch.Te
     side = WorkerSide(ConnectorOptions(), is_producer=False, is_consumer=False, num_blocks=NUM_BLOCKS,
                       rank=rank, tp_size=tp_size, kv_heads=kv_heads)
     side.layout = CacheLayout({"layer.0": cache}, NUM_BLOCKS, kv_heads)
+    side.total_layers = 1
     return side, cache
+
+
+def heads_of(parts) -> list[tuple]:
+    """(decode rank, slice of heads, suffix) of each part; these tests have one layer."""
+    assert all((p.first_layer, p.num_layers) == (0, 1) for p in parts)
+    return [(p.rank, p.heads, p.suffix) for p in parts]
 
 
 def test_same_tp_goes_to_the_twin_rank_whole():
     side, _ = worker(rank=1, tp_size=2, kv_heads=2)
-    assert side._targets(2) == [(1, None, "")]
+    assert heads_of(side._targets(2)) == [(1, None, "")]
 
 
 def test_decode_with_k_times_the_tp_gets_one_slice_of_heads_per_rank():
     side, cache = worker(rank=1, tp_size=2, kv_heads=4)
-    assert side._targets(4) == [(2, slice(0, 2), ""), (3, slice(2, 4), "")]
+    assert heads_of(side._targets(4)) == [(2, slice(0, 2), ""), (3, slice(2, 4), "")]
     blocks = side.layout.gather(cache, [5, 0, 3])
-    for target, heads, _ in side._targets(4):
-        part = side._heads(blocks, heads)
+    for target in side._targets(4):
+        part = side._heads(blocks, target.heads)
         assert part.is_contiguous() and part.shape == (3, 2, 16, 8)
-        assert torch.equal(part, cache[[5, 0, 3]][:, heads])
+        assert torch.equal(part, cache[[5, 0, 3]][:, target.heads])
 
 
 @pytest.mark.parametrize("tp_size,kv_heads,decode_tp", [(2, 2, 3), (1, 2, 4), (1, 3, 2)])
 def test_layouts_that_cannot_be_resharded_go_to_the_twin_rank_as_is(tp_size, kv_heads, decode_tp):
     """Decode refuses their block shape before buffering and recomputes."""
     side, _ = worker(rank=0, tp_size=tp_size, kv_heads=kv_heads)
-    assert side._targets(decode_tp) == [(0, None, "")]
+    assert heads_of(side._targets(decode_tp)) == [(0, None, "")]
 
 
 def test_prefill_with_k_times_the_tp_sends_its_whole_shard_as_one_part():
     for rank in range(4):
         side, _ = worker(rank=rank, tp_size=4, kv_heads=1)
-        assert side._targets(2) == [(rank // 2, None, f"#h{rank % 2}")]
+        assert heads_of(side._targets(2)) == [(rank // 2, None, f"#h{rank % 2}")]
 
 
 def test_decode_assembles_its_heads_from_the_parts():
@@ -53,8 +60,8 @@ def test_decode_assembles_its_heads_from_the_parts():
 
     side, cache = worker(rank=0, tp_size=1, kv_heads=4)
     spec = LoadSpec("r", "t", "h", 10, 0, [1, 2], prefill_tp=2)
-    assert side._sources(spec) == [("t#h0", slice(0, 2)), ("t#h1", slice(2, 4))]
-    assert side._sources(LoadSpec("r", "t", "h", 10, 0, [1, 2])) == [("t", None)]
+    assert [(p.suffix, p.heads) for p in side._sources(spec)] == [("#h0", slice(0, 2)), ("#h1", slice(2, 4))]
+    assert [(p.suffix, p.heads) for p in side._sources(LoadSpec("r", "t", "h", 10, 0, [1, 2]))] == [("", None)]
     # Each part fills its slice of heads in the named blocks and nothing else.
     before = cache.clone()
     part = torch.randn(2, 2, 16, 8)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from kvtransfer.handoff import prefill_params, prompt_hash
+from kvtransfer.metadata import AbortSpec
 from kvtransfer.scheduler_side import SchedulerSide
 
 BLOCK = 4
@@ -87,7 +88,7 @@ def test_request_ending_before_its_prompt_aborts_the_transfer():
     side, request = producer(10)
     step(side, request, 6)
     assert side.request_finished(request, [10, 11]) == (False, None)
-    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).aborts == [("ipc:///tmp/d", "t", 1)]
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).aborts == [AbortSpec("ipc:///tmp/d", "t", 1)]
 
 
 def test_decode_loads_only_blocks_past_the_local_hit_and_only_once():
@@ -120,3 +121,44 @@ def test_decode_tp_travels_to_the_worker():
     side.update_state_after_alloc(request, FakeBlocks(), 0)
     (send,) = step(side, request, 8).sends
     assert send.decode_tp == 4 and send.is_last
+
+
+def test_pipeline_splits_travel_both_ways():
+    # Prefill in two stages of 1 + 3 layers, decode in stages of 3 + 1.
+    side = SchedulerSide(BLOCK, layers_per_stage=(1, 3))
+    side.kv_cache_manager = FakeManager({"r": [10, 11]})
+    request = FakeRequest("r", list(range(8)), prefill_params("ipc:///tmp/d", transfer_id="t", decode_layers=[3, 1]))
+    side.update_state_after_alloc(request, FakeBlocks(), 0)
+    (send,) = step(side, request, 8).sends
+    assert send.decode_layers == (3, 1)
+    _, handoff = side.request_finished(request, [10, 11])
+    assert handoff["prefill_layers"] == [1, 3]
+
+    decode = SchedulerSide(BLOCK, layers_per_stage=(3, 1))
+    incoming = FakeRequest("d", list(range(8)), dict(handoff))
+    assert decode.get_num_new_matched_tokens(incoming, 0) == (8, True)
+    decode.update_state_after_alloc(incoming, FakeBlocks(([FakeBlock(5), FakeBlock(6)],)), 8)
+    (load,) = decode.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert load.prefill_layers == (1, 3)
+
+
+def test_a_split_that_does_not_cover_the_model_is_refused_at_once():
+    side = SchedulerSide(BLOCK, layers_per_stage=(2, 2))
+    side.kv_cache_manager = FakeManager({"r": [10, 11]})
+    params = prefill_params("ipc:///tmp/d", transfer_id="t", decode_layers=[2, 3])  # 5 layers, model has 4
+    request = FakeRequest("r", list(range(8)), params)
+    side.update_state_after_alloc(request, FakeBlocks(), 0)
+    assert step(side, request, 8).sends == []  # nothing sent ...
+    assert side.request_finished(request, [10, 11]) == (False, None)  # ... and decode recomputes
+    # Decode given a prefill split it cannot match recomputes now instead of waiting.
+    for bad in ([2, 3], [4, 0], "2,2", [2.0, 2]):
+        incoming = FakeRequest("d", list(range(8)), {"do_remote_prefill": True, "transfer_id": "t", "prefill_layers": bad})
+        assert side.get_num_new_matched_tokens(incoming, 0) == (0, False)
+
+
+def test_prefill_params_check_the_decode_split():
+    import pytest
+
+    assert "decode_layers" not in prefill_params("ipc:///tmp/d", decode_layers=[32])  # one stage: nothing to say
+    with pytest.raises(ValueError, match="decode_layers"):
+        prefill_params("ipc:///tmp/d", decode_layers=[16, 0])
