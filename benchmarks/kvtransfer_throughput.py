@@ -164,7 +164,7 @@ def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[
                     sender.wait_idle(600)  # wakes on the Ack
                     elapsed = time.perf_counter() - start
                     sender_cpu = _cpu_s() - cpu0
-                    assert sender.results[transfer_id] == "ok", sender.results[transfer_id]
+                    assert sender.result(kv_ep, transfer_id) == "ok", sender.result(kv_ep, transfer_id)
                     state, receiver_cpu = kv_done.get(timeout=600)
                     assert state == "complete"
                     cpu["kvtransfer" if checksum != "none" else "kvtransfer_nochecksum"].append(sender_cpu + receiver_cpu)

@@ -11,6 +11,9 @@ decode worker from making prefill exhaust memory:
   cannot proceed within `send_timeout_ms` fails the transfer.
 
 A transfer counts as sent only when the receiver Acks it within `ack_timeout_s`.
+Transfers are tracked per (endpoint, transfer_id): one prefill rank may send
+parts with the same id to several decode ranks (each its own endpoint), and
+each part is acked, counted and failed on its own.
 """
 
 from __future__ import annotations
@@ -63,10 +66,11 @@ class KVSender:
         self._queued_bytes = 0
         self._in_flight = 0  # popped from the queue, not yet handed to ZeroMQ
         self._cond = threading.Condition()
-        self._failed: dict[str, float] = {}  # transfer_id -> when (pruned after a while)
-        self._awaiting_ack: dict[str, float] = {}  # transfer_id -> deadline
-        self._open: set[str] = set()  # submitted, neither acked nor failed: the only ids an Ack may settle
-        self.results: dict[str, str] = {}  # transfer_id -> "ok" | error, for tests/benchmarks
+        # Keyed by (endpoint, transfer_id), see the module docstring.
+        self._failed: dict[tuple[str, str], float] = {}  # -> when (pruned after a while)
+        self._awaiting_ack: dict[tuple[str, str], float] = {}  # -> deadline
+        self._open: set[tuple[str, str]] = set()  # submitted, neither acked nor failed: the only ones an Ack may settle
+        self.results: dict[tuple[str, str], str] = {}  # -> "ok" | error, for tests/benchmarks
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="kvtransfer-send", daemon=True)
         self._thread.start()
@@ -76,9 +80,10 @@ class KVSender:
     def submit(self, endpoint: str, transfer_id: str, frames: list, nbytes: int, *, is_end: bool = False) -> bool:
         """Queue one message. False if the transfer has failed (the caller stops sending it)."""
         deadline = time.monotonic() + self.enqueue_timeout_s
+        key = (endpoint, transfer_id)
         with self._cond:
             while True:
-                if transfer_id in self._failed:
+                if key in self._failed:
                     return False
                 # Bytes count until the socket took them; a single message larger
                 # than the credit still goes, alone.
@@ -86,24 +91,29 @@ class KVSender:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._mark_failed(transfer_id, f"send queue full for {self.enqueue_timeout_s}s (decode too slow)")
+                    self._mark_failed(key, f"send queue full for {self.enqueue_timeout_s}s (decode too slow)")
                     self._queue.append(self._abort_item(endpoint, transfer_id, "sender queue full"))
                     self._cond.notify_all()
                     return False
                 self._cond.wait(remaining)
             self._queue.append(_Item(endpoint, transfer_id, frames, nbytes, is_end))
-            self._open.add(transfer_id)
+            self._open.add(key)
             self._queued_bytes += nbytes
             self._cond.notify_all()
         return True
 
-    def is_failed(self, transfer_id: str) -> bool:
+    def is_failed(self, endpoint: str, transfer_id: str) -> bool:
         with self._cond:
-            return transfer_id in self._failed
+            return (endpoint, transfer_id) in self._failed
+
+    def result(self, endpoint: str, transfer_id: str) -> str | None:
+        """"ok", the reason it failed, or None while it is under way (tests, benchmarks)."""
+        with self._cond:
+            return self.results.get((endpoint, transfer_id))
 
     def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
         with self._cond:
-            self._mark_failed(transfer_id, reason)
+            self._mark_failed((endpoint, transfer_id), reason)
             self._queue.append(self._abort_item(endpoint, transfer_id, reason))
             self._cond.notify_all()
 
@@ -131,16 +141,16 @@ class KVSender:
 
     # -- I/O thread ------------------------------------------------------------------------
 
-    def _mark_failed(self, transfer_id: str, reason: str) -> None:
+    def _mark_failed(self, key: tuple[str, str], reason: str) -> None:
         """Caller holds the lock."""
-        if transfer_id in self._failed:
+        if key in self._failed:
             return
-        self._open.discard(transfer_id)
-        self._failed[transfer_id] = time.monotonic()
-        self._awaiting_ack.pop(transfer_id, None)
-        self.results[transfer_id] = reason
+        self._open.discard(key)
+        self._failed[key] = time.monotonic()
+        self._awaiting_ack.pop(key, None)
+        self.results[key] = reason
         self.stats.add("transfers_sent_failed")
-        logger.warning("kvtransfer: transfer %s failed: %s", transfer_id, reason)
+        logger.warning("kvtransfer: transfer %s to %s failed: %s", key[1], key[0], reason)
 
     def _run(self) -> None:
         sockets: dict[str, zmq.Socket] = {}
@@ -156,7 +166,7 @@ class KVSender:
                     self._in_flight += item is not None
                 if item is not None:
                     self._send(item, sockets, poller)
-                self._receive_acks(poller, timeout_ms=0 if item is not None else 5)
+                self._receive_acks(sockets, poller, timeout_ms=0 if item is not None else 5)
                 self._expire()
                 self.stats.flush()
         finally:
@@ -182,15 +192,15 @@ class KVSender:
         return sock
 
     def _send(self, item: _Item, sockets: dict[str, zmq.Socket], poller: zmq.Poller) -> None:
-        failed = False
+        key = (item.endpoint, item.transfer_id)
         with self._cond:
-            failed = item.transfer_id in self._failed and not item.is_abort
+            failed = key in self._failed and not item.is_abort
         if not failed:
             try:
                 self._socket(item.endpoint, sockets, poller).send_multipart(item.frames, copy=False)
             except (zmq.Again, zmq.ZMQError, ValueError) as exc:
                 with self._cond:
-                    self._mark_failed(item.transfer_id, f"send to {item.endpoint} failed: {exc or 'timed out'}")
+                    self._mark_failed(key, f"send to {item.endpoint} failed: {exc or 'timed out'}")
                 failed = True
         with self._cond:
             self._in_flight -= 1
@@ -198,12 +208,13 @@ class KVSender:
             if not failed:
                 self.stats.add("bytes_sent", item.nbytes)
                 if item.is_end:
-                    self._awaiting_ack[item.transfer_id] = time.monotonic() + self.ack_timeout_s
+                    self._awaiting_ack[key] = time.monotonic() + self.ack_timeout_s
             self._cond.notify_all()
 
-    def _receive_acks(self, poller: zmq.Poller, timeout_ms: int) -> None:
+    def _receive_acks(self, sockets: dict[str, zmq.Socket], poller: zmq.Poller, timeout_ms: int) -> None:
         if not poller.sockets:
             return
+        endpoints = {sock: endpoint for endpoint, sock in sockets.items()}
         for sock, _ in poller.poll(timeout_ms):
             while True:
                 try:
@@ -216,31 +227,32 @@ class KVSender:
                     logger.warning("kvtransfer: bad reply from decode: %s", exc)
                     continue
                 if isinstance(ack, Ack):
-                    self._on_ack(ack)
+                    self._on_ack(endpoints[sock], ack)
 
-    def _on_ack(self, ack: Ack) -> None:
+    def _on_ack(self, endpoint: str, ack: Ack) -> None:
+        key = (endpoint, ack.transfer_id)
         with self._cond:
-            if ack.transfer_id not in self._open:
+            if key not in self._open:
                 return  # not ours or already settled (e.g. a refusal of a garbled frame)
-            if ack.ok and ack.transfer_id in self._awaiting_ack:
-                del self._awaiting_ack[ack.transfer_id]
-                self._open.discard(ack.transfer_id)
-                self.results[ack.transfer_id] = "ok"
+            if ack.ok and key in self._awaiting_ack:
+                del self._awaiting_ack[key]
+                self._open.discard(key)
+                self.results[key] = "ok"
                 self.stats.add("transfers_sent_ok")
             elif not ack.ok:
-                self._mark_failed(ack.transfer_id, f"decode refused: {ack.error}")
+                self._mark_failed(key, f"decode refused: {ack.error}")
             self._cond.notify_all()
 
     def _expire(self) -> None:
         now = time.monotonic()
         with self._cond:
-            for transfer_id, deadline in list(self._awaiting_ack.items()):
+            for key, deadline in list(self._awaiting_ack.items()):
                 if deadline <= now:
-                    self._mark_failed(transfer_id, f"no Ack within ack_timeout_s={self.ack_timeout_s}")
+                    self._mark_failed(key, f"no Ack within ack_timeout_s={self.ack_timeout_s}")
             # Forget failures after a while so the set cannot grow without bound.
-            for transfer_id, when in list(self._failed.items()):
+            for key, when in list(self._failed.items()):
                 if now - when > 600:
-                    del self._failed[transfer_id]
+                    del self._failed[key]
             if len(self.results) > 10000:
                 for key in list(self.results)[:5000]:
                     del self.results[key]

@@ -37,7 +37,8 @@ def prefill_kv_params(decode: WorkerInfo, transfer_id: str, kv_connector: str) -
         return None
     from kvtransfer.handoff import prefill_params
 
-    return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id, decode_tp=decode.tensor_parallel_size)
+    return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id,
+                          decode_tp=decode.tensor_parallel_size, decode_layers=decode.layer_partition)
 
 
 def decode_kv_params(prefill_final: proto.Output | None, kv_connector: str) -> dict | None:

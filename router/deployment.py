@@ -30,7 +30,17 @@ class Deployment:
     def worker_infos(self) -> list[WorkerInfo]:
         return [WorkerInfo(worker_id=s.worker_id, role=s.role, control_endpoint=s.control_endpoint,
                            kv_endpoint=s.kv_endpoint, group_id=s.group_id,
-                           tensor_parallel_size=s.tensor_parallel_size) for s in self.workers]
+                           tensor_parallel_size=s.tensor_parallel_size,
+                           layer_partition=_layers_per_stage(s)) for s in self.workers]
+
+
+def _layers_per_stage(spec: WorkerSpec) -> tuple[int, ...] | None:
+    """What prefill must know to send each of a pipelined decode worker's stages its layers."""
+    if spec.pipeline_parallel_size == 1:
+        return None
+    if not spec.layer_partition:
+        raise ValueError(f"worker {spec.worker_id} has pipeline_parallel_size={spec.pipeline_parallel_size} but no layer_partition")
+    return spec.layer_partition
 
 
 def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[str, str]:
@@ -77,20 +87,18 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     for group in plan.groups:
         worker_id = f"{group.role}-{group.id}"
         worker_of_group[group.id] = worker_id
-        tp = 1 if rehearsal else group.tp
-        env = ()
-        if not rehearsal and group.pp > 1:
-            env = (("VLLM_PP_LAYER_PARTITION", ",".join(str(n) for n in group.layer_partition)),)
+        tp, pp = (1, 1) if rehearsal else (group.tp, group.pp)
         workers.append(WorkerSpec(
             worker_id=worker_id, role="prefill" if group.role == "prefill" else "decode",
             control_endpoint=local_endpoint(host),
-            kv_endpoint=local_endpoint(host, ports=tp),  # one port per TP rank
+            kv_endpoint=local_endpoint(host, ports=tp * pp),  # one port per engine rank
             model=model_path,
             served_model_name=served, max_model_len=max_model_len,
             kv_connector=kv_connector if group.role != "colocated" else "none",
             tensor_parallel_size=tp,
-            pipeline_parallel_size=1 if rehearsal else group.pp,
-            cpu_kvcache_gib=cpu_kvcache_gib, env=env, group_id=group.id))
+            pipeline_parallel_size=pp,
+            layer_partition=tuple(group.layer_partition) if pp > 1 else (),
+            cpu_kvcache_gib=cpu_kvcache_gib, group_id=group.id))
         placement[worker_id] = {"nodes": list(group.nodes), "gpu_types": dict(group.gpu_types),
                                 "num_gpus": len(group.gpus)}
     routes = []
@@ -109,24 +117,15 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
 
 
 def check_kv_layouts(plan) -> None:
-    """Refuse, before anything starts, plans the KV connector cannot serve.
+    """Warn, before anything starts, about routes whose KV cannot be resharded.
 
-    The connector moves each tensor-parallel rank's slice of the KV heads to
-    the same rank of the decode group, with pipeline_parallel_size=1 on both
-    sides (kvtransfer/connector.py); a decode group whose TP is a multiple of
-    its prefill group's gets each prefill rank's heads split among its ranks,
-    and one whose TP divides prefill's assembles its heads from several ranks.
-    A prefill or decode group with PP > 1 would fail at engine start; say so
-    now. Any other TP pair still serves (decode refuses the mismatched KV and
-    recomputes the prompt) but loses the point of disaggregation: warn.
+    Each rank of a prefill group (pipeline stage x TP rank) sends its KV
+    heads of its layers to the decode ranks that hold them: any pipeline
+    splits work on either side, and TP sizes work when one divides the other
+    (kvtransfer/worker_side.py). Any other TP pair still serves (decode
+    refuses the mismatched KV and recomputes the prompt) but loses the point
+    of disaggregation: warn.
     """
-    pipelined = [f"{g.id} ({g.role}, pp={g.pp})" for g in plan.groups if g.role != "colocated" and g.pp > 1]
-    if pipelined:
-        raise ValueError(
-            f"plan groups {', '.join(pipelined)} split layers across a pipeline; the KV connector moves KV between "
-            "engines with pipeline_parallel_size=1 only. Re-solve for a fleet or model that fits without pipelining, "
-            "rehearse the plan on this machine without --model, or serve it with --kv-connector none (decode recomputes)"
-        )
     tp_of = {g.id: g.tp for g in plan.groups}
     for route in plan.routes:
         prefill_tp, decode_tp = tp_of.get(route.prefill, 1), tp_of.get(route.decode, 1)

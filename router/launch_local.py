@@ -32,9 +32,23 @@ class WorkerSpec:
     kv_connector: str = "zmq"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Layers per pipeline stage (the plan's uneven split); () = vLLM's even split.
+    layer_partition: tuple[int, ...] = ()
     cpu_kvcache_gib: int = 1
     env: tuple[tuple[str, str], ...] = ()  # e.g. CUDA_VISIBLE_DEVICES for the group's GPUs
     group_id: str | None = None
+
+    def process_env(self) -> dict[str, str]:
+        """What the worker process gets on top of this process's environment."""
+        env = dict(self.env)
+        if self.pipeline_parallel_size > 1 and self.layer_partition:
+            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in self.layer_partition)
+        return env
+
+    @property
+    def num_ranks(self) -> int:
+        """Engine ranks; a decode worker's KV endpoint needs one port per rank."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", self.role,
@@ -101,7 +115,7 @@ class LocalLauncher:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stdout = open(self.log_dir / f"{spec.worker_id}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(stdout)
-        env = dict(os.environ, **dict(spec.env))
+        env = dict(os.environ, **spec.process_env())
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = subprocess.Popen(spec.command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
                                 start_new_session=True)

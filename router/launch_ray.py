@@ -56,7 +56,7 @@ class _WorkerActor:
         self.spec = dataclasses.replace(
             spec,
             control_endpoint=local_endpoint(node_ip),
-            kv_endpoint=local_endpoint(node_ip, spec.tensor_parallel_size) if spec.kv_endpoint else None,
+            kv_endpoint=local_endpoint(node_ip, spec.num_ranks) if spec.kv_endpoint else None,
         )
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:

@@ -37,6 +37,7 @@ class WorkerInfo:
     kv_endpoint: str | None = None
     group_id: str | None = None
     tensor_parallel_size: int = 1  # a decode worker's TP: prefill splits KV heads to match it
+    layer_partition: tuple[int, ...] | None = None  # a pipelined decode worker's layers per stage: prefill splits layers to match
 
 
 _FAILED = object()  # queue sentinel: the worker failed under this request

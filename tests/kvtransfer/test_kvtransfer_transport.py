@@ -31,7 +31,7 @@ def test_round_trip_and_published_counters(tmp_path):
         data = torch.randn(3, 5, 2, 8, 16)
         messages = transfer_messages("t1", data, blocks_per_chunk=2)
         assert all(submit_all(sender, endpoint, "t1", messages))
-        assert sender.wait_idle(10) and sender.results["t1"] == "ok"
+        assert sender.wait_idle(10) and sender.result(endpoint, "t1") == "ok"
         claim = receiver.claim("t1")
         assert claim.state == "complete" and len(claim.transfer.chunks) == 9
     finally:
@@ -41,6 +41,32 @@ def test_round_trip_and_published_counters(tmp_path):
     assert sent["transfers_sent_ok"] == 1 and sent["bytes_sent"] == received["bytes_received"] == data.numel() * 4
 
 
+def test_parts_with_one_id_to_several_decode_ranks_settle_on_their_own(tmp_path):
+    """A prefill rank sends parts with the same transfer id to several decode
+    ranks (a pipelined or wider-TP decode engine): each part is acked and
+    counted on its own, and a refusal by one rank fails only its part."""
+    stats = Stats(tmp_path / "tx.json")
+    ok_at, refusing_at = f"ipc://{tmp_path}/rank0.sock", f"ipc://{tmp_path}/rank1.sock"
+    receivers = [KVReceiver(ok_at, Assembler(), Stats()), KVReceiver(refusing_at, Assembler(max_buffer_bytes=1000), Stats())]
+    sender = KVSender(stats, ack_timeout_s=10)
+    try:
+        data = torch.randn(2, 3, 2, 8, 16)
+        for endpoint in (ok_at, refusing_at):
+            submit_all(sender, endpoint, "t#p1", transfer_messages("t#p1", data))
+        assert sender.wait_idle(10)
+        assert sender.result(ok_at, "t#p1") == "ok" and "buffer full" in sender.result(refusing_at, "t#p1")
+        assert not sender.is_failed(ok_at, "t#p1") and sender.is_failed(refusing_at, "t#p1")
+        counters = stats.snapshot()
+        assert counters["transfers_sent_ok"] == 1 and counters["transfers_sent_failed"] == 1, counters
+        # The same id again to the good rank still goes (the other rank's failure is its own).
+        assert all(submit_all(sender, ok_at, "t#p2", transfer_messages("t#p2", data)))
+        assert sender.wait_idle(10) and stats.snapshot()["transfers_sent_ok"] == 2
+    finally:
+        sender.close()
+        for receiver in receivers:
+            receiver.close()
+
+
 def test_refusal_reaches_the_sender(tmp_path):
     endpoint = f"ipc://{tmp_path}/rx.sock"
     receiver = KVReceiver(endpoint, Assembler(max_buffer_bytes=1000), Stats())
@@ -48,7 +74,7 @@ def test_refusal_reaches_the_sender(tmp_path):
     try:
         submit_all(sender, endpoint, "big", transfer_messages("big", torch.randn(2, 4, 2, 8, 16)))
         assert sender.wait_idle(10)
-        assert "buffer full" in sender.results["big"]
+        assert "buffer full" in sender.result(endpoint, "big")
         assert sender.stats.snapshot()["transfers_sent_failed"] == 1
         assert receiver.claim("big").state == "failed"
     finally:
@@ -60,10 +86,11 @@ def test_no_decode_listening_fails_the_transfer_instead_of_queueing(tmp_path):
     sender = KVSender(Stats(), send_timeout_ms=200)
     try:
         messages = transfer_messages("t1", torch.randn(2, 2, 2, 8, 16))
-        submit_all(sender, f"ipc://{tmp_path}/nobody.sock", "t1", messages)
+        nobody = f"ipc://{tmp_path}/nobody.sock"
+        submit_all(sender, nobody, "t1", messages)
         assert sender.wait_idle(10)
-        assert "failed" in sender.results["t1"] and sender.is_failed("t1")
-        assert not sender.submit(f"ipc://{tmp_path}/nobody.sock", "t1", messages[1], 1)
+        assert "failed" in sender.result(nobody, "t1") and sender.is_failed(nobody, "t1")
+        assert not sender.submit(nobody, "t1", messages[1], 1)
     finally:
         sender.close()
 
@@ -84,7 +111,7 @@ def test_slow_decode_bounds_prefill_memory(tmp_path):
                 accepted.append(sender.submit(endpoint, "t1", frames, nbytes))
                 assert sender._queued_bytes <= max_queued  # what waits for the socket stays within the credit
             assert not all(accepted) and not accepted[-1]
-            assert sender.wait_idle(10) and sender.is_failed("t1")
+            assert sender.wait_idle(10) and sender.is_failed(endpoint, "t1")
             assert sender.stats.snapshot()["transfers_sent_failed"] == 1
         finally:
             sender.close()
@@ -116,7 +143,7 @@ for round in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for i, frames in enumerate(messages):
         sender.submit(endpoint, tid, frames, len(frames[1]) if len(frames) > 1 else 0, is_end=i == len(messages) - 1)
-    assert sender.wait_idle(30) and sender.results[tid] == "ok", sender.results
+    assert sender.wait_idle(30) and sender.result(endpoint, tid) == "ok", sender.results
     assert receiver.claim(tid).state == "complete"
     receiver.release(tid)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

@@ -1,4 +1,4 @@
-"""Deployment from a plan: KV layouts the connector cannot move are caught before anything starts."""
+"""Deployment from a plan: ports, pipeline splits and KV layouts, checked before anything starts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from planner.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from router.cluster import prefill_kv_params
 from router.deployment import deployment_from_plan
 from router.launch_local import free_tcp_port
 
@@ -36,13 +37,24 @@ def test_tp_decode_worker_gets_one_port_per_rank():
             s.bind(("127.0.0.1", port + rank))
 
 
-def test_pipelined_disaggregated_group_is_refused_before_start():
-    plan = _plan(_group("p0", "prefill", tp=2, pp=2), _group("d0", "decode", tp=2))
-    with pytest.raises(ValueError, match=r"p0 \(prefill, pp=2\).*pipeline_parallel_size=1"):
-        deployment_from_plan(plan, model="/models/llama")
-    # Rehearsal on this machine (tiny model, TP/PP forced to 1) and --kv-connector none still work.
-    assert len(deployment_from_plan(plan).workers) == 2
-    assert len(deployment_from_plan(plan, model="/models/llama", kv_connector="none").workers) == 2
+def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
+    decode_group = _group("d0", "decode", tp=2, pp=2)
+    decode_group.layer_partition = [50, 30]  # the planner's uneven split
+    plan = _plan(_group("p0", "prefill", tp=1, pp=4), decode_group)
+    deployment = deployment_from_plan(plan, model="/models/llama")
+    prefill, decode = sorted(deployment.workers, key=lambda w: w.role != "prefill")
+    assert prefill.process_env()["VLLM_PP_LAYER_PARTITION"] == "20,20,20,20"
+    assert decode.process_env()["VLLM_PP_LAYER_PARTITION"] == "50,30"
+    port = int(decode.kv_endpoint.rsplit(":", 1)[1])
+    for rank in range(4):  # one port per rank: stage x TP + TP rank (kvtransfer.handoff.rank_endpoint)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port + rank))
+    info = next(i for i in deployment.worker_infos() if i.role == "decode")
+    assert info.layer_partition == (50, 30) and info.tensor_parallel_size == 2
+    params = prefill_kv_params(info, "t1", "zmq")
+    assert params["decode_layers"] == [50, 30] and params["decode_tp"] == 2
+    # Rehearsal on this machine runs the tiny model with TP = PP = 1.
+    assert all(w.pipeline_parallel_size == 1 and not w.process_env() for w in deployment_from_plan(plan).workers)
 
 
 def test_route_whose_kv_cannot_be_resharded_warns(caplog):
