@@ -1,0 +1,135 @@
+"""TP x PP handoffs between connector worker sides, over real sockets, without vLLM.
+
+Engines with TP x PP ranks cannot run on this 2-core machine (the engine
+tests cover TP=2 and PP=2 each), so here every rank is a `WorkerSide` with
+its own slice of a model's KV cache, as vLLM would give it: its stage's
+layers, its TP rank's heads. Prefill ranks send over ZeroMQ exactly as in an
+engine; decode ranks load into their caches. Every decode rank must end
+with exactly the true KV of its layers and heads in the request's blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kvtransfer.handoff import ConnectorOptions, prompt_hash, stage_ranges
+from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
+from kvtransfer.worker_side import WorkerSide
+
+LAYERS, HEADS, BLOCK_TOKENS, HEAD_DIM = 4, 4, 16, 8  # sizes differ: the head axis is found by size
+NUM_BLOCKS = 8  # per rank's cache
+PROMPT = list(range(40))  # 3 blocks
+PREFILL_BLOCKS, DECODE_BLOCKS = [5, 2, 7], [1, 3, 6]  # physical ids on each side
+
+
+def layer_name(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.attn"
+
+
+def ranks(tp: int, layers: tuple[int, ...]):
+    """(pp_rank, tp_rank, layer range, head slice) of every rank of an engine."""
+    per = HEADS // tp
+    return [(s, r, range(lo, hi), slice(r * per, (r + 1) * per)) for s, (lo, hi) in enumerate(stage_ranges(layers)) for r in range(tp)]
+
+
+def side(tp: int, layers: tuple[int, ...], pp_rank: int, tp_rank: int, **options) -> WorkerSide:
+    return WorkerSide(
+        ConnectorOptions(max_chunk_bytes=1, ack_timeout_s=5, **options), is_producer="listen_endpoint" not in options,
+        is_consumer="listen_endpoint" in options, num_blocks=NUM_BLOCKS, rank=tp_rank, tp_size=tp, kv_heads=HEADS // tp,
+        pp_rank=pp_rank, pp_size=len(layers), total_layers=LAYERS,
+    )
+
+
+@pytest.mark.parametrize(
+    "prefill_tp, prefill_layers, decode_tp, decode_layers",
+    [
+        (2, (1, 3), 1, (3, 1)),  # heads merged, every stage boundary differs
+        (1, (2, 2), 2, (1, 3)),  # heads split, stage boundaries differ
+        (2, (4,), 2, (2, 2)),  # same TP, only decode pipelined
+        (1, (1, 1, 2), 1, (4,)),  # three prefill stages into one decode rank
+        (2, (2, 2), 2, (2, 2)),  # same everything: rank to rank
+    ],
+)
+def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_tp, prefill_layers, decode_tp, decode_layers):
+    truth = torch.randn(LAYERS, len(PREFILL_BLOCKS), HEADS, BLOCK_TOKENS, HEAD_DIM)
+    endpoint = f"ipc://{tmp_path}/decode.sock"
+    decoders = []
+    for s, r, layers, heads in ranks(decode_tp, decode_layers):
+        worker = side(decode_tp, decode_layers, s, r, listen_endpoint=endpoint)
+        caches = {layer_name(l): torch.zeros(NUM_BLOCKS, heads.stop - heads.start, BLOCK_TOKENS, HEAD_DIM) for l in layers}
+        worker.register_kv_caches(caches)
+        decoders.append((worker, caches, heads))
+    send = SendSpec("req", "t1", endpoint, prompt_hash(PROMPT), len(PROMPT), len(PREFILL_BLOCKS), 0, PREFILL_BLOCKS,
+                    is_first=True, is_last=True, decode_tp=decode_tp, decode_layers=decode_layers if len(decode_layers) > 1 else None)
+    senders = []
+    for s, r, layers, heads in ranks(prefill_tp, prefill_layers):
+        worker = side(prefill_tp, prefill_layers, s, r)
+        caches = {}
+        for l in layers:
+            cache = torch.randn(NUM_BLOCKS, heads.stop - heads.start, BLOCK_TOKENS, HEAD_DIM)
+            cache[PREFILL_BLOCKS] = truth[l][:, heads]
+            caches[layer_name(l)] = cache
+        worker.register_kv_caches(caches)
+        meta = HexConnectorMetadata(sends=[send])
+        for name, cache in caches.items():  # as the forward pass calls it, layer by layer
+            worker.save_kv_layer(meta, name, cache)
+        worker.wait_for_save(meta)
+        senders.append(worker)
+    try:
+        for worker in senders:
+            assert worker.sender.wait_idle(10)
+            assert all(result == "ok" for result in worker.sender.results.values()), worker.sender.results
+        load = LoadSpec("req", "t1", prompt_hash(PROMPT), len(PROMPT), 0, DECODE_BLOCKS, prefill_tp=prefill_tp,
+                        prefill_layers=prefill_layers if len(prefill_layers) > 1 else None)
+        for worker, caches, heads in decoders:
+            worker.start_load_kv(HexConnectorMetadata(loads=[load]))
+            deadline = time.monotonic() + 10
+            finished, failed = set(), set()
+            while "req" not in finished and time.monotonic() < deadline:
+                got = worker.take_results(set())
+                finished |= got[0]
+                failed |= got[1]
+                time.sleep(0.01)
+            assert finished == {"req"} and not failed
+            for name, cache in caches.items():
+                layer = int(name.split(".")[2])
+                assert torch.equal(cache[DECODE_BLOCKS], truth[layer][:, heads]), (name, heads)
+                untouched = [b for b in range(NUM_BLOCKS) if b not in DECODE_BLOCKS]
+                assert not cache[untouched].any()
+    finally:
+        for worker in senders + [d[0] for d in decoders]:
+            worker.shutdown()
+
+
+def test_a_prefill_stage_missing_fails_the_load_so_decode_recomputes(tmp_path):
+    """Stage 1 of a two-stage prefill never sends: decode rank 0 (layers 0-3)
+    holds stage 0's part but must not load a cache with layers missing."""
+    endpoint = f"ipc://{tmp_path}/decode.sock"
+    decode = WorkerSide(ConnectorOptions(listen_endpoint=endpoint, load_timeout_s=0.5), is_producer=False, is_consumer=True,
+                        num_blocks=NUM_BLOCKS, kv_heads=HEADS, total_layers=LAYERS)
+    caches = {layer_name(l): torch.zeros(NUM_BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM) for l in range(LAYERS)}
+    decode.register_kv_caches(caches)
+    prefill = side(1, (2, 2), 0, 0)
+    prefill.register_kv_caches({layer_name(l): torch.randn(NUM_BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM) for l in range(2)})
+    send = SendSpec("req", "t1", endpoint, prompt_hash(PROMPT), len(PROMPT), 3, 0, PREFILL_BLOCKS, is_first=True, is_last=True)
+    try:
+        meta = HexConnectorMetadata(sends=[send])
+        for l in range(2):
+            prefill.save_kv_layer(meta, layer_name(l), prefill.layout.tensors[l])
+        prefill.wait_for_save(meta)
+        assert prefill.sender.wait_idle(10)
+        decode.start_load_kv(HexConnectorMetadata(loads=[LoadSpec("req", "t1", prompt_hash(PROMPT), len(PROMPT), 0, DECODE_BLOCKS, prefill_layers=(2, 2))]))
+        deadline = time.monotonic() + 5
+        failed: set[str] = set()
+        while not failed and time.monotonic() < deadline:
+            failed |= decode.take_results(set())[1]
+            time.sleep(0.02)
+        assert failed == {"req"}
+        assert not any(cache.any() for cache in caches.values())  # nothing half-written
+        assert decode.stats.snapshot()["load_timeouts"] == 1
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
