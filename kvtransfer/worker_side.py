@@ -149,6 +149,17 @@ def _layer_numbers(names: list[str], pipelined: bool) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
+def _shared_layers(layers_per_stage: tuple[int, ...], layout: CacheLayout) -> list[tuple[int, int, int]]:
+    """(stage, first layer, layer count) of each stage of the other engine holding some of our layers."""
+    ours = (layout.first_layer, layout.first_layer + layout.num_layers)
+    shared = []
+    for stage, (lo, hi) in enumerate(stage_ranges(layers_per_stage)):
+        first, stop = max(lo, ours[0]), min(hi, ours[1])
+        if first < stop:
+            shared.append((stage, first, stop - first))
+    return shared
+
+
 class WorkerSide:
     def __init__(
         self,
@@ -284,17 +295,12 @@ class WorkerSide:
         if key not in self._parts:
             layout = self.layout
             assert layout is not None and self.total_layers is not None
-            ours = (layout.first_layer, layout.first_layer + layout.num_layers)
             stage = f"#p{self.pp_rank}" if self.pp_size > 1 else ""
-            parts = []
-            for q, (lo, hi) in enumerate(stage_ranges(decode_layers or (self.total_layers,))):
-                first, stop = max(lo, ours[0]), min(hi, ours[1])
-                if first < stop:
-                    parts += [
-                        _Part(q * decode_tp + t, stage + suffix, heads, first, stop - first)
-                        for t, heads, suffix in self._head_targets(decode_tp)
-                    ]
-            self._parts[key] = parts
+            self._parts[key] = [
+                _Part(q * decode_tp + t, stage + suffix, heads, first, count)
+                for q, first, count in _shared_layers(decode_layers or (self.total_layers,), layout)
+                for t, heads, suffix in self._head_targets(decode_tp)
+            ]
         return self._parts[key]
 
     def _sources(self, spec: LoadSpec) -> list[_Part]:
@@ -307,15 +313,12 @@ class WorkerSide:
             slices = layout.head_slices(spec.prefill_tp // self.tp_size)
             if slices is not None:
                 heads = [(f"#h{m}", part) for m, part in enumerate(slices)]
-        stages = stage_ranges(spec.prefill_layers or (self.total_layers,))
-        ours = (layout.first_layer, layout.first_layer + layout.num_layers)
-        parts = []
-        for s, (lo, hi) in enumerate(stages):
-            first, stop = max(lo, ours[0]), min(hi, ours[1])
-            stage = f"#p{s}" if len(stages) > 1 else ""
-            if first < stop:
-                parts += [_Part(self.worker_index, stage + suffix, part, first, stop - first) for suffix, part in heads]
-        return parts
+        stages = spec.prefill_layers or (self.total_layers,)
+        return [
+            _Part(self.worker_index, (f"#p{s}" if len(stages) > 1 else "") + suffix, part, first, count)
+            for s, first, count in _shared_layers(stages, layout)
+            for suffix, part in heads
+        ]
 
     def save_kv_layer(self, meta: HexConnectorMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
         if not meta.sends or self.sender is None or self.layout is None:
