@@ -4,7 +4,9 @@ The tiny model has 4 layers. Prefill runs 2 stages of 1 + 3 layers, decode 2
 stages of 3 + 1, so every split boundary differs: decode stage 0 (layers 0-2)
 assembles its cache from prefill stage 0 (layer 0) and stage 1 (layers 1-2);
 decode stage 1 (layer 3) gets its one layer from prefill stage 1. One-stage
-engines on either side check the other two shapes of handoff. The reference
+engines on either side check the other two shapes of handoff. Prefill is
+chunked (128 tokens a step), so long prompts reach decode step by step from
+every stage. The reference
 is each decode engine running the prompt itself, so greedy tokens must agree.
 """
 
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 PREFILL_LAYERS = [1, 3]
 DECODE_LAYERS = [3, 1]
 LENGTHS = [1, 17, 128, 129, 300]
+CHUNK_TOKENS = 128  # prefill's max_num_batched_tokens: 129 and 300 tokens take 2 and 3 steps
 
 
 @contextmanager
@@ -63,9 +66,12 @@ def pp_cluster():
         )
 
     def engine(config, layers=None):
-        extra = {"distributed_executor_backend": "mp"}
+        # Prefill engines compute at most 128 tokens per step, so prompts past one
+        # block are prefilled in chunks and each stage ships its blocks step by step.
+        extra = {"max_num_batched_tokens": CHUNK_TOKENS} if "producer" in config["kv_role"] else {}
         if layers is None:
-            return LLM(**tiny_model_settings(kv_transfer_config=config).engine_kwargs())
+            return LLM(**tiny_model_settings(kv_transfer_config=config, extra=extra).engine_kwargs())
+        extra["distributed_executor_backend"] = "mp"
         with pipeline_env(layers):
             return LLM(**tiny_model_settings(pipeline_parallel_size=len(layers), kv_transfer_config=config, extra=extra).engine_kwargs())
 
