@@ -523,7 +523,8 @@ class WorkerSide:
             # Aborted while waiting for its KV: vLLM frees its blocks once we report it.
             spec = self._pending.pop(request_id).spec
             if self.receiver is not None:
-                self.receiver.forget(spec.transfer_id, "request aborted")
+                for part in self._sources(spec):  # every part's bytes go now, not at lease expiry
+                    self.receiver.forget(spec.transfer_id + part.suffix, "request aborted")
             self._finished.add(request_id)
         finished, failed = self._finished, self._failed
         self._finished, self._failed = set(), set()

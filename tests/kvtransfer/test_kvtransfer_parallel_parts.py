@@ -133,3 +133,29 @@ def test_a_prefill_stage_missing_fails_the_load_so_decode_recomputes(tmp_path):
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_aborting_a_request_frees_every_part_at_once(tmp_path):
+    """A decode request aborted while waiting: the parts that did arrive (here
+    prefill stage 0's) are dropped now, not held until their lease ends."""
+    endpoint = f"ipc://{tmp_path}/decode.sock"
+    decode = WorkerSide(ConnectorOptions(listen_endpoint=endpoint), is_producer=False, is_consumer=True,
+                        num_blocks=NUM_BLOCKS, kv_heads=HEADS, total_layers=LAYERS)
+    decode.register_kv_caches({layer_name(l): torch.zeros(NUM_BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM) for l in range(LAYERS)})
+    prefill = side(1, (2, 2), 0, 0)
+    prefill.register_kv_caches({layer_name(l): torch.randn(NUM_BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM) for l in range(2)})
+    send = SendSpec("req", "t1", endpoint, prompt_hash(PROMPT), len(PROMPT), 3, 0, PREFILL_BLOCKS, is_first=True, is_last=True)
+    try:
+        meta = HexConnectorMetadata(sends=[send])
+        for l in range(2):
+            prefill.save_kv_layer(meta, layer_name(l), prefill.layout.tensors[l])
+        prefill.wait_for_save(meta)
+        assert prefill.sender.wait_idle(10)
+        decode.start_load_kv(HexConnectorMetadata(loads=[LoadSpec("req", "t1", prompt_hash(PROMPT), len(PROMPT), 0, DECODE_BLOCKS, prefill_layers=(2, 2))]))
+        assert decode.receiver.assembler.held_bytes() > 0  # stage 0's part waits for stage 1's
+        finished, failed = decode.take_results({"req"})  # vLLM reports the request aborted
+        assert finished == {"req"} and not failed
+        assert decode.receiver.assembler.held_bytes() == 0
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
