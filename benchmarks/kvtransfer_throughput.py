@@ -1,8 +1,10 @@
 """KV transfer throughput: kvtransfer against raw ZeroMQ PUSH/PULL of the same bytes.
 
 For real models' KV sizes (Llama-2-70B and Llama-3-8B, fp16, 16-token blocks,
-each layer split into chunks of at most framing.MAX_CHUNK_BYTES as the
-connector sends it) this times, in one run and on the same link:
+each layer its own memory, split into chunks of at most
+protocol.MAX_CHUNK_BYTES as the connector sends it) this times, in one run,
+on each link (TCP loopback and ipc, i.e. Unix sockets, as between two
+workers on one host):
 
 - raw: PUSH/PULL of the same chunk buffers (copy=False), receiver discards them;
 - raw, keep: the same, but the receiver keeps every frame until the last;
@@ -12,22 +14,26 @@ connector sends it) this times, in one run and on the same link:
 All receivers run with the same allocator setting (kvtransfer.allocator, which
 KVReceiver applies by default), so the ratios measure the protocol, not malloc.
 
-The sender is this process, the receiver a child process. Each cell is the
-best of --repeats runs (medians in the JSON), interleaved so all variants
-see the same machine.
+The sender is this process, the receivers child processes. Variants are
+interleaved so all see the same machine; each repeats at least --repeats
+times and until it has moved --min-gb (small transfers get more samples).
+Cells are the best run (medians and every run in the JSON); CPU seconds per
+GB are medians, split into sender and receiver process.
 
-    .venv/bin/python -m benchmarks.kvtransfer_throughput            # full table
-    .venv/bin/python -m benchmarks.kvtransfer_throughput --quick    # smaller sizes
+    .venv/bin/python -m benchmarks.kvtransfer_throughput            # full table, ~6 min
+    .venv/bin/python -m benchmarks.kvtransfer_throughput --quick    # Llama-3-8B 512/2048, tcp
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -106,167 +112,218 @@ def _start(target, endpoint: str):
     return proc, jobs, done
 
 
-def run(models: dict, token_counts: list[int], repeats: int, link: str) -> list[dict]:
+VARIANTS = ("raw", "raw_hold", "kvtransfer_nochecksum", "kvtransfer")
+MAX_REPEATS = 200
+
+
+class _Link:
+    """Both receivers (raw and kvtransfer) on one link, and this process's senders to them."""
+
+    def __init__(self, link: str) -> None:
+        import zmq
+
+        from kvtransfer.sender import KVSender
+        from kvtransfer.sockets import make_socket
+        from kvtransfer.stats import Stats
+
+        self.raw_ep, self.kv_ep = _endpoint(link, "raw"), _endpoint(link, "kv")
+        self.raw_proc, self.raw_jobs, self.raw_done = _start(_raw_receiver, self.raw_ep)
+        self.kv_proc, self.kv_jobs, self.kv_done = _start(_kv_receiver, self.kv_ep)
+        self.push = make_socket(zmq.Context.instance(), zmq.PUSH, self.raw_ep, bind=False, hwm_messages=16)
+        self.sender = KVSender(Stats(), max_queued_bytes=512 * 1024**2, ack_timeout_s=600, send_timeout_ms=60000, hwm_messages=16)
+
+    def close(self) -> None:
+        self.raw_jobs.put(None)
+        self.kv_jobs.put(None)
+        self.sender.close()
+        self.push.close(linger=0)
+        for proc in (self.raw_proc, self.kv_proc):
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int], tokens: int, repeats: int, min_gb: float) -> dict:
+    """One row: every variant moving one request's KV of `model` at `tokens` tokens."""
     import torch
-    import zmq
 
     from kvtransfer import protocol
     from kvtransfer.framing import block_ranges, chunk_message
     from kvtransfer.protocol import Begin, End
-    from kvtransfer.sender import KVSender
-    from kvtransfer.sockets import make_socket
-    from kvtransfer.stats import Stats
 
-    raw_ep, kv_ep = _endpoint(link, "raw"), _endpoint(link, "kv")
-    raw_proc, raw_jobs, raw_done = _start(_raw_receiver, raw_ep)
-    kv_proc, kv_jobs, kv_done = _start(_kv_receiver, kv_ep)
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, raw_ep, bind=False, hwm_messages=16)
-    sender = KVSender(Stats(), max_queued_bytes=512 * 1024**2, ack_timeout_s=600, send_timeout_ms=60000, hwm_messages=16)
+    layers, kv_heads, head_dim = shape
+    blocks = -(-tokens // BLOCK_SIZE)
+    # Every layer's KV in its own memory, as the paged cache holds it:
+    # (layers, blocks, K/V, block, heads, dim). A sender re-sending one layer's
+    # tensor would find it in cache every time; a real prefill does not.
+    kv = torch.empty(layers, blocks, 2, BLOCK_SIZE, kv_heads, head_dim, dtype=torch.float16).uniform_(-1, 1)
+    layer_bytes = kv[0].numel() * kv.element_size()
+    total = layer_bytes * layers
+    ranges = block_ranges(blocks, layer_bytes // blocks)
+    messages = layers * len(ranges)
+    raw_frames = [kv[index, first : first + count].view(torch.uint8).numpy() for index in range(layers) for first, count in ranges]
+    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in VARIANTS}
+
+    def record(variant: str, elapsed: float, sender_cpu: float, receiver_cpu: float) -> None:
+        times[variant].append(elapsed)
+        cpu[variant]["sender"].append(sender_cpu)
+        cpu[variant]["receiver"].append(receiver_cpu)
+
+    def send_raw(hold: bool) -> None:
+        link.raw_jobs.put((messages, hold))
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        for frame in raw_frames:
+            link.push.send_multipart([b"", frame], copy=False)
+        state, receiver_cpu = link.raw_done.get(timeout=600)
+        elapsed = time.perf_counter() - start
+        assert state == "done"
+        record("raw_hold" if hold else "raw", elapsed, _cpu_s() - cpu0, receiver_cpu)
+
+    def send_kv(checksum: str) -> None:
+        transfer_id = os.urandom(8).hex()
+        link.kv_jobs.put(transfer_id)
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        begin = Begin(protocol.PROTOCOL_VERSION, transfer_id, "bench", "0" * 16, tokens, layers, blocks, "float16", tuple(kv.shape[2:]), "raw", total)
+        link.sender.submit(link.kv_ep, transfer_id, [protocol.encode(begin)], 0)
+        for index in range(layers):
+            for first, count in ranges:
+                frames = chunk_message(transfer_id, index, first, kv[index, first : first + count], checksum=checksum)
+                link.sender.submit(link.kv_ep, transfer_id, frames, len(frames[1]))
+        end = End(protocol.PROTOCOL_VERSION, transfer_id, messages, total)
+        link.sender.submit(link.kv_ep, transfer_id, [protocol.encode(end)], 0, is_end=True)
+        link.sender.wait_idle(600)  # wakes on the Ack
+        elapsed = time.perf_counter() - start
+        sender_cpu = _cpu_s() - cpu0
+        assert link.sender.result(link.kv_ep, transfer_id) == "ok", link.sender.result(link.kv_ep, transfer_id)
+        state, receiver_cpu = link.kv_done.get(timeout=600)
+        assert state == "complete"
+        record("kvtransfer" if checksum != "none" else "kvtransfer_nochecksum", elapsed, sender_cpu, receiver_cpu)
+
+    rounds = [lambda: send_raw(False), lambda: send_raw(True), lambda: send_kv("none"), lambda: send_kv("xxh3")]
+    # Warm up connections and the allocator: glibc needs a couple of rounds
+    # before big freed frames are reused instead of re-faulted.
+    for _ in range(2):
+        for variant in rounds:
+            variant()
+    for values in times.values():
+        values.clear()
+    for sides in cpu.values():
+        sides["sender"].clear()
+        sides["receiver"].clear()
+    runs = min(MAX_REPEATS, max(repeats, math.ceil(min_gb * 1e9 / total)))
+    for _ in range(runs):
+        for variant in rounds:
+            variant()
+    # Best of N: on a shared machine the fastest run is the one least
+    # disturbed by other work.
+    best = {k: total / min(v) / 1e9 for k, v in times.items()}
+    row = {
+        "link": link_name,
+        "model": model,
+        "tokens": tokens,
+        "kv_bytes": total,
+        "chunks": messages,
+        "runs": runs,
+        "gbps": best,
+        "median_gbps": {k: total / statistics.median(v) / 1e9 for k, v in times.items()},
+        # CPU seconds per GB moved, per process (all threads): robust to other load.
+        "cpu_s_per_gb": {
+            k: {side: statistics.median(v) / (total / 1e9) for side, v in sides.items()} for k, sides in cpu.items()
+        },
+        "times_s": times,
+    }
+    row["ratio"] = best["kvtransfer"] / best["raw"]
+    row["ratio_nochecksum"] = best["kvtransfer_nochecksum"] / best["raw"]
+    row["ratio_vs_hold"] = best["kvtransfer"] / best["raw_hold"]
+    row["median_ratio"] = row["median_gbps"]["kvtransfer"] / row["median_gbps"]["raw"]
+    receiver = row["cpu_s_per_gb"]
+    print(
+        f"{link_name} {model:12s} {tokens:5d} tok {total / 2**20:6.0f} MiB x{runs:<3d} raw {best['raw']:.2f} GB/s  "
+        f"raw-keep {best['raw_hold']:.2f}  kvtransfer {best['kvtransfer']:.2f} ({row['ratio']:.0%})  "
+        f"no-checksum {best['kvtransfer_nochecksum']:.2f} ({row['ratio_nochecksum']:.0%})  receiver CPU s/GB "
+        + " / ".join(f"{receiver[k]['receiver']:.2f}" for k in VARIANTS),
+        flush=True,
+    )
+    return row
+
+
+def run(models: dict, token_counts: list[int], repeats: int, links: list[str], min_gb: float) -> list[dict]:
     rows = []
-    try:
-        for model, (layers, kv_heads, head_dim, _) in models.items():
-            for tokens in token_counts:
-                blocks = -(-tokens // BLOCK_SIZE)
-                # One layer's KV as the paged cache holds it: (blocks, K/V, block, heads, dim).
-                layer = torch.randn(blocks, 2, BLOCK_SIZE, kv_heads, head_dim).to(torch.float16)
-                layer_bytes = layer.numel() * layer.element_size()
-                total = layer_bytes * layers
-                ranges = block_ranges(blocks, layer_bytes // blocks)
-                messages = layers * len(ranges)
-                raw_frames = [layer[first : first + count].view(torch.uint8).numpy() for first, count in ranges]
-                times: dict[str, list[float]] = {"raw": [], "raw_hold": [], "kvtransfer": [], "kvtransfer_nochecksum": []}
-                cpu: dict[str, list[float]] = {k: [] for k in times}  # sender + receiver CPU seconds
-
-                def send_raw(hold: bool = False) -> float:
-                    raw_jobs.put((messages, hold))
-                    start, cpu0 = time.perf_counter(), _cpu_s()
-                    for _ in range(layers):
-                        for frame in raw_frames:
-                            push.send_multipart([b"", frame], copy=False)
-                    state, receiver_cpu = raw_done.get(timeout=600)
-                    elapsed = time.perf_counter() - start
-                    assert state == "done"
-                    cpu["raw_hold" if hold else "raw"].append(_cpu_s() - cpu0 + receiver_cpu)
-                    return elapsed
-
-                def send_kv(checksum: str) -> float:
-                    transfer_id = os.urandom(8).hex()
-                    kv_jobs.put(transfer_id)
-                    start, cpu0 = time.perf_counter(), _cpu_s()
-                    begin = Begin(protocol.PROTOCOL_VERSION, transfer_id, "bench", "0" * 16, tokens, layers, blocks, "float16", tuple(layer.shape[1:]), "raw", total)
-                    sender.submit(kv_ep, transfer_id, [protocol.encode(begin)], 0)
-                    for index in range(layers):
-                        for first, count in ranges:
-                            frames = chunk_message(transfer_id, index, first, layer[first : first + count], checksum=checksum)
-                            sender.submit(kv_ep, transfer_id, frames, len(frames[1]))
-                    end = End(protocol.PROTOCOL_VERSION, transfer_id, messages, total)
-                    sender.submit(kv_ep, transfer_id, [protocol.encode(end)], 0, is_end=True)
-                    sender.wait_idle(600)  # wakes on the Ack
-                    elapsed = time.perf_counter() - start
-                    sender_cpu = _cpu_s() - cpu0
-                    assert sender.result(kv_ep, transfer_id) == "ok", sender.result(kv_ep, transfer_id)
-                    state, receiver_cpu = kv_done.get(timeout=600)
-                    assert state == "complete"
-                    cpu["kvtransfer" if checksum != "none" else "kvtransfer_nochecksum"].append(sender_cpu + receiver_cpu)
-                    return elapsed
-
-                # Warm up connections and the allocator: glibc needs a couple of
-                # rounds before big freed frames are reused instead of re-faulted.
-                for _ in range(2):
-                    send_raw(), send_raw(hold=True), send_kv("xxh3")
-                for values in cpu.values():
-                    values.clear()
-                for _ in range(repeats):
-                    times["raw"].append(send_raw())
-                    times["raw_hold"].append(send_raw(hold=True))
-                    times["kvtransfer_nochecksum"].append(send_kv("none"))
-                    times["kvtransfer"].append(send_kv("xxh3"))
-                # Best of N: on a shared machine the fastest run is the one least
-                # disturbed by other work; medians are kept in the JSON too.
-                best = {k: min(v) for k, v in times.items()}
-                row = {
-                    "model": model,
-                    "tokens": tokens,
-                    "kv_bytes": total,
-                    "raw_gbps": total / best["raw"] / 1e9,
-                    "raw_hold_gbps": total / best["raw_hold"] / 1e9,
-                    "kvtransfer_gbps": total / best["kvtransfer"] / 1e9,
-                    "kvtransfer_nochecksum_gbps": total / best["kvtransfer_nochecksum"] / 1e9,
-                    "median_gbps": {k: total / statistics.median(v) / 1e9 for k, v in times.items()},
-                    # CPU seconds per GB moved (sender + receiver processes): robust to other load.
-                    "cpu_s_per_gb": {k: statistics.median(v) / (total / 1e9) for k, v in cpu.items()},
-                    "times_s": times,
-                }
-                row["ratio"] = row["kvtransfer_gbps"] / row["raw_gbps"]
-                row["ratio_nochecksum"] = row["kvtransfer_nochecksum_gbps"] / row["raw_gbps"]
-                row["ratio_vs_hold"] = row["kvtransfer_gbps"] / row["raw_hold_gbps"]
-                rows.append(row)
-                print(
-                    f"{model:12s} {tokens:5d} tok {total / 2**20:8.0f} MiB  raw {row['raw_gbps']:.2f} GB/s  "
-                    f"raw-hold {row['raw_hold_gbps']:.2f}  "
-                    f"kvtransfer {row['kvtransfer_gbps']:.2f} ({row['ratio']:.0%})  "
-                    f"no-checksum {row['kvtransfer_nochecksum_gbps']:.2f} ({row['ratio_nochecksum']:.0%})  "
-                    f"CPU s/GB raw {row['cpu_s_per_gb']['raw']:.2f} raw-hold {row['cpu_s_per_gb']['raw_hold']:.2f} "
-                    f"kvtransfer {row['cpu_s_per_gb']['kvtransfer']:.2f}",
-                    flush=True,
-                )
-                del layer
-    finally:
-        raw_jobs.put(None)
-        kv_jobs.put(None)
-        sender.close()
-        push.close(linger=0)
-        raw_proc.join(10)
-        kv_proc.join(10)
-        for proc in (raw_proc, kv_proc):
-            if proc.is_alive():
-                proc.kill()
+    for link_name in links:
+        link = _Link(link_name)
+        try:
+            for model, (layers, kv_heads, head_dim, _) in models.items():
+                for tokens in token_counts:
+                    rows.append(measure(link, link_name, model, (layers, kv_heads, head_dim), tokens, repeats, min_gb))
+        finally:
+            link.close()
     return rows
 
 
-def write_results(rows: list[dict], args: argparse.Namespace, command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def summary(rows: list[dict]) -> list[str]:
+    """One line per link: the range of ratios, and how many sizes meet 80 %."""
+    lines = []
+    for link in dict.fromkeys(r["link"] for r in rows):
+        mine = [r for r in rows if r["link"] == link]
+        for key, label in (("ratio", "xxh3"), ("ratio_nochecksum", "no checksum")):
+            values = [r[key] for r in mine]
+            met = sum(v >= 0.8 for v in values)
+            lines.append(f"- {link}, {label}: {min(values):.0%}–{max(values):.0%} of raw PUSH/PULL; >= 80 % on {met} of {len(values)} sizes")
+    return lines
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, command: str, results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": command,
-        "link": args.link,
+        "links": args.links,
         "repeats": args.repeats,
+        "min_gb": args.min_gb,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "load_average_1m_at_end": os.getloadavg()[0],
     }
-    (RESULTS / "kvtransfer_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (results / "kvtransfer_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"KV transfer throughput, {args.link} loopback, best of {args.repeats} ({meta['machine']}, {meta['date_utc']} UTC, "
+        f"KV transfer throughput, best run of each ({meta['machine']}, {meta['date_utc']} UTC, "
         f"1-min load average {meta['load_average_1m_at_end']:.1f}: sender, receiver and other work share the cores).",
         f"Command: `{command}`",
         "",
-        "| model | tokens | KV MiB | raw PUSH/PULL GB/s | raw, receiver keeps frames GB/s | kvtransfer GB/s (xxh3) | vs raw | vs raw-keep | kvtransfer GB/s (no checksum) | vs raw | CPU s/GB raw / raw-keep / kvtransfer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| link | model | tokens | KV MiB | runs | raw PUSH/PULL GB/s | raw, receiver keeps frames GB/s | kvtransfer GB/s (xxh3) | vs raw | vs raw-keep | "
+        "kvtransfer GB/s (no checksum) | vs raw | receiver CPU s/GB raw / keep / none / xxh3 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        g, c = r["gbps"], r["cpu_s_per_gb"]
         lines.append(
-            f"| {r['model']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.0f} | {r['raw_gbps']:.2f} | {r['raw_hold_gbps']:.2f} | "
-            f"{r['kvtransfer_gbps']:.2f} | {r['ratio']:.0%} | {r['ratio_vs_hold']:.0%} | "
-            f"{r['kvtransfer_nochecksum_gbps']:.2f} | {r['ratio_nochecksum']:.0%} | "
-            f"{r['cpu_s_per_gb']['raw']:.2f} / {r['cpu_s_per_gb']['raw_hold']:.2f} / {r['cpu_s_per_gb']['kvtransfer']:.2f} |"
+            f"| {r['link']} | {r['model']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.0f} | {r['runs']} | {g['raw']:.2f} | {g['raw_hold']:.2f} | "
+            f"{g['kvtransfer']:.2f} | {r['ratio']:.0%} | {r['ratio_vs_hold']:.0%} | "
+            f"{g['kvtransfer_nochecksum']:.2f} | {r['ratio_nochecksum']:.0%} | "
+            + " / ".join(f"{c[k]['receiver']:.2f}" for k in VARIANTS)
+            + " |"
         )
-    (RESULTS / "kvtransfer_throughput.md").write_text("\n".join(lines) + "\n")
+    lines += ["", *summary(rows)]
+    (results / "kvtransfer_throughput.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--link", choices=["tcp", "ipc"], default="tcp")
-    parser.add_argument("--quick", action="store_true", help="512 and 2048 tokens of Llama-3-8B only")
+    parser.add_argument("--repeats", type=int, default=7, help="fewest timed runs of each variant")
+    parser.add_argument("--min-gb", type=float, default=4.0, help="each variant repeats until it moved this much")
+    parser.add_argument("--links", nargs="+", choices=["tcp", "ipc"], default=["tcp", "ipc"])
+    parser.add_argument("--quick", action="store_true", help="512 and 2048 tokens of Llama-3-8B over tcp only")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.models = [512, 2048], ["Llama-3-8B"]
-    command = "python -m benchmarks.kvtransfer_throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    rows = run({m: MODELS[m] for m in args.models}, args.tokens, args.repeats, args.link)
-    write_results(rows, args, command.strip())
-    print(f"wrote {RESULTS / 'kvtransfer_throughput.md'}")
+        args.tokens, args.models, args.links = [512, 2048], ["Llama-3-8B"], ["tcp"]
+    command = "python -m benchmarks.kvtransfer_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = run({m: MODELS[m] for m in args.models}, args.tokens, args.repeats, args.links, args.min_gb)
+    write_results(rows, args, command.strip(), args.results_dir)
+    print("\n".join(summary(rows)))
+    print(f"wrote {args.results_dir / 'kvtransfer_throughput.md'}")
 
 
 if __name__ == "__main__":

@@ -159,35 +159,50 @@ class Assembler:
         if transfer is None:
             return None
         begin = transfer.begin
-        where = f"transfer {chunk.transfer_id!r} layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}"
-        if chunk.dtype != begin.dtype or chunk.encoding != begin.encoding:
-            self._fail(chunk.transfer_id, f"{where}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}")
-        if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
-            self._fail(chunk.transfer_id, f"{where}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}")
         layer = chunk.layer - begin.first_layer
-        if not 0 <= layer < begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
-            self._fail(
-                chunk.transfer_id,
-                f"{where}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
-                f"x {begin.num_blocks} blocks that Begin declared",
-            )
-        if len(payload) != chunk.payload_bytes:
-            self._fail(chunk.transfer_id, f"{where}: payload is {len(payload)} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)")
-        if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
-            self._fail(chunk.transfer_id, f"{where}: exceeds reserve_bytes={begin.reserve_bytes}")
         lo = layer * begin.num_blocks + chunk.first_block
         hi = lo + chunk.num_blocks
-        if transfer.covered.find(1, lo, hi) != -1:
-            # A duplicate may carry different bytes: we cannot tell which copy is right.
-            self._fail(chunk.transfer_id, f"{where}: blocks already received (duplicate chunk)")
+        # The common case costs a few comparisons; texts are built only on failure.
+        if (
+            chunk.dtype != begin.dtype
+            or chunk.encoding != begin.encoding
+            or tuple(chunk.shape[1:]) != tuple(begin.block_shape)
+            or not 0 <= layer < begin.num_layers
+            or chunk.first_block + chunk.num_blocks > begin.num_blocks
+            or len(payload) != chunk.payload_bytes
+            or transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes
+            or transfer.covered.find(1, lo, hi) != -1
+        ):
+            self._fail(chunk.transfer_id, self._chunk_error(chunk, begin, transfer, len(payload)))
         if protocol.checksum(chunk.checksum_kind, payload) != chunk.checksum:
-            self._fail(chunk.transfer_id, f"{where}: checksum mismatch (corrupted payload)")
+            self._fail(chunk.transfer_id, f"{_where(chunk)}: checksum mismatch (corrupted payload)")
         transfer.covered[lo:hi] = b"\x01" * chunk.num_blocks
         transfer.covered_count += chunk.num_blocks
         transfer.chunks.append(ReceivedChunk(chunk, payload))
         transfer.received_bytes += chunk.payload_bytes
         self.counters.bytes_received += chunk.payload_bytes
         return None
+
+    @staticmethod
+    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, received: int) -> str:
+        """Why a chunk that failed _chunk's checks is refused (the first reason that applies)."""
+        where = _where(chunk)
+        if chunk.dtype != begin.dtype or chunk.encoding != begin.encoding:
+            return f"{where}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}"
+        if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
+            return f"{where}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}"
+        layer = chunk.layer - begin.first_layer
+        if not 0 <= layer < begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
+            return (
+                f"{where}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
+                f"x {begin.num_blocks} blocks that Begin declared"
+            )
+        if received != chunk.payload_bytes:
+            return f"{where}: payload is {received} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)"
+        if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
+            return f"{where}: exceeds reserve_bytes={begin.reserve_bytes}"
+        # A duplicate may carry different bytes: we cannot tell which copy is right.
+        return f"{where}: blocks already received (duplicate chunk)"
 
     def _end(self, end: End) -> Ack | None:
         transfer = self._receiving(end.transfer_id)
@@ -294,6 +309,10 @@ class Assembler:
 
     def __len__(self) -> int:
         return len(self._transfers)
+
+
+def _where(chunk: Chunk) -> str:
+    return f"transfer {chunk.transfer_id!r} layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}"
 
 
 def _error(transfer_id: str, text: str) -> ProtocolError:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Union
+from typing import NoReturn, Union
 
 import msgspec
 
@@ -166,65 +166,77 @@ def decode_header(frame: bytes | memoryview, limits: Limits) -> Message:
     return message
 
 
-def _check(condition: bool, text: str) -> None:
-    if not condition:
-        raise ProtocolError(text)
+def _refuse(text: str) -> NoReturn:
+    raise ProtocolError(text)
 
 
+# Every message on the data path goes through validate(): each check formats
+# its error text only when it fails (eager f-strings cost more than the checks).
 def validate(message: Message, limits: Limits) -> None:
     """Checks that need no transfer state: version, ids, dtypes, sizes."""
-    _check(
-        message.version == PROTOCOL_VERSION,
-        f"version={message.version}; this receiver speaks version {PROTOCOL_VERSION}",
-    )
-    _check(
-        0 < len(message.transfer_id) <= limits.max_id_chars,
-        f"transfer_id must be 1..{limits.max_id_chars} characters",
-    )
-    if isinstance(message, Begin):
-        _check(message.dtype in DTYPE_BYTES, f"dtype={message.dtype!r}; known: {sorted(DTYPE_BYTES)}")
-        _check(message.encoding in ENCODINGS, f"encoding={message.encoding!r}; known: {ENCODINGS}")
-        _check(0 < message.num_layers <= limits.max_layers, f"num_layers={message.num_layers} is outside 1..{limits.max_layers}")
-        _check(
-            0 <= message.first_layer <= limits.max_layers - message.num_layers,
-            f"first_layer={message.first_layer} + num_layers={message.num_layers} is outside 0..{limits.max_layers}",
-        )
-        _check(0 < message.num_blocks <= limits.max_blocks, f"num_blocks={message.num_blocks} is outside 1..{limits.max_blocks}")
-        _check(message.num_tokens > 0, f"num_tokens={message.num_tokens} must be > 0")
-        _check(
-            len(message.block_shape) > 0 and all(d > 0 for d in message.block_shape),
-            f"block_shape={message.block_shape} must be non-empty with positive dimensions",
-        )
-        raw = raw_bytes(message.dtype, (message.num_layers, message.num_blocks, *message.block_shape))
-        _check(
-            0 < message.reserve_bytes <= min(raw, limits.max_transfer_bytes),
-            f"reserve_bytes={message.reserve_bytes} must be in 1..min(raw size {raw}, "
-            f"max_transfer_bytes={limits.max_transfer_bytes})",
-        )
-    elif isinstance(message, Chunk):
-        _check(message.dtype in DTYPE_BYTES, f"dtype={message.dtype!r}; known: {sorted(DTYPE_BYTES)}")
-        _check(message.encoding in ENCODINGS, f"encoding={message.encoding!r}; known: {ENCODINGS}")
-        _check(message.checksum_kind in CHECKSUMS, f"checksum_kind={message.checksum_kind!r}; known: {CHECKSUMS}")
-        _check(message.layer >= 0, f"layer={message.layer} must be >= 0")
-        _check(message.first_block >= 0, f"first_block={message.first_block} must be >= 0")
-        _check(message.num_blocks > 0, f"num_blocks={message.num_blocks} must be > 0")
-        _check(
-            len(message.shape) >= 2 and message.shape[0] == message.num_blocks and all(d > 0 for d in message.shape),
-            f"shape={message.shape} must be (num_blocks={message.num_blocks}, *block_shape) with positive dims",
-        )
-        expected = payload_bytes(message.encoding, message.dtype, message.shape)
-        _check(
-            message.payload_bytes == expected,
-            f"payload_bytes={message.payload_bytes} but shape {message.shape} of {message.dtype} "
-            f"encoded as {message.encoding} takes {expected}",
-        )
-        _check(
-            message.payload_bytes <= limits.max_payload_bytes,
-            f"payload_bytes={message.payload_bytes} exceeds max_payload_bytes={limits.max_payload_bytes}",
-        )
+    if message.version != PROTOCOL_VERSION:
+        _refuse(f"version={message.version}; this receiver speaks version {PROTOCOL_VERSION}")
+    if not 0 < len(message.transfer_id) <= limits.max_id_chars:
+        _refuse(f"transfer_id must be 1..{limits.max_id_chars} characters")
+    if isinstance(message, Chunk):
+        _validate_chunk(message, limits)
+    elif isinstance(message, Begin):
+        _validate_begin(message, limits)
     elif isinstance(message, End):
-        _check(message.num_chunks >= 0, f"num_chunks={message.num_chunks} must be >= 0")
-        _check(message.total_payload_bytes >= 0, "total_payload_bytes must be >= 0")
+        if message.num_chunks < 0:
+            _refuse(f"num_chunks={message.num_chunks} must be >= 0")
+        if message.total_payload_bytes < 0:
+            _refuse("total_payload_bytes must be >= 0")
+
+
+def _validate_encoding(message: Begin | Chunk) -> None:
+    if message.dtype not in DTYPE_BYTES:
+        _refuse(f"dtype={message.dtype!r}; known: {sorted(DTYPE_BYTES)}")
+    if message.encoding not in ENCODINGS:
+        _refuse(f"encoding={message.encoding!r}; known: {ENCODINGS}")
+
+
+def _validate_begin(message: Begin, limits: Limits) -> None:
+    _validate_encoding(message)
+    if not 0 < message.num_layers <= limits.max_layers:
+        _refuse(f"num_layers={message.num_layers} is outside 1..{limits.max_layers}")
+    if not 0 <= message.first_layer <= limits.max_layers - message.num_layers:
+        _refuse(f"first_layer={message.first_layer} + num_layers={message.num_layers} is outside 0..{limits.max_layers}")
+    if not 0 < message.num_blocks <= limits.max_blocks:
+        _refuse(f"num_blocks={message.num_blocks} is outside 1..{limits.max_blocks}")
+    if message.num_tokens <= 0:
+        _refuse(f"num_tokens={message.num_tokens} must be > 0")
+    if not (len(message.block_shape) > 0 and all(d > 0 for d in message.block_shape)):
+        _refuse(f"block_shape={message.block_shape} must be non-empty with positive dimensions")
+    raw = raw_bytes(message.dtype, (message.num_layers, message.num_blocks, *message.block_shape))
+    if not 0 < message.reserve_bytes <= min(raw, limits.max_transfer_bytes):
+        _refuse(
+            f"reserve_bytes={message.reserve_bytes} must be in 1..min(raw size {raw}, "
+            f"max_transfer_bytes={limits.max_transfer_bytes})"
+        )
+
+
+def _validate_chunk(message: Chunk, limits: Limits) -> None:
+    _validate_encoding(message)
+    if message.checksum_kind not in CHECKSUMS:
+        _refuse(f"checksum_kind={message.checksum_kind!r}; known: {CHECKSUMS}")
+    if message.layer < 0:
+        _refuse(f"layer={message.layer} must be >= 0")
+    if message.first_block < 0:
+        _refuse(f"first_block={message.first_block} must be >= 0")
+    if message.num_blocks <= 0:
+        _refuse(f"num_blocks={message.num_blocks} must be > 0")
+    shape = message.shape
+    if not (len(shape) >= 2 and shape[0] == message.num_blocks and min(shape) > 0):
+        _refuse(f"shape={shape} must be (num_blocks={message.num_blocks}, *block_shape) with positive dims")
+    expected = payload_bytes(message.encoding, message.dtype, shape)
+    if message.payload_bytes != expected:
+        _refuse(
+            f"payload_bytes={message.payload_bytes} but shape {shape} of {message.dtype} "
+            f"encoded as {message.encoding} takes {expected}"
+        )
+    if message.payload_bytes > limits.max_payload_bytes:
+        _refuse(f"payload_bytes={message.payload_bytes} exceeds max_payload_bytes={limits.max_payload_bytes}")
 
 
 def raw_bytes(dtype: str, shape: tuple[int, ...]) -> int:

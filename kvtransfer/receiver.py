@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import zmq
 
@@ -29,6 +30,8 @@ from kvtransfer.sockets import make_socket
 from kvtransfer.stats import Stats
 
 logger = logging.getLogger(__name__)
+
+EXPIRY_INTERVAL_S = 0.02
 
 
 class KVReceiver:
@@ -90,13 +93,18 @@ class KVReceiver:
         self._ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        next_expiry_s = 0.0
         try:
             while not self._stop.is_set():
                 if poller.poll(100):
                     self._drain(sock)
-                with self._lock:
-                    self.assembler.expire()
-                self._publish()
+                # Leases and timeouts are seconds long: checking them between
+                # every two messages only costs throughput on small chunks.
+                if (now := time.monotonic()) >= next_expiry_s:
+                    with self._lock:
+                        self.assembler.expire()
+                    self._publish()
+                    next_expiry_s = now + EXPIRY_INTERVAL_S
         finally:
             sock.close(linger=0)
             self._publish(force=True)

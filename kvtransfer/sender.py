@@ -33,6 +33,9 @@ from kvtransfer.stats import Stats
 
 logger = logging.getLogger(__name__)
 
+# How often the I/O thread looks for Acks that are overdue (timeouts are seconds).
+EXPIRY_INTERVAL_S = 0.02
+
 
 @dataclass(slots=True)
 class _Item:
@@ -155,6 +158,7 @@ class KVSender:
     def _run(self) -> None:
         sockets: dict[str, zmq.Socket] = {}
         poller = zmq.Poller()
+        next_expiry_s = 0.0
         try:
             while True:
                 with self._cond:
@@ -162,13 +166,18 @@ class KVSender:
                         return
                     if not self._queue and not self._awaiting_ack:
                         self._cond.wait(0.1)
-                    item = self._queue.popleft() if self._queue else None
-                    self._in_flight += item is not None
-                if item is not None:
+                    # Everything queued at once: one lock round and one Ack poll
+                    # per batch, not per message (short prompts send many small chunks).
+                    batch = list(self._queue)
+                    self._queue.clear()
+                    self._in_flight += len(batch)
+                for item in batch:
                     self._send(item, sockets, poller)
-                self._receive_acks(sockets, poller, timeout_ms=0 if item is not None else 5)
-                self._expire()
-                self.stats.flush()
+                self._receive_acks(sockets, poller, timeout_ms=0 if batch else 5)
+                if (now := time.monotonic()) >= next_expiry_s:
+                    self._expire()
+                    self.stats.flush()
+                    next_expiry_s = now + EXPIRY_INTERVAL_S
         finally:
             for sock in sockets.values():
                 sock.close(linger=0)
