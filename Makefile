@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml Makefile | cksum | cut
 TARGET ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup run serve test test-fast bench plan clean
+.PHONY: setup run serve test test-fast bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -43,8 +43,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark, one after another (README tables); bench-quick: shorter runs.
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+bench-quick: setup
+	$(PY) -m benchmarks.run_all --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

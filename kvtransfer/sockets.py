@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import zmq
 
@@ -62,10 +63,13 @@ def make_socket(
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
         if bind:
+            if endpoint.startswith("ipc://"):
+                # ZeroMQ makes the socket file, not the folder it goes in.
+                Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
             sock.bind(endpoint)
         else:
             sock.connect(endpoint)
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, OSError) as exc:
         sock.close(linger=0)
         raise ValueError(f"cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from None
     return sock

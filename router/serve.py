@@ -46,6 +46,7 @@ class ServeOptions:
     worker_ready_timeout_s: float = 900.0
     log_dir: Path | None = None
     worker_host: str = "127.0.0.1"
+    kv_link: str = "ipc"  # local workers: KV over Unix sockets (ipc) or TCP on worker_host
     restart_workers: bool = True
     restart_check_s: float = 2.0
 
@@ -54,13 +55,13 @@ def build_deployment(options: ServeOptions) -> Deployment:
     if options.plan is None:
         return embedded_default(model=options.model, served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
-                                host=options.worker_host)
+                                host=options.worker_host, kv_link=options.kv_link)
     from planner.plan import load_plan
 
     return deployment_from_plan(load_plan(options.plan), model=options.model,
                                 served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
-                                host=options.worker_host)
+                                host=options.worker_host, kv_link=options.kv_link)
 
 
 def load_tokenizer(model_path: str):
