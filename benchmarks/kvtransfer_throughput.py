@@ -55,6 +55,19 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _usage() -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of this process so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
+
+
+def _since(start: tuple[float, int]) -> tuple[float, int]:
+    now = _usage()
+    return now[0] - start[0], now[1] - start[1]
+
+
 def _raw_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
     import zmq
 
@@ -66,13 +79,13 @@ def _raw_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
     done.put("ready")
     while (job := jobs.get()) is not None:
         count, hold = job
-        cpu = _cpu_s()
+        start = _usage()
         kept = []
         for _ in range(count):
             frames = sock.recv_multipart(copy=False)
             if hold:  # keep every frame until the last, as a receiver that validates a whole transfer must
                 kept.append(frames)
-        done.put(("done", _cpu_s() - cpu))
+        done.put(("done", *_since(start)))
         del kept
     sock.close(linger=0)
 
@@ -85,11 +98,11 @@ def _kv_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
     receiver = KVReceiver(endpoint, Assembler(max_buffer_bytes=RECEIVE_BUFFER_BYTES, lease_s=600), Stats(), hwm_messages=16)
     done.put("ready")
     while (job := jobs.get()) is not None:
-        transfer_id, cpu = job, _cpu_s()
+        transfer_id, start = job, _usage()
         while (claim := receiver.claim(transfer_id)).state == "pending":
             time.sleep(0.05)  # not timed (the sender's clock stops at the Ack); keeps the GIL free
         receiver.release(transfer_id)  # as the decode worker does once the request loaded it
-        done.put((claim.state, _cpu_s() - cpu))
+        done.put((claim.state, *_since(start)))
     receiver.close()
 
 
@@ -164,21 +177,23 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
     raw_frames = [kv[index, first : first + count].view(torch.uint8).numpy() for index in range(layers) for first, count in ranges]
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in VARIANTS}
+    faults: dict[str, list[int]] = {k: [] for k in VARIANTS}  # receiver's minor page faults per run
 
-    def record(variant: str, elapsed: float, sender_cpu: float, receiver_cpu: float) -> None:
+    def record(variant: str, elapsed: float, sender_cpu: float, receiver_cpu: float, receiver_faults: int) -> None:
         times[variant].append(elapsed)
         cpu[variant]["sender"].append(sender_cpu)
         cpu[variant]["receiver"].append(receiver_cpu)
+        faults[variant].append(receiver_faults)
 
     def send_raw(hold: bool) -> None:
         link.raw_jobs.put((messages, hold))
         start, cpu0 = time.perf_counter(), _cpu_s()
         for frame in raw_frames:
             link.push.send_multipart([b"", frame], copy=False)
-        state, receiver_cpu = link.raw_done.get(timeout=600)
+        state, receiver_cpu, receiver_faults = link.raw_done.get(timeout=600)
         elapsed = time.perf_counter() - start
         assert state == "done"
-        record("raw_hold" if hold else "raw", elapsed, _cpu_s() - cpu0, receiver_cpu)
+        record("raw_hold" if hold else "raw", elapsed, _cpu_s() - cpu0, receiver_cpu, receiver_faults)
 
     def send_kv(checksum: str) -> None:
         transfer_id = os.urandom(8).hex()
@@ -196,9 +211,9 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
         elapsed = time.perf_counter() - start
         sender_cpu = _cpu_s() - cpu0
         assert link.sender.result(link.kv_ep, transfer_id) == "ok", link.sender.result(link.kv_ep, transfer_id)
-        state, receiver_cpu = link.kv_done.get(timeout=600)
+        state, receiver_cpu, receiver_faults = link.kv_done.get(timeout=600)
         assert state == "complete"
-        record("kvtransfer" if checksum != "none" else "kvtransfer_nochecksum", elapsed, sender_cpu, receiver_cpu)
+        record("kvtransfer" if checksum != "none" else "kvtransfer_nochecksum", elapsed, sender_cpu, receiver_cpu, receiver_faults)
 
     rounds = [lambda: send_raw(False), lambda: send_raw(True), lambda: send_kv("none"), lambda: send_kv("xxh3")]
     # Warm up connections and the allocator: glibc needs a couple of rounds
@@ -211,6 +226,8 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
     for sides in cpu.values():
         sides["sender"].clear()
         sides["receiver"].clear()
+    for values in faults.values():
+        values.clear()
     runs = min(MAX_REPEATS, max(repeats, math.ceil(min_gb * 1e9 / total)))
     for _ in range(runs):
         for variant in rounds:
@@ -231,6 +248,8 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
         "cpu_s_per_gb": {
             k: {side: statistics.median(v) / (total / 1e9) for side, v in sides.items()} for k, sides in cpu.items()
         },
+        # Fresh pages the receiver faulted in per GB (4 KiB pages: 244 k would be every page).
+        "receiver_faults_per_gb": {k: statistics.median(v) / (total / 1e9) for k, v in faults.items()},
         "times_s": times,
     }
     row["ratio"] = best["kvtransfer"] / best["raw"]
@@ -242,7 +261,8 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
         f"{link_name} {model:12s} {tokens:5d} tok {total / 2**20:6.0f} MiB x{runs:<3d} raw {best['raw']:.2f} GB/s  "
         f"raw-keep {best['raw_hold']:.2f}  kvtransfer {best['kvtransfer']:.2f} ({row['ratio']:.0%})  "
         f"no-checksum {best['kvtransfer_nochecksum']:.2f} ({row['ratio_nochecksum']:.0%})  receiver CPU s/GB "
-        + " / ".join(f"{receiver[k]['receiver']:.2f}" for k in VARIANTS),
+        + " / ".join(f"{receiver[k]['receiver']:.2f}" for k in VARIANTS)
+        + "  faults/GB " + " / ".join(f"{row['receiver_faults_per_gb'][k]:.0f}" for k in VARIANTS),
         flush=True,
     )
     return row

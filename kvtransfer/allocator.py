@@ -11,7 +11,9 @@ each frame at once.
 
 `keep_freed_memory` pins the mmap threshold at its maximum (the sender keeps
 each chunk below it, see protocol.MAX_CHUNK_BYTES) and raises the trim
-threshold, so freed frames stay mapped and the next transfer reuses them.
+threshold to the receiver's buffer bound (or switches trimming off past 2 GiB,
+which mallopt's int cannot express), so freed frames stay mapped and the next
+transfer reuses them.
 It also caps malloc at one arena for threads started from now on: ZeroMQ's
 I/O thread would otherwise get an arena of its own, made of 64 MiB heaps that
 glibc unmaps as soon as they are empty, whatever the thresholds say (measured:
@@ -41,15 +43,28 @@ _lock = threading.Lock()
 _applied: int | None = None
 
 
+def trim_threshold(max_kept_bytes: int) -> int:
+    """M_TRIM_THRESHOLD for a process that may hold max_kept_bytes: -1 (never trim)
+    past what mallopt's int can say. Capping it at INT_MAX instead made glibc
+    hand back every page of a transfer over 2 GiB when it was freed."""
+    if max_kept_bytes >= _INT_MAX:
+        return -1
+    return max(MMAP_THRESHOLD_MAX, int(max_kept_bytes))
+
+
+def _covers(applied: int, trim: int) -> bool:
+    return applied == -1 or (trim != -1 and applied >= trim)
+
+
 def keep_freed_memory(max_kept_bytes: int) -> bool:
     """Tune this process's glibc malloc; False (and nothing changed) elsewhere.
 
     Idempotent: a later call with a larger bound raises the trim threshold.
     """
     global _applied
-    trim = max(MMAP_THRESHOLD_MAX, min(int(max_kept_bytes), _INT_MAX))
+    trim = trim_threshold(max_kept_bytes)
     with _lock:
-        if _applied is not None and _applied >= trim:
+        if _applied is not None and _covers(_applied, trim):
             return True
         mallopt = _glibc_mallopt()
         if mallopt is None:
