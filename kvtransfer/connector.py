@@ -47,7 +47,10 @@ class HexKVConnector(KVConnectorBase_V1):
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(
-                vllm_config.cache_config.block_size, parallel.tensor_parallel_size, layers_per_stage
+                vllm_config.cache_config.block_size,
+                parallel.tensor_parallel_size,
+                layers_per_stage,
+                listen_endpoint=self.options.listen_endpoint if self.options.sync_load else None,
             )
         else:
             self.worker_side = WorkerSide(
@@ -79,9 +82,13 @@ class HexKVConnector(KVConnectorBase_V1):
         self.worker_side.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads finish before vLLM schedules the request (async loading), so
-        # there is never a layer left to wait for inside a forward pass.
+        # Asynchronous loads finish before vLLM schedules the request and
+        # synchronous ones inside start_load_kv, so no layer is left to wait for.
         return
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self.worker_side is not None
+        return self.worker_side.take_invalid_blocks()
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
         assert self.worker_side is not None

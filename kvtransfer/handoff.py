@@ -59,6 +59,9 @@ class ConnectorOptions:
     encoding: str = "raw"  # "int8": quantise payloads for slow links (lossy)
     checksum: str = DEFAULT_CHECKSUM  # xxh3 | blake3 | crc32 | none (see protocol.CHECKSUMS)
     load_timeout_s: float = 30.0  # decode: how long a request waits for its KV
+    # decode: a request whose KV already arrived loads it in the step that admits it
+    # (first token one engine step sooner); False: always vLLM's asynchronous path.
+    sync_load: bool = True
     transfer_timeout_s: float = 30.0  # decode: Begin..End must finish within this
     lease_s: float = 60.0  # decode: unclaimed complete KV is dropped after this
     reclaim_s: float = 5.0  # decode: claimed KV stays loadable this long (n > 1 siblings)

@@ -41,6 +41,9 @@ class LoadSpec:
     block_ids: list[int]
     prefill_tp: int = 1  # prefill engine's tensor_parallel_size (how many parts hold our heads)
     prefill_layers: tuple[int, ...] | None = None  # prefill's layers per pipeline stage (None: one stage)
+    # The KV had arrived when the scheduler admitted the request: load it before
+    # this step's forward pass (vLLM then computes the last prompt token at once).
+    sync: bool = False
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ import zmq
 
 from kvtransfer import protocol
 from kvtransfer.allocator import keep_freed_memory
+from kvtransfer.arrivals import ArrivalMarks
 from kvtransfer.assembler import Assembler, Claim
 from kvtransfer.sockets import make_socket
 from kvtransfer.stats import Stats
@@ -52,6 +53,8 @@ class KVReceiver:
         self._ctx = zmq.Context()
         self._hwm = hwm_messages
         self._reported = dict(bytes_received=0, transfers_received_failed=0, frames_refused=0, lease_expiries=0)
+        # Complete, unclaimed transfers, visible to the scheduler (kvtransfer.arrivals).
+        self.marks = ArrivalMarks(endpoint)
         self._thread = threading.Thread(target=self._run, name="kvtransfer-recv", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -65,14 +68,18 @@ class KVReceiver:
     def release(self, transfer_id: str) -> None:
         with self._lock:
             self.assembler.release(transfer_id)
+            self.marks.unmark(transfer_id)
 
     def forget(self, transfer_id: str, error: str) -> None:
         with self._lock:
             self.assembler.forget(transfer_id, error)
+            self.marks.unmark(transfer_id)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        with self._lock:
+            self.marks.clear()
         if not self._thread.is_alive():
             self._ctx.term()
 
@@ -102,9 +109,12 @@ class KVReceiver:
                 # every two messages only costs throughput on small chunks.
                 if (now := time.monotonic()) >= next_expiry_s:
                     with self._lock:
-                        self.assembler.expire()
-                    self._publish()
+                        for transfer_id in self.assembler.expire():
+                            self.marks.unmark(transfer_id)
                     next_expiry_s = now + EXPIRY_INTERVAL_S
+                # Counters right away (the file itself is rewritten at most every
+                # 0.2 s): a refusal is counted before decode can act on it.
+                self._publish()
         finally:
             sock.close(linger=0)
             self._publish(force=True)
@@ -118,6 +128,8 @@ class KVReceiver:
             identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
             with self._lock:
                 ack = self.assembler.on_frames(body)
+                if ack is not None and ack.ok:
+                    self.marks.mark(ack.transfer_id)
             if ack is not None:
                 if not ack.ok:
                     logger.warning("kvtransfer: refused %s: %s", ack.transfer_id, ack.error)

@@ -8,9 +8,14 @@ finishes, `request_finished` returns the params decode needs. The worker has
 copied the blocks out during the forward pass, so vLLM may free them at once.
 
 Decode (consumer): a request whose params say do_remote_prefill reports its
-prompt, beyond any local prefix-cache hit, as externally computed and loaded
-asynchronously; vLLM parks it in WAITING_FOR_REMOTE_KVS with blocks allocated,
-and this side tells the worker which blocks to fill from which transfer.
+prompt, beyond any local prefix-cache hit, as externally computed. If the KV
+has not arrived yet it is loaded asynchronously: vLLM parks the request in
+WAITING_FOR_REMOTE_KVS with blocks allocated until the worker has filled
+them, and computes the last prompt token a step later. If it has arrived
+(kvtransfer.arrivals), all but the last prompt token are loaded
+synchronously, before the forward pass of the step that admits the request,
+which then yields the first token. Either way this side tells the worker
+which blocks to fill from which transfer.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvtransfer import protocol
-from kvtransfer.handoff import layer_partition, prompt_hash
+from kvtransfer.arrivals import has_arrived
+from kvtransfer.handoff import layer_partition, prompt_hash, rank_endpoint
 from kvtransfer.metadata import AbortSpec, HexConnectorMetadata, LoadSpec, SendSpec
 
 if TYPE_CHECKING:
@@ -45,9 +51,19 @@ class _Sending:
 
 class SchedulerSide:
     def __init__(
-        self, block_size: int, tp_size: int = 1, layers_per_stage: tuple[int, ...] | None = None
+        self,
+        block_size: int,
+        tp_size: int = 1,
+        layers_per_stage: tuple[int, ...] | None = None,
+        *,
+        listen_endpoint: str | None = None,
     ) -> None:
         self.block_size = block_size
+        # Decode: where this engine's receivers listen, to see which transfers
+        # arrived (kvtransfer.arrivals); None: every load is asynchronous.
+        self.listen_endpoint = listen_endpoint
+        self._local_tokens: dict[str, int] = {}  # request -> local prefix-cache hit it was offered
+        self._sync: set[str] = set()  # requests admitted with a synchronous load
         # Told to decode in the handoff: how the KV heads (TP) and layers (PP)
         # were split, so each decode rank knows which parts to assemble.
         self.tp_size = tp_size
@@ -87,8 +103,34 @@ class SchedulerSide:
             logger.warning("kvtransfer: request %s recomputes its prompt: %s", request.request_id, error)
             params["do_remote_prefill"] = False
             return 0, False
-        count = len(request.prompt_token_ids or ()) - num_computed_tokens
-        return (count, True) if count > 0 else (0, False)
+        num_prompt = len(request.prompt_token_ids or ())
+        count = num_prompt - num_computed_tokens
+        if count <= 0:
+            return 0, False
+        self._local_tokens[request.request_id] = num_computed_tokens
+        if num_prompt - 1 > num_computed_tokens and self._arrived(params):
+            # Load now, before this step's forward pass, which computes the last
+            # prompt token: the first token comes out of this very step.
+            self._sync.add(request.request_id)
+            return num_prompt - 1 - num_computed_tokens, False
+        self._sync.discard(request.request_id)
+        return count, True
+
+    def _arrived(self, params: dict) -> bool:
+        """Whether every rank of this engine holds its part of the transfer.
+        Only where each rank loads one part under the plain transfer id (one
+        prefill stage, and prefill TP dividing ours); other layouts load
+        asynchronously."""
+        if self.listen_endpoint is None or (self.layers_per_stage and len(self.layers_per_stage) > 1):
+            return False
+        prefill_layers = params.get("prefill_layers")
+        prefill_tp = params.get("prefill_tp", 1)
+        if (prefill_layers and len(prefill_layers) > 1) or not isinstance(prefill_tp, int) or prefill_tp < 1:
+            return False
+        if prefill_tp > self.tp_size or self.tp_size % prefill_tp:
+            return False
+        transfer_id = str(params["transfer_id"])
+        return all(has_arrived(rank_endpoint(self.listen_endpoint, rank), transfer_id) for rank in range(self.tp_size))
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         params = request.kv_transfer_params
@@ -98,10 +140,19 @@ class SchedulerSide:
             # One load per request: after a failed load vLLM asks again with
             # num_computed_tokens=0, and must then get 0 (recompute).
             params["do_remote_prefill"] = False
+            local_tokens = self._local_tokens.pop(request.request_id, None)
+            is_sync = request.request_id in self._sync
+            self._sync.discard(request.request_id)
             if num_external_tokens <= 0:
                 return
-            group = blocks.blocks[0]
-            local_hit_blocks = sum(1 for b in group if b.block_hash is not None and not b.is_null)
+            if local_tokens is not None:
+                # vLLM offers the connector a block-aligned local hit. (With a
+                # synchronous load it caches the loaded blocks at allocation, so
+                # their hashes cannot tell local from loaded.)
+                local_hit_blocks = local_tokens // self.block_size
+            else:
+                group = blocks.blocks[0]
+                local_hit_blocks = sum(1 for b in group if b.block_hash is not None and not b.is_null)
             prompt = request.prompt_token_ids or ()
             block_ids = blocks.get_block_ids()[0][local_hit_blocks : self._num_blocks(len(prompt))]
             self._loads.append(
@@ -114,6 +165,7 @@ class SchedulerSide:
                     block_ids=list(block_ids),
                     prefill_tp=_positive_int(params.get("prefill_tp", 1)),
                     prefill_layers=self._other_partition(params, "prefill_layers")[0],
+                    sync=is_sync,
                 )
             )
         elif params.get("do_remote_decode") and request.request_id not in self._sending and request.request_id not in self._sent:
@@ -172,6 +224,8 @@ class SchedulerSide:
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._local_tokens.pop(request.request_id, None)  # offered a load, never admitted
+        self._sync.discard(request.request_id)
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_decode"):
             return False, None

@@ -22,6 +22,7 @@ COUNTER_NAMES = (
     "transfers_sent_ok",
     "transfers_sent_failed",
     "transfers_loaded_ok",
+    "transfers_loaded_sync",  # of those, loaded in the step that admitted the request (kvtransfer.arrivals)
     "transfers_loaded_failed",
     "transfers_received_failed",
     "frames_refused",

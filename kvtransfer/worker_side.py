@@ -195,6 +195,8 @@ class WorkerSide:
         self._finished: set[str] = set()
         self._failed: set[str] = set()
         self._claimed: dict[str, int] = {}  # transfer_id -> polls left before its bytes are released
+        # Blocks of synchronous loads that found no KV: vLLM recomputes them (get_block_ids_with_load_errors).
+        self._invalid_blocks: set[int] = set()
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -415,6 +417,32 @@ class WorkerSide:
         for spec in meta.loads:
             self._pending[spec.request_id] = _PendingLoad(spec, now + self.options.load_timeout_s)
         self._poll_loads()
+        for spec in meta.loads:
+            if spec.sync:
+                self._settle_sync_load(spec)
+
+    def _settle_sync_load(self, spec: LoadSpec) -> None:
+        """A synchronous load is done within this step, before the forward pass:
+        the scheduler chose it because the KV had arrived (kvtransfer.arrivals).
+        vLLM hears of it only if it failed, through its blocks, never as a
+        finished receive (that is for requests parked waiting for their KV)."""
+        request_id = spec.request_id
+        loaded = request_id in self._finished and request_id not in self._failed
+        self._finished.discard(request_id)
+        self._failed.discard(request_id)
+        if request_id in self._pending:  # the mark was stale: nothing to load now
+            del self._pending[request_id]
+            self.stats.add("transfers_loaded_failed")
+            logger.warning("kvtransfer: request %s will recompute its prompt: transfer %s was not there to load", request_id, spec.transfer_id)
+        if loaded:
+            self.stats.add("transfers_loaded_sync")
+        else:
+            self._invalid_blocks.update(spec.block_ids)
+
+    def take_invalid_blocks(self) -> set[int]:
+        """Blocks that synchronous loads could not fill since the last call."""
+        blocks, self._invalid_blocks = self._invalid_blocks, set()
+        return blocks
 
     # A claimed transfer stays loadable for this many more polls (engine steps),
     # for parallel-sampling siblings admitted a step later; then it is released.

@@ -80,6 +80,7 @@ def test_token_equality_many_prompts_in_flight(cluster):
         assert got == want, f"prompt of {n} tokens: decode {got} != colocated {want}"
     d = wait_for(lambda: (x := deltas(before_d, cluster.decode_stats()))["transfers_loaded_ok"] >= len(prompts) and x, what="loads")
     assert d["transfers_loaded_ok"] == len(prompts) and d["transfers_loaded_failed"] == 0
+    assert d["transfers_loaded_sync"] >= 1  # KV that arrived before its request loads in the admitting step
     p = wait_for(lambda: (x := deltas(before_p, cluster.prefill_stats()))["transfers_sent_ok"] >= len(prompts) and x, what="acks")
     assert p["transfers_sent_failed"] == 0 and p["bytes_sent"] == d["bytes_received"] > 0
 
@@ -95,6 +96,57 @@ def test_decode_really_uses_the_transferred_kv(cluster):
     (expected,) = run_reference(cluster, [prompt])
     assert decoded != expected
     assert wait_delta(before, cluster.decode_stats, "transfers_loaded_ok")["transfers_loaded_failed"] == 0
+
+
+# -- synchronous fast path and asynchronous load -----------------------------------------------
+
+
+def test_arrived_kv_loads_in_the_step_that_admits_the_request(cluster):
+    prompts = [random_prompt(n, seed=1500 + n) for n in (3, 16, 77, 300)]
+    before_p = settled(cluster.prefill_stats)
+    handoffs = run_prefill(cluster, prompts)
+    # Every Ack is in: the decode worker holds each transfer complete (and marked).
+    wait_for(lambda: deltas(before_p, cluster.prefill_stats())["transfers_sent_ok"] >= len(prompts), what="acks")
+    before = settled(cluster.decode_stats)
+    assert run_decode(cluster, prompts, handoffs) == run_reference(cluster, prompts)
+    d = wait_for(lambda: (x := deltas(before, cluster.decode_stats()))["transfers_loaded_ok"] >= len(prompts) and x)
+    assert d["transfers_loaded_sync"] == len(prompts) and d["transfers_loaded_failed"] == 0
+
+
+def test_kv_arriving_after_its_request_loads_asynchronously(cluster):
+    """The decode request is admitted first and waits (WAITING_FOR_REMOTE_KVS); the
+    KV, sent late, is loaded then (it is random, so the output differs from the reference)."""
+    import threading
+
+    prompt = random_prompt(40, seed=1600)
+    transfer_id = new_transfer_id()
+    messages = transfer_messages(transfer_id, prompt_kv(prompt), num_tokens=len(prompt), prompt_hash=prompt_hash(prompt))
+    late = threading.Timer(1.0, send_messages, args=(cluster.decode_endpoint, messages))
+    before = settled(cluster.decode_stats)
+    late.start()
+    (decoded,) = run_decode(cluster, [prompt], [handoff_for(prompt, transfer_id)])
+    late.join()
+    assert decoded != run_reference(cluster, [prompt])[0]
+    d = wait_delta(before, cluster.decode_stats, "transfers_loaded_ok")
+    assert d["transfers_loaded_ok"] == 1 and d["transfers_loaded_sync"] == 0 and d["transfers_loaded_failed"] == 0
+
+
+def test_stale_arrival_mark_recomputes_through_vllms_invalid_blocks(cluster):
+    """The scheduler sees a mark but the worker finds no KV (as if its lease had just
+    ended): the synchronous load reports its blocks invalid and vLLM recomputes them."""
+    from kvtransfer.arrivals import mark_path
+
+    prompt = random_prompt(70, seed=1700)
+    transfer_id = "stale-" + new_transfer_id()
+    mark = mark_path(cluster.decode_endpoint, transfer_id)
+    mark.touch()
+    try:
+        before = settled(cluster.decode_stats)
+        assert run_decode(cluster, [prompt], [handoff_for(prompt, transfer_id)]) == run_reference(cluster, [prompt])
+    finally:
+        mark.unlink(missing_ok=True)
+    d = wait_delta(before, cluster.decode_stats, "transfers_loaded_failed")
+    assert d["transfers_loaded_failed"] == 1 and d["transfers_loaded_sync"] == 0 and d["load_timeouts"] == 0
 
 
 # -- edge cases -------------------------------------------------------------------------------

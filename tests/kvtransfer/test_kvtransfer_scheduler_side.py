@@ -162,3 +162,57 @@ def test_prefill_params_check_the_decode_split():
     assert "decode_layers" not in prefill_params("ipc:///tmp/d", decode_layers=[32])  # one stage: nothing to say
     with pytest.raises(ValueError, match="decode_layers"):
         prefill_params("ipc:///tmp/d", decode_layers=[16, 0])
+
+
+def test_kv_already_arrived_loads_synchronously_all_but_the_last_token(tmp_path):
+    """The receiver marked the transfer complete: the request is admitted with a
+    synchronous load of tokens [local hit, n - 1), and the step computes the last one."""
+    from kvtransfer.arrivals import ArrivalMarks
+    from kvtransfer.handoff import rank_endpoint
+
+    endpoint = f"ipc://{tmp_path}/decode.sock"
+    marks = [ArrivalMarks(rank_endpoint(endpoint, rank)) for rank in range(2)]
+    side = SchedulerSide(BLOCK, tp_size=2, listen_endpoint=endpoint)
+    prompt = list(range(10))
+
+    def offer(request_id: str, **extra) -> tuple[int, bool]:
+        request = FakeRequest(request_id, prompt, {"do_remote_prefill": True, "transfer_id": "t", **extra})
+        return side.get_num_new_matched_tokens(request, 4), request
+
+    assert offer("a")[0] == (6, True)  # not arrived anywhere: asynchronous
+    marks[0].mark("t")
+    assert offer("b")[0] == (6, True)  # rank 1 still waits for its part
+    marks[1].mark("t")
+    result, request = offer("c")
+    assert result == (5, False)
+    # A synchronous load is cached at allocation: every block has a hash, local or loaded.
+    blocks = FakeBlocks(([FakeBlock(20 + i, block_hash=f"h{i}") for i in range(3)],))
+    side.update_state_after_alloc(request, blocks, 5)
+    (load,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert (load.sync, load.first_block, load.block_ids) == (True, 1, [21, 22])
+    # Layouts where a rank assembles several parts stay asynchronous.
+    assert offer("d", prefill_tp=4)[0] == (6, True)
+    assert offer("e", prefill_layers=[2, 2])[0] == (6, True)
+    assert offer("f", prefill_tp=1)[0] == (5, False)
+    # Nothing left to load but the last token: nothing to gain, asynchronous as before.
+    assert side.get_num_new_matched_tokens(FakeRequest("g", prompt[:9], {"do_remote_prefill": True, "transfer_id": "t"}), 8) == (1, True)
+    marks[0].unmark("t")
+    assert offer("h")[0] == (6, True)
+    # Without a listen endpoint (sync_load=False) every load is asynchronous.
+    assert SchedulerSide(BLOCK, tp_size=2).get_num_new_matched_tokens(
+        FakeRequest("i", prompt, {"do_remote_prefill": True, "transfer_id": "t"}), 4) == (6, True)
+    for m in marks:
+        m.clear()
+
+
+def test_arrival_marks_are_named_by_hash_and_cleared_by_a_new_receiver(tmp_path):
+    from kvtransfer.arrivals import ArrivalMarks, has_arrived
+
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    marks = ArrivalMarks(endpoint)
+    marks.mark("../../etc/passwd")  # ids come off the wire
+    assert has_arrived(endpoint, "../../etc/passwd") and not has_arrived(endpoint, "other")
+    assert [p.parent for p in marks.dir.iterdir()] == [marks.dir]
+    assert not has_arrived(f"ipc://{tmp_path}/other.sock", "../../etc/passwd")
+    ArrivalMarks(endpoint)  # a restarted receiver on the same endpoint: old marks are stale
+    assert not has_arrived(endpoint, "../../etc/passwd")
