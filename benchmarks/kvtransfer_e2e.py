@@ -5,7 +5,11 @@ submitted for decode with the prefill's kv_transfer_params; the time of that
 second call (until its first token is out) is the handoff latency: waiting
 for / loading the KV plus one forward pass. Compared in the same run:
 
-- kvtransfer: HexKVConnector, prefill engine -> ZeroMQ -> decode engine;
+- kvtransfer: HexKVConnector, prefill engine -> ZeroMQ -> decode engine
+  (KV that arrived before the decode request loads in the step admitting it);
+- kvtransfer, async only: a second decode engine with sync_load=False, which
+  always takes vLLM's asynchronous load path (request parked, loaded, then
+  scheduled a step later), as vLLM's own NIXL connector does;
 - ExampleConnector: vLLM's in-tree connector (safetensors files on disk),
   one kv_both engine, prefix caching off so decode loads what prefill saved;
 - recompute: the decode engine given no KV (it prefills the prompt itself).
@@ -52,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
 
     workdir = tempfile.mkdtemp(prefix="kvt-e2e-")
     endpoint = f"ipc://{workdir}/decode.sock"
+    endpoint_async = f"ipc://{workdir}/decode-async.sock"
     tiny_model_settings().apply_process_env()
     cfg_p = kvtransfer.connector_config("producer", stats_path=f"{workdir}/p.json")
     cfg_p8 = kvtransfer.connector_config("producer", stats_path=f"{workdir}/p8.json", encoding="int8")
     cfg_d = kvtransfer.connector_config("consumer", listen_endpoint=endpoint, stats_path=f"{workdir}/d.json")
+    cfg_da = kvtransfer.connector_config("consumer", listen_endpoint=endpoint_async, stats_path=f"{workdir}/da.json", sync_load=False)
     cfg_ex = {
         "kv_connector": "ExampleConnector",
         "kv_role": "kv_both",
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     prefill = LLM(**tiny_model_settings(kv_transfer_config=cfg_p).engine_kwargs())
     decode = LLM(**tiny_model_settings(kv_transfer_config=cfg_d).engine_kwargs())
+    decode_async = LLM(**tiny_model_settings(kv_transfer_config=cfg_da).engine_kwargs())
     example = LLM(**tiny_model_settings(kv_transfer_config=cfg_ex, enable_prefix_caching=False).engine_kwargs())
     print(f"engines up in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -81,11 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     seed = 0
     for length in args.lengths:
-        times = {"kvtransfer": [], "example_connector": [], "recompute": []}
+        times = {"kvtransfer": [], "kvtransfer_async": [], "example_connector": [], "recompute": []}
+        sync_before = kvtransfer.read_stats(kvtransfer.stats_path(cfg_d))["transfers_loaded_sync"]
         for rep in range(args.repeats + 1):  # the first round warms up
             seed += 1
             p = _prompt(length, seed)
             t_ours = prefill_then_time(prefill, decode, p, lambda: {"kv_transfer_params": kvtransfer.prefill_params(endpoint)})
+            seed += 1
+            p = _prompt(length, seed)
+            t_async = prefill_then_time(
+                prefill, decode_async, p, lambda: {"kv_transfer_params": kvtransfer.prefill_params(endpoint_async)}
+            )
             seed += 1
             p = _prompt(length, seed)
             t_ex = prefill_then_time(example, example, p, lambda: None)
@@ -96,12 +109,17 @@ def main(argv: list[str] | None = None) -> None:
             t_re = time.perf_counter() - start
             if rep:
                 times["kvtransfer"].append(t_ours)
+                times["kvtransfer_async"].append(t_async)
                 times["example_connector"].append(t_ex)
                 times["recompute"].append(t_re)
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-        rows.append({"prompt_tokens": length, **{f"{k}_ms": v for k, v in med.items()}, "samples_s": times})
+        time.sleep(0.5)  # the worker publishes its counters a few times a second
+        sync_loads = kvtransfer.read_stats(kvtransfer.stats_path(cfg_d))["transfers_loaded_sync"] - sync_before
+        rows.append({"prompt_tokens": length, **{f"{k}_ms": v for k, v in med.items()}, "sync_loads": sync_loads,
+                     "requests": args.repeats + 1, "samples_s": times})
         print(
-            f"{length:5d} tokens: kvtransfer {med['kvtransfer']:.1f} ms  ExampleConnector {med['example_connector']:.1f} ms "
+            f"{length:5d} tokens: kvtransfer {med['kvtransfer']:.1f} ms ({sync_loads}/{args.repeats + 1} loaded in the admitting step)  "
+            f"async only {med['kvtransfer_async']:.1f} ms  ExampleConnector {med['example_connector']:.1f} ms "
             f"({med['example_connector'] / med['kvtransfer']:.2f}x ours)  recompute {med['recompute']:.1f} ms",
             flush=True,
         )
@@ -153,13 +171,15 @@ def main(argv: list[str] | None = None) -> None:
         f"1-min load average {meta['load_average_1m_at_end']:.1f}), median of {args.repeats}.",
         f"Command: `{meta['command']}`",
         "",
-        "| prompt tokens | kvtransfer ms | ExampleConnector ms | ExampleConnector / kvtransfer | recompute on decode ms |",
-        "|---:|---:|---:|---:|---:|",
+        "| prompt tokens | kvtransfer ms | loaded in the admitting step | kvtransfer, async load only ms | "
+        "ExampleConnector ms | ExampleConnector / kvtransfer | async only / kvtransfer | recompute on decode ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['prompt_tokens']} | {r['kvtransfer_ms']:.1f} | {r['example_connector_ms']:.1f} | "
-            f"{r['example_connector_ms'] / r['kvtransfer_ms']:.2f}x | {r['recompute_ms']:.1f} |"
+            f"| {r['prompt_tokens']} | {r['kvtransfer_ms']:.1f} | {r['sync_loads']}/{r['requests']} | {r['kvtransfer_async_ms']:.1f} | "
+            f"{r['example_connector_ms']:.1f} | {r['example_connector_ms'] / r['kvtransfer_ms']:.2f}x | "
+            f"{r['kvtransfer_async_ms'] / r['kvtransfer_ms']:.2f}x | {r['recompute_ms']:.1f} |"
         )
     lines += [
         "",
@@ -169,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     (RESULTS / "kvtransfer_e2e.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'kvtransfer_e2e.md'}")
-    for engine in (prefill, prefill8, decode):
+    for engine in (prefill, prefill8, decode, decode_async):
         engine.llm_engine.engine_core.shutdown()
     shutil.rmtree(workdir, ignore_errors=True)
 
