@@ -76,5 +76,10 @@ class ArrivalMarks:
             (self.dir / _mark_name(transfer_id)).unlink(missing_ok=True)
 
     def clear(self) -> None:
+        """Unmark everything and remove the folder (the receiver is closing)."""
         for transfer_id in list(self._marked):
             self.unmark(transfer_id)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass  # not empty (another receiver on this endpoint) or already gone

@@ -214,5 +214,8 @@ def test_arrival_marks_are_named_by_hash_and_cleared_by_a_new_receiver(tmp_path)
     assert has_arrived(endpoint, "../../etc/passwd") and not has_arrived(endpoint, "other")
     assert [p.parent for p in marks.dir.iterdir()] == [marks.dir]
     assert not has_arrived(f"ipc://{tmp_path}/other.sock", "../../etc/passwd")
-    ArrivalMarks(endpoint)  # a restarted receiver on the same endpoint: old marks are stale
+    restarted = ArrivalMarks(endpoint)  # a restarted receiver on the same endpoint: old marks are stale
     assert not has_arrived(endpoint, "../../etc/passwd")
+    restarted.mark("t")
+    restarted.clear()  # closing: nothing left behind
+    assert not restarted.dir.exists()

@@ -168,7 +168,8 @@ def test_client_disconnect_aborts_on_workers(embedded_router):
 
 
 def test_metrics_count_requests_and_kv_transfers(embedded_router):
-    _client(embedded_router).completions.create(model=TINY_MODEL_NAME, prompt="metrics", max_tokens=4)
+    for prompt in ("metrics", "metrics, again", "and a third time"):
+        _client(embedded_router).completions.create(model=TINY_MODEL_NAME, prompt=prompt, max_tokens=4)
     time.sleep(1.5)  # workers publish their counters a few times a second; the router reads them on each ping
     text = httpx.get(f"{embedded_router.base_url}/metrics").text
     ok = re.search(r'hexserve_requests_total\{endpoint="completions",status="ok"\} (\d+)', text)
@@ -178,6 +179,10 @@ def test_metrics_count_requests_and_kv_transfers(embedded_router):
     assert loaded and float(loaded.group(1)) >= 1, "the decode worker must have loaded KV sent by prefill"
     failed = re.search(r'hexserve_kv_transfer\{stat="transfers_loaded_failed",worker="decode-0"\} ([\d.e+]+)', text)
     assert failed and float(failed.group(1)) == 0
+    # The router forwards to decode once prefill is done, so the KV is (nearly always)
+    # there already and loads in the step that admits the request.
+    sync = re.search(r'hexserve_kv_transfer\{stat="transfers_loaded_sync",worker="decode-0"\} ([\d.e+]+)', text)
+    assert sync and 1 <= float(sync.group(1)) <= float(loaded.group(1))
 
 
 @pytest.mark.parametrize("body, headers, status, fragment", [
