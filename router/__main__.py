@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-running", type=int, default=256, help="requests admitted at once")
     s.add_argument("--max-waiting", type=int, default=1024, help="requests queued for admission before 429")
     s.add_argument("--worker-host", default="127.0.0.1", help="address workers bind their ZeroMQ endpoints on")
-    s.add_argument("--kv-link", default="ipc", choices=["ipc", "tcp"],
-                   help="how local workers move KV: Unix sockets (default, less CPU) or TCP on --worker-host; "
-                        "workers placed by --ray always use TCP on their node's address")
+    s.add_argument("--worker-link", default="ipc", choices=["ipc", "tcp"],
+                   help="how the router and local workers talk and move KV: Unix sockets (default: less CPU, "
+                        "no port races) or TCP on --worker-host; workers placed by --ray use TCP on their node")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
     s.add_argument("--log-dir", type=Path, default=None, help="write each worker's log to DIR/<worker>.log")
     return parser
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,
         served_model_name=args.served_model_name, max_model_len=args.max_model_len,
         kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
-        max_waiting=args.max_waiting, worker_host=args.worker_host, kv_link=args.kv_link, log_dir=args.log_dir,
+        max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link, log_dir=args.log_dir,
         restart_workers=not args.no_restart,
     ))
 

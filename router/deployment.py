@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from router.launch_local import WorkerSpec, local_endpoint, local_kv_endpoint
+from router.launch_local import WorkerSpec, local_worker_endpoint
 from router.routing import Route
 from router.worker_client import WorkerInfo
 
@@ -52,18 +52,18 @@ def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[st
 
 
 def embedded_default(model: str | None = None, served_model_name: str | None = None, max_model_len: int = 1024,
-                     kv_connector: str = "zmq", host: str = "127.0.0.1", kv_link: str = "ipc") -> Deployment:
+                     kv_connector: str = "zmq", host: str = "127.0.0.1", worker_link: str = "ipc") -> Deployment:
     """One prefill and one decode worker on this machine, one route.
 
-    kv_link: how KV moves between them, "ipc" (Unix sockets) or "tcp" on `host`."""
+    worker_link: how the router and the workers reach each other (control and
+    KV endpoints), "ipc" (Unix sockets) or "tcp" on `host`."""
     model_path, served = _resolve_model(model, served_model_name)
     common = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector)
     workers = [
-        # Prefill listens for nothing; its endpoint is never bound (see kvtransfer.handoff).
-        WorkerSpec(worker_id="prefill-0", role="prefill", control_endpoint=local_endpoint(host),
-                   kv_endpoint=local_kv_endpoint("prefill-0", kv_link, host), group_id="p0", **common),
-        WorkerSpec(worker_id="decode-0", role="decode", control_endpoint=local_endpoint(host),
-                   kv_endpoint=local_kv_endpoint("decode-0", kv_link, host), group_id="d0", **common),
+        # (Prefill listens for no KV: its kv_endpoint is never bound, see kvtransfer.handoff.)
+        WorkerSpec(worker_id=worker_id, role=role, control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
+                   kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host), group_id=group, **common)
+        for worker_id, role, group in (("prefill-0", "prefill", "p0"), ("decode-0", "decode", "d0"))
     ]
     return Deployment(workers=workers, routes=[Route("prefill-0", "decode-0", 1.0)], model_path=model_path,
                       served_model_name=served, max_model_len=max_model_len)
@@ -71,7 +71,7 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
 
 def deployment_from_plan(plan, model: str | None = None, served_model_name: str | None = None,
                          max_model_len: int = 1024, kv_connector: str = "zmq", host: str = "127.0.0.1",
-                         cpu_kvcache_gib: int = 1, kv_link: str = "ipc") -> Deployment:
+                         cpu_kvcache_gib: int = 1, worker_link: str = "ipc") -> Deployment:
     """One worker per plan group; routes weighted by the plan's max-flow.
 
     A route's weight is its flow (`rate_rps`, requests/s the plan sends along
@@ -93,9 +93,9 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
         tp, pp = (1, 1) if rehearsal else (group.tp, group.pp)
         workers.append(WorkerSpec(
             worker_id=worker_id, role="prefill" if group.role == "prefill" else "decode",
-            control_endpoint=local_endpoint(host),
-            # One socket per engine rank. On Ray each actor re-binds on its node's address (tcp).
-            kv_endpoint=local_kv_endpoint(worker_id, kv_link, host, ranks=tp * pp),
+            # One KV socket per engine rank. On Ray each actor re-binds both on its node's address (tcp).
+            control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
+            kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host, ranks=tp * pp),
             model=model_path,
             served_model_name=served, max_model_len=max_model_len,
             kv_connector=kv_connector if group.role != "colocated" else "none",

@@ -93,24 +93,27 @@ def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:
     return f"tcp://{host}:{free_tcp_port(host, ports)}"
 
 
-KV_LINKS = ("ipc", "tcp")
+WORKER_LINKS = ("ipc", "tcp")
 
 
-def local_kv_endpoint(worker_id: str, link: str = "ipc", host: str = "127.0.0.1", ranks: int = 1) -> str:
-    """Where a decode worker on this machine listens for KV.
+def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host: str = "127.0.0.1", ranks: int = 1) -> str:
+    """Where a worker on this machine listens: purpose "control" (the router's
+    endpoint) or "kv" (a decode worker's KV; a TP/PP worker's ranks add
+    `.rank<r>`, see kvtransfer.handoff.rank_endpoint).
 
-    ipc (Unix sockets) by default: between processes on one host it moves KV
-    with less CPU than loopback TCP (benchmarks/kvtransfer_throughput). The
-    socket files live in one folder per user, named by router pid and worker,
-    and ZeroMQ removes each when its worker closes it; a TP/PP worker's ranks
-    add `.rank<r>` (kvtransfer.handoff.rank_endpoint).
+    ipc (Unix sockets) by default: between processes on one host they move KV
+    with less CPU than loopback TCP (benchmarks/kvtransfer_throughput), and a
+    socket path cannot be taken by someone else between choosing it and
+    binding it, as a free TCP port can (a worker binds only once its model has
+    loaded). The files live in one folder per user, named by router pid and
+    worker; ZeroMQ removes each when its worker closes it.
     """
     if link == "tcp":
         return local_endpoint(host, ports=ranks)
     if link != "ipc":
-        raise ValueError(f"kv link {link!r}; use one of {KV_LINKS}")
-    folder = Path(tempfile.gettempdir()) / f"hexserve-kv-{os.getuid()}"
-    return f"ipc://{folder}/{os.getpid()}-{worker_id}.sock"
+        raise ValueError(f"worker link {link!r}; use one of {WORKER_LINKS}")
+    folder = Path(tempfile.gettempdir()) / f"hexserve-{os.getuid()}"
+    return f"ipc://{folder}/{os.getpid()}-{worker_id}-{purpose}.sock"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from router.app import RouterSettings, create_app
 from router.cluster import Cluster
 from router.deployment import Deployment, embedded_default, deployment_from_plan
 from router.launch_local import LocalLauncher
+from router.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ServeOptions:
     worker_ready_timeout_s: float = 900.0
     log_dir: Path | None = None
     worker_host: str = "127.0.0.1"
-    kv_link: str = "ipc"  # local workers: KV over Unix sockets (ipc) or TCP on worker_host
+    worker_link: str = "ipc"  # local workers: control and KV over Unix sockets (ipc) or TCP on worker_host
     restart_workers: bool = True
     restart_check_s: float = 2.0
 
@@ -55,13 +56,13 @@ def build_deployment(options: ServeOptions) -> Deployment:
     if options.plan is None:
         return embedded_default(model=options.model, served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
-                                host=options.worker_host, kv_link=options.kv_link)
+                                host=options.worker_host, worker_link=options.worker_link)
     from planner.plan import load_plan
 
     return deployment_from_plan(load_plan(options.plan), model=options.model,
                                 served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
-                                host=options.worker_host, kv_link=options.kv_link)
+                                host=options.worker_host, worker_link=options.worker_link)
 
 
 def load_tokenizer(model_path: str):
@@ -89,7 +90,11 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await cluster.start(process_alive=launcher.alive_checks())
         tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
         log.info("waiting for %d worker(s) to load the model...", len(deployment.workers))
-        await cluster.wait_ready(options.worker_ready_timeout_s)
+        try:
+            await cluster.wait_ready(options.worker_ready_timeout_s)
+        except WorkerUnavailable as exc:
+            where = f"its log in {options.log_dir}" if options.log_dir else "the worker's output above"
+            raise RuntimeError(f"the cluster did not start: {exc}; see {where}") from None
         app = create_app(
             cluster,
             RouterSettings(served_model_name=deployment.served_model_name, max_model_len=deployment.max_model_len,

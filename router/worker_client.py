@@ -82,12 +82,20 @@ class WorkerClient:
             self._sock.close(linger=0)
 
     async def wait_healthy(self, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(self._ever_healthy.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            raise WorkerUnavailable(
-                f"worker {self.worker_id} at {self.info.control_endpoint} did not become healthy in {timeout_s:.0f} s"
-            ) from None
+        """Until the worker first answers a ping. Raises WorkerUnavailable on timeout,
+        or as soon as its process has exited (a worker that died while loading
+        must not keep the router waiting for the whole timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ever_healthy.is_set():
+            if self.is_process_alive is not None and not self.is_process_alive():
+                raise WorkerUnavailable(f"worker {self.worker_id} exited before it became healthy")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerUnavailable(
+                    f"worker {self.worker_id} at {self.info.control_endpoint} did not become healthy in {timeout_s:.0f} s"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ever_healthy.wait(), min(remaining, 0.5))
 
     async def generate(
         self,

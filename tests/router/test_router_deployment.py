@@ -29,7 +29,7 @@ def _plan(prefill: GroupPlan, decode: GroupPlan) -> Plan:
 
 def test_tp_decode_worker_gets_one_port_per_rank():
     plan = _plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=4))
-    deployment = deployment_from_plan(plan, model="/models/llama", kv_link="tcp")
+    deployment = deployment_from_plan(plan, model="/models/llama", worker_link="tcp")
     decode = next(w for w in deployment.workers if w.role == "decode")
     assert decode.tensor_parallel_size == 4
     port = int(decode.kv_endpoint.rsplit(":", 1)[1])
@@ -42,7 +42,7 @@ def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
     decode_group = _group("d0", "decode", tp=2, pp=2)
     decode_group.layer_partition = [50, 30]  # the planner's uneven split
     plan = _plan(_group("p0", "prefill", tp=1, pp=4), decode_group)
-    deployment = deployment_from_plan(plan, model="/models/llama", kv_link="tcp")
+    deployment = deployment_from_plan(plan, model="/models/llama", worker_link="tcp")
     prefill, decode = sorted(deployment.workers, key=lambda w: w.role != "prefill")
     assert prefill.process_env()["VLLM_PP_LAYER_PARTITION"] == "20,20,20,20"
     assert decode.process_env()["VLLM_PP_LAYER_PARTITION"] == "50,30"
@@ -58,16 +58,19 @@ def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
     assert all(w.pipeline_parallel_size == 1 and not w.process_env() for w in deployment_from_plan(plan).workers)
 
 
-def test_local_workers_move_kv_over_unix_sockets_one_per_rank():
-    """Default for workers on this machine: ipc, a socket file per worker and rank, each bindable."""
+def test_local_workers_talk_over_unix_sockets_one_per_rank():
+    """Default for workers on this machine: ipc, a socket file per worker, purpose and rank, each bindable."""
     import zmq
 
     from kvtransfer.handoff import rank_endpoint
     from kvtransfer.sockets import make_socket
 
     plan = _plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=2, pp=2))
-    decode = next(w for w in deployment_from_plan(plan, model="/models/llama").workers if w.role == "decode")
+    workers = deployment_from_plan(plan, model="/models/llama").workers
+    decode = next(w for w in workers if w.role == "decode")
     assert decode.kv_endpoint.startswith("ipc://") and decode.worker_id in decode.kv_endpoint
+    endpoints = [w.control_endpoint for w in workers] + [w.kv_endpoint for w in workers]
+    assert all(e.startswith("ipc://") for e in endpoints) and len(set(endpoints)) == 4  # no TCP port to race for
     endpoints = {rank_endpoint(decode.kv_endpoint, rank) for rank in range(decode.num_ranks)}
     assert len(endpoints) == 4
     ctx = zmq.Context()
@@ -82,8 +85,8 @@ def test_local_workers_move_kv_over_unix_sockets_one_per_rank():
         for sock in sockets:
             sock.close(linger=0)
         ctx.term()
-    with pytest.raises(ValueError, match="kv link"):
-        deployment_from_plan(plan, model="/models/llama", kv_link="udp")
+    with pytest.raises(ValueError, match="worker link"):
+        deployment_from_plan(plan, model="/models/llama", worker_link="udp")
 
 
 def test_route_whose_kv_cannot_be_resharded_warns(caplog):

@@ -76,3 +76,31 @@ def test_sigterm_drains_in_flight_streams_then_exits(fault_router):
     assert '"completion_tokens":200' in events[-2], events[-2]
     assert not any('"error"' in e for e in events)
     assert fault_router.proc.wait(timeout=90) == 0
+
+
+def test_worker_dying_while_loading_stops_the_router_with_the_reason(tmp_path, tiny_model_dir):
+    """A model the engines cannot load (its weights are gone; the tokenizer is fine):
+    each worker exits while loading, and the router says so and exits at once
+    instead of waiting out its 15-minute start timeout."""
+    import shutil
+    import subprocess
+    import sys
+
+    from router_process import free_port
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    log = tmp_path / "router.log"
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        code = subprocess.call(
+            [sys.executable, "-m", "router", "serve", "--port", str(free_port()), "--model", str(broken),
+             "--log-dir", str(tmp_path / "workers")],
+            stdout=out, stderr=subprocess.STDOUT, timeout=300,
+        )
+    text = log.read_text()
+    assert code != 0, text[-2000:]
+    assert "the cluster did not start" in text and "exited before it became healthy" in text, text[-2000:]
+    assert time.monotonic() - started < 240
