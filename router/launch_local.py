@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,7 +107,9 @@ def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host:
     socket path cannot be taken by someone else between choosing it and
     binding it, as a free TCP port can (a worker binds only once its model has
     loaded). The files live in one folder per user, named by router pid and
-    worker; ZeroMQ removes each when its worker closes it.
+    worker. ZeroMQ leaves a socket file behind when it closes (and a killed
+    worker cannot clean up), so LocalLauncher.stop removes them
+    (remove_endpoint_files); a bind replaces a stale one.
     """
     if link == "tcp":
         return local_endpoint(host, ports=ranks)
@@ -114,6 +117,20 @@ def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host:
         raise ValueError(f"worker link {link!r}; use one of {WORKER_LINKS}")
     folder = Path(tempfile.gettempdir()) / f"hexserve-{os.getuid()}"
     return f"ipc://{folder}/{os.getpid()}-{worker_id}-{purpose}.sock"
+
+
+def remove_endpoint_files(spec: WorkerSpec) -> None:
+    """What a stopped worker leaves on this machine: its ipc socket files (a
+    killed process cannot remove them) and its receivers' arrival-mark folders."""
+    from kvtransfer.arrivals import arrivals_dir
+    from kvtransfer.handoff import rank_endpoint
+
+    kv_endpoints = [rank_endpoint(spec.kv_endpoint, rank) for rank in range(spec.num_ranks)] if spec.kv_endpoint else []
+    for endpoint in [spec.control_endpoint, *kv_endpoints]:
+        if endpoint.startswith("ipc://"):
+            Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+    for endpoint in kv_endpoints:
+        shutil.rmtree(arrivals_dir(endpoint), ignore_errors=True)
 
 
 @dataclass
@@ -194,6 +211,8 @@ class LocalLauncher:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+        for spec in self.specs.values():
+            remove_endpoint_files(spec)
         for handle in self._logs:
             handle.close()
         self._logs.clear()

@@ -64,6 +64,7 @@ def test_local_workers_talk_over_unix_sockets_one_per_rank():
 
     from kvtransfer.handoff import rank_endpoint
     from kvtransfer.sockets import make_socket
+    from router.launch_local import remove_endpoint_files
 
     plan = _plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=2, pp=2))
     workers = deployment_from_plan(plan, model="/models/llama").workers
@@ -85,6 +86,7 @@ def test_local_workers_talk_over_unix_sockets_one_per_rank():
         for sock in sockets:
             sock.close(linger=0)
         ctx.term()
+        remove_endpoint_files(decode)
     with pytest.raises(ValueError, match="worker link"):
         deployment_from_plan(plan, model="/models/llama", worker_link="udp")
 
@@ -105,3 +107,21 @@ def test_free_tcp_port_finds_consecutive_ports():
     for offset in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port + offset))
+
+
+def test_a_stopped_workers_socket_files_and_arrival_marks_are_removed(tmp_path):
+    from kvtransfer.arrivals import ArrivalMarks, arrivals_dir
+    from kvtransfer.handoff import rank_endpoint
+    from router.launch_local import WorkerSpec, remove_endpoint_files
+
+    spec = WorkerSpec(worker_id="decode-d0", role="decode", control_endpoint=f"ipc://{tmp_path}/ctl.sock",
+                      kv_endpoint=f"ipc://{tmp_path}/kv.sock", tensor_parallel_size=2)
+    files = [tmp_path / "ctl.sock", tmp_path / "kv.sock", tmp_path / "kv.sock.rank1"]
+    for file in files:
+        file.touch()  # as a killed worker leaves them
+    for rank in range(2):
+        ArrivalMarks(rank_endpoint(spec.kv_endpoint, rank)).mark("t")
+    remove_endpoint_files(spec)
+    assert not any(f.exists() for f in files)
+    assert not any(arrivals_dir(rank_endpoint(spec.kv_endpoint, rank)).exists() for rank in range(2))
+    remove_endpoint_files(spec)  # nothing left: no error
