@@ -49,14 +49,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _cpu_s() -> float:
     """CPU seconds of this whole process, every thread (ZeroMQ's I/O threads too)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return _usage()[0]
 
 
 def _usage() -> tuple[float, int]:
-    """(CPU seconds, minor page faults) of this process so far."""
+    """(CPU seconds, minor page faults) of this process so far, every thread."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -162,18 +162,9 @@ class Assembler:
         layer = chunk.layer - begin.first_layer
         lo = layer * begin.num_blocks + chunk.first_block
         hi = lo + chunk.num_blocks
-        # The common case costs a few comparisons; texts are built only on failure.
-        if (
-            chunk.dtype != begin.dtype
-            or chunk.encoding != begin.encoding
-            or tuple(chunk.shape[1:]) != tuple(begin.block_shape)
-            or not 0 <= layer < begin.num_layers
-            or chunk.first_block + chunk.num_blocks > begin.num_blocks
-            or len(payload) != chunk.payload_bytes
-            or transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes
-            or transfer.covered.find(1, lo, hi) != -1
-        ):
-            self._fail(chunk.transfer_id, self._chunk_error(chunk, begin, transfer, len(payload)))
+        error = self._chunk_error(chunk, begin, transfer, len(payload), lo, hi)
+        if error:
+            self._fail(chunk.transfer_id, error)
         if protocol.checksum(chunk.checksum_kind, payload) != chunk.checksum:
             self._fail(chunk.transfer_id, f"{_where(chunk)}: checksum mismatch (corrupted payload)")
         transfer.covered[lo:hi] = b"\x01" * chunk.num_blocks
@@ -184,25 +175,27 @@ class Assembler:
         return None
 
     @staticmethod
-    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, received: int) -> str:
-        """Why a chunk that failed _chunk's checks is refused (the first reason that applies)."""
-        where = _where(chunk)
-        if chunk.dtype != begin.dtype or chunk.encoding != begin.encoding:
-            return f"{where}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}"
-        if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
-            return f"{where}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}"
+    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, received: int, lo: int, hi: int) -> str | None:
+        """Why the chunk must be refused (the first reason that applies), or None.
+        Every message on the data path comes here: texts are built only on failure."""
         layer = chunk.layer - begin.first_layer
+        if chunk.dtype != begin.dtype or chunk.encoding != begin.encoding:
+            return f"{_where(chunk)}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}"
+        if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
+            return f"{_where(chunk)}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}"
         if not 0 <= layer < begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
             return (
-                f"{where}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
+                f"{_where(chunk)}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
                 f"x {begin.num_blocks} blocks that Begin declared"
             )
         if received != chunk.payload_bytes:
-            return f"{where}: payload is {received} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)"
+            return f"{_where(chunk)}: payload is {received} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)"
         if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
-            return f"{where}: exceeds reserve_bytes={begin.reserve_bytes}"
-        # A duplicate may carry different bytes: we cannot tell which copy is right.
-        return f"{where}: blocks already received (duplicate chunk)"
+            return f"{_where(chunk)}: exceeds reserve_bytes={begin.reserve_bytes}"
+        if transfer.covered.find(1, lo, hi) != -1:  # (lo, hi) are in range: checked above
+            # A duplicate may carry different bytes: we cannot tell which copy is right.
+            return f"{_where(chunk)}: blocks already received (duplicate chunk)"
+        return None
 
     def _end(self, end: End) -> Ack | None:
         transfer = self._receiving(end.transfer_id)

@@ -140,19 +140,15 @@ class SchedulerSide:
             # One load per request: after a failed load vLLM asks again with
             # num_computed_tokens=0, and must then get 0 (recompute).
             params["do_remote_prefill"] = False
-            local_tokens = self._local_tokens.pop(request.request_id, None)
+            # The block-aligned local hit vLLM offered in get_num_new_matched_tokens
+            # (the only way num_external_tokens > 0). Block hashes cannot tell it:
+            # with a synchronous load vLLM caches the loaded blocks at allocation.
+            local_tokens = self._local_tokens.pop(request.request_id, 0)
             is_sync = request.request_id in self._sync
             self._sync.discard(request.request_id)
             if num_external_tokens <= 0:
                 return
-            if local_tokens is not None:
-                # vLLM offers the connector a block-aligned local hit. (With a
-                # synchronous load it caches the loaded blocks at allocation, so
-                # their hashes cannot tell local from loaded.)
-                local_hit_blocks = local_tokens // self.block_size
-            else:
-                group = blocks.blocks[0]
-                local_hit_blocks = sum(1 for b in group if b.block_hash is not None and not b.is_null)
+            local_hit_blocks = local_tokens // self.block_size
             prompt = request.prompt_token_ids or ()
             block_ids = blocks.get_block_ids()[0][local_hit_blocks : self._num_blocks(len(prompt))]
             self._loads.append(

@@ -27,6 +27,11 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file of an ipc:// endpoint; None for other transports."""
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
 def make_socket(
     ctx: zmq.Context,
     socket_type: int,
@@ -63,9 +68,8 @@ def make_socket(
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
         if bind:
-            if endpoint.startswith("ipc://"):
-                # ZeroMQ makes the socket file, not the folder it goes in.
-                Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
+            if (path := ipc_path(endpoint)) is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)  # ZeroMQ makes the file, not its folder
             sock.bind(endpoint)
         else:
             sock.connect(endpoint)

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $HEXSERVE_API_KEY, else no auth)")
     s.add_argument("--max-running", type=int, default=256, help="requests admitted at once")
     s.add_argument("--max-waiting", type=int, default=1024, help="requests queued for admission before 429")
-    s.add_argument("--worker-host", default="127.0.0.1", help="address workers bind their ZeroMQ endpoints on")
+    s.add_argument("--worker-host", default="127.0.0.1", help="address local workers bind their ZeroMQ endpoints on with --worker-link tcp")
     s.add_argument("--worker-link", default="ipc", choices=["ipc", "tcp"],
                    help="how the router and local workers talk and move KV: Unix sockets (default: less CPU, "
                         "no port races) or TCP on --worker-host; workers placed by --ray use TCP on their node")

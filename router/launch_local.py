@@ -19,6 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtransfer.arrivals import arrivals_dir
+from kvtransfer.handoff import rank_endpoint
+from kvtransfer.sockets import ipc_path
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
@@ -122,13 +126,10 @@ def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host:
 def remove_endpoint_files(spec: WorkerSpec) -> None:
     """What a stopped worker leaves on this machine: its ipc socket files (a
     killed process cannot remove them) and its receivers' arrival-mark folders."""
-    from kvtransfer.arrivals import arrivals_dir
-    from kvtransfer.handoff import rank_endpoint
-
     kv_endpoints = [rank_endpoint(spec.kv_endpoint, rank) for rank in range(spec.num_ranks)] if spec.kv_endpoint else []
     for endpoint in [spec.control_endpoint, *kv_endpoints]:
-        if endpoint.startswith("ipc://"):
-            Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+        if (path := ipc_path(endpoint)) is not None:
+            path.unlink(missing_ok=True)
     for endpoint in kv_endpoints:
         shutil.rmtree(arrivals_dir(endpoint), ignore_errors=True)
 
