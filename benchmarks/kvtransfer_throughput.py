@@ -69,7 +69,7 @@ def _raw_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
     import zmq
 
     from kvtransfer.allocator import keep_freed_memory
-    from kvtransfer.sockets import make_socket
+    from common.sockets import make_socket
 
     keep_freed_memory(RECEIVE_BUFFER_BYTES)  # as KVReceiver does: same process settings on both sides
     sock = make_socket(zmq.Context(), zmq.PULL, endpoint, bind=True, hwm_messages=16)
@@ -133,7 +133,7 @@ class _Link:
         import zmq
 
         from kvtransfer.sender import KVSender
-        from kvtransfer.sockets import make_socket
+        from common.sockets import make_socket
         from kvtransfer.stats import Stats
 
         self.raw_ep, self.kv_ep = _endpoint(link, "raw"), _endpoint(link, "kv")

@@ -31,7 +31,8 @@ import zmq.asyncio
 
 from benchmarks.loadtest_servers import wait_ready
 from engine import control_protocol as proto
-from router.launch_local import free_tcp_port, local_endpoint
+from common.ports import free_tcp_port
+from router.launch_local import local_endpoint
 from router.worker_client import WorkerClient, WorkerInfo
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,8 +51,8 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
     from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
     from router.app import RouterSettings, create_app
     from router.cluster import Cluster
-    from router.routing import Route
-    from engine.aio import run_event_loop
+    from common.routing import Route
+    from common.aio import run_event_loop
     from router.serve import load_tokenizer
 
     async def main():

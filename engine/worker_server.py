@@ -31,9 +31,9 @@ import zmq
 import zmq.asyncio
 
 from engine import control_protocol as proto
-from engine.aio import run_event_loop
+from common.aio import run_event_loop
 from engine.config import EngineSettings
-from kvtransfer.sockets import make_socket
+from common.sockets import make_socket
 
 log = logging.getLogger(__name__)
 

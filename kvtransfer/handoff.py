@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM, MAX_CHUNK_BYTES
-from kvtransfer.sockets import check_endpoint
+from common.sockets import check_endpoint
 
 CONNECTOR_NAME = "HexKVConnector"
 CONNECTOR_MODULE = "kvtransfer.connector"

@@ -27,7 +27,7 @@ from kvtransfer import protocol
 from kvtransfer.allocator import keep_freed_memory
 from kvtransfer.arrivals import ArrivalMarks
 from kvtransfer.assembler import Assembler, Claim
-from kvtransfer.sockets import make_socket
+from common.sockets import make_socket
 from kvtransfer.stats import Stats
 
 logger = logging.getLogger(__name__)

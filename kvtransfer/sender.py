@@ -28,7 +28,7 @@ import zmq
 
 from kvtransfer import protocol
 from kvtransfer.protocol import Abort, Ack, Limits
-from kvtransfer.sockets import make_socket
+from common.sockets import make_socket
 from kvtransfer.stats import Stats
 
 logger = logging.getLogger(__name__)

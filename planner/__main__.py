@@ -25,7 +25,7 @@ EXIT_INFEASIBLE = 3
 
 def _cmd_solve(args: argparse.Namespace) -> int:
     from planner.cluster import load_cluster
-    from planner.plan import format_table
+    from common.plan import format_table
     from planner.solver import solve, solve_exact_plan
 
     cluster = load_cluster(args.cluster)

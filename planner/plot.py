@@ -19,7 +19,7 @@ import networkx as nx  # noqa: E402
 
 from planner.cluster import Cluster  # noqa: E402
 from planner.partition import gpu_graph  # noqa: E402
-from planner.plan import Plan  # noqa: E402
+from common.plan import Plan  # noqa: E402
 
 MARKERS = {"prefill": "o", "decode": "s", "colocated": "^"}
 

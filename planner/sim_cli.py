@@ -64,7 +64,7 @@ def _costs(args, model, cluster):
 def cmd_simulate(args) -> int:
     from planner.cluster import load_cluster
     from planner.model import model_from_fields
-    from planner.plan import load_plan
+    from common.plan import load_plan
     from planner.sim_plan import fleet_from_plan
     from planner.sim_sweep import max_rate_at_slo
     from planner.simulator import SimConfig, simulate

@@ -22,7 +22,7 @@ from pathlib import Path
 from planner.catalog import GB, Catalog, default_catalog
 from planner.cluster import Cluster, Options
 from planner.model import model_from_fields
-from planner.plan import Plan, load_plan
+from common.plan import Plan, load_plan
 from planner.sim_build import make_group
 from planner.sim_types import SimFleet, SimGroup, SimRoute
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from loadtest.metrics import RequestRecord
 from loadtest.workload import PlannedRequest
 from planner.sim_types import SimCosts, SimFleet, SimGroup, SimRoute
-from router.routing import load_corrected_weight, worker_shares
+from common.routing import load_corrected_weight, worker_shares
 
 
 ROUTINGS = ("load_aware", "weighted")
@@ -44,7 +44,7 @@ ROUTINGS = ("load_aware", "weighted")
 class SimConfig:
     keep_itls: bool = True  # per-token gaps in the records (memory grows with tokens)
     horizon_s: float | None = None  # stop the clock here; unfinished requests fail as 'timeout'
-    # load_aware: the router's policy (router/routing.py): weight / (1 + outstanding
+    # load_aware: the router's policy (common/routing.py): weight / (1 + outstanding
     # tokens on the route's two groups / load_scale_tokens), then smooth WRR.
     # weighted: the plan's weights alone.
     routing: str = "load_aware"
@@ -87,7 +87,7 @@ class _WeightedRoundRobin:
 
     With `load_scale_tokens`, each weight is first corrected for the
     outstanding tokens of the route's groups exactly as our router does
-    (`router.routing.load_corrected_weight`).
+    (`common.routing.load_corrected_weight`).
     """
 
     def __init__(self, routes: list[SimRoute], load_scale_tokens: float | None = None) -> None:

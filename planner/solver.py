@@ -26,7 +26,7 @@ from planner.cluster import Cluster
 from planner.errors import InfeasibleFleetError, PlanInputError
 from planner.flow import RouteTable
 from planner.partition import partition
-from planner.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from planner.refine import DISAGGREGATED, Search, State
 from planner.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
 

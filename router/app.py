@@ -30,7 +30,7 @@ from router.openai_schema import (
     CompletionRequest,
     format_validation_error,
 )
-from router.routing import NoRouteAvailable
+from common.routing import NoRouteAvailable
 from router.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)

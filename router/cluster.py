@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import zmq.asyncio
 
 from engine import control_protocol as proto
-from router.routing import NoRouteAvailable, Route, RoutePolicy
+from common.routing import NoRouteAvailable, Route, RoutePolicy
 from router.worker_client import WorkerClient, WorkerInfo, WorkerUnavailable
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from router.launch_local import WorkerSpec, local_worker_endpoint
-from router.routing import Route
+from common.routing import Route
 from router.worker_client import WorkerInfo
 
 logger = logging.getLogger(__name__)

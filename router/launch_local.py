@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 
 from kvtransfer.arrivals import arrivals_dir
 from kvtransfer.handoff import rank_endpoint
-from kvtransfer.sockets import ipc_path
+from common.ports import free_tcp_port
+from common.sockets import ipc_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,25 +73,6 @@ class WorkerSpec:
         if self.served_model_name:
             cmd += ["--served-model-name", self.served_model_name]
         return cmd
-
-
-def free_tcp_port(host: str = "127.0.0.1", count: int = 1) -> int:
-    """A port p such that p .. p+count-1 are all free now (a TP decode worker's
-    ranks listen on consecutive ports, see kvtransfer.handoff.rank_endpoint)."""
-    for _ in range(100):
-        with contextlib.ExitStack() as held:
-            first = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            first.bind((host, 0))
-            port = first.getsockname()[1]
-            if port + count - 1 > 65535:
-                continue
-            try:
-                for offset in range(1, count):
-                    held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind((host, port + offset))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"found no {count} consecutive free TCP ports on {host}")
 
 
 def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:

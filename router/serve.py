@@ -20,7 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
-from engine.aio import run_event_loop
+from common.aio import run_event_loop
 from router.admission import Admission
 from router.app import RouterSettings, create_app
 from router.cluster import Cluster
@@ -57,7 +57,7 @@ def build_deployment(options: ServeOptions) -> Deployment:
         return embedded_default(model=options.model, served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
                                 host=options.worker_host, worker_link=options.worker_link)
-    from planner.plan import load_plan
+    from common.plan import load_plan
 
     return deployment_from_plan(load_plan(options.plan), model=options.model,
                                 served_model_name=options.served_model_name,

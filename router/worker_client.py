@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from engine import control_protocol as proto
-from kvtransfer.sockets import make_socket
+from common.sockets import make_socket
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from common.ports import free_tcp_port
+
 EMBEDDED_API_KEY = "test-key-123"  # the session-wide embedded router requires it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -73,7 +68,7 @@ class RouterProcess:
 
 
 def start_router(log_dir: Path, *args: str, api_key: str | None = None) -> RouterProcess:
-    port = free_port()
+    port = free_tcp_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "router", "serve", "--port", str(port), "--log-dir", str(log_dir), *args]
     if api_key:

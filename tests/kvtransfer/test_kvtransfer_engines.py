@@ -34,7 +34,7 @@ from kvt_engines import (
 from kvtransfer import protocol
 from kvtransfer.framing import transfer_messages
 from kvtransfer.handoff import new_transfer_id, prompt_hash
-from kvtransfer.sockets import socket
+from common.sockets import socket
 
 pytestmark = pytest.mark.slow
 
@@ -268,7 +268,7 @@ def test_unclaimed_kv_expires_under_lease(cluster):
 
 FAKE_DECODE = """
 import zmq, sys
-from kvtransfer.sockets import make_socket
+from common.sockets import make_socket
 sock = make_socket(zmq.Context(), zmq.ROUTER, {endpoint!r}, bind=True)
 print("ready", flush=True)
 sock.recv_multipart(); sock.recv_multipart()   # Begin and one chunk, then hang
@@ -278,7 +278,7 @@ import time; time.sleep(600)
 
 FAKE_PREFILL = """
 import pickle, time, zmq
-from kvtransfer.sockets import make_socket
+from common.sockets import make_socket
 messages = pickle.load(open({path!r}, "rb"))
 sock = make_socket(zmq.Context(), zmq.DEALER, {endpoint!r}, bind=False)
 for frames in messages[: len(messages) // 2]:

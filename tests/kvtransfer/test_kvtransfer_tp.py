@@ -35,7 +35,7 @@ from kvt_engines import (
 from kvtransfer import protocol
 from kvtransfer.framing import transfer_messages
 from kvtransfer.handoff import new_transfer_id, prompt_hash, rank_endpoint
-from kvtransfer.sockets import socket
+from common.sockets import socket
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from kvtransfer.framing import block_ranges, transfer_messages
 from kvtransfer.handoff import rank_endpoint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
-from kvtransfer.sockets import socket
+from common.sockets import socket
 from kvtransfer.stats import Stats, read_stats
 
 

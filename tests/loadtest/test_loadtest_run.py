@@ -1,10 +1,10 @@
 """The harness against a real HTTP server (the fake streaming server in a thread)."""
 
 import json
-import socket
 
 import pytest
 
+from common.ports import free_tcp_port
 from loadtest_fixtures import make_fake_server, tokenizer_dir  # noqa: F401 (pytest fixtures)
 from loadtest.__main__ import main
 from loadtest.metrics import summarize
@@ -56,10 +56,7 @@ def test_http_errors_are_recorded_by_kind(tokenizer_dir, make_fake_server):
 
 
 def test_connect_error_and_timeout(tokenizer_dir, make_fake_server):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
+    port = free_tcp_port()  # nothing listens there
     w, prompts = _workload(tokenizer_dir, max_requests=2)
     out = run(RunConfig(f"http://127.0.0.1:{port}", model="m", duration_s=5, progress=False), w, prompts)
     assert {r.error_kind for r in out.records} == {"connect"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from common.ports import free_tcp_port
 from planner.__main__ import main
 from planner.calibration import decode_bytes, fit_profile, load_profile, parse_profile, prefill_flops
 from planner.catalog import default_catalog
@@ -117,16 +117,10 @@ def test_bad_profiles_name_the_field(tmp_path):
         make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 1}], calibration=[str(c_path)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_profile_a_real_vllm_server_on_cpu(tmp_path, tiny_model_dir):
     """Start `vllm serve` on the tiny model, profile it through the CLI, and fit the CPU entry."""
-    port = _free_port()
+    port = free_tcp_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir, "--dtype", "float32",

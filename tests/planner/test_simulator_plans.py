@@ -13,7 +13,7 @@ from loadtest.workload import PlannedRequest, WorkloadConfig
 from planner.catalog import default_catalog
 from planner.cluster import parse_cluster
 from planner.model import model_preset
-from planner.plan import load_plan
+from common.plan import load_plan
 from planner.sim_baselines import MeanLengths, colocated_plan, decode_batch, distserve_plan
 from planner.sim_build import make_group, make_route
 from planner.sim_costs import AnalyticCosts

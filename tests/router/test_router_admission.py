@@ -11,7 +11,7 @@ from engine import control_protocol as proto
 from engine.tiny_model import TINY_MODEL_NAME
 from router.admission import Admission, AdmissionRejected
 from router.app import RouterSettings, create_app
-from router.routing import Route
+from common.routing import Route
 
 
 def test_admission_refuses_past_running_and_waiting_bounds():

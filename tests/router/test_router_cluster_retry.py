@@ -9,7 +9,7 @@ import pytest
 
 from engine import control_protocol as proto
 from router.cluster import Cluster
-from router.routing import Route
+from common.routing import Route
 from router.worker_client import WorkerInfo, WorkerUnavailable
 
 

@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from planner.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from router.cluster import prefill_kv_params
 from router.deployment import deployment_from_plan
-from router.launch_local import free_tcp_port
+from common.ports import free_tcp_port
 
 
 def _group(group_id: str, role: str, tp: int = 1, pp: int = 1) -> GroupPlan:
@@ -63,7 +63,7 @@ def test_local_workers_talk_over_unix_sockets_one_per_rank():
     import zmq
 
     from kvtransfer.handoff import rank_endpoint
-    from kvtransfer.sockets import make_socket
+    from common.sockets import make_socket
     from router.launch_local import remove_endpoint_files
 
     plan = _plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=2, pp=2))

@@ -86,7 +86,7 @@ def test_worker_dying_while_loading_stops_the_router_with_the_reason(tmp_path, t
     import subprocess
     import sys
 
-    from router_process import free_port
+    from common.ports import free_tcp_port
 
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir, broken)
@@ -96,7 +96,7 @@ def test_worker_dying_while_loading_stops_the_router_with_the_reason(tmp_path, t
     started = time.monotonic()
     with open(log, "wb") as out:
         code = subprocess.call(
-            [sys.executable, "-m", "router", "serve", "--port", str(free_port()), "--model", str(broken),
+            [sys.executable, "-m", "router", "serve", "--port", str(free_tcp_port()), "--model", str(broken),
              "--log-dir", str(tmp_path / "workers")],
             stdout=out, stderr=subprocess.STDOUT, timeout=300,
         )

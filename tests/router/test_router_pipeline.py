@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from engine.tiny_model import TINY_MODEL_NAME
-from planner.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from router_process import start_router
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from router.routing import NoRouteAvailable, Route, RoutePolicy
+from common.routing import NoRouteAvailable, Route, RoutePolicy
 
 ROUTES = [Route("p0", "d0", 3.0), Route("p1", "d1", 1.0)]
 
