@@ -3,6 +3,7 @@ throughput benchmark completes a tiny run over both links and writes its files."
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 
@@ -15,6 +16,13 @@ def test_make_bench_runs_modules_that_exist():
     for bench in run_all.BENCHMARKS:
         assert importlib.util.find_spec(f"benchmarks.{bench.name}") is not None, bench.name
     assert len({b.name for b in run_all.BENCHMARKS}) == len(run_all.BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", [b.name for b in run_all.BENCHMARKS])
+def test_every_benchmark_imports_and_has_a_main(name):
+    """A module moved by a refactor breaks a benchmark's imports; this finds it without running it."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert callable(module.main)
 
 
 @pytest.mark.slow
