@@ -13,6 +13,7 @@ from kvtransfer.handoff import (
     prompt_hash,
     stats_path,
 )
+from kvtransfer.endpoints import remove_receiver_files
 from kvtransfer.stats import read_stats
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "prefill_params",
     "prompt_hash",
     "read_stats",
+    "remove_receiver_files",
     "stats_path",
 ]
