@@ -26,6 +26,8 @@ from typing import Any
 
 import msgspec
 
+from common.wire import ProtocolError
+
 PROTOCOL_VERSION = 1
 
 # Limits enforced before a body is decoded. A prompt of 128k token ids packs
@@ -37,10 +39,6 @@ MAX_PROMPT_TOKENS = 1_000_000
 # token messages), and ZeroMQ drops frames past 16 MiB before buffering them;
 # bodies between MAX_BODY_BYTES and that reach decode() and are refused by name.
 CONTROL_SOCKET_LIMITS = dict(hwm_messages=10_000, max_message_bytes=16 * 1024 * 1024)
-
-
-class ProtocolError(ValueError):
-    """A message that is malformed, oversized, of another version or of an unknown type."""
 
 
 class MsgType(bytes, enum.Enum):
@@ -165,10 +163,10 @@ def request_id_of(frames: list[bytes]) -> str | None:
     """Best-effort request id of a refused message, so the sender can be told which request failed."""
     try:
         body = msgspec.msgpack.decode(frames[1])
-        if isinstance(body, list) and len(body) > 1 and isinstance(body[1], str):
-            return body[1]
-    except Exception:  # noqa: BLE001 - the message is already known to be bad
-        pass
+    except msgspec.DecodeError:  # not even msgpack: no id to report
+        return None
+    if isinstance(body, list) and len(body) > 1 and isinstance(body[1], str):
+        return body[1]
     return None
 
 

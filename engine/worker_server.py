@@ -30,10 +30,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from engine import control_protocol as proto
 from common.aio import run_event_loop
-from engine.config import EngineSettings
 from common.sockets import make_socket
+from common.wire import ProtocolError
+from engine import control_protocol as proto
+from engine.config import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class WorkerServer:
                 identity, body = frames[0], frames[1:]
                 try:
                     message = proto.decode(body)
-                except proto.ProtocolError as exc:
+                except ProtocolError as exc:
                     log.warning("refused a control message from %r: %s", identity, exc)
                     request_id = proto.request_id_of(body) if len(body) == 2 else None
                     if request_id is not None:  # tell the router, so the request fails instead of hanging

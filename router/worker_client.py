@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from engine import control_protocol as proto
 from common.sockets import make_socket
+from common.wire import ProtocolError
+from engine import control_protocol as proto
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class WorkerClient:
             frames = await self._sock.recv_multipart()
             try:
                 message = proto.decode(frames)
-            except proto.ProtocolError as exc:
+            except ProtocolError as exc:
                 log.warning("refused a message from worker %s: %s", self.worker_id, exc)
                 continue
             if isinstance(message, proto.Pong):

@@ -1,6 +1,7 @@
 import msgspec
 import pytest
 
+from common.wire import ProtocolError
 from engine import control_protocol as proto
 
 
@@ -25,29 +26,29 @@ def test_round_trip(message):
 
 
 def test_unknown_tag_refused():
-    with pytest.raises(proto.ProtocolError, match="unknown message type"):
+    with pytest.raises(ProtocolError, match="unknown message type"):
         proto.decode([b"Z", b""])
 
 
 def test_wrong_frame_count_refused():
-    with pytest.raises(proto.ProtocolError, match="2 frames"):
+    with pytest.raises(ProtocolError, match="2 frames"):
         proto.decode([b"S"])
 
 
 def test_oversized_body_refused_before_decoding():
-    with pytest.raises(proto.ProtocolError, match="exceeds"):
+    with pytest.raises(ProtocolError, match="exceeds"):
         proto.decode([b"S", b"\x00" * (proto.MAX_BODY_BYTES + 1)])
 
 
 def test_other_version_refused():
     frames = proto.encode(_submit(version=proto.PROTOCOL_VERSION + 1))
-    with pytest.raises(proto.ProtocolError, match="protocol version"):
+    with pytest.raises(ProtocolError, match="protocol version"):
         proto.decode(frames)
 
 
 def test_malformed_body_names_the_problem():
     body = msgspec.msgpack.encode([proto.PROTOCOL_VERSION, "r1", "not a list", [4]])
-    with pytest.raises(proto.ProtocolError, match="malformed SUBMIT"):
+    with pytest.raises(ProtocolError, match="malformed SUBMIT"):
         proto.decode([b"S", body])
     assert proto.request_id_of([b"S", body]) == "r1"
 
@@ -58,5 +59,5 @@ def test_malformed_body_names_the_problem():
     (dict(sampling=proto.SamplingSpec(max_tokens=0)), "max_tokens"),
 ])
 def test_invalid_submit_refused(bad, match):
-    with pytest.raises(proto.ProtocolError, match=match):
+    with pytest.raises(ProtocolError, match=match):
         proto.decode(proto.encode(_submit(**bad)))
