@@ -30,10 +30,12 @@ import httpx
 import zmq.asyncio
 
 from benchmarks.loadtest_servers import wait_ready
+from common.roles import Role
 from engine import control_protocol as proto
 from common.ports import free_tcp_port
 from router.launch_local import local_endpoint
-from router.worker_client import WorkerClient, WorkerInfo
+from engine.worker_spec import WorkerSpec
+from router.worker_client import WorkerClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TOKENS = 16
@@ -56,7 +58,7 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
     from router.serve import load_tokenizer
 
     async def main():
-        cluster = Cluster(workers=[WorkerInfo("p", "prefill", prefill_ep), WorkerInfo("d", "decode", decode_ep, decode_kv)],
+        cluster = Cluster(workers=[WorkerSpec("p", Role.PREFILL, prefill_ep), WorkerSpec("d", Role.DECODE, decode_ep, decode_kv)],
                           routes=[Route("p", "d", 1.0)], kv_connector="none")
         await cluster.start()
         await cluster.wait_ready(300)
@@ -68,8 +70,8 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
 
 async def _direct(prefill_ep: str, decode_ep: str, n: int, concurrency: int) -> tuple[list[float], float]:
     ctx = zmq.asyncio.Context()
-    prefill = WorkerClient(WorkerInfo("p", "prefill", prefill_ep), ctx)
-    decode = WorkerClient(WorkerInfo("d", "decode", decode_ep), ctx)
+    prefill = WorkerClient(WorkerSpec("p", Role.PREFILL, prefill_ep), ctx)
+    decode = WorkerClient(WorkerSpec("d", Role.DECODE, decode_ep), ctx)
     prefill.start(), decode.start()
     await prefill.wait_healthy(300), await decode.wait_healthy(300)
     prompt = list(range(5, 40))

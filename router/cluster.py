@@ -24,21 +24,22 @@ import zmq.asyncio
 
 from engine import control_protocol as proto
 from common.routing import NoRouteAvailable, Route, RoutePolicy
-from router.worker_client import WorkerClient, WorkerInfo, WorkerUnavailable
+from engine.worker_spec import WorkerSpec
+from router.worker_client import WorkerClient, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first try and one retry on another route
 
 
-def prefill_kv_params(decode: WorkerInfo, transfer_id: str, kv_connector: str) -> dict | None:
+def prefill_kv_params(decode: WorkerSpec, transfer_id: str, kv_connector: str) -> dict | None:
     """What the prefill request carries so its connector ships the KV to `decode`."""
     if kv_connector == "none":
         return None
     from kvtransfer.handoff import prefill_params
 
     return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id,
-                          decode_tp=decode.tensor_parallel_size, decode_layers=decode.layer_partition)
+                          decode_tp=decode.tensor_parallel_size, decode_layers=decode.layers_per_stage)
 
 
 def decode_kv_params(prefill_final: proto.Output | None, kv_connector: str) -> dict | None:
@@ -52,7 +53,7 @@ def decode_kv_params(prefill_final: proto.Output | None, kv_connector: str) -> d
 
 @dataclass
 class Cluster:
-    workers: list[WorkerInfo]
+    workers: list[WorkerSpec]
     routes: list[Route]
     kv_connector: str = "zmq"
     health_interval_s: float = 0.5

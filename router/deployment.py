@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from router.launch_local import WorkerSpec, local_worker_endpoint
 from common.routing import Route
-from router.worker_client import WorkerInfo
+from engine.worker_spec import WorkerSpec
+from router.launch_local import local_worker_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,6 @@ class Deployment:
     # Ray placement: worker id -> {"node": name or None, "resources": {...}}
     placement: dict[str, dict] | None = None
 
-    def worker_infos(self) -> list[WorkerInfo]:
-        return [WorkerInfo(worker_id=s.worker_id, role=s.role, control_endpoint=s.control_endpoint,
-                           kv_endpoint=s.kv_endpoint, group_id=s.group_id,
-                           tensor_parallel_size=s.tensor_parallel_size,
-                           layer_partition=_layers_per_stage(s)) for s in self.workers]
-
-
-def _layers_per_stage(spec: WorkerSpec) -> tuple[int, ...] | None:
-    """What prefill must know to send each of a pipelined decode worker's stages its layers."""
-    if spec.pipeline_parallel_size == 1:
-        return None
-    if not spec.layer_partition:
-        raise ValueError(f"worker {spec.worker_id} has pipeline_parallel_size={spec.pipeline_parallel_size} but no layer_partition")
-    return spec.layer_partition
 
 
 def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[str, str]:

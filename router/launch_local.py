@@ -12,67 +12,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtransfer.arrivals import arrivals_dir
-from kvtransfer.handoff import rank_endpoint
 from common.ports import free_tcp_port
 from common.sockets import ipc_path
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """Everything needed to start one worker process, wherever it runs."""
-
-    worker_id: str
-    role: str  # "prefill" | "decode"
-    control_endpoint: str
-    kv_endpoint: str | None
-    model: str | None = None  # None: the tiny model
-    served_model_name: str | None = None
-    max_model_len: int = 1024
-    kv_connector: str = "zmq"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    # Layers per pipeline stage (the plan's uneven split); () = vLLM's even split.
-    layer_partition: tuple[int, ...] = ()
-    cpu_kvcache_gib: int = 1
-    env: tuple[tuple[str, str], ...] = ()  # e.g. CUDA_VISIBLE_DEVICES for the group's GPUs
-    group_id: str | None = None
-
-    def process_env(self) -> dict[str, str]:
-        """What the worker process gets on top of this process's environment."""
-        env = dict(self.env)
-        if self.pipeline_parallel_size > 1 and self.layer_partition:
-            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in self.layer_partition)
-        return env
-
-    @property
-    def num_ranks(self) -> int:
-        """Engine ranks; a decode worker's KV endpoint needs one port per rank."""
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", self.role,
-               "--worker-id", self.worker_id,
-               "--control-endpoint", self.control_endpoint,
-               "--kv-connector", self.kv_connector,
-               "--max-model-len", str(self.max_model_len),
-               "--tensor-parallel-size", str(self.tensor_parallel_size),
-               "--pipeline-parallel-size", str(self.pipeline_parallel_size),
-               "--cpu-kvcache-gib", str(self.cpu_kvcache_gib),
-               "--exit-with-parent"]
-        if self.kv_endpoint:
-            cmd += ["--kv-endpoint", self.kv_endpoint]
-        if self.model:
-            cmd += ["--model", self.model]
-        if self.served_model_name:
-            cmd += ["--served-model-name", self.served_model_name]
-        return cmd
+from engine.worker_spec import WorkerSpec
+from kvtransfer.arrivals import arrivals_dir
+from kvtransfer.handoff import rank_endpoint
 
 
 def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:

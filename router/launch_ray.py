@@ -21,7 +21,8 @@ import logging
 from dataclasses import dataclass, field
 
 from router.deployment import Deployment
-from router.launch_local import LocalLauncher, WorkerSpec, local_endpoint
+from engine.worker_spec import WorkerSpec
+from router.launch_local import LocalLauncher, local_endpoint
 
 log = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     else:
         launcher = LocalLauncher(log_dir=options.log_dir)
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
-    cluster = Cluster(workers=deployment.worker_infos(), routes=deployment.routes, kv_connector=options.kv_connector)
+    cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector)
     server = None
     supervisor = None
     try:

@@ -22,6 +22,7 @@ import zmq.asyncio
 from common.sockets import make_socket
 from common.wire import ProtocolError
 from engine import control_protocol as proto
+from engine.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,12 @@ class WorkerUnavailable(RuntimeError):
     """The worker died, stopped answering health checks, or refused the request."""
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    worker_id: str
-    role: str  # "prefill" | "decode" | "colocated"
-    control_endpoint: str
-    kv_endpoint: str | None = None
-    group_id: str | None = None
-    tensor_parallel_size: int = 1  # a decode worker's TP: prefill splits KV heads to match it
-    layer_partition: tuple[int, ...] | None = None  # a pipelined decode worker's layers per stage: prefill splits layers to match
-
-
 _FAILED = object()  # queue sentinel: the worker failed under this request
 
 
 @dataclass(slots=True)
 class WorkerClient:
-    info: WorkerInfo
+    info: WorkerSpec
     ctx: zmq.asyncio.Context
     health_interval_s: float = 0.5
     health_timeout_s: float = 3.0

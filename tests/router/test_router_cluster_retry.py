@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from common.roles import Role
 from engine import control_protocol as proto
 from router.cluster import Cluster
 from common.routing import Route
-from router.worker_client import WorkerInfo, WorkerUnavailable
+from engine.worker_spec import WorkerSpec
+from router.worker_client import WorkerUnavailable
 
 
 @dataclass
 class StandInWorker:
-    info: WorkerInfo
+    info: WorkerSpec
     fail_after_tokens: int | None = None  # raise WorkerUnavailable after emitting this many tokens
     healthy: bool = True
     outstanding_tokens: int = 0
@@ -38,8 +40,8 @@ class StandInWorker:
 
 
 def _cluster(decode_fail: dict[str, int | None]) -> Cluster:
-    infos = [WorkerInfo("p0", "prefill", "tcp://x:1"), WorkerInfo("p1", "prefill", "tcp://x:2"),
-             WorkerInfo("d0", "decode", "tcp://x:3", "tcp://x:13"), WorkerInfo("d1", "decode", "tcp://x:4", "tcp://x:14")]
+    infos = [WorkerSpec("p0", Role.PREFILL, "tcp://x:1"), WorkerSpec("p1", Role.PREFILL, "tcp://x:2"),
+             WorkerSpec("d0", Role.DECODE, "tcp://x:3", "tcp://x:13"), WorkerSpec("d1", Role.DECODE, "tcp://x:4", "tcp://x:14")]
     cluster = Cluster(workers=infos, routes=[Route("p0", "d0", 1.0), Route("p1", "d1", 1.0)], kv_connector="none")
     cluster.clients = {i.worker_id: StandInWorker(i, fail_after_tokens=decode_fail.get(i.worker_id)) for i in infos}
     return cluster

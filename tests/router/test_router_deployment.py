@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from common.roles import Role
 from router.cluster import prefill_kv_params
 from router.deployment import deployment_from_plan
 from common.ports import free_tcp_port
@@ -50,8 +51,8 @@ def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
     for rank in range(4):  # one port per rank: stage x TP + TP rank (kvtransfer.handoff.rank_endpoint)
         with socket.socket() as s:
             s.bind(("127.0.0.1", port + rank))
-    info = next(i for i in deployment.worker_infos() if i.role == "decode")
-    assert info.layer_partition == (50, 30) and info.tensor_parallel_size == 2
+    info = next(w for w in deployment.workers if w.role == "decode")
+    assert info.layer_partition == info.layers_per_stage == (50, 30) and info.tensor_parallel_size == 2
     params = prefill_kv_params(info, "t1", "zmq")
     assert params["decode_layers"] == [50, 30] and params["decode_tp"] == 2
     # Rehearsal on this machine runs the tiny model with TP = PP = 1.
@@ -112,7 +113,8 @@ def test_free_tcp_port_finds_consecutive_ports():
 def test_a_stopped_workers_socket_files_and_arrival_marks_are_removed(tmp_path):
     from kvtransfer.arrivals import ArrivalMarks, arrivals_dir
     from kvtransfer.handoff import rank_endpoint
-    from router.launch_local import WorkerSpec, remove_endpoint_files
+    from engine.worker_spec import WorkerSpec
+    from router.launch_local import remove_endpoint_files
 
     spec = WorkerSpec(worker_id="decode-d0", role="decode", control_endpoint=f"ipc://{tmp_path}/ctl.sock",
                       kv_endpoint=f"ipc://{tmp_path}/kv.sock", tensor_parallel_size=2)
@@ -125,3 +127,17 @@ def test_a_stopped_workers_socket_files_and_arrival_marks_are_removed(tmp_path):
     assert not any(f.exists() for f in files)
     assert not any(arrivals_dir(rank_endpoint(spec.kv_endpoint, rank)).exists() for rank in range(2))
     remove_endpoint_files(spec)  # nothing left: no error
+
+
+def test_worker_spec_checks_its_role_and_pipeline_split():
+    from engine.worker_spec import WorkerSpec
+
+    with pytest.raises(ValueError, match="worker w0 role='prefil' is not a role"):
+        WorkerSpec("w0", "prefil", "ipc:///tmp/w0")
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 but layer_partition=\\[\\]"):
+        WorkerSpec("w0", Role.DECODE, "ipc:///tmp/w0", pipeline_parallel_size=2)
+    spec = WorkerSpec("w0", "decode", "ipc:///tmp/w0", "ipc:///tmp/w0-kv", pipeline_parallel_size=2, layer_partition=(3, 1))
+    assert spec.role is Role.DECODE and spec.num_ranks == 2 and spec.layers_per_stage == (3, 1)
+    command = spec.command()
+    assert command[1:3] == ["-m", "decode"] and command[command.index("--kv-endpoint") + 1] == "ipc:///tmp/w0-kv"
+    assert WorkerSpec("w1", Role.PREFILL, "ipc:///tmp/w1").layers_per_stage is None

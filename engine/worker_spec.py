@@ -1,0 +1,86 @@
+"""One worker, described once: its role, where it listens, what it runs, how to start it.
+
+The deployment builds these from a plan (router.deployment); the launchers
+start a process from each (`command()`, `process_env()`); the router's client
+connects to `control_endpoint`; and a prefill request tells its connector
+where the chosen decode worker takes its KV (`kv_endpoint`, one socket per
+engine rank) and how that worker's cache is split (`tensor_parallel_size`,
+`layers_per_stage`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from common.roles import Role
+
+# The module each role's worker runs as (`python -m <module>`).
+WORKER_MODULES = {Role.PREFILL: "prefill", Role.DECODE: "decode"}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything needed to start one worker process, wherever it runs, and to reach it."""
+
+    worker_id: str
+    role: Role
+    control_endpoint: str
+    # Where the worker's KV connector listens (a decode worker's ranks add .rank<r>,
+    # see kvtransfer.handoff.rank_endpoint); None for a worker that takes no KV.
+    kv_endpoint: str | None = None
+    model: str | None = None  # None: the tiny model
+    served_model_name: str | None = None
+    max_model_len: int = 1024
+    kv_connector: str = "zmq"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Layers per pipeline stage (the plan's uneven split); () with one stage.
+    layer_partition: tuple[int, ...] = ()
+    cpu_kvcache_gib: int = 1
+    env: tuple[tuple[str, str], ...] = ()  # e.g. CUDA_VISIBLE_DEVICES for the group's GPUs
+    group_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role.parse(self.role, field=f"worker {self.worker_id} role"))
+        if self.pipeline_parallel_size > 1 and len(self.layer_partition) != self.pipeline_parallel_size:
+            # Prefill must know a pipelined decode worker's split to send each stage its layers.
+            raise ValueError(
+                f"worker {self.worker_id} has pipeline_parallel_size={self.pipeline_parallel_size} but "
+                f"layer_partition={list(self.layer_partition)}; give the layers of each of its stages")
+
+    @property
+    def num_ranks(self) -> int:
+        """Engine ranks; a decode worker's KV endpoint needs one socket per rank."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def layers_per_stage(self) -> tuple[int, ...] | None:
+        """A pipelined worker's layers per stage; None with one stage."""
+        return self.layer_partition if self.pipeline_parallel_size > 1 else None
+
+    def process_env(self) -> dict[str, str]:
+        """What the worker process gets on top of its launcher's environment."""
+        env = dict(self.env)
+        if self.pipeline_parallel_size > 1:
+            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in self.layer_partition)
+        return env
+
+    def command(self) -> list[str]:
+        """The worker's command line (the same locally and inside a Ray actor)."""
+        cmd = [sys.executable, "-m", WORKER_MODULES[self.role],
+               "--worker-id", self.worker_id,
+               "--control-endpoint", self.control_endpoint,
+               "--kv-connector", self.kv_connector,
+               "--max-model-len", str(self.max_model_len),
+               "--tensor-parallel-size", str(self.tensor_parallel_size),
+               "--pipeline-parallel-size", str(self.pipeline_parallel_size),
+               "--cpu-kvcache-gib", str(self.cpu_kvcache_gib),
+               "--exit-with-parent"]
+        if self.kv_endpoint:
+            cmd += ["--kv-endpoint", self.kv_endpoint]
+        if self.model:
+            cmd += ["--model", self.model]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        return cmd
