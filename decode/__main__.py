@@ -1,6 +1,7 @@
-"""`python -m decode`: one decode worker (vLLM engine + control endpoint); see engine/worker_main.py."""
+"""`python -m decode`: one decode worker (vLLM engine + control endpoint + KV consumer)."""
 
+from decode.worker import COMMAND_LINE
 from engine.worker_main import main
 
 if __name__ == "__main__":
-    main("decode")
+    main(COMMAND_LINE)

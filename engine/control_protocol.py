@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from common.roles import Role
 from common.wire import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -87,7 +88,7 @@ class LoadReport(msgspec.Struct, array_like=True, omit_defaults=True):
     """What a worker tells the router about its load at each health check."""
 
     worker_id: str
-    role: str
+    role: Role
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of the paged KV cache in use, 0..1

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 from types import SimpleNamespace
 
+from common.roles import Role
 from engine.config import EngineSettings
 from engine.worker_server import WorkerServer, run_worker
 
@@ -47,7 +48,7 @@ class StandInEngine:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A stand-in worker for router benchmarks.")
-    parser.add_argument("--role", choices=["prefill", "decode"], required=True)
+    parser.add_argument("--role", choices=[role.value for role in Role], required=True)
     parser.add_argument("--control-endpoint", required=True)
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--token-delay-s", type=float, default=0.0)

@@ -1,4 +1,11 @@
-"""Command line shared by `python -m prefill` and `python -m decode`.
+"""The command line every worker shares; each role adds what is its own.
+
+    python -m prefill ...   prefill.worker.COMMAND_LINE   (KV producer)
+    python -m decode ...    decode.worker.COMMAND_LINE    (KV consumer)
+
+A role hands `main` a `WorkerCommandLine`: its name and how its options
+become the engine's kv_transfer_config. Everything else (model, sizes, the
+control endpoint, the worker server) is the same for every role, here.
 
 The router starts workers with this same command line (locally as
 subprocesses, or inside Ray actors), so a user can also start one by hand on
@@ -10,26 +17,26 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from common.roles import Role
 from engine.config import DEFAULT_CPU_KVCACHE_GIB, EngineSettings
 from engine.worker_server import WorkerServer, run_worker
 
-# The KV role each worker role plays in the connector.
-KV_ROLE_BY_WORKER_ROLE = {"prefill": "producer", "decode": "consumer"}
+# (kv_endpoint, kv_connector) -> the engine's kv_transfer_config, or None for no connector.
+KVConfigBuilder = Callable[[str | None, str], dict[str, Any] | None]
 
 
-def kv_transfer_config(role: str, kv_endpoint: str | None, connector: str) -> dict[str, Any] | None:
-    """The engine's kv_transfer_config for this worker, or None for a colocated engine."""
-    if connector == "none" or role not in KV_ROLE_BY_WORKER_ROLE:
-        return None
-    if connector != "zmq":
-        raise ValueError(f"--kv-connector={connector!r}; choose 'zmq' or 'none'")
-    from kvtransfer import connector_config
+@dataclass(frozen=True, slots=True)
+class WorkerCommandLine:
+    """What one role adds to the shared worker command line."""
 
-    if role == "decode" and not kv_endpoint:
-        raise ValueError("a decode worker needs --kv-endpoint (where prefill workers send KV)")
-    return connector_config(role=KV_ROLE_BY_WORKER_ROLE[role], listen_endpoint=kv_endpoint)
+    role: Role
+    description: str
+    # With a builder the worker takes --kv-endpoint and --kv-connector; without, it moves no KV.
+    kv_transfer_config: KVConfigBuilder | None = None
 
 
 def kv_stats_reader(settings: EngineSettings):
@@ -47,13 +54,16 @@ def kv_stats_reader(settings: EngineSettings):
     return read
 
 
-def build_parser(role: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {role}", description=f"Run one {role} worker.")
+def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
+    role = command_line.role
+    parser = argparse.ArgumentParser(prog=f"python -m {role.value}", description=command_line.description)
     parser.add_argument("--model", default=None, help="local model folder or hub name (default: the tiny model, built on first use)")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--control-endpoint", required=True, help="ZeroMQ endpoint to bind for the router, e.g. tcp://127.0.0.1:7001")
-    parser.add_argument("--kv-endpoint", default=None, help="ZeroMQ endpoint where this worker's KV connector listens")
-    parser.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"])
+    if command_line.kv_transfer_config is not None:
+        parser.add_argument("--kv-endpoint", default=None, help="ZeroMQ endpoint where this worker's KV connector listens")
+        parser.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"],
+                            help="'none': no KV transfer (decode recomputes the prompt)")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -66,7 +76,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(role: str, args: argparse.Namespace) -> EngineSettings:
+def settings_from_args(command_line: WorkerCommandLine, args: argparse.Namespace) -> EngineSettings:
     from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model, is_tiny_model
 
     model = args.model
@@ -77,6 +87,9 @@ def settings_from_args(role: str, args: argparse.Namespace) -> EngineSettings:
         served_name = served_name or TINY_MODEL_NAME
     if is_tiny_model(model):
         dtype = dtype or "float32"
+    kv_config = None
+    if command_line.kv_transfer_config is not None:
+        kv_config = command_line.kv_transfer_config(args.kv_endpoint, args.kv_connector)
     return EngineSettings(
         model=model,
         served_model_name=served_name,
@@ -87,15 +100,20 @@ def settings_from_args(role: str, args: argparse.Namespace) -> EngineSettings:
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         cpu_kvcache_gib=args.cpu_kvcache_gib,
-        kv_transfer_config=kv_transfer_config(role, args.kv_endpoint, args.kv_connector),
+        kv_transfer_config=kv_config,
     )
 
 
-def main(role: str, argv: list[str] | None = None) -> None:
+def main(command_line: WorkerCommandLine, argv: list[str] | None = None) -> None:
+    role = command_line.role
     logging.basicConfig(level=os.environ.get("HEXSERVE_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
-    args = build_parser(role).parse_args(argv)
-    settings = settings_from_args(role, args)
+    parser = build_parser(command_line)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(command_line, args)
+    except ValueError as exc:  # a bad option: say which, exit 2, as for any other
+        parser.error(str(exc))
     server = WorkerServer(
         settings=settings,
         role=role,

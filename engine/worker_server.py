@@ -1,9 +1,10 @@
 """A worker: one in-process vLLM `AsyncLLM` behind a ZeroMQ control endpoint.
 
-The prefill and decode workers are the same program with a different KV role
-(see `prefill/` and `decode/`): the engine's KV connector is the producer on a
-prefill worker and the consumer on a decode worker. The router drives both
-through `engine.control_protocol`.
+Every role runs this same server (see `prefill/` and `decode/` for what each
+adds: the engine's KV connector is the producer on a prefill worker, the
+consumer on a decode worker, absent on a colocated one). The server knows its
+role only to report it; the router drives every worker through
+`engine.control_protocol`.
 
 Why in-process AsyncLLM rather than `vllm serve` behind HTTP: the router needs
 token-level streaming, `kv_transfer_params` from the finished prefill, abort,
@@ -31,14 +32,13 @@ import zmq
 import zmq.asyncio
 
 from common.aio import run_event_loop
+from common.roles import Role
 from common.sockets import make_socket
 from common.wire import ProtocolError
 from engine import control_protocol as proto
 from engine.config import EngineSettings
 
 log = logging.getLogger(__name__)
-
-ROLES = ("prefill", "decode", "colocated")
 
 
 @dataclass(slots=True)
@@ -96,7 +96,7 @@ class WorkerServer:
     """Serves one engine on `control_endpoint` until `stop()` or SIGTERM."""
 
     settings: EngineSettings
-    role: str
+    role: Role
     worker_id: str
     control_endpoint: str
     kv_stats_reader: Any = None  # callable returning dict[str, float], from the KV connector
@@ -111,8 +111,7 @@ class WorkerServer:
     _stopping: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role={self.role!r} is not one of {ROLES}")
+        self.role = Role.parse(self.role)
 
     def _build_vllm_engine(self):
         from vllm.engine.arg_utils import AsyncEngineArgs

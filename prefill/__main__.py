@@ -1,6 +1,7 @@
-"""`python -m prefill`: one prefill worker (vLLM engine + control endpoint); see engine/worker_main.py."""
+"""`python -m prefill`: one prefill worker (vLLM engine + control endpoint + KV producer)."""
 
 from engine.worker_main import main
+from prefill.worker import COMMAND_LINE
 
 if __name__ == "__main__":
-    main("prefill")
+    main(COMMAND_LINE)

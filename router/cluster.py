@@ -1,9 +1,12 @@
 """The workers behind one router and the life of a request across them.
 
-    choose route (P, D) ──▶ P: prompt, max_tokens=1, kv params "send to D"
+    choose route (P, D) ──▶ P: prompt, PREFILL_SAMPLING, kv params "send to D"   (prefill.request)
                             P finishes ──▶ its kv_transfer_params say where the KV is
-                       ──▶ D: prompt, client's sampling, P's kv_transfer_params
+                       ──▶ D: prompt, client's sampling, P's handoff              (decode.request)
                             D streams tokens ──▶ client
+
+A colocated worker (a route from a worker to itself) gets the client's
+request directly: it computes the prompt and generates in one engine.
 
 A worker failure before the client has seen a token is retried once on
 another route; after that, the request fails at once with a clear error. The
@@ -22,33 +25,16 @@ from dataclasses import dataclass, field
 
 import zmq.asyncio
 
-from engine import control_protocol as proto
 from common.routing import NoRouteAvailable, Route, RoutePolicy
+from decode import decode_kv_params
+from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
+from prefill import PREFILL_SAMPLING, prefill_kv_params
 from router.worker_client import WorkerClient, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first try and one retry on another route
-
-
-def prefill_kv_params(decode: WorkerSpec, transfer_id: str, kv_connector: str) -> dict | None:
-    """What the prefill request carries so its connector ships the KV to `decode`."""
-    if kv_connector == "none":
-        return None
-    from kvtransfer.handoff import prefill_params
-
-    return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id,
-                          decode_tp=decode.tensor_parallel_size, decode_layers=decode.layers_per_stage)
-
-
-def decode_kv_params(prefill_final: proto.Output | None, kv_connector: str) -> dict | None:
-    """What the decode request carries: the prefill's handoff, or None to recompute."""
-    if kv_connector == "none" or prefill_final is None:
-        return None
-    from kvtransfer.handoff import decode_params_from
-
-    return decode_params_from(prefill_final.kv_transfer_params)
 
 
 @dataclass
@@ -132,30 +118,31 @@ class Cluster:
     async def _run_on_route(
         self, route: Route, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
     ) -> AsyncIterator[proto.Output]:
-        prefill = self.clients[route.prefill_worker]
-        decode = self.clients[route.decode_worker]
-        num_prompt = len(prompt_token_ids)
         kv_params = None
         if route.prefill_worker != route.decode_worker:
-            # The prefill's one sampled token is discarded (decode samples the
-            # first token itself), so it is greedy, ignores EOS and has no stop
-            # strings: nothing about it may stop the KV from being handed over.
-            prefill_sampling = proto.SamplingSpec(max_tokens=1, temperature=0.0, ignore_eos=True)
-            prefill.outstanding_tokens += num_prompt
-            try:
-                final = None
-                async for output in prefill.generate(
-                    f"{request_id}-p", prompt_token_ids, prefill_sampling,
-                    prefill_kv_params(decode.info, f"{request_id}-kv", self.kv_connector),
-                ):
-                    final = output
-            finally:
-                prefill.outstanding_tokens -= num_prompt
-            kv_params = decode_kv_params(final, self.kv_connector)
-        budget = num_prompt + sampling.max_tokens
+            prefill_final = await self._prefill(route, request_id, prompt_token_ids)
+            kv_params = decode_kv_params(prefill_final, self.kv_connector)
+        decode = self.clients[route.decode_worker]
+        budget = len(prompt_token_ids) + sampling.max_tokens
         decode.outstanding_tokens += budget
         try:
             async for output in decode.generate(f"{request_id}-d", prompt_token_ids, sampling, kv_params):
                 yield output
         finally:
             decode.outstanding_tokens -= budget
+
+    async def _prefill(self, route: Route, request_id: str, prompt_token_ids: list[int]) -> proto.Output | None:
+        """Run the prompt on the route's prefill worker, its KV shipped to the
+        route's decode worker; the prefill's final output (the handoff)."""
+        prefill = self.clients[route.prefill_worker]
+        decode_spec = self.clients[route.decode_worker].info
+        kv_params = prefill_kv_params(decode_spec, f"{request_id}-kv", self.kv_connector)
+        num_prompt = len(prompt_token_ids)
+        prefill.outstanding_tokens += num_prompt
+        final = None
+        try:
+            async for output in prefill.generate(f"{request_id}-p", prompt_token_ids, PREFILL_SAMPLING, kv_params):
+                final = output
+        finally:
+            prefill.outstanding_tokens -= num_prompt
+        return final

@@ -1,6 +1,7 @@
 import msgspec
 import pytest
 
+from common.roles import Role
 from common.wire import ProtocolError
 from engine import control_protocol as proto
 
@@ -16,7 +17,7 @@ def _submit(**overrides):
     _submit(),
     proto.Abort(version=proto.PROTOCOL_VERSION, request_id="r1"),
     proto.Ping(version=proto.PROTOCOL_VERSION, nonce=7),
-    proto.Pong(version=proto.PROTOCOL_VERSION, nonce=7, load=proto.LoadReport(worker_id="w", role="decode", num_running=2)),
+    proto.Pong(version=proto.PROTOCOL_VERSION, nonce=7, load=proto.LoadReport(worker_id="w", role=Role.DECODE, num_running=2)),
     proto.Output(version=proto.PROTOCOL_VERSION, request_id="r1", token_ids=[5], text="x", finished=True, finish_reason="stop"),
 ])
 def test_round_trip(message):

@@ -9,7 +9,7 @@ import pytest
 
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from common.roles import Role
-from router.cluster import prefill_kv_params
+from prefill import prefill_kv_params
 from router.deployment import deployment_from_plan
 from common.ports import free_tcp_port
 
