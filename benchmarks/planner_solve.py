@@ -11,9 +11,9 @@ Fleets of 8, 16, 64, 320 and 1024 GPUs in three mixes, serving Llama-2-70B
   link (100x slower than the 50 GB/s fabric inside a region).
 
 For each fleet, in one process on the same cost model:
-- ours: ``planner.solver.solve`` (heuristic, ``--time-limit`` seconds at most);
+- ours: ``planner.core.solver.solve`` (heuristic, ``--time-limit`` seconds at most);
 - exact: the OR-Tools optimum (fleets of at most 16 GPUs), and our ratio to it;
-- baselines (``planner.baselines``): best homogeneous subset at the same
+- baselines (``benchmarks.planner_baselines``): best homogeneous subset at the same
   $/hour, DistServe-style uniform groups, random partition + max-flow, and the
   per-type prefill/decode split enumeration.
 Predicted throughput is the max-flow value in requests/s. Writes
@@ -29,13 +29,13 @@ import platform
 import time
 from pathlib import Path
 
-from planner import baselines
-from planner.cluster import parse_cluster
-from planner.exact import solve_exact
-from planner.flow import RouteTable
-from planner.refine import DISAGGREGATED
-from planner.solver import solve
-from planner.strategy import GroupEvaluator
+from benchmarks import planner_baselines as baselines
+from planner.core.exact import solve_exact
+from planner.core.flow import RouteTable
+from planner.core.refine import DISAGGREGATED
+from planner.core.solver import solve
+from planner.core.strategy import GroupEvaluator
+from planner.spec.cluster import parse_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIXES = ("two-type", "four-type", "cross-region")

@@ -8,15 +8,15 @@ Llama-2-70B on the Azure LLM conversation trace (2023). Fleets:
 - homogeneous H100 and A100-80G fleets at about the same $/hour.
 
 Plans, all simulated with the same discrete-event simulator and the same
-analytical cost model (`planner.sim_costs.AnalyticCosts`):
-- ours: `planner.solver.solve` (graph partition + max-flow + refinement),
+analytical cost model (`planner.sim.costs.AnalyticCosts`):
+- ours: `planner.core.solver.solve` (graph partition + max-flow + refinement),
   disaggregated or colocated as it chooses;
 - HexGen-like: the planner restricted to colocated groups (heterogeneous,
   asymmetric parallelism, no disaggregation);
 - DistServe-like: uniform TP-4 groups of one GPU type, the prefill:decode
-  count that balances capacity (`planner.sim_baselines.distserve_plan`);
+  count that balances capacity (`benchmarks.sim_baselines.distserve_plan`);
 - vLLM-like: one colocated TP-4 replica per 4 GPUs, requests split by
-  capacity (`planner.sim_baselines.colocated_plan`).
+  capacity (`benchmarks.sim_baselines.colocated_plan`).
 
 Reported per plan: the highest arrival rate at which >= 90 % of requests meet
 both SLOs (throughput at SLO) with our router's load-aware routing and with
@@ -31,17 +31,17 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.sim_baselines import MeanLengths, colocated_plan, distserve_plan
 from loadtest.metrics import SLO
 from loadtest.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.workload import WorkloadConfig
-from planner.catalog import default_catalog
-from planner.cluster import parse_cluster
-from planner.model import model_preset
-from planner.sim_baselines import MeanLengths, colocated_plan, distserve_plan
-from planner.sim_build import make_group, make_route
-from planner.sim_costs import AnalyticCosts
-from planner.sim_plan import fleet_from_plan
-from planner.sim_sweep import max_rate_at_slo, run_at
+from planner.sim.build import make_group, make_route
+from planner.sim.costs import AnalyticCosts
+from planner.sim.from_plan import fleet_from_plan
+from planner.sim.sweep import max_rate_at_slo, run_at
+from planner.spec.catalog import default_catalog
+from planner.spec.cluster import parse_cluster
+from planner.spec.model import model_preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "Llama-2-70B"
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.max_requests, args.solve_time_limit = 1500, 8.0
 
-    from planner.solver import solve
+    from planner.core.solver import solve
 
     model = model_preset(MODEL)
     costs = AnalyticCosts(model)

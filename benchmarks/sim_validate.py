@@ -12,7 +12,7 @@
 4. Simulate the same request lists on the plan the server runs (one colocated
    group for vLLM; one prefill + one decode group for the router), with costs
    from the profile (`ProfileCosts`) and from the planner's analytical model
-   calibrated on the same profile (`planner.calibration.fit_profile`).
+   calibrated on the same profile (`planner.spec.calibration.fit_profile`).
 5. Report the simulator's relative error on TTFT, TPOT and throughput.
 
 Writes benchmarks/results/sim_validate.{json,md} and the profile JSON.
@@ -78,8 +78,8 @@ def profile(url, model, tokenizer, prompt_lens, batches, contexts, output_len=48
 
 
 def _fleet(target: str, profile_costs):
-    from planner.sim_types import SimFleet, SimGroup, SimRoute, SimStage
-    from planner.catalog import default_catalog
+    from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+    from planner.spec.catalog import default_catalog
 
     stage = (SimStage(default_catalog().resolve("CPU", "gpu"), 1, 4, True, True, 1e10, 1e-6),)
     if target == "vllm":
@@ -92,7 +92,7 @@ def _fleet(target: str, profile_costs):
 
 def _costs(target: str, prof: dict):
     """ProfileCosts from the measured points; for the router, prefill = TTFT minus one decode step."""
-    from planner.sim_costs import ProfileCosts
+    from planner.sim.costs import ProfileCosts
 
     decode_pts = [{"batch": d["batch"], "context_tokens": d["context_tokens"], "step_s": d["step_ms"] / 1e3}
                   for d in prof["decode"]]
@@ -108,10 +108,11 @@ def _costs(target: str, prof: dict):
 
 def _calibrated_costs(target: str, prof: dict):
     """The planner's analytical model with mfu/mbu/overheads fitted to the same profile."""
-    from planner.calibration import DecodeSample, PrefillSample, Profile, fit_profile
-    from planner.catalog import default_catalog
-    from planner.model import model_preset
-    from planner.sim_costs import AnalyticCosts
+    from planner.spec.calibration import fit_profile
+    from planner.spec.profile import DecodeSample, PrefillSample, Profile
+    from planner.spec.catalog import default_catalog
+    from planner.spec.model import model_preset
+    from planner.sim.costs import AnalyticCosts
 
     model = model_preset("hexserve-tiny-llama")
     cpu = default_catalog().resolve("CPU", "gpu")
@@ -144,8 +145,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from benchmarks.loadtest_servers import router_server, tiny_model_dir, vllm_server
-    from planner.sim_types import SimFleet, SimGroup
-    from planner.simulator import SimConfig, simulate
+    from planner.sim.types import SimFleet, SimGroup
+    from planner.sim.simulator import SimConfig, simulate
 
     tokenizer = load_tokenizer(tiny_model_dir())
     _measure.trace = load_trace(args.trace)

@@ -17,8 +17,10 @@ import argparse
 import json
 import random
 import sys
+from pathlib import Path
 
 from loadtest.metrics import SLO
+from loadtest.plots import plot_result
 from loadtest.prompts import PROMPT_FORMATS, PromptBuilder, PromptError, load_tokenizer
 from loadtest.report import build_result, compare_ratios, compare_table, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
@@ -127,13 +129,9 @@ def cmd_compare(args) -> int:
     table = compare_table(res_a, res_b, args.label_a, args.label_b)
     summary = {"label_a": args.label_a, "label_b": args.label_b,
                "ratios_b_over_a": compare_ratios(res_a, res_b), "table_md": table}
-    from pathlib import Path
-
     Path(f"{args.out}_compare.json").write_text(json.dumps(summary, indent=1))
     Path(f"{args.out}_compare.md").write_text(table + "\n")
     if not args.no_plots:
-        from loadtest.plots import plot_result
-
         plot_result({args.label_a: res_a, args.label_b: res_b}, args.out)
     print(table)
     return 0 if res_a["completed"] and res_b["completed"] else 1

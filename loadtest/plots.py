@@ -30,6 +30,7 @@ def _cdf(ax, values, label):
 
 def plot_result(results: dict[str, dict], out_prefix: str | Path) -> list[Path]:
     """Write `<prefix>_latency_cdf.png` and `<prefix>_timeline.png`; `results` maps label -> result."""
+    # matplotlib takes about a second to import; runs without plots never pay for it.
     import matplotlib
 
     matplotlib.use("Agg")

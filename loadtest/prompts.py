@@ -43,6 +43,7 @@ class Prompt:
 
 def load_tokenizer(path: str | Path):
     """The served model's tokenizer, from a local folder only (no network)."""
+    # transformers takes seconds to import; only a run that builds prompts needs it.
     from transformers import AutoTokenizer
 
     folder = Path(path)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loadtest.metrics import SLO, RequestRecord, summarize, timeline
+from loadtest.plots import plot_result
 
 # (field, label, higher_is_better) for the printed tables and the compare ratios.
 KEY_METRICS = (
@@ -56,8 +57,6 @@ def write_result(result: dict, out_prefix: str | Path, plots: bool = True) -> li
     json_path.write_text(json.dumps(result, indent=1, default=_jsonable))
     paths = [json_path]
     if plots and "ttfts" in result:
-        from loadtest.plots import plot_result
-
         paths += plot_result({result.get("label") or "run": result}, out_prefix)
     return paths
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from tqdm import tqdm
 
 from loadtest.client import build_payload, detect_model, normalize_base_url, send_request
 from loadtest.metrics import RequestRecord
@@ -120,8 +121,6 @@ async def _drive(cfg, client, model, workload, prompts) -> RunOutcome:
 def _progress(cfg: RunConfig, total: int):
     if not cfg.progress:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)
 
 

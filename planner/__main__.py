@@ -5,159 +5,26 @@
     python -m planner profile --url http://127.0.0.1:8100 --gpu-type CPU --hf-config MODEL_DIR --out profile.json
     python -m planner calibrate profile.json
     python -m planner catalog
+    python -m planner simulate plan.json --trace azure-conv
 
 Exit status: 0 on success, 2 for bad input (the message names the field), 3
 for a fleet that cannot hold the model (the message gives the shortfall).
+The subcommands live in ``planner/adapters/cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-from planner.errors import InfeasibleFleetError, PlanInputError
+from planner.adapters.cli import build_parser
+from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
 EXIT_BAD_INPUT = 2
 EXIT_INFEASIBLE = 3
 
 
-def _cmd_solve(args: argparse.Namespace) -> int:
-    from planner.cluster import load_cluster
-    from common.plan import format_table
-    from planner.solver import solve, solve_exact_plan
-
-    cluster = load_cluster(args.cluster)
-    if args.solver == "exact":
-        mode = "disaggregated" if args.mode == "auto" else args.mode
-        plan = solve_exact_plan(cluster, mode, time_limit_s=args.time_limit or 120.0)
-    else:
-        plan = solve(cluster, mode=args.mode, seed=args.seed, time_limit_s=args.time_limit,
-                     budget_per_hour=args.budget)
-    if args.out:
-        plan.write(args.out)
-    if args.plot:
-        from planner.plot import plot_plan
-
-        plot_plan(cluster, plan, args.plot)
-    if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
-    elif not args.quiet:
-        print(format_table(plan))
-        if args.out:
-            print(f"\nwrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
-    return 0
-
-
-def _cmd_profile(args: argparse.Namespace) -> int:
-    from planner.profiler import ProfileSettings, run_profile
-
-    settings = ProfileSettings(
-        url=args.url,
-        gpu_type=args.gpu_type,
-        model_name=args.served_model,
-        prompt_lengths=tuple(int(x) for x in args.prompt_lengths.split(",")),
-        batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
-        decode_tokens=args.decode_tokens,
-        repeats=args.repeats,
-        tp=args.tp,
-        timeout_s=args.timeout,
-    )
-    profile = run_profile(settings, hf_config=args.hf_config, preset=args.preset)
-    Path(args.out).write_text(json.dumps(profile.to_json(), indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}: {len(profile.prefill)} prefill and {len(profile.decode)} decode samples")
-    return _print_fit(profile)
-
-
-def _print_fit(profile) -> int:
-    from planner.calibration import fit_profile
-    from planner.catalog import default_catalog
-
-    spec = default_catalog().resolve(profile.gpu_type, "gpu_type")
-    fit = fit_profile(profile, spec)
-    print(f"fitted for {spec.name}: mfu {fit.mfu:.4f}, mbu {fit.mbu:.4f}, prefill overhead "
-          f"{fit.prefill_overhead_ms:.2f} ms (R^2 {fit.prefill_r2:.3f}), decode overhead "
-          f"{fit.decode_overhead_ms:.2f} ms (R^2 {fit.decode_r2:.3f})")
-    print(json.dumps({"catalog": {spec.name: {k: round(v, 6) for k, v in fit.coefficients().items()}}}))
-    return 0
-
-
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from planner.calibration import load_profile
-
-    return _print_fit(load_profile(Path(args.profile), field=args.profile))
-
-
-def _cmd_catalog(args: argparse.Namespace) -> int:
-    from planner.catalog import default_catalog
-    from planner.model import model_preset, preset_names
-
-    cat = default_catalog()
-    print(f"{'GPU':<10}{'bf16 TFLOPS':>12}{'GiB':>6}{'GB/s':>7}{'$/h':>7}")
-    for name in cat.names():
-        g = cat.gpus[name]
-        print(f"{name:<10}{g.peak_bf16_tflops:>12.1f}{g.memory_gib:>6.0f}{g.memory_bandwidth_gb_per_s:>7.0f}"
-              f"{g.price_per_hour:>7.2f}")
-    print("\nmodel presets:")
-    for name in preset_names():
-        m = model_preset(name)
-        print(f"  {name:<22} {m.num_layers:>3} layers, hidden {m.hidden_size}, {m.num_attention_heads}/"
-              f"{m.num_key_value_heads} heads, {m.weight_bytes / 1024**3:.1f} GiB {m.dtype}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from planner.solver import DEFAULT_TIME_LIMIT_S, MODES
-
-    parser = argparse.ArgumentParser(prog="python -m planner", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("solve", help="plan a cluster file and write plan.json")
-    p.add_argument("cluster", help="cluster.json (schema in the README)")
-    p.add_argument("--out", default="plan.json", help="plan file to write (default: plan.json; '' to skip)")
-    p.add_argument("--plot", default=None, help="also draw the GPU graph by group with KV routes (PNG)")
-    p.add_argument("--mode", default="auto", choices=MODES)
-    p.add_argument("--solver", default="heuristic", choices=("heuristic", "exact"),
-                   help="exact: OR-Tools optimum, for fleets of at most 16 GPUs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=None,
-                   help=f"seconds (default: 0.07 per GPU, between 4 and {DEFAULT_TIME_LIMIT_S:g})")
-    p.add_argument("--budget", type=float, default=None, help="price budget, $/hour (overrides the workload's)")
-    p.add_argument("--json", action="store_true", help="print the plan JSON instead of the table")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_solve)
-
-    p = sub.add_parser("profile", help="measure a running vLLM OpenAI server and write a profile file")
-    p.add_argument("--url", required=True, help="base URL of the server, e.g. http://127.0.0.1:8100")
-    p.add_argument("--gpu-type", required=True, help="catalog type the server runs on (CPU here)")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--hf-config", help="the served model's folder or config.json")
-    group.add_argument("--preset", help="the served model's preset name")
-    p.add_argument("--served-model", default=None, help="model name to send (default: the server's first)")
-    p.add_argument("--prompt-lengths", default="16,64,128,256,384")
-    p.add_argument("--batch-sizes", default="1,2,4,8")
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--out", default="profile.json")
-    p.set_defaults(func=_cmd_profile)
-
-    p = sub.add_parser("calibrate", help="fit cost-model coefficients to a profile file and print them")
-    p.add_argument("profile")
-    p.set_defaults(func=_cmd_calibrate)
-
-    p = sub.add_parser("catalog", help="list GPU types and model presets")
-    p.set_defaults(func=_cmd_catalog)
-
-    from planner.sim_cli import add_simulate_parser  # `simulate`: lives in planner/sim_cli.py
-
-    add_simulate_parser(sub)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     try:
         return args.func(args)
     except InfeasibleFleetError as exc:

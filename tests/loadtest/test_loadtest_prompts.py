@@ -1,7 +1,7 @@
 import pytest
 
-from loadtest_fixtures import tokenizer_dir, tokenizer_dir_plain  # noqa: F401 (pytest fixtures)
 from loadtest.prompts import PromptBuilder, PromptError, load_tokenizer
+from loadtest_fixtures import tokenizer_dir, tokenizer_dir_plain  # noqa: F401 (pytest fixtures)
 
 
 @pytest.fixture(params=["tokenizer_dir", "tokenizer_dir_plain"])

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from common.ports import free_tcp_port
-from loadtest_fixtures import make_fake_server, tokenizer_dir  # noqa: F401 (pytest fixtures)
 from loadtest.__main__ import main
 from loadtest.metrics import summarize
 from loadtest.prompts import PromptBuilder, load_tokenizer
 from loadtest.runner import RunConfig, build_prompts, run
 from loadtest.workload import WorkloadConfig, build_workload
+from loadtest_fixtures import make_fake_server, tokenizer_dir  # noqa: F401 (pytest fixtures)
 
 
 def _workload(tokenizer_dir, **kw):

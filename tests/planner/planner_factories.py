@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from planner.cluster import Cluster, parse_cluster
+from planner.spec.cluster import Cluster, parse_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from planner.__main__ import EXIT_BAD_INPUT, EXIT_INFEASIBLE, main
 from common.plan import PLAN_SCHEMA, PLAN_SCHEMA_VERSION, load_plan, plan_from_json
+from planner.__main__ import EXIT_BAD_INPUT, EXIT_INFEASIBLE, main
 from planner_factories import CONFIGS, REPO, cluster_dict
 
 EXAMPLES = sorted(p for p in CONFIGS.glob("*.json") if json.loads(p.read_text()).get("schema") == "hexserve.cluster")

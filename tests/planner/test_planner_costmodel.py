@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner import costmodel as cm
-from planner.catalog import default_catalog
-from planner.model import model_preset
-from planner.workload import Workload
+from planner.core import costmodel as cm
+from planner.spec.catalog import default_catalog
+from planner.spec.model import model_preset
+from planner.spec.workload import Workload
 
 H100 = default_catalog().resolve("H100", "t")
 L70 = model_preset("Llama-2-70B")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from planner.budget import choose_gpus
-from planner.errors import PlanInputError
-from planner.exact import compositions, solve_exact
-from planner.flow import RouteTable
-from planner.refine import DISAGGREGATED, Search
-from planner.solver import solve, solve_exact_plan
-from planner.strategy import COLOCATED, GroupEvaluator
+from planner.core.budget import choose_gpus
+from planner.core.exact import compositions, solve_exact
+from planner.core.flow import RouteTable
+from planner.core.refine import DISAGGREGATED, Search
+from planner.core.solver import solve, solve_exact_plan
+from planner.core.strategy import COLOCATED, GroupEvaluator
+from planner.spec.errors import PlanInputError
 from planner_factories import make_cluster
 
 SMALL_FLEETS = {

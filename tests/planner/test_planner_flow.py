@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.flow import RouteTable, _networkx_flow, max_flow
-from planner.strategy import GroupEvaluator
+from planner.core.flow import RouteTable, _networkx_flow, max_flow
+from planner.core.strategy import GroupEvaluator
 from planner_factories import make_cluster
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from planner.catalog import default_catalog
-from planner.cluster import load_cluster, parse_cluster
-from planner.errors import PlanInputError
-from planner.model import model_preset, preset_names
-from planner.workload import read_trace
+from planner.spec.catalog import default_catalog
+from planner.spec.cluster import load_cluster, parse_cluster
+from planner.spec.errors import PlanInputError
+from planner.spec.model import model_preset, preset_names
+from planner.spec.workload import read_trace
 from planner_factories import CONFIGS, REPO, cluster_dict, make_cluster
 
 REQUIRED_GPUS = ["H100", "H200", "A100-80G", "A100-40G", "L40S", "L40", "A6000", "A10G", "L4", "RTX4090", "V100",

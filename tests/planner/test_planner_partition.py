@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import networkx as nx
 
-from planner.partition import fiedler_order, gpu_graph, node_graph, partition, spectral_bisect
-from planner.strategy import GroupEvaluator
+from planner.core.partition import fiedler_order, gpu_graph, node_graph, partition, spectral_bisect
+from planner.core.strategy import GroupEvaluator
 from planner_factories import make_cluster
 
 

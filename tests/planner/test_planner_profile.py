@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.ports import free_tcp_port
 from planner.__main__ import main
-from planner.calibration import decode_bytes, fit_profile, load_profile, parse_profile, prefill_flops
-from planner.catalog import default_catalog
-from planner.errors import PlanInputError
-from planner.model import model_preset
-from planner.profiler import ProfileSettings, run_profile
+from planner.adapters.profiler import ProfileSettings, run_profile
+from planner.spec.calibration import decode_bytes, fit_profile, prefill_flops
+from planner.spec.catalog import default_catalog
+from planner.spec.errors import PlanInputError
+from planner.spec.model import model_preset
+from planner.spec.profile import load_profile, parse_profile
 from planner_factories import REPO, make_cluster
 from threaded_server import ThreadedServer
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from planner import baselines
-from planner.errors import InfeasibleFleetError, PlanInputError
-from planner.flow import RouteTable
-from planner.refine import DISAGGREGATED, Move, Search, State
-from planner.solver import Planner, solve
-from planner.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from benchmarks import planner_baselines as baselines
+from planner.core.flow import RouteTable
+from planner.core.refine import DISAGGREGATED, Move, Search, State
+from planner.core.solver import Planner, solve
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.spec.errors import InfeasibleFleetError, PlanInputError
 from planner_factories import make_cluster
 
 TWO_TYPE = [{"gpu_type": "H100", "num_gpus": 8, "count": 2}, {"gpu_type": "L40S", "num_gpus": 8, "count": 2}]

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from planner.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator, min_bottleneck_split
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator, min_bottleneck_split
 from planner_factories import make_cluster
 
 

@@ -5,12 +5,12 @@ import pytest
 from loadtest.metrics import SLO
 from loadtest.report import build_result
 from loadtest.workload import PlannedRequest
-from planner.catalog import default_catalog
-from planner.model import model_preset
-from planner.sim_build import make_group, make_route, split_layers
-from planner.sim_costs import AnalyticCosts, ProfileCosts
-from planner.sim_types import SimFleet, SimGroup, SimRoute, SimStage
-from planner.simulator import SimConfig, simulate
+from planner.sim.build import make_group, make_route, split_layers
+from planner.sim.costs import AnalyticCosts, ProfileCosts
+from planner.sim.simulator import SimConfig, simulate
+from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+from planner.spec.catalog import default_catalog
+from planner.spec.model import model_preset
 
 PREFILL_S, STEP_S, KV_S_PER_TOKEN = 0.1, 0.01, 0.001
 

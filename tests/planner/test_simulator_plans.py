@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.sim_baselines import MeanLengths, colocated_plan, decode_batch, distserve_plan
+from common.plan import load_plan
 from loadtest.metrics import SLO
 from loadtest.traces import TraceRequest
 from loadtest.workload import PlannedRequest, WorkloadConfig
-from planner.catalog import default_catalog
-from planner.cluster import parse_cluster
-from planner.model import model_preset
-from common.plan import load_plan
-from planner.sim_baselines import MeanLengths, colocated_plan, decode_batch, distserve_plan
-from planner.sim_build import make_group, make_route
-from planner.sim_costs import AnalyticCosts
-from planner.sim_plan import fleet_from_plan
-from planner.sim_sweep import max_rate_at_slo
-from planner.sim_types import SimFleet, SimGroup, SimRoute, SimStage
-from planner.simulator import simulate
+from planner.sim.build import make_group, make_route
+from planner.sim.costs import AnalyticCosts
+from planner.sim.from_plan import fleet_from_plan
+from planner.sim.simulator import simulate
+from planner.sim.sweep import max_rate_at_slo
+from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+from planner.spec.catalog import default_catalog
+from planner.spec.cluster import parse_cluster
+from planner.spec.model import model_preset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ CLUSTER = {
 
 @pytest.fixture(scope="module")
 def solved(tmp_path_factory):
-    from planner.solver import solve
+    from planner.core.solver import solve
 
     cluster = parse_cluster(CLUSTER, base_dir=REPO)
     plan = solve(cluster, mode="disaggregated", time_limit_s=3)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from planner.cluster import Cluster
-from planner.errors import InfeasibleFleetError, PlanInputError
-from planner.strategy import DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.strategy import DECODE, PREFILL, Group, GroupEvaluator
+from planner.spec.cluster import Cluster
+from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
 SCALE = 1000
 

@@ -24,8 +24,8 @@ import random
 import networkx as nx
 import numpy as np
 
-from planner.cluster import Cluster
-from planner.strategy import Group, GroupEvaluator
+from planner.core.strategy import Group, GroupEvaluator
+from planner.spec.cluster import Cluster
 
 SAME_TYPE_BONUS = 0.05
 
@@ -183,3 +183,26 @@ def _greedy_parts(order: list[int], counts: dict[int, int], usable: dict[int, fl
         else:
             parts.append(current)
     return parts
+
+
+def minimal_groups(cluster: Cluster, ev: GroupEvaluator, nodes: list[int] | None = None) -> list[Group]:
+    """Smallest feasible chunks inside each node; nodes too small are chained with others of their type."""
+    groups: list[Group] = []
+    leftovers: dict[tuple[str, str], list[int]] = {}
+    for n in nodes if nodes is not None else range(len(cluster.nodes)):
+        node = cluster.nodes[n]
+        size = next((k for k in range(1, node.num_gpus + 1)
+                     if node.num_gpus % k == 0 and ev.evaluate(((n, k),)).feasible), None)
+        if size is None:
+            leftovers.setdefault((node.gpu_type, node.region), []).append(n)
+            continue
+        groups += [((n, size),)] * (node.num_gpus // size)
+    for members in leftovers.values():
+        current: list[int] = []
+        for n in members:
+            current.append(n)
+            g = tuple((m, cluster.nodes[m].num_gpus) for m in current)
+            if ev.evaluate(g).feasible:
+                groups.append(g)
+                current = []
+    return groups

@@ -13,16 +13,16 @@ Every function is pure and takes SI units (seconds, bytes, FLOPs).
   its own shard (its layers and heads) over its own link, in parallel.
 
 ``mfu``, ``mbu`` and the per-request overheads come from the GPU catalog and
-can be fitted to measurements (``planner.calibration``).
+can be fitted to measurements (``planner.spec.calibration``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from planner.catalog import GpuSpec
-from planner.model import ModelSpec
-from planner.workload import Workload
+from planner.spec.catalog import GpuSpec
+from planner.spec.model import ModelSpec
+from planner.spec.workload import Workload
 
 
 def allreduce_time(num_bytes: float, tp: int, bandwidth: float, latency: float) -> float:

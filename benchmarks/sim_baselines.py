@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from planner.sim_types import SimCosts, SimFleet, SimGroup, SimRoute
+from planner.sim.types import SimCosts, SimFleet, SimGroup, SimRoute
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from planner.errors import PlanInputError
+from planner.spec.errors import PlanInputError
 
 _MISSING: Any = object()
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from planner.errors import PlanInputError
-from planner.fields import Fields
+from planner.spec.errors import PlanInputError
+from planner.spec.fields import Fields
 
 TRACE_FORMATS = ("auto", "azure", "burstgpt", "mooncake")
 WORKLOAD_FIELDS = frozenset(

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from planner.cluster import Cluster
-from planner.errors import PlanInputError
-from planner.flow import RouteTable
-from planner.refine import DISAGGREGATED, Search, State
-from planner.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.flow import RouteTable
+from planner.core.refine import DISAGGREGATED, Search, State
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.spec.cluster import Cluster
+from planner.spec.errors import PlanInputError
 
 MAX_EXACT_GPUS = 16
 MAX_COMPOSITIONS = 20_000

@@ -17,10 +17,17 @@ import argparse
 import json
 import sys
 
+from common.plan import load_plan
 from loadtest.metrics import SLO
 from loadtest.report import build_result, summary_table, write_result
 from loadtest.traces import TraceError, load_trace
 from loadtest.workload import WorkloadConfig, build_workload
+from planner.sim.costs import AnalyticCosts, ProfileCosts
+from planner.sim.from_plan import fleet_from_plan
+from planner.sim.simulator import SimConfig, simulate
+from planner.sim.sweep import max_rate_at_slo
+from planner.spec.cluster import load_cluster
+from planner.spec.model import model_from_fields
 
 
 def add_simulate_parser(sub) -> argparse.ArgumentParser:
@@ -50,8 +57,6 @@ def add_simulate_parser(sub) -> argparse.ArgumentParser:
 
 
 def _costs(args, model, cluster):
-    from planner.sim_costs import AnalyticCosts, ProfileCosts
-
     if args.profile:
         data = json.loads(open(args.profile, encoding="utf-8").read())
         return ProfileCosts.from_points(
@@ -62,13 +67,6 @@ def _costs(args, model, cluster):
 
 
 def cmd_simulate(args) -> int:
-    from planner.cluster import load_cluster
-    from planner.model import model_from_fields
-    from common.plan import load_plan
-    from planner.sim_plan import fleet_from_plan
-    from planner.sim_sweep import max_rate_at_slo
-    from planner.simulator import SimConfig, simulate
-
     try:
         plan = load_plan(args.plan)
         cluster = load_cluster(args.cluster) if args.cluster else None
@@ -112,7 +110,7 @@ def cmd_simulate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m planner.sim_cli")
+    parser = argparse.ArgumentParser(prog="python -m planner.adapters.simulate_cli")
     sub = parser.add_subparsers(dest="command", required=True)
     add_simulate_parser(sub)
     args = parser.parse_args(argv)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner import costmodel as cm
-from planner.cluster import Cluster
+from planner.core import costmodel as cm
+from planner.spec.cluster import Cluster
 
 Group = tuple[tuple[int, int], ...]  # ((node index, gpu count), ...) sorted by node index
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from planner import costmodel as cm
-from planner.cluster import Cluster
-from planner.strategy import Group, PhasePerf
+from planner.core import costmodel as cm
+from planner.core.strategy import Group, PhasePerf
+from planner.spec.cluster import Cluster
 
 SCALE = 1_000_000  # capacities in micro-requests/s: networkx's preflow-push wants integers
 

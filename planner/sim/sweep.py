@@ -15,8 +15,8 @@ from loadtest.metrics import SLO
 from loadtest.report import build_result
 from loadtest.traces import TraceRequest
 from loadtest.workload import WorkloadConfig, build_workload, offered_rate_rps
-from planner.sim_types import SimCosts, SimFleet
-from planner.simulator import SimConfig, simulate
+from planner.sim.simulator import SimConfig, simulate
+from planner.sim.types import SimCosts, SimFleet
 
 
 @dataclass(slots=True)

@@ -13,9 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from planner.catalog import CONFIG_DIR
-from planner.errors import PlanInputError
-from planner.fields import Fields
+from planner.spec.catalog import CONFIG_DIR
+from planner.spec.errors import PlanInputError
+from planner.spec.fields import Fields
 
 MODEL_PRESETS_PATH = CONFIG_DIR / "models.json"
 

@@ -10,62 +10,23 @@ measured on one GPU type with one model. The cost model predicts
 so a least-squares line through (FLOPs, latency) gives ``mfu`` and the
 prefill overhead, and one through (bytes, step) gives ``mbu`` and the decode
 overhead. Fitted efficiencies are clamped to (0, 1]; the fit's R^2 is kept.
+
+The fit sits with the inputs rather than in ``planner.core``: a cluster file's
+``calibration`` list is applied while the file is read (``apply_profile_files``,
+called by ``planner.spec.cluster``), and the inputs layer never imports the core.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from planner.catalog import GB, Catalog, GpuSpec
-from planner.errors import PlanInputError
-from planner.fields import Fields, check_number
-from planner.model import ModelSpec, model_from_fields
-
-PROFILE_SCHEMA = "hexserve.profile"
-PROFILE_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillSample:
-    prompt_tokens: int
-    latency_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeSample:
-    batch: int
-    context_tokens: float
-    step_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    gpu_type: str
-    tp: int
-    model: ModelSpec
-    prefill: tuple[PrefillSample, ...]
-    decode: tuple[DecodeSample, ...]
-    source: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": PROFILE_SCHEMA,
-            "schema_version": PROFILE_VERSION,
-            "gpu_type": self.gpu_type,
-            "tp": self.tp,
-            "model": self.model.to_json(),
-            "source": self.source,
-            "prefill": [{"prompt_tokens": s.prompt_tokens, "latency_ms": round(s.latency_ms, 4)} for s in self.prefill],
-            "decode": [
-                {"batch": s.batch, "context_tokens": s.context_tokens, "step_ms": round(s.step_ms, 4)}
-                for s in self.decode
-            ],
-        }
+from planner.spec.catalog import GB, Catalog, GpuSpec
+from planner.spec.fields import check_number
+from planner.spec.model import ModelSpec
+from planner.spec.profile import Profile, load_profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,34 +45,6 @@ class Fit:
             "prefill_overhead_ms": self.prefill_overhead_ms,
             "decode_overhead_ms": self.decode_overhead_ms,
         }
-
-
-def parse_profile(data: Any, path: str = "profile") -> Profile:
-    f = Fields(data, path)
-    f.check_keys({"schema", "schema_version", "gpu_type", "tp", "model", "source", "prefill", "decode"})
-    if f.string("schema") != PROFILE_SCHEMA:
-        raise PlanInputError(f.at("schema"), f"must be {PROFILE_SCHEMA!r}")
-    if f.integer("schema_version") != PROFILE_VERSION:
-        raise PlanInputError(f.at("schema_version"), f"this planner reads version {PROFILE_VERSION}")
-    prefill = []
-    for p, entry in f.items("prefill", min_items=2):
-        e = Fields(entry, p)
-        e.check_keys({"prompt_tokens", "latency_ms"})
-        prefill.append(PrefillSample(e.integer("prompt_tokens", minimum=1), e.number("latency_ms", above=0)))
-    decode = []
-    for p, entry in f.items("decode", min_items=2):
-        e = Fields(entry, p)
-        e.check_keys({"batch", "context_tokens", "step_ms"})
-        decode.append(DecodeSample(e.integer("batch", minimum=1), e.number("context_tokens", minimum=0),
-                                   e.number("step_ms", above=0)))
-    return Profile(
-        gpu_type=f.string("gpu_type"),
-        tp=f.integer("tp", 1, minimum=1),
-        model=model_from_fields(f.raw("model"), f.at("model")),
-        prefill=tuple(prefill),
-        decode=tuple(decode),
-        source=f.raw("source", {}),
-    )
 
 
 def prefill_flops(model: ModelSpec, prompt_tokens: float) -> float:
@@ -158,17 +91,6 @@ def fit_profile(profile: Profile, spec: GpuSpec) -> Fit:
         prefill_r2=r2_p,
         decode_r2=r2_d,
     )
-
-
-def load_profile(path: Path, field: str = "calibration") -> Profile:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as exc:
-        raise PlanInputError(field, f"cannot read profile {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanInputError(field, f"profile {str(path)!r} is not valid JSON: {exc}") from None
-    return parse_profile(data, path=field)
 
 
 def apply_profile_files(catalog: Catalog, paths: list[tuple[str, Path]]) -> Catalog:

@@ -1,6 +1,6 @@
 """Cost providers for the simulator: the planner's analytical model, or a measured profile.
 
-`AnalyticCosts` is an adapter over `planner.costmodel`, whose functions take a
+`AnalyticCosts` is an adapter over `planner.core.costmodel`, whose functions take a
 `Workload` of mean lengths: a batch is passed as a workload whose "mean" prompt
 is the batch's token sum (and whose E[s^2] is the batch's sum of squares), which
 gives the batch's FLOPs and activation bytes exactly while the weights are read
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from planner import costmodel
-from planner.model import ModelSpec
-from planner.sim_types import SimGroup
-from planner.workload import Workload
+from planner.core import costmodel
+from planner.sim.types import SimGroup
+from planner.spec.model import ModelSpec
+from planner.spec.workload import Workload
 
 
 def _workload(input_mean: float, input_sq_mean: float, output_mean: float = 0.0) -> Workload:
@@ -109,7 +109,7 @@ class ProfileCosts:
         data = json.loads(Path(path).read_text())
         for key in ("prefill", "decode"):
             if key not in data:
-                raise ValueError(f"{path}: profile has no {key!r} list; see planner.sim_costs.ProfileCosts")
+                raise ValueError(f"{path}: profile has no {key!r} list; see planner.sim.costs.ProfileCosts")
         return cls.from_points(data["prefill"], data["decode"])
 
     def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int) -> tuple[float, float]:

@@ -17,9 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 
-from planner.cluster import Cluster  # noqa: E402
-from planner.partition import gpu_graph  # noqa: E402
 from common.plan import Plan  # noqa: E402
+from planner.core.partition import gpu_graph  # noqa: E402
+from planner.spec.cluster import Cluster  # noqa: E402
 
 MARKERS = {"prefill": "o", "decode": "s", "colocated": "^"}
 

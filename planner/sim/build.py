@@ -9,11 +9,11 @@ two groups (each GPU sends its own shard in parallel, as the cost model says).
 
 from __future__ import annotations
 
-from planner import costmodel
-from planner.catalog import GB, GpuSpec
-from planner.cluster import Options
-from planner.model import ModelSpec
-from planner.sim_types import SimGroup, SimRoute, SimStage
+from planner.core import costmodel
+from planner.sim.types import SimGroup, SimRoute, SimStage
+from planner.spec.catalog import GB, GpuSpec
+from planner.spec.cluster import Options
+from planner.spec.model import ModelSpec
 
 
 def split_layers(num_layers: int, weights: list[float]) -> list[int]:

@@ -3,12 +3,12 @@
 A `SimFleet` is a plan seen from the simulator's side: prefill and decode
 groups (each a pipeline of stages, each stage `tp` GPUs of one type holding
 some layers) and weighted prefill->decode routes with the link a KV cache
-crosses. It is built from a plan file by `planner.sim_plan`, or directly by a
+crosses. It is built from a plan file by `planner.sim.from_plan`, or directly by a
 benchmark.
 
 How long work takes is behind the `SimCosts` protocol, so the same simulation
-runs on the analytical cost model (`planner.sim_costs.AnalyticCosts`) or on a
-profile measured on real workers (`planner.sim_costs.ProfileCosts`).
+runs on the analytical cost model (`planner.sim.costs.AnalyticCosts`) or on a
+profile measured on real workers (`planner.sim.costs.ProfileCosts`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from planner.catalog import GpuSpec
+from planner.spec.catalog import GpuSpec
 
 # A colocated group runs both phases (vLLM without disaggregation); its route points at itself.
 ROLES = ("prefill", "decode", "colocated")

@@ -13,10 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from planner.errors import PlanInputError
-from planner.fields import Fields
+from planner.spec.errors import PlanInputError
+from planner.spec.fields import Fields
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CATALOG_PATH = CONFIG_DIR / "gpu_catalog.json"
 CATALOG_SCHEMA = "hexserve.gpu_catalog"
 

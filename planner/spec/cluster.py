@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from planner.catalog import GB, Catalog, GpuSpec, default_catalog
-from planner.errors import PlanInputError
-from planner.fields import Fields
-from planner.model import ModelSpec, model_preset, parse_model
-from planner.workload import Workload, parse_workload
+from planner.spec.calibration import apply_profile_files
+from planner.spec.catalog import GB, Catalog, GpuSpec, default_catalog
+from planner.spec.errors import PlanInputError
+from planner.spec.fields import Fields
+from planner.spec.model import ModelSpec, model_preset, parse_model
+from planner.spec.workload import Workload, parse_workload
 
 CLUSTER_SCHEMA = "hexserve.cluster"
 TOP_FIELDS = frozenset({"schema", "schema_version", "name", "fleet", "network", "model", "workload", "options",
@@ -211,8 +212,6 @@ def _parse_options(f: Fields) -> Options:
 
 def parse_cluster(data: Any, base_dir: Path | str = ".", catalog: Catalog | None = None) -> Cluster:
     """Validate a parsed cluster.json into a ``Cluster``. Paths inside are relative to ``base_dir``."""
-    from planner.calibration import apply_profile_files  # calibration reads catalog entries; avoid a cycle
-
     base_dir = Path(base_dir)
     f = Fields(data, "")
     f.check_keys(TOP_FIELDS)

@@ -31,10 +31,10 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.routing import load_corrected_weight, worker_shares
 from loadtest.metrics import RequestRecord
 from loadtest.workload import PlannedRequest
-from planner.sim_types import SimCosts, SimFleet, SimGroup, SimRoute
-from common.routing import load_corrected_weight, worker_shares
+from planner.sim.types import SimCosts, SimFleet, SimGroup, SimRoute
 
 
 ROUTINGS = ("load_aware", "weighted")

@@ -20,10 +20,13 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from planner.cluster import Cluster
-from planner.flow import RouteTable
-from planner.refine import DISAGGREGATED, Search, State
-from planner.strategy import DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.flow import RouteTable
+from planner.core.partition import minimal_groups
+from planner.core.refine import DISAGGREGATED, Search, State
+from planner.core.solver import solve
+from planner.core.strategy import DECODE, PREFILL, Group, GroupEvaluator
+from planner.spec.cluster import Cluster
+from planner.spec.errors import PlanInputError
 
 
 @dataclass(slots=True)
@@ -37,29 +40,6 @@ class BaselineResult:
 def _flow(ev: GroupEvaluator, routes: RouteTable, groups: list[Group], roles: list[str]) -> float:
     value, _ = Search(ev, routes, DISAGGREGATED).evaluate(State(list(groups), list(roles), {}))
     return value
-
-
-def minimal_groups(cluster: Cluster, ev: GroupEvaluator, nodes: list[int] | None = None) -> list[Group]:
-    """Smallest feasible chunks inside each node; nodes too small are chained with others of their type."""
-    groups: list[Group] = []
-    leftovers: dict[tuple[str, str], list[int]] = {}
-    for n in nodes if nodes is not None else range(len(cluster.nodes)):
-        node = cluster.nodes[n]
-        size = next((k for k in range(1, node.num_gpus + 1)
-                     if node.num_gpus % k == 0 and ev.evaluate(((n, k),)).feasible), None)
-        if size is None:
-            leftovers.setdefault((node.gpu_type, node.region), []).append(n)
-            continue
-        groups += [((n, size),)] * (node.num_gpus // size)
-    for members in leftovers.values():
-        current: list[int] = []
-        for n in members:
-            current.append(n)
-            g = tuple((m, cluster.nodes[m].num_gpus) for m in current)
-            if ev.evaluate(g).feasible:
-                groups.append(g)
-                current = []
-    return groups
 
 
 def per_type_split(cluster: Cluster, ev: GroupEvaluator | None = None, routes: RouteTable | None = None) -> BaselineResult:
@@ -138,9 +118,6 @@ def random_partition(cluster: Cluster, seeds: int = 5, ev: GroupEvaluator | None
 
 
 def homogeneous_best(cluster: Cluster, budget_per_hour: float, time_limit_s: float = 10.0) -> BaselineResult:
-    from planner.errors import PlanInputError
-    from planner.solver import solve
-
     best = BaselineResult("best homogeneous subset", 0.0, 0.0, "no type fits")
     for gpu_type in cluster.gpu_types():
         nodes = [n for n in cluster.nodes if n.gpu_type == gpu_type]

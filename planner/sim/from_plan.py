@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from planner.catalog import GB, Catalog, default_catalog
-from planner.cluster import Cluster, Options
-from planner.model import model_from_fields
-from common.plan import Plan, load_plan
-from planner.sim_build import make_group
-from planner.sim_types import SimFleet, SimGroup, SimRoute
+from common.plan import Plan
+from planner.sim.build import make_group
+from planner.sim.types import SimFleet, SimGroup, SimRoute
+from planner.spec.catalog import GB, Catalog, default_catalog
+from planner.spec.cluster import Cluster, Options
+from planner.spec.model import model_from_fields
 
 DEFAULT_INTER_NODE_GB_PER_S = 25.0
 DEFAULT_INTER_NODE_LATENCY_US = 15.0
@@ -72,11 +72,3 @@ def fleet_from_plan(plan: Plan, cluster: Cluster | None = None, catalog: Catalog
             routes.append(SimRoute(g.id, g.id, max(g.load_rps, g.capacity_rps, 1e-9), 0.0))
     return SimFleet(plan.cluster, groups, routes, notes={"mode": plan.mode, "predicted": plan.predicted})
 
-
-def load_fleet(plan_path: str | Path, cluster_path: str | Path | None = None) -> tuple[SimFleet, "object"]:
-    """(fleet, model spec) from plan.json and, optionally, the cluster file it came from."""
-    from planner.cluster import load_cluster
-
-    plan = load_plan(plan_path)
-    cluster = load_cluster(cluster_path) if cluster_path else None
-    return fleet_from_plan(plan, cluster), model_from_fields(plan.model, "plan.model")

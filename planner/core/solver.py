@@ -21,14 +21,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from planner.budget import choose_gpus
-from planner.cluster import Cluster
-from planner.errors import InfeasibleFleetError, PlanInputError
-from planner.flow import RouteTable
-from planner.partition import partition
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
-from planner.refine import DISAGGREGATED, Search, State
-from planner.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.budget import choose_gpus
+from planner.core.exact import solve_exact
+from planner.core.flow import RouteTable
+from planner.core.partition import minimal_groups, partition
+from planner.core.refine import DISAGGREGATED, Search, State
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.spec.cluster import Cluster
+from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
 MODES = (DISAGGREGATED, COLOCATED, "auto")
 GRANULARITIES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -100,8 +101,6 @@ class Planner:
 
     def _per_type_state(self, search: Search) -> State:
         """Minimal groups, each GPU type wholly prefill or decode: the best such split starts a search too."""
-        from planner.baselines import minimal_groups
-
         groups = minimal_groups(self.cluster, self.evaluator)
         types = sorted({self.cluster.nodes[g[0][0]].gpu_type for g in groups})
         best: State | None = None
@@ -303,8 +302,6 @@ def build_plan(cluster: Cluster, planner: Planner, state: State, mode: str, info
 
 def solve_exact_plan(cluster: Cluster, mode: str = DISAGGREGATED, time_limit_s: float = 60.0) -> Plan:
     """The certified optimum (small fleets only) as a plan, with the solver's bound."""
-    from planner.exact import solve_exact
-
     if mode not in (DISAGGREGATED, COLOCATED):
         raise PlanInputError("mode", f"the exact solver takes mode {DISAGGREGATED!r} or {COLOCATED!r}, not {mode!r}")
     started = time.monotonic()

@@ -11,7 +11,7 @@ fresh random ids, so prefix caching cannot shorten a measurement.
   ``ignore_eos`` generate a fixed number of tokens; the step time is the
   median gap between a request's consecutive tokens while all B run.
 
-``planner.calibration.fit_profile`` turns the samples into the cost model's
+``planner.spec.calibration.fit_profile`` turns the samples into the cost model's
 coefficients; a cluster file applies them with ``"calibration": [path]``.
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 
-from planner.calibration import DecodeSample, PrefillSample, Profile
-from planner.errors import PlanInputError
-from planner.model import ModelSpec, model_from_hf_config, model_preset
+from planner.spec.errors import PlanInputError
+from planner.spec.model import ModelSpec, model_from_hf_config, model_preset
+from planner.spec.profile import DecodeSample, PrefillSample, Profile
 
 
 @dataclass(frozen=True, slots=True)

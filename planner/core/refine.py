@@ -33,8 +33,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from planner.flow import FlowResult, RouteTable, max_flow
-from planner.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.flow import FlowResult, RouteTable, max_flow
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
 
 DISAGGREGATED = "disaggregated"
 VERIFY_PER_ITERATION = 6  # after one improving candidate, verify at most this many
