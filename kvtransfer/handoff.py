@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM, MAX_CHUNK_BYTES
+from kvtransfer.reshard import layer_partition
 from common.sockets import check_endpoint
 
 CONNECTOR_NAME = "HexKVConnector"
@@ -144,29 +145,6 @@ def rank_endpoint(endpoint: str, rank: int) -> str:
     return f"{endpoint}.rank{rank}"
 
 
-def stage_ranges(partition: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, stop) of each pipeline stage's layers, from layers per stage
-    (the form of VLLM_PP_LAYER_PARTITION and of a plan group's layer_partition)."""
-    ranges, start = [], 0
-    for count in partition:
-        ranges.append((start, start + count))
-        start += count
-    return ranges
-
-
-def layer_partition(value: Any, total_layers: int | None = None, name: str = "layer partition") -> tuple[int, ...]:
-    """Layers per pipeline stage, checked: positive ints (summing to total_layers when given)."""
-    if (
-        not isinstance(value, (list, tuple))
-        or not value
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
-    ):
-        raise ValueError(f"{name}={value!r} must be a non-empty list of layers per pipeline stage, e.g. [16, 16]")
-    if total_layers is not None and sum(value) != total_layers:
-        raise ValueError(f"{name}={list(value)} covers {sum(value)} layers; this model has {total_layers}")
-    return tuple(value)
-
-
 def new_transfer_id() -> str:
     return uuid.uuid4().hex
 
@@ -178,7 +156,7 @@ def prefill_params(
 
     decode_tp: the decode engine's tensor_parallel_size. With the same TP as
     prefill each rank sends to its twin; with k times prefill's TP each
-    prefill rank splits its KV heads k ways (see WorkerSide._targets).
+    prefill rank splits its KV heads k ways (see kvtransfer.reshard).
     decode_layers: a pipelined decode engine's layers per stage (its
     VLLM_PP_LAYER_PARTITION); each prefill stage sends each decode stage the
     layers it holds. None: decode has one stage.

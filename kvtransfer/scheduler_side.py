@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvtransfer import protocol
 from kvtransfer.arrivals import has_arrived
-from kvtransfer.handoff import layer_partition, prompt_hash, rank_endpoint
+from kvtransfer.handoff import prompt_hash, rank_endpoint
 from kvtransfer.metadata import AbortSpec, HexConnectorMetadata, LoadSpec, SendSpec
+from kvtransfer.reshard import layer_partition
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager

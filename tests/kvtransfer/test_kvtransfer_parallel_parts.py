@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from kvtransfer.handoff import ConnectorOptions, prompt_hash, stage_ranges
+from kvtransfer.handoff import ConnectorOptions, prompt_hash
+from kvtransfer.reshard import stage_ranges
 from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
 from kvtransfer.worker_side import WorkerSide
 
