@@ -47,6 +47,33 @@ def stage_weight_bytes(model: ModelSpec, layers: int, first: bool, last: bool) -
     return layers * model.layer_weight_bytes + extra
 
 
+# -- memory: the one model the strategies and the simulator both use --------------------------------
+def kv_replication(model: ModelSpec, tp: int) -> float:
+    """Copies of each KV head a stage's ``tp`` ranks hold.
+
+    vLLM shards KV heads across TP ranks, and every rank needs at least one: with
+    more ranks than KV heads each head is replicated ``tp / kv_heads`` times.
+    """
+    return max(1.0, tp / model.num_key_value_heads)
+
+
+def stage_kv_bytes_per_token(model: ModelSpec, layers: int, tp: int) -> float:
+    """KV bytes one token of context costs a stage, over all its ``tp`` GPUs (replicated heads included)."""
+    return layers * model.kv_bytes_per_token_per_layer * kv_replication(model, tp)
+
+
+def stage_free_bytes(model: ModelSpec, usable_bytes_per_gpu: float, tp: int, layers: int, first: bool,
+                     last: bool) -> float:
+    """Memory a stage's ``tp`` GPUs have left for the KV cache once the weights are in (< 0: they do not fit)."""
+    return tp * usable_bytes_per_gpu - stage_weight_bytes(model, layers, first, last)
+
+
+def stage_bytes_per_gpu(model: ModelSpec, layers: int, tp: int, first: bool, last: bool, kv_tokens: float) -> float:
+    """Memory one GPU of a stage needs: its share of the weights and of ``kv_tokens`` tokens of KV cache."""
+    kv = kv_tokens * stage_kv_bytes_per_token(model, layers, tp)
+    return (stage_weight_bytes(model, layers, first, last) + kv) / tp
+
+
 def prefill_stage_time(
     model: ModelSpec,
     workload: Workload,
@@ -107,7 +134,8 @@ def kv_bytes_per_request(model: ModelSpec, workload: Workload) -> float:
 
 
 def kv_shard_fraction(model: ModelSpec, layers: int, tp: int) -> float:
-    """Share of a request's KV one GPU of a stage holds (KV heads replicate when tp > kv heads)."""
+    """Share of a request's KV one GPU of a stage holds (KV heads replicate when tp > kv heads:
+    ``kv_replication / tp`` of the stage's layers)."""
     return layers / model.num_layers / min(tp, model.num_key_value_heads)
 
 

@@ -246,8 +246,7 @@ class GroupEvaluator:
                 t = cm.decode_stage_time(model, wl, node.spec, tp, ks, micro, first, last, intra_bw, intra_lat)
                 hop = cm.link_time(cm.activation_bytes(model, micro), slot.hop_bw, slot.hop_lat)
                 kv_tokens = batch * cm.kv_alloc_tokens(wl)
-            need = cm.stage_weight_bytes(model, ks, first, last) + kv_tokens * ks * model.kv_bytes_per_token_per_layer
-            fits[i] = need / tp <= self.options.usable_bytes(node.spec)
+            fits[i] = cm.stage_bytes_per_gpu(model, ks, tp, first, last, kv_tokens) <= self.options.usable_bytes(node.spec)
             times[i] = np.maximum(t, hop) if i < n - 1 else t
             self._row_cache[key] = (times[i].copy(), fits[i].copy())
         fits[:, 0] = False
@@ -320,7 +319,8 @@ class GroupEvaluator:
         lo_found = feasible(1)
         if lo_found is None:
             return None
-        # No split can hold more requests than the group's free memory after weights.
+        # No split can hold more requests than the group's free memory after weights (an upper bound:
+        # replicated KV heads, counted per stage by _stage_costs, only lower it).
         free = self.memory_bytes(group) - self.model.weight_bytes
         per_request = cm.kv_alloc_tokens(self.workload) * self.model.kv_bytes_per_token
         lo, hi = 1, max(1, min(self.options.max_batch_size, int(free // per_request)))
@@ -411,8 +411,8 @@ class GroupEvaluator:
         best = self.options.max_batch_size
         for i, (s, k) in enumerate(zip(slots, split)):
             spec = self.cluster.nodes[s.node].spec
-            free = self.options.usable_bytes(spec) * tp - cm.stage_weight_bytes(model, k, i == 0, i == n - 1)
-            per_request = cm.kv_alloc_tokens(wl) * k * model.kv_bytes_per_token_per_layer
+            free = cm.stage_free_bytes(model, self.options.usable_bytes(spec), tp, k, i == 0, i == n - 1)
+            per_request = cm.kv_alloc_tokens(wl) * cm.stage_kv_bytes_per_token(model, k, tp)
             best = min(best, int(free // per_request))
         return best
 

@@ -2,7 +2,8 @@
 
 A group is a pipeline of stages; each stage is `tp` GPUs of one type holding a
 contiguous run of layers. Its KV capacity is what is left of the usable memory
-after the weights, on the tightest stage. A route's KV cost per token is the
+after the weights, on the tightest stage, by the planner's memory model
+(`planner.core.costmodel.stage_free_bytes` / `stage_kv_bytes_per_token`). A route's KV cost per token is the
 largest shard one GPU of the prefill group sends, over the link between the
 two groups (each GPU sends its own shard in parallel, as the cost model says).
 """
@@ -49,15 +50,11 @@ def make_group(
     capacity = float("inf")
     for i, (gpu, tp, layers) in enumerate(stages):
         first, last = i == 0, i == len(stages) - 1
-        weights = costmodel.stage_weight_bytes(model, layers, first, last)
-        free = tp * options.usable_bytes(gpu) - weights
+        free = costmodel.stage_free_bytes(model, options.usable_bytes(gpu), tp, layers, first, last)
         if free <= 0:
             raise ValueError(f"group {name}: stage {i} ({tp}x {gpu.name}, {layers} layers) "
                              f"lacks {-free / 2**30:.1f} GiB for the weights")
-        per_token = model.kv_bytes_per_token_per_layer * layers
-        # KV heads replicate when tp exceeds them, so each GPU holds a bigger share.
-        replication = max(1.0, tp / model.num_key_value_heads)
-        capacity = min(capacity, free / (per_token * replication))
+        capacity = min(capacity, free / costmodel.stage_kv_bytes_per_token(model, layers, tp))
         sim_stages.append(SimStage(
             gpu=gpu, tp=tp, layers=layers, first=first, last=last,
             intra_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_gb_per_s * GB,

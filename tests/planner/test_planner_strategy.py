@@ -7,7 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
+from planner.core import costmodel as cm
 from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator, min_bottleneck_split
+from planner.sim.build import make_group
 from planner_factories import make_cluster
 
 
@@ -114,3 +116,23 @@ def test_evaluations_are_cached_by_shape():
     for node in range(4):
         ev.evaluate(((node, 4),))
     assert ev.evaluations == 1
+
+
+def test_planner_and_simulator_count_replicated_kv_heads_alike():
+    """8 query heads, 2 KV heads: at tp 4 every KV head lives on two ranks, so a stage holds half the tokens."""
+    model = {"name": "gqa-2kv", "num_layers": 16, "hidden_size": 1024, "num_attention_heads": 8,
+             "num_key_value_heads": 2, "intermediate_size": 4096, "vocab_size": 32000}
+    c = make_cluster(nodes=[{"gpu_type": "L4", "num_gpus": 4}], model=model, options={"max_batch_size": 100_000})
+    usable = c.options.usable_bytes(c.nodes[0].spec)
+    free = 4 * usable - cm.stage_weight_bytes(c.model, 16, True, True)
+    replicated_per_token = 2 * 16 * c.model.kv_bytes_per_token_per_layer
+    # The simulator's group...
+    group = make_group("d", "decode", c.model, [(c.nodes[0].spec, 4, 16)], c.options)
+    assert group.kv_capacity_tokens == int(free / replicated_per_token)
+    # ... and the planner's batch bound for the same stage read the same memory model.
+    ev = GroupEvaluator(c)
+    batch = ev._max_batch_for_split(((0, 4),), 4, ev._slots(((0, 4),), 4), [16])
+    assert batch == int(free // (cm.kv_alloc_tokens(c.workload) * replicated_per_token))
+    assert batch * cm.kv_alloc_tokens(c.workload) <= group.kv_capacity_tokens
+    # At tp 2 (= KV heads) nothing is replicated.
+    assert cm.stage_kv_bytes_per_token(c.model, 16, 2) == 16 * c.model.kv_bytes_per_token_per_layer
