@@ -4,7 +4,7 @@ Each transfer moves through:
 
     (unknown) --Begin--> receiving --Chunk*--> receiving --End--> complete --claim--> claimed
                              |                                       |                   | reclaim_s
-                             +-- any bad frame / Abort / timeout --> failed (tombstone, no bytes)
+                             +-- any bad frame / DropTransfer / timeout --> failed (tombstone, no bytes)
                                                                      +-- lease expires --> (gone)
 
 Nothing leaves this module until a transfer is complete: every (layer, block)
@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvtransfer import protocol
-from kvtransfer.protocol import Abort, Ack, Begin, Chunk, End, Limits, ProtocolError
+from common.wire import ProtocolError
+from kvtransfer.protocol import Ack, Begin, Chunk, DropTransfer, End, Limits
 
 ALREADY_CLAIMED = "already claimed by another request (and its reclaim window passed)"
 
@@ -118,7 +119,7 @@ class Assembler:
             return self._chunk(message, frames[1])
         if isinstance(message, End):
             return self._end(message)
-        if isinstance(message, Abort):
+        if isinstance(message, DropTransfer):
             self._fail(message.transfer_id, f"sender aborted: {message.reason}", reply=False)
             return None
         raise ProtocolError(f"{type(message).__name__} is not a message a receiver accepts")

@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from kvtransfer.protocol import ProtocolError, int8_scale_count, token_axis
+from common.wire import ProtocolError
+from kvtransfer.protocol import int8_scale_count, token_axis
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -47,7 +47,7 @@ class LoadSpec:
 
 
 @dataclass(slots=True)
-class AbortSpec:
+class DropSpec:
     """Prefill: tell every decode rank that was sent part of this transfer to drop it."""
 
     endpoint: str
@@ -60,5 +60,5 @@ class AbortSpec:
 class HexConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
-    aborts: list[AbortSpec] = field(default_factory=list)
+    drops: list[DropSpec] = field(default_factory=list)
 

@@ -9,7 +9,7 @@ sender, a ZeroMQ DEALER) to a decode worker (the receiver, a ROUTER):
     ... one Chunk per (layer, step of the prefill) ...
     End(num_chunks, total bytes)   ──▶ check every (layer, block) arrived
                                    ◀── Ack(ok | error)
-    Abort(reason)                  ──▶ drop what arrived
+    DropTransfer(reason)           ──▶ drop what arrived (prefill gave up)
 
 Framing: a message is one or two ZeroMQ frames. Frame 0 is the header, a
 msgpack array whose first element is the type tag and whose second is the
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import NoReturn, Union
 
 import msgspec
+
+from common.wire import ProtocolError
 
 # 2: Begin carries first_layer and Chunk.layer is the model's layer index (a
 # pipeline stage sends a part holding only its own layers).
@@ -61,10 +63,6 @@ DEFAULT_CHECKSUM = _default_checksum()
 # 32 MiB mmap ceiling, so a receiver reuses freed frames (kvtransfer.allocator);
 # large enough that per-message costs stay negligible.
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
-
-
-class ProtocolError(ValueError):
-    """A message broke the protocol; the text names the field and what was expected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +123,12 @@ class End(msgspec.Struct, tag="end", array_like=True, frozen=True):
     total_payload_bytes: int
 
 
-class Abort(msgspec.Struct, tag="abort", array_like=True, frozen=True):
+class DropTransfer(msgspec.Struct, tag="abort", array_like=True, frozen=True):
+    """Sender → receiver: drop this transfer, it will not be completed (its
+    request ended early, or the sender gave up). Not the control plane's Abort
+    of a request (engine.control_protocol): this one only concerns KV bytes.
+    The wire tag stays "abort" (protocol version 2)."""
+
     version: int
     transfer_id: str
     reason: str
@@ -140,7 +143,7 @@ class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):
     error: str = ""
 
 
-Message = Union[Begin, Chunk, End, Abort, Ack]
+Message = Union[Begin, Chunk, End, DropTransfer, Ack]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kvtransfer import protocol
 from kvtransfer.arrivals import has_arrived
 from kvtransfer.handoff import prompt_hash, rank_endpoint
-from kvtransfer.metadata import AbortSpec, HexConnectorMetadata, LoadSpec, SendSpec
+from kvtransfer.metadata import DropSpec, HexConnectorMetadata, LoadSpec, SendSpec
 from kvtransfer.reshard import layer_partition
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class SchedulerSide:
         self._sending: dict[str, _Sending] = {}
         self._sent: dict[str, _Sending] = {}  # whole prompt shipped; awaiting request_finished
         self._loads: list[LoadSpec] = []
-        self._aborts: list[AbortSpec] = []
+        self._drops: list[DropSpec] = []
 
     @property
     def total_layers(self) -> int | None:
@@ -185,8 +185,8 @@ class SchedulerSide:
     # -- prefill -------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> HexConnectorMetadata:
-        meta = HexConnectorMetadata(loads=self._loads, aborts=self._aborts)
-        self._loads, self._aborts = [], []
+        meta = HexConnectorMetadata(loads=self._loads, drops=self._drops)
+        self._loads, self._drops = [], []
         for request_id, state in list(self._sending.items()):
             num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
             if not num_scheduled:
@@ -230,8 +230,8 @@ class SchedulerSide:
         if unfinished is not None:
             # Finished (aborted) before its whole prompt was computed: nothing to decode from.
             if unfinished.blocks_sent:
-                self._aborts.append(
-                    AbortSpec(unfinished.endpoint, unfinished.transfer_id, unfinished.decode_tp, unfinished.decode_layers)
+                self._drops.append(
+                    DropSpec(unfinished.endpoint, unfinished.transfer_id, unfinished.decode_tp, unfinished.decode_layers)
                 )
             return False, None
         state = self._sent.pop(request.request_id, None)

@@ -116,11 +116,11 @@ class SendPath:
     def finish_step(self, meta: HexConnectorMetadata) -> None:
         """After the step's forward pass: drop transfers whose request ended
         early, and End every part whose last prompt block went out."""
-        for abort in meta.aborts:
-            for part in self.parts(abort.decode_tp, abort.decode_layers):
-                transfer_id = abort.transfer_id + part.suffix
+        for drop in meta.drops:
+            for part in self.parts(drop.decode_tp, drop.decode_layers):
+                transfer_id = drop.transfer_id + part.suffix
                 self._progress.pop((transfer_id, part.rank), None)
-                self.sender.abort(rank_endpoint(abort.endpoint, part.rank), transfer_id, "prefill request ended before its prompt was computed")
+                self.sender.drop(rank_endpoint(drop.endpoint, part.rank), transfer_id, "prefill request ended before its prompt was computed")
         for spec in meta.sends:
             if not spec.is_last:
                 continue

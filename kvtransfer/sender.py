@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import zmq
 
 from kvtransfer import protocol
-from kvtransfer.protocol import Abort, Ack, Limits
+from common.wire import ProtocolError
+from kvtransfer.protocol import Ack, DropTransfer, Limits
 from common.sockets import make_socket
 from kvtransfer.stats import Stats
 
@@ -44,7 +45,7 @@ class _Item:
     frames: list
     nbytes: int
     is_end: bool
-    is_abort: bool = False  # sent even though the transfer failed: it tells decode so
+    is_drop: bool = False  # sent even though the transfer failed: it tells decode so
 
 
 class KVSender:
@@ -95,7 +96,7 @@ class KVSender:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._mark_failed(key, f"send queue full for {self.enqueue_timeout_s}s (decode too slow)")
-                    self._queue.append(self._abort_item(endpoint, transfer_id, "sender queue full"))
+                    self._queue.append(self._drop_item(endpoint, transfer_id, "sender queue full"))
                     self._cond.notify_all()
                     return False
                 self._cond.wait(remaining)
@@ -114,16 +115,17 @@ class KVSender:
         with self._cond:
             return self.results.get((endpoint, transfer_id))
 
-    def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
+    def drop(self, endpoint: str, transfer_id: str, reason: str) -> None:
+        """Fail the transfer here and tell the receiver to drop what it holds of it."""
         with self._cond:
             self._mark_failed((endpoint, transfer_id), reason)
-            self._queue.append(self._abort_item(endpoint, transfer_id, reason))
+            self._queue.append(self._drop_item(endpoint, transfer_id, reason))
             self._cond.notify_all()
 
     @staticmethod
-    def _abort_item(endpoint: str, transfer_id: str, reason: str) -> _Item:
-        frames = [protocol.encode(Abort(protocol.PROTOCOL_VERSION, transfer_id, reason))]
-        return _Item(endpoint, transfer_id, frames, 0, is_end=False, is_abort=True)
+    def _drop_item(endpoint: str, transfer_id: str, reason: str) -> _Item:
+        frames = [protocol.encode(DropTransfer(protocol.PROTOCOL_VERSION, transfer_id, reason))]
+        return _Item(endpoint, transfer_id, frames, 0, is_end=False, is_drop=True)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until everything queued was sent and acked or failed (tests, benchmarks)."""
@@ -203,7 +205,7 @@ class KVSender:
     def _send(self, item: _Item, sockets: dict[str, zmq.Socket], poller: zmq.Poller) -> None:
         key = (item.endpoint, item.transfer_id)
         with self._cond:
-            failed = key in self._failed and not item.is_abort
+            failed = key in self._failed and not item.is_drop
         if not failed:
             try:
                 self._socket(item.endpoint, sockets, poller).send_multipart(item.frames, copy=False)
@@ -232,7 +234,7 @@ class KVSender:
                     break
                 try:
                     ack = protocol.decode_header(frames[-1], Limits())
-                except protocol.ProtocolError as exc:
+                except ProtocolError as exc:
                     logger.warning("kvtransfer: bad reply from decode: %s", exc)
                     continue
                 if isinstance(ack, Ack):

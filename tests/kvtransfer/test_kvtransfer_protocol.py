@@ -10,7 +10,8 @@ from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import transfer_messages
 from kvtransfer.handoff import ConnectorOptions, connector_config, decode_params_from, prefill_params, prompt_hash
-from kvtransfer.protocol import Ack, Begin, Chunk, End, Limits, ProtocolError
+from common.wire import ProtocolError
+from kvtransfer.protocol import Ack, Begin, Chunk, End, Limits
 
 
 def kv(layers=2, blocks=3, shape=(2, 4, 8), seed=0) -> torch.Tensor:
@@ -38,6 +39,9 @@ def reassemble(transfer) -> torch.Tensor:
 def test_header_type_tag_and_version_come_first():
     raw = protocol.encode(End(protocol.PROTOCOL_VERSION, "t1", 3, 99))
     assert msgspec.msgpack.decode(raw)[:2] == ["end", protocol.PROTOCOL_VERSION]
+    # DropTransfer is the class name only: on the wire it is still "abort", version 2.
+    drop = protocol.encode(protocol.DropTransfer(protocol.PROTOCOL_VERSION, "t1", "why"))
+    assert msgspec.msgpack.decode(drop) == ["abort", 2, "t1", "why"]
 
 
 V = protocol.PROTOCOL_VERSION
@@ -50,7 +54,7 @@ def test_round_trip_every_message():
         Begin(V, "t", "r", "h", 10, 2, 1, "float32", (2, 4), "raw", 64, 30),
         Chunk(V, "t", 0, 0, 1, "float32", (1, 2, 4), "raw", 32, "crc32", 5),
         End(V, "t", 2, 64),
-        protocol.Abort(V, "t", "why"),
+        protocol.DropTransfer(V, "t", "why"),
         Ack(V, "t", False, "bad"),
     ]
     for m in messages:
@@ -176,7 +180,7 @@ def test_abort_drops_received_bytes():
     messages = transfer_messages("t1", kv())
     feed(a, messages[:2])
     assert a.held_bytes() > 0
-    a.on_frames([protocol.encode(protocol.Abort(V, "t1", "prefill died"))])
+    a.on_frames([protocol.encode(protocol.DropTransfer(V, "t1", "prefill died"))])
     assert a.held_bytes() == 0 and a.reserved_bytes == 0
     assert "prefill died" in a.claim("t1").error
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from kvtransfer.handoff import prefill_params, prompt_hash
-from kvtransfer.metadata import AbortSpec
+from kvtransfer.metadata import DropSpec
 from kvtransfer.scheduler_side import SchedulerSide
 
 BLOCK = 4
@@ -88,7 +88,7 @@ def test_request_ending_before_its_prompt_aborts_the_transfer():
     side, request = producer(10)
     step(side, request, 6)
     assert side.request_finished(request, [10, 11]) == (False, None)
-    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).aborts == [AbortSpec("ipc:///tmp/d", "t", 1)]
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).drops == [DropSpec("ipc:///tmp/d", "t", 1)]
 
 
 def test_decode_loads_only_blocks_past_the_local_hit_and_only_once():
