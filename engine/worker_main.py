@@ -2,6 +2,8 @@
 
     python -m prefill ...   prefill.worker.COMMAND_LINE   (KV producer)
     python -m decode ...    decode.worker.COMMAND_LINE    (KV consumer)
+    python -m engine ...    COLOCATED_COMMAND_LINE        (no KV connector: one engine
+                                                           computes the prompt and generates)
 
 A role hands `main` a `WorkerCommandLine`: its name and how its options
 become the engine's kv_transfer_config. Everything else (model, sizes, the
@@ -24,6 +26,7 @@ from typing import Any
 from common.roles import Role
 from engine.config import DEFAULT_CPU_KVCACHE_GIB, EngineSettings
 from engine.worker_server import WorkerServer, run_worker
+from engine.worker_spec import WORKER_MODULES
 
 # (kv_endpoint, kv_connector) -> the engine's kv_transfer_config, or None for no connector.
 KVConfigBuilder = Callable[[str | None, str], dict[str, Any] | None]
@@ -37,6 +40,12 @@ class WorkerCommandLine:
     description: str
     # With a builder the worker takes --kv-endpoint and --kv-connector; without, it moves no KV.
     kv_transfer_config: KVConfigBuilder | None = None
+
+
+COLOCATED_COMMAND_LINE = WorkerCommandLine(
+    role=Role.COLOCATED,
+    description="Run one colocated worker: one engine computes each prompt and generates its answer (no KV transfer).",
+)
 
 
 def kv_stats_reader(settings: EngineSettings):
@@ -56,7 +65,7 @@ def kv_stats_reader(settings: EngineSettings):
 
 def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
     role = command_line.role
-    parser = argparse.ArgumentParser(prog=f"python -m {role.value}", description=command_line.description)
+    parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULES[role]}", description=command_line.description)
     parser.add_argument("--model", default=None, help="local model folder or hub name (default: the tiny model, built on first use)")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--control-endpoint", required=True, help="ZeroMQ endpoint to bind for the router, e.g. tcp://127.0.0.1:7001")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from common.roles import Role
 
-# The module each role's worker runs as (`python -m <module>`).
-WORKER_MODULES = {Role.PREFILL: "prefill", Role.DECODE: "decode"}
+# The module each role's worker runs as (`python -m <module>`): a colocated
+# worker is the bare engine, with no KV connector.
+WORKER_MODULES = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.COLOCATED: "engine"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class WorkerSpec:
     model: str | None = None  # None: the tiny model
     served_model_name: str | None = None
     max_model_len: int = 1024
-    kv_connector: str = "zmq"
+    kv_connector: str = "zmq"  # prefill and decode: "none" moves no KV (decode recomputes); unused by colocated
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Layers per pipeline stage (the plan's uneven split); () with one stage.
@@ -43,11 +44,18 @@ class WorkerSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role.parse(self.role, field=f"worker {self.worker_id} role"))
+        if not self.moves_kv and self.kv_endpoint is not None:
+            raise ValueError(f"worker {self.worker_id} is colocated: it moves no KV, so it has no kv_endpoint")
         if self.pipeline_parallel_size > 1 and len(self.layer_partition) != self.pipeline_parallel_size:
             # Prefill must know a pipelined decode worker's split to send each stage its layers.
             raise ValueError(
                 f"worker {self.worker_id} has pipeline_parallel_size={self.pipeline_parallel_size} but "
                 f"layer_partition={list(self.layer_partition)}; give the layers of each of its stages")
+
+    @property
+    def moves_kv(self) -> bool:
+        """Prefill and decode workers move KV between them; a colocated worker keeps its own."""
+        return self.role is not Role.COLOCATED
 
     @property
     def num_ranks(self) -> int:
@@ -71,12 +79,13 @@ class WorkerSpec:
         cmd = [sys.executable, "-m", WORKER_MODULES[self.role],
                "--worker-id", self.worker_id,
                "--control-endpoint", self.control_endpoint,
-               "--kv-connector", self.kv_connector,
                "--max-model-len", str(self.max_model_len),
                "--tensor-parallel-size", str(self.tensor_parallel_size),
                "--pipeline-parallel-size", str(self.pipeline_parallel_size),
                "--cpu-kvcache-gib", str(self.cpu_kvcache_gib),
                "--exit-with-parent"]
+        if self.moves_kv:
+            cmd += ["--kv-connector", self.kv_connector]
         if self.kv_endpoint:
             cmd += ["--kv-endpoint", self.kv_endpoint]
         if self.model:

@@ -1,8 +1,9 @@
 """What to run: the workers and routes of a deployment, from a plan or the embedded default.
 
 Pure: builds specs, starts nothing. A plan group becomes one worker (one vLLM
-engine replica with the group's TP/PP); a plan route becomes a routing entry
-with the plan's weight.
+engine replica with the group's TP/PP) of the group's role: `python -m
+prefill`, `python -m decode`, or, for a colocated group, `python -m engine`
+(no KV connector); a plan route becomes a routing entry with the plan's weight.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from common.roles import Role
 from common.routing import Route
 from engine.worker_spec import WorkerSpec
 from router.launch_local import local_worker_endpoint
@@ -44,12 +46,12 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
     worker_link: how the router and the workers reach each other (control and
     KV endpoints), "ipc" (Unix sockets) or "tcp" on `host`."""
     model_path, served = _resolve_model(model, served_model_name)
-    common = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector)
+    shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector)
     workers = [
         # (Prefill listens for no KV: its kv_endpoint is never bound, see kvtransfer.handoff.)
         WorkerSpec(worker_id=worker_id, role=role, control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
-                   kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host), group_id=group, **common)
-        for worker_id, role, group in (("prefill-0", "prefill", "p0"), ("decode-0", "decode", "d0"))
+                   kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host), group_id=group, **shared)
+        for worker_id, role, group in (("prefill-0", Role.PREFILL, "p0"), ("decode-0", Role.DECODE, "d0"))
     ]
     return Deployment(workers=workers, routes=[Route("prefill-0", "decode-0", 1.0)], model_path=model_path,
                       served_model_name=served, max_model_len=max_model_len)
@@ -70,40 +72,47 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     rehearsal = model is None
     if not rehearsal and kv_connector != "none":
         check_kv_layouts(plan)
+    shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len,
+                  cpu_kvcache_gib=cpu_kvcache_gib)
     workers: list[WorkerSpec] = []
     placement: dict[str, dict] = {}
     worker_of_group: dict[str, str] = {}
     for group in plan.groups:
-        worker_id = f"{group.role}-{group.id}"
+        role = Role.parse(group.role, field=f"plan group {group.id} role")
+        worker_id = f"{role}-{group.id}"
         worker_of_group[group.id] = worker_id
         tp, pp = (1, 1) if rehearsal else (group.tp, group.pp)
+        moves_kv = role is not Role.COLOCATED
         workers.append(WorkerSpec(
-            worker_id=worker_id, role="prefill" if group.role == "prefill" else "decode",
+            worker_id=worker_id, role=role,
             # One KV socket per engine rank. On Ray each actor re-binds both on its node's address (tcp).
             control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
-            kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host, ranks=tp * pp),
-            model=model_path,
-            served_model_name=served, max_model_len=max_model_len,
-            kv_connector=kv_connector if group.role != "colocated" else "none",
-            tensor_parallel_size=tp,
-            pipeline_parallel_size=pp,
+            kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host, ranks=tp * pp) if moves_kv else None,
+            kv_connector=kv_connector if moves_kv else "none",
+            tensor_parallel_size=tp, pipeline_parallel_size=pp,
             layer_partition=tuple(group.layer_partition) if pp > 1 else (),
-            cpu_kvcache_gib=cpu_kvcache_gib, group_id=group.id))
+            group_id=group.id, **shared))
         placement[worker_id] = {"nodes": list(group.nodes), "gpu_types": dict(group.gpu_types),
                                 "num_gpus": len(group.gpus)}
+    routes = _plan_routes(plan, worker_of_group)
+    if not routes:
+        raise ValueError("the plan has no route with positive flow; re-solve it (is any group able to serve?)")
+    return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
+                      max_model_len=max_model_len, placement=placement)
+
+
+def _plan_routes(plan, worker_of_group: dict[str, str]) -> list[Route]:
+    """The plan's prefill->decode routes by their flow, and each serving colocated group to itself."""
     routes = []
     for r in plan.routes:
         flow = r.rate_rps if r.rate_rps > 0 else r.weight
         if flow > 0:
             routes.append(Route(worker_of_group[r.prefill], worker_of_group[r.decode], flow))
     for group in plan.groups:
-        if group.role == "colocated" and group.capacity_rps > 0:
+        if group.role == Role.COLOCATED and group.capacity_rps > 0:
             worker_id = worker_of_group[group.id]
             routes.append(Route(worker_id, worker_id, group.load_rps or group.capacity_rps))
-    if not routes:
-        raise ValueError("the plan has no route with positive flow; re-solve it (is any group able to serve?)")
-    return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
-                      max_model_len=max_model_len, placement=placement)
+    return routes
 
 
 def check_kv_layouts(plan) -> None:

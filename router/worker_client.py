@@ -145,6 +145,9 @@ class WorkerClient:
                 continue
             if isinstance(message, proto.Pong):
                 self.last_pong_at = time.monotonic()
+                if message.load.role != self.info.role and (self.load is None or self.load.role != message.load.role):
+                    log.error("worker %s reports role %s; the deployment started it as %s",
+                              self.worker_id, message.load.role, self.info.role)
                 self.load = message.load
                 if not self.healthy:
                     log.info("worker %s is healthy", self.worker_id)

@@ -14,6 +14,8 @@ import httpx
 import psutil
 
 from common.ports import free_tcp_port
+from common.roles import Role
+from engine.worker_spec import WORKER_MODULES
 
 EMBEDDED_API_KEY = "test-key-123"  # the session-wide embedded router requires it
 
@@ -34,13 +36,14 @@ class RouterProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def worker_pid(self, role: str) -> int:
-        """PID of the router's `python -m <role>` child."""
+        """PID of the router's worker of this role (`python -m prefill|decode|engine`)."""
+        module = WORKER_MODULES[Role.parse(role)]
         for child in psutil.Process(self.proc.pid).children(recursive=True):
             try:
                 cmdline = child.cmdline()
             except psutil.Error:
                 continue
-            if "-m" in cmdline and role in cmdline and "--control-endpoint" in cmdline:
+            if "-m" in cmdline and module in cmdline and "--control-endpoint" in cmdline:
                 return child.pid
         raise LookupError(f"no {role} worker under router pid {self.proc.pid}")
 

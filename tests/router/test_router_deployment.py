@@ -9,6 +9,7 @@ import pytest
 
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from common.roles import Role
+from common.routing import Route
 from prefill import prefill_kv_params
 from router.deployment import deployment_from_plan
 from common.ports import free_tcp_port
@@ -141,3 +142,16 @@ def test_worker_spec_checks_its_role_and_pipeline_split():
     command = spec.command()
     assert command[1:3] == ["-m", "decode"] and command[command.index("--kv-endpoint") + 1] == "ipc:///tmp/w0-kv"
     assert WorkerSpec("w1", Role.PREFILL, "ipc:///tmp/w1").layers_per_stage is None
+
+
+def test_colocated_group_becomes_a_colocated_worker_routed_to_itself():
+    group = _group("c0", "colocated", tp=2)
+    plan = _plan(_group("p0", "prefill"), _group("d0", "decode"))
+    plan.groups.append(group)
+    deployment = deployment_from_plan(plan, model="/models/llama")
+    colocated = next(w for w in deployment.workers if w.group_id == "c0")
+    assert colocated.role is Role.COLOCATED and colocated.worker_id == "colocated-c0"
+    assert colocated.kv_endpoint is None and colocated.tensor_parallel_size == 2
+    assert colocated.command()[1:3] == ["-m", "engine"]
+    assert Route("colocated-c0", "colocated-c0", 1.0) in deployment.routes
+    assert {w.role for w in deployment.workers} == {Role.PREFILL, Role.DECODE, Role.COLOCATED}
