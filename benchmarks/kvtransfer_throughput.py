@@ -157,9 +157,7 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
     """One row: every variant moving one request's KV of `model` at `tokens` tokens."""
     import torch
 
-    from kvtransfer import protocol
-    from kvtransfer.framing import block_ranges, chunk_message
-    from kvtransfer.protocol import Begin, End
+    from kvtransfer.framing import begin_message, block_ranges, end_message, layer_chunks
 
     layers, kv_heads, head_dim = shape
     blocks = -(-tokens // BLOCK_SIZE)
@@ -196,14 +194,15 @@ def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int]
         transfer_id = os.urandom(8).hex()
         link.kv_jobs.put(transfer_id)
         start, cpu0 = time.perf_counter(), _cpu_s()
-        begin = Begin(protocol.PROTOCOL_VERSION, transfer_id, "bench", "0" * 16, tokens, layers, blocks, "float16", tuple(kv.shape[2:]), "raw", total)
-        link.sender.submit(link.kv_ep, transfer_id, [protocol.encode(begin)], 0)
+        # The connector's messages, built as its send path builds them: Begin,
+        # each layer's blocks in chunks of at most MAX_CHUNK_BYTES, End.
+        begin = begin_message(transfer_id, "bench", prompt_hash="0" * 16, num_tokens=tokens, first_layer=0, num_layers=layers,
+                              num_blocks=blocks, dtype="float16", block_shape=tuple(kv.shape[2:]))
+        link.sender.submit(link.kv_ep, transfer_id, begin, 0)
         for index in range(layers):
-            for first, count in ranges:
-                frames = chunk_message(transfer_id, index, first, kv[index, first : first + count], checksum=checksum)
+            for frames in layer_chunks(transfer_id, index, 0, kv[index], checksum=checksum):
                 link.sender.submit(link.kv_ep, transfer_id, frames, len(frames[1]))
-        end = End(protocol.PROTOCOL_VERSION, transfer_id, messages, total)
-        link.sender.submit(link.kv_ep, transfer_id, [protocol.encode(end)], 0, is_end=True)
+        link.sender.submit(link.kv_ep, transfer_id, end_message(transfer_id, messages, total), 0, is_end=True)
         link.sender.wait_idle(600)  # wakes on the Ack
         elapsed = time.perf_counter() - start
         sender_cpu = _cpu_s() - cpu0

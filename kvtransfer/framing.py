@@ -1,22 +1,51 @@
-"""Build a whole transfer's messages from a KV tensor, outside of vLLM.
+"""The one builder of KV messages: each returns a message's frame list, ready to send.
 
-Used by the tests (valid frames to mutate), the benchmark (real-model KV
-sizes without a real model) and anyone replaying a transfer by hand. The
-worker-side connector builds the same messages incrementally, layer by layer.
+The connector's send path builds a transfer incrementally (Begin on its first
+step, a layer's chunks right after that layer's forward pass, End on its last
+step); `transfer_messages` builds a whole transfer from one tensor, for the
+tests (valid frames to mutate) and anyone replaying a transfer by hand; the
+throughput benchmark sends what the send path sends, built here too.
+Chunk payloads are zero-copy views of the tensor for raw encoding.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import torch
 
 from kvtransfer import codec, protocol
-from kvtransfer.protocol import Begin, Chunk, End
+from kvtransfer.protocol import Begin, Chunk, DropTransfer, End
 
 
 def block_ranges(num_blocks: int, block_bytes: int, max_chunk_bytes: int = protocol.MAX_CHUNK_BYTES) -> list[tuple[int, int]]:
     """(first, count) ranges covering num_blocks, each at most max_chunk_bytes (at least one block)."""
     step = max(1, max_chunk_bytes // max(1, block_bytes))
     return [(first, min(step, num_blocks - first)) for first in range(0, num_blocks, step)]
+
+
+def begin_message(
+    transfer_id: str,
+    request_id: str,
+    *,
+    prompt_hash: str,
+    num_tokens: int,
+    first_layer: int,
+    num_layers: int,
+    num_blocks: int,
+    dtype: str,
+    block_shape: tuple[int, ...],
+    encoding: str = "raw",
+) -> list:
+    """[header] opening a transfer of layers [first_layer, first_layer + num_layers)
+    x num_blocks blocks; it reserves their raw size at the receiver."""
+    reserve_bytes = protocol.raw_bytes(dtype, (num_layers, num_blocks, *block_shape))
+    begin = Begin(
+        protocol.PROTOCOL_VERSION, transfer_id, request_id, prompt_hash, num_tokens, num_layers, num_blocks,
+        dtype, tuple(block_shape), encoding, reserve_bytes, first_layer,
+    )
+    return [protocol.encode(begin)]
 
 
 def chunk_message(
@@ -43,6 +72,34 @@ def chunk_message(
     return [protocol.encode(header), payload]
 
 
+def layer_chunks(
+    transfer_id: str,
+    layer: int,
+    first_block: int,
+    blocks: torch.Tensor,
+    *,
+    max_chunk_bytes: int = protocol.MAX_CHUNK_BYTES,
+    encoding: str = "raw",
+    checksum: str = protocol.DEFAULT_CHECKSUM,
+) -> Iterator[list]:
+    """Chunk messages for one layer's blocks (n, *block_shape), numbered from
+    first_block, each payload at most max_chunk_bytes (at least one block) and
+    a view of `blocks`. Built one at a time, as the sender takes them."""
+    block_bytes = math.prod(blocks.shape[1:]) * blocks.element_size()
+    for first, count in block_ranges(int(blocks.shape[0]), block_bytes, max_chunk_bytes):
+        yield chunk_message(transfer_id, layer, first_block + first, blocks[first : first + count], encoding=encoding, checksum=checksum)
+
+
+def end_message(transfer_id: str, num_chunks: int, total_payload_bytes: int) -> list:
+    """[header] closing a transfer: the receiver checks it got exactly this much."""
+    return [protocol.encode(End(protocol.PROTOCOL_VERSION, transfer_id, num_chunks, total_payload_bytes))]
+
+
+def drop_message(transfer_id: str, reason: str) -> list:
+    """[header] telling the receiver to drop a transfer that will not be completed."""
+    return [protocol.encode(DropTransfer(protocol.PROTOCOL_VERSION, transfer_id, reason))]
+
+
 def transfer_messages(
     transfer_id: str,
     kv: torch.Tensor,
@@ -55,38 +112,26 @@ def transfer_messages(
     first_layer: int = 0,
 ) -> list[list]:
     """All messages (each a frame list) of one transfer. kv: (layers, blocks, *block_shape),
-    holding the model's layers first_layer, first_layer + 1, ... (a pipeline stage's part)."""
+    holding the model's layers first_layer, first_layer + 1, ... (a pipeline stage's part).
+    Chunks go block range by block range, every layer of a range in turn, as
+    a chunked prefill sends them step by step."""
     num_layers, num_blocks = int(kv.shape[0]), int(kv.shape[1])
     block_shape = tuple(int(d) for d in kv.shape[2:])
     dtype = codec.dtype_name(kv.dtype)
     block_bytes = protocol.raw_bytes(dtype, block_shape)
     max_chunk_bytes = block_bytes * blocks_per_chunk if blocks_per_chunk else protocol.MAX_CHUNK_BYTES
-    ranges = block_ranges(num_blocks, block_bytes, max_chunk_bytes)
-    messages: list[list] = [
-        [
-            protocol.encode(
-                Begin(
-                    protocol.PROTOCOL_VERSION,
-                    transfer_id,
-                    "req-" + transfer_id,
-                    prompt_hash,
-                    num_tokens or num_blocks,
-                    num_layers,
-                    num_blocks,
-                    dtype,
-                    block_shape,
-                    encoding,
-                    protocol.raw_bytes(dtype, tuple(kv.shape)),
-                    first_layer,
-                )
-            )
-        ]
+    messages = [
+        begin_message(
+            transfer_id, "req-" + transfer_id, prompt_hash=prompt_hash, num_tokens=num_tokens or num_blocks,
+            first_layer=first_layer, num_layers=num_layers, num_blocks=num_blocks, dtype=dtype, block_shape=block_shape,
+            encoding=encoding,
+        )
     ]
     total = 0
-    for first, count in ranges:
+    for first, count in block_ranges(num_blocks, block_bytes, max_chunk_bytes):
         for layer in range(num_layers):
             frames = chunk_message(transfer_id, first_layer + layer, first, kv[layer, first : first + count], encoding=encoding, checksum=checksum)
             total += len(frames[1])
             messages.append(frames)
-    messages.append([protocol.encode(End(protocol.PROTOCOL_VERSION, transfer_id, len(messages) - 1, total))])
+    messages.append(end_message(transfer_id, len(messages) - 1, total))
     return messages

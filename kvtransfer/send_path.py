@@ -12,17 +12,14 @@ reuse the paged blocks as soon as the step ends.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from kvtransfer import protocol
 from kvtransfer.cache_layout import CacheLayout
-from kvtransfer.framing import block_ranges, chunk_message
+from kvtransfer.framing import begin_message, end_message, layer_chunks
 from kvtransfer.handoff import ConnectorOptions, rank_endpoint
 from kvtransfer.metadata import HexConnectorMetadata, SendSpec
-from kvtransfer.protocol import Begin, End
 from kvtransfer.reshard import Part, RankShape, send_parts
 from kvtransfer.sender import KVSender
 
@@ -78,15 +75,14 @@ class SendPath:
     ) -> None:
         if progress.failed:
             return
-        block_bytes = math.prod(blocks.shape[1:]) * blocks.element_size()
+        endpoint = rank_endpoint(spec.endpoint, target)
         # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
-        for first, count in block_ranges(len(spec.block_ids), block_bytes, self.options.max_chunk_bytes):
-            frames = chunk_message(
-                transfer_id, layer, spec.first_block + first, blocks[first : first + count],
-                encoding=self.options.encoding, checksum=self.options.checksum,
-            )
+        for frames in layer_chunks(
+            transfer_id, layer, spec.first_block, blocks,
+            max_chunk_bytes=self.options.max_chunk_bytes, encoding=self.options.encoding, checksum=self.options.checksum,
+        ):
             payload = frames[1]
-            if not self.sender.submit(rank_endpoint(spec.endpoint, target), transfer_id, frames, len(payload)):
+            if not self.sender.submit(endpoint, transfer_id, frames, len(payload)):
                 progress.failed = True
                 return
             progress.num_chunks += 1
@@ -95,22 +91,12 @@ class SendPath:
     def _send_begin(
         self, spec: SendSpec, transfer_id: str, part: Part, block_shape: tuple[int, ...], progress: _Progress
     ) -> None:
-        layout = self.layout
-        begin = Begin(
-            protocol.PROTOCOL_VERSION,
-            transfer_id,
-            spec.request_id,
-            spec.prompt_hash,
-            spec.num_tokens,
-            part.num_layers,
-            spec.num_blocks,
-            layout.dtype,
-            block_shape,
-            self.options.encoding,
-            protocol.raw_bytes(layout.dtype, (part.num_layers, spec.num_blocks, *block_shape)),
-            part.first_layer,
+        frames = begin_message(
+            transfer_id, spec.request_id, prompt_hash=spec.prompt_hash, num_tokens=spec.num_tokens,
+            first_layer=part.first_layer, num_layers=part.num_layers, num_blocks=spec.num_blocks,
+            dtype=self.layout.dtype, block_shape=block_shape, encoding=self.options.encoding,
         )
-        if not self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, [protocol.encode(begin)], 0):
+        if not self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, frames, 0):
             progress.failed = True
 
     def finish_step(self, meta: HexConnectorMetadata) -> None:
@@ -129,5 +115,5 @@ class SendPath:
                 progress = self._progress.pop((transfer_id, part.rank), _Progress())
                 if progress.failed:
                     continue
-                end = End(protocol.PROTOCOL_VERSION, transfer_id, progress.num_chunks, progress.payload_bytes)
-                self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, [protocol.encode(end)], 0, is_end=True)
+                frames = end_message(transfer_id, progress.num_chunks, progress.payload_bytes)
+                self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, frames, 0, is_end=True)

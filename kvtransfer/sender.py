@@ -28,7 +28,8 @@ import zmq
 
 from kvtransfer import protocol
 from common.wire import ProtocolError
-from kvtransfer.protocol import Ack, DropTransfer, Limits
+from kvtransfer.framing import drop_message
+from kvtransfer.protocol import Ack, Limits
 from common.sockets import make_socket
 from kvtransfer.stats import Stats
 
@@ -124,8 +125,7 @@ class KVSender:
 
     @staticmethod
     def _drop_item(endpoint: str, transfer_id: str, reason: str) -> _Item:
-        frames = [protocol.encode(DropTransfer(protocol.PROTOCOL_VERSION, transfer_id, reason))]
-        return _Item(endpoint, transfer_id, frames, 0, is_end=False, is_drop=True)
+        return _Item(endpoint, transfer_id, drop_message(transfer_id, reason), 0, is_end=False, is_drop=True)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until everything queued was sent and acked or failed (tests, benchmarks)."""

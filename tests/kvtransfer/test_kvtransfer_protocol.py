@@ -8,7 +8,7 @@ import torch
 
 from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler
-from kvtransfer.framing import transfer_messages
+from kvtransfer.framing import begin_message, drop_message, end_message, layer_chunks, transfer_messages
 from kvtransfer.handoff import ConnectorOptions, connector_config, decode_params_from, prefill_params, prompt_hash
 from common.wire import ProtocolError
 from kvtransfer.protocol import Ack, Begin, Chunk, End, Limits
@@ -180,7 +180,7 @@ def test_abort_drops_received_bytes():
     messages = transfer_messages("t1", kv())
     feed(a, messages[:2])
     assert a.held_bytes() > 0
-    a.on_frames([protocol.encode(protocol.DropTransfer(V, "t1", "prefill died"))])
+    a.on_frames(drop_message("t1", "prefill died"))
     assert a.held_bytes() == 0 and a.reserved_bytes == 0
     assert "prefill died" in a.claim("t1").error
 
@@ -201,3 +201,23 @@ def test_handoff_contract():
     assert decode_params_from(None) is None
     assert decode_params_from({"do_remote_prefill": True, "transfer_id": "x"})["transfer_id"] == "x"
     assert prompt_hash([1, 2, 3]) != prompt_hash([1, 2, 4])
+
+
+def test_the_message_builder_pieces_make_a_transfer_the_assembler_accepts():
+    """Begin, each layer's chunks and End as the send path builds them: chunks
+    at most max_chunk_bytes (views, no copy), reserve_bytes the raw size."""
+    data = kv(layers=2, blocks=5, shape=(2, 4))  # float32: 32 bytes a block
+    begin = begin_message("t1", "r1", prompt_hash="h", num_tokens=9, first_layer=0, num_layers=2, num_blocks=5,
+                          dtype="float32", block_shape=(2, 4))
+    assert protocol.decode_header(begin[0], Limits()).reserve_bytes == data.numel() * 4
+    chunks = [frames for layer in range(2) for frames in layer_chunks("t1", layer, 0, data[layer], max_chunk_bytes=64)]
+    headers = [protocol.decode_header(frames[0], Limits()) for frames in chunks]
+    assert [(h.layer, h.first_block, h.num_blocks) for h in headers] == [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2), (1, 2, 2), (1, 4, 1)]
+    blocks = data[0].clone()
+    first = next(layer_chunks("v", 0, 0, blocks, max_chunk_bytes=64))
+    blocks[0].fill_(7.0)  # the payload is a view of the blocks' memory, not a copy
+    assert codec.from_bytes(first[1], "float32", (2, 2, 4))[0].eq(7.0).all()
+    total = sum(len(frames[1]) for frames in chunks)
+    a = Assembler()
+    acks = feed(a, [begin, *chunks, end_message("t1", len(chunks), total)])
+    assert [x.ok for x in acks] == [True] and torch.equal(reassemble(a.claim("t1").transfer), data)
