@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -20,8 +19,7 @@ from pathlib import Path
 from common.ports import free_tcp_port
 from common.sockets import ipc_path
 from engine.worker_spec import WorkerSpec
-from kvtransfer.arrivals import arrivals_dir
-from kvtransfer.handoff import rank_endpoint
+from kvtransfer import remove_receiver_files
 
 
 def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:
@@ -34,7 +32,7 @@ WORKER_LINKS = ("ipc", "tcp")
 def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host: str = "127.0.0.1", ranks: int = 1) -> str:
     """Where a worker on this machine listens: purpose "control" (the router's
     endpoint) or "kv" (a decode worker's KV; a TP/PP worker's ranks add
-    `.rank<r>`, see kvtransfer.handoff.rank_endpoint).
+    `.rank<r>`, see kvtransfer's rank_endpoint).
 
     ipc (Unix sockets) by default: between processes on one host they move KV
     with less CPU than loopback TCP (benchmarks/kvtransfer_throughput), and a
@@ -54,14 +52,13 @@ def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host:
 
 
 def remove_endpoint_files(spec: WorkerSpec) -> None:
-    """What a stopped worker leaves on this machine: its ipc socket files (a
-    killed process cannot remove them) and its receivers' arrival-mark folders."""
-    kv_endpoints = [rank_endpoint(spec.kv_endpoint, rank) for rank in range(spec.num_ranks)] if spec.kv_endpoint else []
-    for endpoint in [spec.control_endpoint, *kv_endpoints]:
-        if (path := ipc_path(endpoint)) is not None:
-            path.unlink(missing_ok=True)
-    for endpoint in kv_endpoints:
-        shutil.rmtree(arrivals_dir(endpoint), ignore_errors=True)
+    """What a stopped worker leaves on this machine (a killed process cannot
+    remove them): its control socket file, and its KV receivers' socket files
+    and arrival-mark folders, which kvtransfer knows how to find."""
+    if (path := ipc_path(spec.control_endpoint)) is not None:
+        path.unlink(missing_ok=True)
+    if spec.kv_endpoint:
+        remove_receiver_files(spec.kv_endpoint, spec.num_ranks)
 
 
 @dataclass
