@@ -21,10 +21,11 @@ import random
 from dataclasses import dataclass
 
 from planner.core.flow import RouteTable
+from planner.core.groups import Group
 from planner.core.partition import minimal_groups
 from planner.core.refine import DISAGGREGATED, Search, State
 from planner.core.solver import solve
-from planner.core.strategy import DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.strategy import DECODE, PREFILL, GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import PlanInputError
 

@@ -127,6 +127,27 @@ def summarize(
         ends = [r.end_s for r in records if r.end_s is not None]
         starts = [r.start_s for r in records]
         duration_s = (max(ends) - min(starts)) if ends and starts else 0.0
+    result = _counts(records, ok, slo, duration_s)
+    result.update(_stats("ttft", [r.ttft_s for r in ok if r.ttft_s is not None]))
+    result.update(_stats("tpot", [t for r in ok if (t := r.tpot_s) is not None]))
+    result.update(_stats("itl", [g for r in ok for g in r.itls_s]))
+    result.update(_stats("e2el", [r.latency_s for r in ok if r.latency_s is not None]))
+    result.update(_stats("client_queue_time", [max(0.0, r.start_s - r.arrival_s) for r in records]))
+    if per_request:
+        result.update({
+            "input_lens": [r.input_tokens for r in records],
+            "output_lens": [r.output_tokens for r in records],
+            "ttfts": [r.ttft_s or 0.0 for r in records],
+            "itls": [r.itls_s for r in records],
+            "latencies": [r.latency_s or 0.0 for r in records],
+            "start_times": [r.start_s for r in records],
+            "errors": [r.error or "" for r in records],
+        })
+    return result
+
+
+def _counts(records: list[RequestRecord], ok: list[RequestRecord], slo: SLO, duration_s: float) -> dict:
+    """Request and token counts, throughputs over `duration_s`, SLO attainment and errors by kind."""
     dur = duration_s if duration_s > 0 else float("nan")
     total_in = sum(r.input_tokens for r in ok)
     total_out = sum(r.output_tokens for r in ok)
@@ -135,8 +156,7 @@ def summarize(
     for r in records:
         if not r.success:
             errors[r.error_kind or "unknown"] = errors.get(r.error_kind or "unknown", 0) + 1
-
-    result: dict = {
+    return {
         "duration": duration_s,
         "num_prompts": len(records),
         "completed": len(ok),
@@ -161,22 +181,6 @@ def summarize(
         ),
         "max_concurrent_requests": max_concurrency(records),
     }
-    result.update(_stats("ttft", [r.ttft_s for r in ok if r.ttft_s is not None]))
-    result.update(_stats("tpot", [t for r in ok if (t := r.tpot_s) is not None]))
-    result.update(_stats("itl", [g for r in ok for g in r.itls_s]))
-    result.update(_stats("e2el", [r.latency_s for r in ok if r.latency_s is not None]))
-    result.update(_stats("client_queue_time", [max(0.0, r.start_s - r.arrival_s) for r in records]))
-    if per_request:
-        result.update({
-            "input_lens": [r.input_tokens for r in records],
-            "output_lens": [r.output_tokens for r in records],
-            "ttfts": [r.ttft_s or 0.0 for r in records],
-            "itls": [r.itls_s for r in records],
-            "latencies": [r.latency_s or 0.0 for r in records],
-            "start_times": [r.start_s for r in records],
-            "errors": [r.error or "" for r in records],
-        })
-    return result
 
 
 def timeline(records: list[RequestRecord], bin_s: float = 1.0) -> dict[str, list[float]]:

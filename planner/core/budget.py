@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ortools.sat.python import cp_model
 
-from planner.core.strategy import DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.groups import Group
+from planner.core.strategy import DECODE, PREFILL, GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
@@ -47,42 +49,87 @@ def _classes(cluster: Cluster) -> dict[tuple, list[int]]:
     return out
 
 
+class _Template(NamedTuple):
+    """A replica that copies of can be rented: ``gpus`` GPUs of one node class."""
+
+    key: tuple  # the node class (type, size, region)
+    group: Group
+    gpus: int
+    prefill_rps: float
+    decode_rps: float
+
+
 def choose_gpus(cluster: Cluster, budget_per_hour: float, time_limit_s: float = 20.0,
                 evaluator: GroupEvaluator | None = None) -> BudgetChoice:
     if budget_per_hour <= 0:
         raise PlanInputError("workload.price_budget_per_hour", f"must be > 0, got {budget_per_hour:g}")
     started = time.monotonic()
     ev = evaluator or GroupEvaluator(cluster)
-    minimum = ev.min_replica_bytes()
     classes = _classes(cluster)
-    templates: list[tuple[tuple, Group, int, float, float]] = []  # class, group, gpus, cap P, cap D
-    for key, nodes in classes.items():
-        size = key[1]
-        first = nodes[0]
-        found = False
-        for k in range(1, size + 1):
-            if size % k:
-                continue
-            g: Group = ((first, k),)
-            if ev.memory_bytes(g) < minimum:
-                continue
-            perf = ev.evaluate(g)
-            if perf.feasible:
-                found = True
-                templates.append((key, g, k, perf.prefill.capacity_rps if perf.prefill else 0.0,
-                                  perf.decode.capacity_rps if perf.decode else 0.0))
-        if not found:  # whole nodes of this class, pipelined
-            for m in range(2, len(nodes) + 1):
-                g = tuple((n, size) for n in nodes[:m])
-                if ev.memory_bytes(g) < minimum:
-                    continue
-                perf = ev.evaluate(g)
-                if perf.feasible:
-                    templates.append((key, g, m * size, perf.prefill.capacity_rps if perf.prefill else 0.0,
-                                      perf.decode.capacity_rps if perf.decode else 0.0))
-                    break
+    templates = [t for key, nodes in classes.items() for t in _templates(ev, key, nodes)]
     price = {key: cluster.nodes[nodes[0]].spec.price_per_hour for key, nodes in classes.items()}
-    cheapest = min((price[t[0]] * t[2] for t in templates), default=None)
+    _check_budget_buys_two(templates, price, budget_per_hour)
+    cents = {key: int(round(p * 100)) for key, p in price.items()}
+    model = cp_model.CpModel()
+    x = _copy_vars(model, templates, classes)
+    model.Add(sum(cents[templates[i].key] * templates[i].gpus * v for (i, _), v in x.items())
+              <= int(budget_per_hour * 100))
+    total = sum(int(max(t.prefill_rps, t.decode_rps) * SCALE) * cluster.num_gpus for t in templates)
+    obj = model.NewIntVar(0, total, "throughput")
+    model.Add(obj <= sum(int(templates[i].prefill_rps * SCALE) * v for (i, r), v in x.items() if r == PREFILL))
+    model.Add(obj <= sum(int(templates[i].decode_rps * SCALE) * v for (i, r), v in x.items() if r == DECODE))
+    # Among plans of equal throughput, prefer the cheaper one.
+    model.Maximize(obj * 10_000 - sum(cents[templates[i].key] * templates[i].gpus * v for (i, _), v in x.items()))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = 2
+    status = solver.Solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise PlanInputError("workload.price_budget_per_hour", f"budget selection failed: {solver.StatusName(status)}")
+    per_class: dict[tuple, int] = {}
+    for (i, _), v in x.items():
+        per_class[templates[i].key] = per_class.get(templates[i].key, 0) + templates[i].gpus * solver.Value(v)
+    counts, node_counts = _fill_nodes(per_class, classes)
+    return BudgetChoice(
+        counts=counts,
+        node_counts=node_counts,
+        cost_per_hour=sum(price[key] * k for key, k in per_class.items()),
+        estimated_rps=solver.Value(obj) / SCALE,
+        status=solver.StatusName(status),
+        solve_time_s=time.monotonic() - started,
+    )
+
+
+def _templates(ev: GroupEvaluator, key: tuple, nodes: list[int]) -> list[_Template]:
+    """Replicas of one node class: k GPUs of one node (k dividing the node), else whole nodes pipelined."""
+    minimum = ev.min_replica_bytes()
+    size = key[1]
+    out = []
+    for k in range(1, size + 1):
+        if size % k:
+            continue
+        g: Group = ((nodes[0], k),)
+        if ev.memory_bytes(g) < minimum:
+            continue
+        perf = ev.evaluate(g)
+        if perf.feasible:
+            out.append(_Template(key, g, k, perf.prefill.capacity_rps if perf.prefill else 0.0,
+                                 perf.decode.capacity_rps if perf.decode else 0.0))
+    if out:
+        return out
+    for m in range(2, len(nodes) + 1):
+        g = tuple((n, size) for n in nodes[:m])
+        if ev.memory_bytes(g) < minimum:
+            continue
+        perf = ev.evaluate(g)
+        if perf.feasible:
+            return [_Template(key, g, m * size, perf.prefill.capacity_rps if perf.prefill else 0.0,
+                              perf.decode.capacity_rps if perf.decode else 0.0)]
+    return []
+
+
+def _check_budget_buys_two(templates: list[_Template], price: dict[tuple, float], budget_per_hour: float) -> None:
+    cheapest = min((price[t.key] * t.gpus for t in templates), default=None)
     if cheapest is None:
         raise InfeasibleFleetError("no node, nor a set of nodes of one type, holds a replica: budget mode "
                                    "rents whole replicas of one type", shortfall_gib=0.0)
@@ -92,35 +139,25 @@ def choose_gpus(cluster: Cluster, budget_per_hour: float, time_limit_s: float = 
             f"${budget_per_hour:g}/h cannot rent one prefill and one decode replica; the cheapest replica costs "
             f"${cheapest:.2f}/h, so at least ${2 * cheapest:.2f}/h is needed",
         )
-    model = cp_model.CpModel()
+
+
+def _copy_vars(model: cp_model.CpModel, templates: list[_Template], classes: dict[tuple, list[int]]):
+    """``x[(template, role)]``: copies rented for a role, within what each node class has."""
     x: dict[tuple[int, str], cp_model.IntVar] = {}
-    for idx, (key, g, gpus, cp, cd) in enumerate(templates):
-        avail = len(classes[key]) * key[1]
-        for role, cap in ((PREFILL, cp), (DECODE, cd)):
+    for idx, t in enumerate(templates):
+        avail = len(classes[t.key]) * t.key[1]
+        for role, cap in ((PREFILL, t.prefill_rps), (DECODE, t.decode_rps)):
             if cap > 0:
-                x[(idx, role)] = model.NewIntVar(0, avail // gpus, f"x{idx}{role[0]}")
+                x[(idx, role)] = model.NewIntVar(0, avail // t.gpus, f"x{idx}{role[0]}")
     for key, nodes in classes.items():
-        terms = [templates[i][2] * v for (i, _), v in x.items() if templates[i][0] == key]
+        terms = [templates[i].gpus * v for (i, _), v in x.items() if templates[i].key == key]
         if terms:
             model.Add(sum(terms) <= len(nodes) * key[1])
-    cents = {key: int(round(p * 100)) for key, p in price.items()}
-    model.Add(sum(cents[templates[i][0]] * templates[i][2] * v for (i, _), v in x.items())
-              <= int(budget_per_hour * 100))
-    total = sum(int(max(t[3], t[4]) * SCALE) * cluster.num_gpus for t in templates)
-    obj = model.NewIntVar(0, total, "throughput")
-    model.Add(obj <= sum(int(templates[i][3] * SCALE) * v for (i, r), v in x.items() if r == PREFILL))
-    model.Add(obj <= sum(int(templates[i][4] * SCALE) * v for (i, r), v in x.items() if r == DECODE))
-    # Among plans of equal throughput, prefer the cheaper one.
-    model.Maximize(obj * 10_000 - sum(cents[templates[i][0]] * templates[i][2] * v for (i, _), v in x.items()))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = 2
-    status = solver.Solve(model)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise PlanInputError("workload.price_budget_per_hour", f"budget selection failed: {solver.StatusName(status)}")
-    per_class: dict[tuple, int] = {}
-    for (i, _), v in x.items():
-        per_class[templates[i][0]] = per_class.get(templates[i][0], 0) + templates[i][2] * solver.Value(v)
+    return x
+
+
+def _fill_nodes(per_class: dict[tuple, int], classes: dict[tuple, list[int]]) -> tuple[dict[str, int], dict[int, int]]:
+    """(GPUs rented per type, per node): each class's count fills its nodes in file order."""
     node_counts: dict[int, int] = {}
     counts: dict[str, int] = {}
     for key, need in per_class.items():
@@ -131,12 +168,4 @@ def choose_gpus(cluster: Cluster, budget_per_hour: float, time_limit_s: float = 
                 break
             node_counts[n] = take
             need -= take
-    cost = sum(price[key] * k for key, k in per_class.items())
-    return BudgetChoice(
-        counts={t: c for t, c in sorted(counts.items()) if c},
-        node_counts=node_counts,
-        cost_per_hour=cost,
-        estimated_rps=solver.Value(obj) / SCALE,
-        status=solver.StatusName(status),
-        solve_time_s=time.monotonic() - started,
-    )
+    return {t: c for t, c in sorted(counts.items()) if c}, node_counts

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from planner.core.flow import RouteTable
+from planner.core.groups import Group
 from planner.core.refine import DISAGGREGATED, Search, State
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import PlanInputError
 
@@ -91,45 +92,16 @@ def solve_exact(
     ev = evaluator or GroupEvaluator(cluster)
     routes = routes or RouteTable(cluster)
     comps = compositions(cluster)
-    minimum = ev.min_replica_bytes()
-    perf = {g: ev.evaluate(g) for g in comps if ev.memory_bytes(g) >= minimum}
     roles = [COLOCATED] if mode == COLOCATED else [PREFILL, DECODE]
-    cands: dict[str, list[tuple[Group, float]]] = {}
-    for role in roles:
-        role_perf = {g: ev.perf(g, role) for g in perf}
-        cands[role] = [(g, p.capacity_rps) for g, p in role_perf.items() if p is not None and p.capacity_rps > 0]
-    pairs: dict[tuple[Group, Group], tuple[bool, float]] = {}
-    simple = True
-    if mode != COLOCATED:
-        for pg, cp in cands[PREFILL]:
-            pp = perf[pg].prefill
-            for dg, cd in cands[DECODE]:
-                dp = perf[dg].decode
-                r = routes.route(pg, pp, dg, dp)
-                allowed = r.transfer_s + dp.latency_s <= pp.kv_budget_s
-                binding = allowed and r.capacity_rps < min(cp, cd)
-                pairs[(pg, dg)] = (allowed, r.capacity_rps)
-                crosses = (routes.region(pg), routes.region(dg)) in routes.link_rps
-                if binding or not allowed or crosses:
-                    simple = False
+    perf, cands = _candidates(ev, comps, roles)
+    pairs, simple = _route_pairs(cands, perf, routes) if mode != COLOCATED else ({}, True)
     if simple:
         for role in roles:
             drop = _dominated(cands[role])
             cands[role] = [(g, c) for g, c in cands[role] if g not in drop]
 
     model = cp_model.CpModel()
-    node_use: dict[int, list] = {n.index: [] for n in cluster.nodes}
-    y: dict[tuple[Group, str], cp_model.IntVar] = {}
-    for role in roles:
-        for g, _ in cands[role]:
-            copies = min(cluster.nodes[n].num_gpus // k for n, k in g)
-            var = model.NewIntVar(0, copies, f"y_{role}_{len(y)}")
-            y[(g, role)] = var
-            for n, k in g:
-                node_use[n].append(k * var)
-    for n, terms in node_use.items():
-        if terms:
-            model.Add(sum(terms) <= cluster.nodes[n].num_gpus)
+    y = _copy_vars(model, cluster, cands, roles)
     total_cap = {role: sum(int(c * SCALE) * cluster.num_gpus for _, c in cands[role]) for role in roles}
     objective = model.NewIntVar(0, max(total_cap.values(), default=0), "throughput")
     if mode == COLOCATED:
@@ -138,36 +110,7 @@ def solve_exact(
         model.Add(objective <= sum(int(c * SCALE) * y[(g, PREFILL)] for g, c in cands[PREFILL]))
         model.Add(objective <= sum(int(c * SCALE) * y[(g, DECODE)] for g, c in cands[DECODE]))
     else:
-        out_flow: dict[Group, list] = {g: [] for g, _ in cands[PREFILL]}
-        in_flow: dict[Group, list] = {g: [] for g, _ in cands[DECODE]}
-        cap_p = dict(cands[PREFILL])
-        cap_d = dict(cands[DECODE])
-        over_link: dict[tuple[str, str], list] = {}
-        route_flows: list = []
-        for (pg, dg), (allowed, rcap) in pairs.items():
-            if not allowed or pg not in cap_p or dg not in cap_d:
-                continue
-            hi = int(min(cap_p[pg], cap_d[dg]) * SCALE) * cluster.num_gpus
-            f = model.NewIntVar(0, hi, f"flow_{len(route_flows)}")
-            route_flows.append(f)
-            out_flow[pg].append(f)
-            in_flow[dg].append(f)
-            link = (routes.region(pg), routes.region(dg))
-            if link in routes.link_rps:
-                over_link.setdefault(link, []).append(f)
-            if rcap < min(cap_p[pg], cap_d[dg]):
-                z = model.NewIntVar(0, cluster.num_gpus**2, "z")
-                model.AddMultiplicationEquality(z, [y[(pg, PREFILL)], y[(dg, DECODE)]])
-                model.Add(f <= int(rcap * SCALE) * z)
-        for g, c in cands[PREFILL]:
-            if out_flow[g]:
-                model.Add(sum(out_flow[g]) <= int(c * SCALE) * y[(g, PREFILL)])
-        for g, c in cands[DECODE]:
-            if in_flow[g]:
-                model.Add(sum(in_flow[g]) <= int(c * SCALE) * y[(g, DECODE)])
-        for link, fs in over_link.items():  # a link between regions is one pipe all its routes share
-            model.Add(sum(fs) <= int(routes.link_rps[link] * SCALE))
-        model.Add(objective <= sum(f for fs in out_flow.values() for f in fs))
+        model.Add(objective <= _route_flow(model, cluster, cands, pairs, routes, y))
     model.Maximize(objective)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit_s - (time.monotonic() - started), 1.0)
@@ -186,3 +129,89 @@ def solve_exact(
     bound = max(solver.BestObjectiveBound() / SCALE, value)
     return ExactResult(state, value, bound, status == cp_model.OPTIMAL, time.monotonic() - started, len(comps),
                        solver.StatusName(status))
+
+
+def _candidates(ev: GroupEvaluator, comps: list[Group], roles: list[str]):
+    """(each composition's GroupPerf, per role the compositions that serve it with their capacity)."""
+    minimum = ev.min_replica_bytes()
+    perf = {g: ev.evaluate(g) for g in comps if ev.memory_bytes(g) >= minimum}
+    cands: dict[str, list[tuple[Group, float]]] = {}
+    for role in roles:
+        role_perf = {g: ev.perf(g, role) for g in perf}
+        cands[role] = [(g, p.capacity_rps) for g, p in role_perf.items() if p is not None and p.capacity_rps > 0]
+    return perf, cands
+
+
+def _route_pairs(cands, perf, routes: RouteTable) -> tuple[dict[tuple[Group, Group], tuple[bool, float]], bool]:
+    """Per (prefill, decode) composition pair: (route allowed within the KV budget, its capacity); and
+    whether the problem is simple (every route allowed, none binding, none over a shared link)."""
+    pairs: dict[tuple[Group, Group], tuple[bool, float]] = {}
+    simple = True
+    for pg, cp in cands[PREFILL]:
+        pp = perf[pg].prefill
+        for dg, cd in cands[DECODE]:
+            dp = perf[dg].decode
+            r = routes.route(pg, pp, dg, dp)
+            allowed = r.transfer_s + dp.latency_s <= pp.kv_budget_s
+            binding = allowed and r.capacity_rps < min(cp, cd)
+            pairs[(pg, dg)] = (allowed, r.capacity_rps)
+            crosses = (routes.region(pg), routes.region(dg)) in routes.link_rps
+            if binding or not allowed or crosses:
+                simple = False
+    return pairs, simple
+
+
+def _copy_vars(model: cp_model.CpModel, cluster: Cluster, cands, roles: list[str]):
+    """``y[(composition, role)]``: copies serving in a role; each node's GPUs are used at most once."""
+    node_use: dict[int, list] = {n.index: [] for n in cluster.nodes}
+    y: dict[tuple[Group, str], cp_model.IntVar] = {}
+    for role in roles:
+        for g, _ in cands[role]:
+            copies = min(cluster.nodes[n].num_gpus // k for n, k in g)
+            var = model.NewIntVar(0, copies, f"y_{role}_{len(y)}")
+            y[(g, role)] = var
+            for n, k in g:
+                node_use[n].append(k * var)
+    for n, terms in node_use.items():
+        if terms:
+            model.Add(sum(terms) <= cluster.nodes[n].num_gpus)
+    return y
+
+
+def _route_flow(model: cp_model.CpModel, cluster: Cluster, cands, pairs, routes: RouteTable, y):
+    """The flow through the prefill -> decode network, as a CP-SAT expression (routes can bind).
+
+    A route's flow is bounded by its capacity times the copies at both ends
+    (an exact product) where it can bind, and the routes over one
+    inter-region link share that link.
+    """
+    out_flow: dict[Group, list] = {g: [] for g, _ in cands[PREFILL]}
+    in_flow: dict[Group, list] = {g: [] for g, _ in cands[DECODE]}
+    cap_p = dict(cands[PREFILL])
+    cap_d = dict(cands[DECODE])
+    over_link: dict[tuple[str, str], list] = {}
+    route_flows: list = []
+    for (pg, dg), (allowed, rcap) in pairs.items():
+        if not allowed or pg not in cap_p or dg not in cap_d:
+            continue
+        hi = int(min(cap_p[pg], cap_d[dg]) * SCALE) * cluster.num_gpus
+        f = model.NewIntVar(0, hi, f"flow_{len(route_flows)}")
+        route_flows.append(f)
+        out_flow[pg].append(f)
+        in_flow[dg].append(f)
+        link = (routes.region(pg), routes.region(dg))
+        if link in routes.link_rps:
+            over_link.setdefault(link, []).append(f)
+        if rcap < min(cap_p[pg], cap_d[dg]):
+            z = model.NewIntVar(0, cluster.num_gpus**2, "z")
+            model.AddMultiplicationEquality(z, [y[(pg, PREFILL)], y[(dg, DECODE)]])
+            model.Add(f <= int(rcap * SCALE) * z)
+    for g, c in cands[PREFILL]:
+        if out_flow[g]:
+            model.Add(sum(out_flow[g]) <= int(c * SCALE) * y[(g, PREFILL)])
+    for g, c in cands[DECODE]:
+        if in_flow[g]:
+            model.Add(sum(in_flow[g]) <= int(c * SCALE) * y[(g, DECODE)])
+    for link, fs in over_link.items():  # a link between regions is one pipe all its routes share
+        model.Add(sum(fs) <= int(routes.link_rps[link] * SCALE))
+    return sum(f for fs in out_flow.values() for f in fs)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from planner.core import costmodel as cm
-from planner.core.strategy import Group, PhasePerf
+from planner.core.groups import Group
+from planner.core.perf import PhasePerf
 from planner.spec.cluster import Cluster
 
 SCALE = 1_000_000  # capacities in micro-requests/s: networkx's preflow-push wants integers

@@ -24,7 +24,8 @@ import random
 import networkx as nx
 import numpy as np
 
-from planner.core.strategy import Group, GroupEvaluator
+from planner.core.groups import Group
+from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 
 SAME_TYPE_BONUS = 0.05

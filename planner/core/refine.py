@@ -26,7 +26,6 @@ optimum or the deadline.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import time
@@ -34,7 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from planner.core.flow import FlowResult, RouteTable, max_flow
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.groups import Group, group_add, group_size, group_union, sub_compositions
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
 
 DISAGGREGATED = "disaggregated"
 VERIFY_PER_ITERATION = 6  # after one improving candidate, verify at most this many
@@ -45,30 +45,7 @@ MAX_RESPLIT_PAIRS = 12  # group pairs re-split per iteration (sampled by the see
 MAX_RESPLIT_SPLITS = 64  # ... and only when the union has at most this many sub-multisets
 
 
-def group_add(group: Group, node: int, k: int) -> Group:
-    counts = dict(group)
-    counts[node] = counts.get(node, 0) + k
-    return tuple(sorted((n, c) for n, c in counts.items() if c > 0))
-
-
-def group_union(a: Group, b: Group) -> Group:
-    counts = dict(a)
-    for n, c in b:
-        counts[n] = counts.get(n, 0) + c
-    return tuple(sorted(counts.items()))
-
-
-def group_size(group: Group) -> int:
-    return sum(c for _, c in group)
-
-
-def _sub_compositions(group: Group) -> list[Group]:
-    """Every non-empty proper sub-multiset of a group's GPUs."""
-    out = []
-    for counts in itertools.product(*(range(c + 1) for _, c in group)):
-        if 0 < sum(counts) < group_size(group):
-            out.append(tuple((node, k) for (node, _), k in zip(group, counts) if k))
-    return out
+OTHER_ROLE = {PREFILL: DECODE, DECODE: PREFILL}
 
 
 @dataclass(slots=True)
@@ -103,6 +80,19 @@ class Move:
             if new.pool[node] == 0:
                 del new.pool[node]
         return new
+
+
+@dataclass(frozen=True, slots=True)
+class _Neighbourhood:
+    """What every kind of move reads about the state it starts from."""
+
+    groups: list[Group]
+    roles: list[str]
+    pool: dict[int, int]
+    need: set[str]  # roles the min cut says need capacity
+    slack: set[str]  # roles that can give capacity up
+    by_node: dict[int, list[int]]  # node -> indices of the groups with GPUs there
+    region_of: list[str]  # per group: the region of its first node
 
 
 class Search:
@@ -193,11 +183,20 @@ class Search:
         return items if len(items) <= k else self.rng.sample(items, k)
 
     def moves(self, state: State, flow: FlowResult | None) -> Iterator[Move]:
-        groups, roles = state.groups, state.roles
-        n = len(groups)
+        """Every candidate move from ``state``, kind by kind (the order is part of determinism)."""
+        hood = self._neighbourhood(state, flow)
+        yield from self._flip_moves(hood)
+        yield from self._split_moves(hood)
+        yield from self._merge_moves(hood)
+        yield from self._transfer_moves(hood)
+        yield from self._swap_moves(hood)
+        yield from self._resplit_moves(hood)
+        yield from self._pool_moves(hood)
+
+    def _neighbourhood(self, state: State, flow: FlowResult | None) -> _Neighbourhood:
+        """Which roles need capacity and which can give it (from the min cut), and who shares a node."""
         if self.mode == COLOCATED:
-            need = {COLOCATED}
-            slack = {COLOCATED}
+            need, slack = {COLOCATED}, {COLOCATED}
         else:
             need, slack = set(), set()
             if flow is None or flow.prefill_bound or flow.route_bound:
@@ -208,49 +207,55 @@ class Search:
                 slack.add(PREFILL)
             if not need:
                 need, slack = {PREFILL, DECODE}, {PREFILL, DECODE}
-        other = {PREFILL: DECODE, DECODE: PREFILL}
         by_node: dict[int, list[int]] = {}
-        for i, g in enumerate(groups):
+        for i, g in enumerate(state.groups):
             for node, _ in g:
                 by_node.setdefault(node, []).append(i)
-        region_of = [self.cluster.nodes[g[0][0]].region for g in groups]
+        region_of = [self.cluster.nodes[g[0][0]].region for g in state.groups]
+        return _Neighbourhood(state.groups, state.roles, state.pool, need, slack, by_node, region_of)
 
-        def by_node_partners(i: int) -> list[int]:
-            near = {j for node, _ in groups[i] for j in by_node[node] if j != i}
-            return sorted(near | set(self._sample([j for j in range(n) if region_of[j] == region_of[i] and j != i], 3)))
-        # Flip roles.
-        if self.mode != COLOCATED:
-            for i in range(n):
-                if roles[i] in slack and other[roles[i]] in need:
-                    yield Move("flip", (i,), ((groups[i], other[roles[i]]),))
-        # Split a group in two (new degrees; possibly one replica of each role).
-        for i in range(n):
-            for a, b in self._splits(groups[i]):
+    def _flip_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """A group that the slack side holds changes to the role that needs capacity."""
+        if self.mode == COLOCATED:
+            return
+        for i, (group, role) in enumerate(zip(hood.groups, hood.roles)):
+            if role in hood.slack and OTHER_ROLE[role] in hood.need:
+                yield Move("flip", (i,), ((group, OTHER_ROLE[role]),))
+
+    def _split_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """A group in two (new degrees; possibly one replica of each role)."""
+        for i, group in enumerate(hood.groups):
+            for a, b in self._splits(group):
                 if not (self.can_hold(a) and self.can_hold(b)):
                     continue
                 if self.mode == COLOCATED:
                     yield Move("split", (i,), ((a, COLOCATED), (b, COLOCATED)))
                     continue
-                for ra, rb in ((roles[i], roles[i]), (PREFILL, DECODE), (DECODE, PREFILL)):
+                for ra, rb in ((hood.roles[i], hood.roles[i]), (PREFILL, DECODE), (DECODE, PREFILL)):
                     yield Move("split", (i,), ((a, ra), (b, rb)))
-        # Merge two groups that share a node or a region (bigger replica, more KV room or lower latency).
+
+    def _merge_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """Two groups that share a node or a region in one (a bigger replica: more KV room or lower latency)."""
+        groups, roles, n = hood.groups, hood.roles, len(hood.groups)
         for i in range(n):
-            near = sorted({j for node, _ in groups[i] for j in by_node[node] if j > i})
-            region = self.cluster.nodes[groups[i][0][0]].region
+            near = sorted({j for node, _ in groups[i] for j in hood.by_node[node] if j > i})
             same_role = [j for j in range(i + 1, n) if j not in near and roles[j] == roles[i]
-                         and self.cluster.nodes[groups[j][0][0]].region == region]
+                         and hood.region_of[j] == hood.region_of[i]]
             for j in self._sample(near, MAX_PARTNERS) + self._sample(same_role, MAX_PARTNERS):
                 merged = group_union(groups[i], groups[j])
                 roles_to_try = {roles[i], roles[j]} if self.mode != COLOCATED else {COLOCATED}
                 for r in sorted(roles_to_try):
                     yield Move("merge", (i, j), ((merged, r),))
-        # Move GPUs from a slack-side group to a need-side group (same node first: TP stays on NVLink).
-        need_idx = [j for j in range(n) if roles[j] in need]
-        for i in range(n):
-            if roles[i] not in slack:
+
+    def _transfer_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """GPUs from a slack-side group to a need-side one (same node first: TP stays on NVLink)."""
+        groups, roles = hood.groups, hood.roles
+        need_idx = [j for j in range(len(groups)) if roles[j] in hood.need]
+        for i in range(len(groups)):
+            if roles[i] not in hood.slack:
                 continue
             for node, count in groups[i]:
-                receivers = [j for j in by_node[node] if j != i and roles[j] in need]
+                receivers = [j for j in hood.by_node[node] if j != i and roles[j] in hood.need]
                 if not receivers:
                     receivers = [j for j in self._sample(need_idx, 3) if j != i][:2]
                 for k in sorted({1, count}):
@@ -261,30 +266,39 @@ class Search:
                         grown = group_add(groups[j], node, k)
                         add = ((grown, roles[j]),) + (((donor, roles[i]),) if donor else ())
                         yield Move("move", (i, j), add)
-        # Swap one GPU between a prefill and a decode group on different GPU types.
-        if self.mode != COLOCATED:
-            pre = [i for i in range(n) if roles[i] == PREFILL]
-            dec = [i for i in range(n) if roles[i] == DECODE]
-            types = self.cluster.nodes
-            for i in pre:
-                for j in self._sample(dec, MAX_PARTNERS):
-                    for na, _ in groups[i]:
-                        for nb, _ in groups[j]:
-                            if types[na].gpu_type == types[nb].gpu_type:
-                                continue
-                            gi = group_add(group_add(groups[i], na, -1), nb, 1)
-                            gj = group_add(group_add(groups[j], nb, -1), na, 1)
-                            yield Move("swap", (i, j), ((gi, PREFILL), (gj, DECODE)))
-        # Re-split two groups: every way to cut their union in two (small unions only). This reaches
-        # mixed groups (say 2 H100 + 2 L40S per replica) that single-GPU moves reach only through worse states.
-        pairs = [(i, j) for i in range(n) for j in by_node_partners(i) if j > i
+
+    def _swap_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """One GPU each way between a prefill and a decode group of different GPU types."""
+        if self.mode == COLOCATED:
+            return
+        groups, nodes = hood.groups, self.cluster.nodes
+        pre = [i for i, r in enumerate(hood.roles) if r == PREFILL]
+        dec = [i for i, r in enumerate(hood.roles) if r == DECODE]
+        for i in pre:
+            for j in self._sample(dec, MAX_PARTNERS):
+                for na, _ in groups[i]:
+                    for nb, _ in groups[j]:
+                        if nodes[na].gpu_type == nodes[nb].gpu_type:
+                            continue
+                        gi = group_add(group_add(groups[i], na, -1), nb, 1)
+                        gj = group_add(group_add(groups[j], nb, -1), na, 1)
+                        yield Move("swap", (i, j), ((gi, PREFILL), (gj, DECODE)))
+
+    def _resplit_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """Every way to cut the union of two small groups in two.
+
+        This reaches mixed groups (say 2 H100 + 2 L40S per replica) that
+        single-GPU moves reach only through worse states.
+        """
+        groups, roles = hood.groups, hood.roles
+        pairs = [(i, j) for i in range(len(groups)) for j in self._partners(hood, i) if j > i
                  and group_size(groups[i]) + group_size(groups[j]) <= MAX_RESPLIT_GPUS
                  and math.prod(c + 1 for _, c in group_union(groups[i], groups[j])) <= MAX_RESPLIT_SPLITS]
         for i, j in self._sample(pairs, MAX_RESPLIT_PAIRS):
             union = group_union(groups[i], groups[j])
             role_pairs = [(COLOCATED, COLOCATED)] if self.mode == COLOCATED else [
                 (PREFILL, DECODE), (DECODE, PREFILL), (roles[i], roles[j])]
-            for a in _sub_compositions(union):
+            for a in sub_compositions(union):
                 b = tuple((node, k - dict(a).get(node, 0)) for node, k in union if k - dict(a).get(node, 0) > 0)
                 if not b or a > b and self.mode == COLOCATED:
                     continue
@@ -292,13 +306,21 @@ class Search:
                     continue
                 for ra, rb in dict.fromkeys(role_pairs):
                     yield Move("resplit", (i, j), ((a, ra), (b, rb)))
-        # Use pooled GPUs: grow a group on the same node, or form a new group.
-        for node, k in sorted(state.pool.items()):
-            for j in by_node.get(node, []):
-                yield Move("pool", (j,), ((group_add(groups[j], node, k), roles[j]),), ((node, -k),))
+
+    def _partners(self, hood: _Neighbourhood, i: int) -> list[int]:
+        """Groups sharing a node with group i, and a few sampled from its region."""
+        near = {j for node, _ in hood.groups[i] for j in hood.by_node[node] if j != i}
+        region = [j for j in range(len(hood.groups)) if hood.region_of[j] == hood.region_of[i] and j != i]
+        return sorted(near | set(self._sample(region, 3)))
+
+    def _pool_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
+        """Pooled GPUs join a group on their node, or form a new group."""
+        for node, k in sorted(hood.pool.items()):
+            for j in hood.by_node.get(node, []):
+                yield Move("pool", (j,), ((group_add(hood.groups[j], node, k), hood.roles[j]),), ((node, -k),))
             fresh: Group = ((node, k),)
             if self.can_hold(fresh):
-                for r in (sorted(need) if self.mode != COLOCATED else [COLOCATED]):
+                for r in (sorted(hood.need) if self.mode != COLOCATED else [COLOCATED]):
                     yield Move("pool", (), ((fresh, r),), ((node, -k),))
 
     def _splits(self, group: Group) -> list[tuple[Group, Group]]:

@@ -10,7 +10,7 @@
    whole fleet, and per region for cross-region fleets).
 4. ``max_flow`` scores each starting point; the best ones are refined
    (``Search.refine``) until no move raises the flow or the time is up.
-5. ``build_plan`` turns the winner into the versioned plan the router reads.
+5. ``plan_builder.build_plan`` turns the winner into the versioned plan the router reads.
 
 ``mode="auto"`` runs the disaggregated and the colocated search and keeps the
 one with more throughput.
@@ -21,13 +21,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from common.plan import Plan
 from planner.core.budget import choose_gpus
 from planner.core.exact import solve_exact
 from planner.core.flow import RouteTable
+from planner.core.groups import Group
 from planner.core.partition import minimal_groups, partition
+from planner.core.plan_builder import build_plan
 from planner.core.refine import DISAGGREGATED, Search, State
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, Group, GroupEvaluator
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
@@ -161,11 +163,7 @@ def solve(cluster: Cluster, mode: str = "auto", seed: int = 0, time_limit_s: flo
     budget = budget_per_hour if budget_per_hour is not None else cluster.workload.price_budget_per_hour
     budget_info = None
     if budget is not None and budget < cluster.price_per_hour:
-        Planner(cluster).check_feasible()
-        choice = choose_gpus(cluster, budget, time_limit_s=max(time_limit_s / 3, 1.0))
-        cluster = cluster.subset(choice.node_counts)
-        budget_info = {"budget_per_hour": budget, "rented": choice.counts, "rented_cost_per_hour": round(choice.cost_per_hour, 4),
-                       "estimated_rps": round(choice.estimated_rps, 6), "status": choice.status}
+        cluster, budget_info = _rent_within_budget(cluster, budget, time_limit_s)
     planner = Planner(cluster)
     planner.check_feasible()
     modes = [DISAGGREGATED, COLOCATED] if mode == "auto" else [mode]
@@ -176,19 +174,7 @@ def solve(cluster: Cluster, mode: str = "auto", seed: int = 0, time_limit_s: flo
         deadline = time.monotonic() + left / (len(modes) - k)
         outcomes.append(planner.search(m, seed, deadline))
     best = max(outcomes, key=lambda o: (o.value_rps, o.mode == DISAGGREGATED))
-    if best.value_rps <= 0 and best.mode == DISAGGREGATED and best.state.groups:
-        need, have = 2 * planner.evaluator.min_replica_bytes(), planner.fleet_memory_bytes()
-        raise InfeasibleFleetError(
-            "disaggregated serving needs a prefill and a decode replica, and this fleet holds only one "
-            f"({max(need - have, 0) / 1024**3:.1f} GiB short of two); use --mode colocated or auto",
-            shortfall_gib=max(need - have, 0) / 1024**3,
-        )
-    if best.value_rps <= 0 and not best.state.groups:
-        raise InfeasibleFleetError(
-            "no group of the fleet can hold a replica with a valid TP/PP layout (every stage needs at least one "
-            "layer and fitting weights); add memory or raise options.max_pipeline_stages",
-            shortfall_gib=0.0,
-        )
+    _check_serves(planner, best)
     info = {
         "name": "heuristic",
         "mode_requested": mode,
@@ -203,101 +189,33 @@ def solve(cluster: Cluster, mode: str = "auto", seed: int = 0, time_limit_s: flo
     }
     if budget_info is not None:
         info["budget"] = budget_info
-    return build_plan(cluster, planner, best.state, best.mode, info)
+    return build_plan(cluster, planner.evaluator, planner.routes, best.state, best.mode, info)
 
 
-def build_plan(cluster: Cluster, planner: Planner, state: State, mode: str, info: dict) -> Plan:
-    """Turn a solved state into the plan document (GPU names, stages, routes, predictions)."""
-    ev, model, wl = planner.evaluator, cluster.model, cluster.workload
-    search = Search(ev, planner.routes, mode)
-    value, flow = search.evaluate(state)
-    next_gpu = {n.index: 0 for n in cluster.nodes}
-    groups: list[GroupPlan] = []
-    perfs = []
-    plan_pos: dict[int, int] = {}  # state index -> position in the plan
-    order = sorted(range(len(state.groups)), key=lambda i: ({PREFILL: 0, DECODE: 1}.get(state.roles[i], 0), state.groups[i], i))
-    for i in order:
-        group, role = state.groups[i], state.roles[i]
-        perf = ev.perf(group, role)
-        if perf is None:  # cannot serve this role: its GPUs go unused
-            continue
-        gpus_by_part = []
-        for node, count in group:
-            start = next_gpu[node]
-            next_gpu[node] += count
-            gpus_by_part.append([f"{cluster.nodes[node].name}:{k}" for k in range(start, start + count)])
-        used = {p: 0 for p in range(len(group))}
-        stages = []
-        for st in perf.stages:
-            gl = gpus_by_part[st.part][used[st.part]: used[st.part] + st.tp]
-            used[st.part] += st.tp
-            node = cluster.nodes[group[st.part][0]]
-            stages.append(StagePlan(node.name, node.gpu_type, gl, st.tp, [st.first_layer, st.first_layer + st.num_layers]))
-        types: dict[str, int] = {}
-        for node, count in group:
-            t = cluster.nodes[node].gpu_type
-            types[t] = types.get(t, 0) + count
-        plan_pos[i] = len(groups)
-        perfs.append(perf)
-        groups.append(GroupPlan(
-            id=f"g{len(groups)}", role=role, gpus=[g for part in gpus_by_part for g in part], gpu_types=types,
-            nodes=[cluster.nodes[n].name for n, _ in group], region=cluster.nodes[group[0][0]].region,
-            tp=perf.tp, pp=perf.pp, layer_partition=[s.num_layers for s in perf.stages], stages=stages,
-            capacity_rps=perf.capacity_rps, load_rps=0.0, batch=perf.batch, latency_ms=perf.latency_s * 1e3,
-            service_ms=perf.service_s * 1e3, kv_budget_ms=perf.kv_budget_s * 1e3,
-        ))
-    unused = []
-    for node in cluster.nodes:
-        unused += [f"{node.name}:{k}" for k in range(next_gpu[node.index], node.num_gpus)]
-    throughput = value
-    load = min(wl.arrival_rate_rps, throughput) if wl.arrival_rate_rps else throughput
-    scale = load / throughput if throughput > 0 else 0.0
-    routes: list[RoutePlan] = []
-    ttft_acc = tpot_acc = 0.0
-    if mode == COLOCATED:
-        for g, perf in zip(groups, perfs):
-            g.load_rps = perf.capacity_rps * scale
-            ttft_acc += g.load_rps * perf.ttft_s
-            tpot_acc += g.load_rps * perf.latency_s
-    elif flow is not None:
-        # evaluate() lists prefill/decode groups in state order; map them to plan order.
-        p_state = [i for i, r in enumerate(state.roles) if r == PREFILL and ev.evaluate(state.groups[i]).prefill]
-        d_state = [i for i, r in enumerate(state.roles) if r == DECODE and ev.evaluate(state.groups[i]).decode]
-        out_p: dict[int, float] = {}
-        for (i, j), f in flow.flows.items():
-            if f <= 0:
-                continue
-            pi, di = plan_pos[p_state[i]], plan_pos[d_state[j]]
-            out_p[pi] = out_p.get(pi, 0.0) + f
-            r = planner.routes.route(state.groups[p_state[i]], perfs[pi], state.groups[d_state[j]], perfs[di])
-            routes.append(RoutePlan(groups[pi].id, groups[di].id, f, f * scale,
-                                    f * scale * planner.routes.kv_bytes / 1e9, r.transfer_s * 1e3))
-            groups[pi].load_rps += f * scale
-            groups[di].load_rps += f * scale
-        for r in routes:
-            pi = int(r.prefill[1:])
-            r.weight = r.weight / out_p[pi]
-            pperf = perfs[pi]
-            rho = min(groups[pi].load_rps * pperf.service_s, 0.999)
-            wait = rho * pperf.service_s / (2 * (1 - rho))
-            dperf = perfs[int(r.decode[1:])]
-            ttft_acc += r.rate_rps * (pperf.latency_s + wait + r.transfer_ms / 1e3 + dperf.latency_s)
-            tpot_acc += r.rate_rps * dperf.latency_s
-    cost = cluster.price_per_hour
-    tokens_per_s = throughput * wl.output_mean
-    predicted = Predicted(
-        throughput_rps=float(throughput),
-        output_tokens_per_s=tokens_per_s,
-        ttft_ms=ttft_acc / load * 1e3 if load > 0 else 0.0,
-        tpot_ms=tpot_acc / load * 1e3 if load > 0 else 0.0,
-        cost_per_hour=cost,
-        tokens_per_dollar=tokens_per_s * 3600 / cost if cost > 0 else 0.0,
-        load_rps=load,
-        meets_arrival_rate=bool(throughput >= wl.arrival_rate_rps) if wl.arrival_rate_rps else None,
-    )
-    return Plan(mode=mode, cluster=cluster.name, model=model.to_json(), workload=wl.to_json(), groups=groups,
-                routes=routes, unused_gpus=unused, predicted=predicted, solver=info)
+def _rent_within_budget(cluster: Cluster, budget: float, time_limit_s: float) -> tuple[Cluster, dict]:
+    """The sub-fleet ``choose_gpus`` rents within the budget, and what it chose (for the plan's solver info)."""
+    Planner(cluster).check_feasible()
+    choice = choose_gpus(cluster, budget, time_limit_s=max(time_limit_s / 3, 1.0))
+    info = {"budget_per_hour": budget, "rented": choice.counts, "rented_cost_per_hour": round(choice.cost_per_hour, 4),
+            "estimated_rps": round(choice.estimated_rps, 6), "status": choice.status}
+    return cluster.subset(choice.node_counts), info
 
+
+def _check_serves(planner: Planner, best: SearchOutcome) -> None:
+    """Raise ``InfeasibleFleetError`` when the best search serves nothing, saying why."""
+    if best.value_rps <= 0 and best.mode == DISAGGREGATED and best.state.groups:
+        need, have = 2 * planner.evaluator.min_replica_bytes(), planner.fleet_memory_bytes()
+        raise InfeasibleFleetError(
+            "disaggregated serving needs a prefill and a decode replica, and this fleet holds only one "
+            f"({max(need - have, 0) / 1024**3:.1f} GiB short of two); use --mode colocated or auto",
+            shortfall_gib=max(need - have, 0) / 1024**3,
+        )
+    if best.value_rps <= 0 and not best.state.groups:
+        raise InfeasibleFleetError(
+            "no group of the fleet can hold a replica with a valid TP/PP layout (every stage needs at least one "
+            "layer and fitting weights); add memory or raise options.max_pipeline_stages",
+            shortfall_gib=0.0,
+        )
 
 
 def solve_exact_plan(cluster: Cluster, mode: str = DISAGGREGATED, time_limit_s: float = 60.0) -> Plan:
@@ -318,4 +236,4 @@ def solve_exact_plan(cluster: Cluster, mode: str = DISAGGREGATED, time_limit_s: 
         "time_limit_s": time_limit_s,
         "solve_time_s": round(time.monotonic() - started, 3),
     }
-    return build_plan(cluster, planner, result.state, mode, info)
+    return build_plan(cluster, planner.evaluator, planner.routes, result.state, mode, info)

@@ -17,92 +17,18 @@ The colocated mode (one instance serves both phases) time-shares the GPUs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.core import costmodel as cm
+from planner.core.groups import Group
+from planner.core.layer_split import min_bottleneck_split
+from planner.core.perf import GroupPerf, PhasePerf, StageLayout
 from planner.spec.cluster import Cluster
 
-Group = tuple[tuple[int, int], ...]  # ((node index, gpu count), ...) sorted by node index
-
 PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
-
-
-@dataclass(frozen=True, slots=True)
-class StageLayout:
-    part: int  # index into the group's parts
-    tp: int
-    first_layer: int
-    num_layers: int
-
-
-@dataclass(frozen=True, slots=True)
-class PhasePerf:
-    """How one group performs in one role, with the strategy that achieves it."""
-
-    role: str
-    tp: int
-    stages: tuple[StageLayout, ...]
-    capacity_rps: float  # requests/s the group sustains within the SLOs
-    latency_s: float  # prefill: one prompt end to end; decode/colocated: TPOT at full batch
-    service_s: float  # prefill: pipeline bottleneck per prompt; decode: step time
-    batch: int = 0  # decode/colocated: concurrent requests at capacity
-    ttft_s: float = 0.0  # predicted TTFT at capacity, excluding the KV transfer
-    kv_budget_s: float = 0.0  # prefill: how long a KV transfer may take within the TTFT SLO
-
-    @property
-    def pp(self) -> int:
-        return len(self.stages)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupPerf:
-    """A group's best strategy per disaggregated role (colocated: ``GroupEvaluator.colocated``)."""
-
-    prefill: PhasePerf | None
-    decode: PhasePerf | None
-    memory_shortfall_bytes: float  # > 0 when the group cannot hold a replica at all
-
-    @property
-    def feasible(self) -> bool:
-        return self.prefill is not None or self.decode is not None
-
-
-def min_bottleneck_split(costs: np.ndarray, total: int) -> tuple[float, list[int]] | None:
-    """Split ``total`` layers over stages to minimise the slowest stage.
-
-    ``costs[i, k]`` is stage i's time with k layers (``inf`` where k layers do
-    not fit; column 0 must be ``inf``: every stage holds at least one layer).
-    Dynamic programming over (stage, layers so far); O(stages * total^2),
-    vectorised per stage. Returns (bottleneck, layers per stage) or None.
-    """
-    num_stages = costs.shape[0]
-    if num_stages > total:
-        return None
-    ks = np.arange(total + 1)
-    dp = costs[0, : total + 1].astype(float).copy()
-    choices = np.zeros((num_stages, total + 1), dtype=int)
-    choices[0] = ks
-    rem = ks[:, None] - ks[None, :]
-    valid = rem >= 0
-    rem = np.where(valid, rem, 0)
-    for i in range(1, num_stages):
-        prev = np.where(valid, dp[rem], np.inf)
-        cand = np.maximum(prev, costs[i, : total + 1][None, :])
-        choice = np.argmin(cand, axis=1)
-        choices[i] = choice
-        dp = cand[ks, choice]
-    if not np.isfinite(dp[total]):
-        return None
-    split = []
-    j = total
-    for i in range(num_stages - 1, -1, -1):
-        k = int(choices[i, j])
-        split.append(k)
-        j -= k
-    split.reverse()
-    return float(dp[total]), split
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +37,19 @@ class _StageSlot:
     node: int
     hop_bw: float  # link to the next stage (inf for the last)
     hop_lat: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Colocated:
+    """A colocated candidate: a group's fixed split, its prefill pass and its memory's batch limit."""
+
+    group: Group
+    tp: int
+    slots: list[_StageSlot]
+    split: list[int]
+    service_s: float  # prefill bottleneck per prompt
+    latency_s: float  # one prompt end to end
+    max_batch: int
 
 
 class GroupEvaluator:
@@ -153,10 +92,7 @@ class GroupEvaluator:
             return self._signature_cache[key]  # type: ignore[return-value]
         best: PhasePerf | None = None
         if self.evaluate(group).feasible:
-            for tp in self.tp_options(group):
-                slots = self._slots(group, tp)
-                if len(slots) > min(self.model.num_layers, self.options.max_pipeline_stages):
-                    continue
+            for tp, slots in self._pipelines(group):
                 decoded = self._decode(group, tp, slots)
                 if decoded is None:
                     continue
@@ -192,6 +128,13 @@ class GroupEvaluator:
         g = math.gcd(*counts)
         return [t for t in range(1, g + 1) if g % t == 0 and self.model.valid_tp(t)]
 
+    def _pipelines(self, group: Group) -> Iterator[tuple[int, list[_StageSlot]]]:
+        """(tp, stage slots) for every TP degree the group can run, within the pipeline-depth limit."""
+        for tp in self.tp_options(group):
+            slots = self._slots(group, tp)
+            if len(slots) <= min(self.model.num_layers, self.options.max_pipeline_stages):
+                yield tp, slots
+
     def _slots(self, group: Group, tp: int) -> list[_StageSlot]:
         bw, lat = self.cluster.bandwidth, self.cluster.latency
         slots: list[_StageSlot] = []
@@ -209,10 +152,7 @@ class GroupEvaluator:
         shortfall = self.min_replica_bytes() - self.memory_bytes(group)
         best: dict[str, PhasePerf | None] = {PREFILL: None, DECODE: None}
         if shortfall <= 0:
-            for tp in self.tp_options(group):
-                slots = self._slots(group, tp)
-                if len(slots) > min(self.model.num_layers, self.options.max_pipeline_stages):
-                    continue
+            for tp, slots in self._pipelines(group):
                 for perf in self._strategies(group, tp, slots):
                     cur = best[perf.role]
                     if cur is None or perf.capacity_rps > cur.capacity_rps * (1 + 1e-9):
@@ -262,6 +202,17 @@ class GroupEvaluator:
     def _overhead(self, group: Group, attr: str) -> float:
         return max(getattr(self.cluster.nodes[n].spec, attr) for n, _ in group) / 1e3
 
+    def _prefill_pass(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> tuple[float, float]:
+        """(slowest stage or hop, end-to-end latency) of one average prompt through a fixed split."""
+        model, wl, n = self.model, self.workload, len(slots)
+        stages = [
+            float(cm.prefill_stage_time(model, wl, self.cluster.nodes[s.node].spec, tp, k, i == 0, i == n - 1,
+                                        self.cluster.bandwidth[s.node, s.node], self.cluster.latency[s.node, s.node]))
+            for i, (s, k) in enumerate(zip(slots, split))
+        ]
+        hops = [cm.link_time(cm.activation_bytes(model, wl.input_mean), s.hop_bw, s.hop_lat) for s in slots[:-1]]
+        return max(stages + hops), sum(stages) + sum(hops) + self._overhead(group, "prefill_overhead_ms")
+
     def _prefill(self, group: Group, tp: int, slots: list[_StageSlot]) -> PhasePerf | None:
         times, fits = self._stage_costs(group, tp, slots, PREFILL, 0)
         found = min_bottleneck_split(np.where(fits, times, np.inf), self.model.num_layers)
@@ -269,16 +220,7 @@ class GroupEvaluator:
             return None
         bottleneck, split = found
         wl = self.workload
-        hop_total = sum(
-            cm.link_time(cm.activation_bytes(self.model, wl.input_mean), s.hop_bw, s.hop_lat) for s in slots[:-1]
-        )
-        stage_total = sum(
-            float(cm.prefill_stage_time(self.model, wl, self.cluster.nodes[s.node].spec, tp, k, i == 0,
-                                        i == len(slots) - 1, self.cluster.bandwidth[s.node, s.node],
-                                        self.cluster.latency[s.node, s.node]))
-            for i, (s, k) in enumerate(zip(slots, split))
-        )
-        latency = stage_total + hop_total + self._overhead(group, "prefill_overhead_ms")
+        latency = self._prefill_pass(group, tp, slots, split)[1]
         share = self.options.ttft_kv_share
         kv_budget = share * (wl.ttft_slo_s - latency)
         capacity = cm.mdl_queue_capacity(bottleneck, latency, wl.ttft_slo_s - kv_budget)
@@ -349,51 +291,19 @@ class GroupEvaluator:
         rest, so its steps stretch by 1 / (1 - rho). The rate is feasible when
         some batch B fits in memory, meets ``TPOT(B) / (1 - rho) <= SLO`` and
         produces ``r * output_mean`` tokens/s, and TTFT (prefill latency, M/D/1
-        wait, one decode step it must wait behind) meets its SLO.
+        wait, one decode step it must wait behind) meets its SLO. The highest
+        feasible rate is found by bisection.
         """
-        model, wl = self.model, self.workload
-        n = len(slots)
-        pre = []
-        for i, (s, k) in enumerate(zip(slots, split)):
-            spec = self.cluster.nodes[s.node].spec
-            t = float(cm.prefill_stage_time(model, wl, spec, tp, k, i == 0, i == n - 1,
-                                            self.cluster.bandwidth[s.node, s.node], self.cluster.latency[s.node, s.node]))
-            pre.append(t)
-        hops = [cm.link_time(cm.activation_bytes(model, wl.input_mean), s.hop_bw, s.hop_lat) for s in slots[:-1]]
-        service = max(pre + hops)
-        latency = sum(pre) + sum(hops) + self._overhead(group, "prefill_overhead_ms")
+        service, latency = self._prefill_pass(group, tp, slots, split)
         max_batch = self._max_batch_for_split(group, tp, slots, split)
         if max_batch < 1:
             return None
-
-        def best_at(rate: float) -> tuple[int, float, float] | None:
-            rho = rate * service
-            if rho >= 1:
-                return None
-            limit = wl.tpot_slo_s * (1 - rho)
-            lo, hi = 0, max_batch
-            while lo < hi:  # largest batch with TPOT(B) <= limit
-                mid = (lo + hi + 1) // 2
-                if self._tpot(group, tp, slots, split, mid) <= limit:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            if lo < 1:
-                return None
-            tpot = self._tpot(group, tp, slots, split, lo)
-            if (1 - rho) * lo / tpot < rate * wl.output_mean:
-                return None
-            wait = rho * service / (2 * (1 - rho))
-            ttft = latency + wait + tpot
-            if ttft > wl.ttft_slo_s:
-                return None
-            return lo, tpot / (1 - rho), ttft
-
+        shape = _Colocated(group, tp, slots, split, service, latency, max_batch)
         lo, hi = 0.0, 1.0 / service
         result = None
         for _ in range(40):
             mid = (lo + hi) / 2
-            found = best_at(mid)
+            found = self._colocated_at(shape, mid)
             if found is None:
                 hi = mid
             else:
@@ -404,6 +314,31 @@ class GroupEvaluator:
             return None
         batch, tpot, ttft = result
         return PhasePerf(COLOCATED, tp, self._layout(slots, tp, split), lo, tpot, service, batch=batch, ttft_s=ttft)
+
+    def _colocated_at(self, c: _Colocated, rate: float) -> tuple[int, float, float] | None:
+        """(batch, stretched TPOT, TTFT) when a colocated split serves ``rate`` req/s within the SLOs, else None."""
+        wl = self.workload
+        rho = rate * c.service_s
+        if rho >= 1:
+            return None
+        limit = wl.tpot_slo_s * (1 - rho)
+        lo, hi = 0, c.max_batch
+        while lo < hi:  # largest batch with TPOT(B) <= limit
+            mid = (lo + hi + 1) // 2
+            if self._tpot(c.group, c.tp, c.slots, c.split, mid) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < 1:
+            return None
+        tpot = self._tpot(c.group, c.tp, c.slots, c.split, lo)
+        if (1 - rho) * lo / tpot < rate * wl.output_mean:
+            return None
+        wait = rho * c.service_s / (2 * (1 - rho))
+        ttft = c.latency_s + wait + tpot
+        if ttft > wl.ttft_slo_s:
+            return None
+        return lo, tpot / (1 - rho), ttft
 
     def _max_batch_for_split(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> int:
         model, wl = self.model, self.workload

@@ -131,11 +131,19 @@ def _parse_nodes(fleet: Fields, catalog: Catalog) -> list[Node]:
     return nodes
 
 
-def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str], float]]:
+@dataclass(frozen=True, slots=True)
+class _NetworkSpec:
+    """The ``network`` object: per-type intra-node links, defaults, and explicit node or region links."""
+
+    intra: dict[str, _LinkSpec]
+    inter_node: _LinkSpec | None
+    inter_region: _LinkSpec | None
+    node_links: dict[frozenset[str], _LinkSpec]
+    region_links: dict[frozenset[str], _LinkSpec]
+
+
+def _read_network(nodes: list[Node], net: Fields) -> _NetworkSpec:
     net.check_keys({"intra_node", "inter_node", "inter_region", "links"})
-    n = len(nodes)
-    bw = np.zeros((n, n))
-    lat = np.zeros((n, n))
     intra = net.obj("intra_node", {})
     intra_links = {name: _read_link(intra.obj(name)) for name in intra.data}
     for name in intra_links:
@@ -145,9 +153,9 @@ def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarr
     regions = {node.region for node in nodes}
     inter = _read_link(net.obj("inter_node")) if net.has("inter_node") else None
     inter_region = _read_link(net.obj("inter_region")) if net.has("inter_region") else None
+    names = {node.name for node in nodes}
     node_links: dict[frozenset[str], _LinkSpec] = {}
     region_links: dict[frozenset[str], _LinkSpec] = {}
-    names = {node.name for node in nodes}
     for path, entry in net.items("links", []):
         f = Fields(entry, path)
         between = f.raw("between")
@@ -164,36 +172,49 @@ def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarr
                 f.at("between"), f"{between} must name two nodes ({', '.join(sorted(names)[:6])}...) "
                 f"or two regions ({', '.join(sorted(regions))})",
             )
+    return _NetworkSpec(intra_links, inter, inter_region, node_links, region_links)
+
+
+def _pair_link(a: Node, b: Node, same: bool, spec: _NetworkSpec, net: Fields) -> _LinkSpec:
+    """The link between two nodes: intra-node, an explicit node or region link, else the defaults."""
+    if same:
+        return spec.intra.get(a.gpu_type) or _LinkSpec(a.spec.intra_node_bandwidth_gb_per_s, a.spec.intra_node_latency_us)
+    if frozenset((a.name, b.name)) in spec.node_links:
+        return spec.node_links[frozenset((a.name, b.name))]
+    if a.region != b.region and frozenset((a.region, b.region)) in spec.region_links:
+        return spec.region_links[frozenset((a.region, b.region))]
+    if a.region != b.region:
+        if spec.inter_region is None:
+            raise PlanInputError(
+                net.at("inter_region"),
+                f"is required: nodes {a.name!r} ({a.region}) and {b.name!r} ({b.region}) are in different "
+                "regions and no entry of network.links joins them",
+            )
+        return spec.inter_region
+    if spec.inter_node is None:
+        raise PlanInputError(net.at("inter_node"), "is required when the fleet has more than one node")
+    return spec.inter_node
+
+
+def _link_matrices(nodes: list[Node], net: Fields) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str], float]]:
+    """(bandwidth bytes/s, latency s) between every pair of nodes, and each shared inter-region link."""
+    spec = _read_network(nodes, net)
+    n = len(nodes)
+    bw = np.zeros((n, n))
+    lat = np.zeros((n, n))
     for i, a in enumerate(nodes):
         for j, b in enumerate(nodes):
-            if i == j:
-                spec = intra_links.get(a.gpu_type) or _LinkSpec(a.spec.intra_node_bandwidth_gb_per_s,
-                                                               a.spec.intra_node_latency_us)
-            elif frozenset((a.name, b.name)) in node_links:
-                spec = node_links[frozenset((a.name, b.name))]
-            elif a.region != b.region and frozenset((a.region, b.region)) in region_links:
-                spec = region_links[frozenset((a.region, b.region))]
-            elif a.region != b.region:
-                if inter_region is None:
-                    raise PlanInputError(
-                        net.at("inter_region"),
-                        f"is required: nodes {a.name!r} ({a.region}) and {b.name!r} ({b.region}) are in different "
-                        "regions and no entry of network.links joins them",
-                    )
-                spec = inter_region
-            else:
-                if inter is None:
-                    raise PlanInputError(net.at("inter_node"), "is required when the fleet has more than one node")
-                spec = inter
-            bw[i, j] = spec.bandwidth_gb_per_s * GB
-            lat[i, j] = spec.latency_us * 1e-6
+            link = _pair_link(a, b, i == j, spec, net)
+            bw[i, j] = link.bandwidth_gb_per_s * GB
+            lat[i, j] = link.latency_us * 1e-6
+    regions = {node.region for node in nodes}
     shared: dict[tuple[str, str], float] = {}
     for a in regions:
         for b in regions:
             if a != b:
-                spec = region_links.get(frozenset((a, b)), inter_region)
-                if spec is not None:
-                    shared[(a, b)] = spec.bandwidth_gb_per_s * GB
+                link = spec.region_links.get(frozenset((a, b)), spec.inter_region)
+                if link is not None:
+                    shared[(a, b)] = link.bandwidth_gb_per_s * GB
     return bw, lat, shared
 
 

@@ -7,10 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from planner.core import costmodel as cm
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator, min_bottleneck_split
-from planner.sim.build import make_group
 from planner_factories import make_cluster
+
+from planner.core import costmodel as cm
+from planner.core.layer_split import min_bottleneck_split
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.sim.build import make_group
 
 
 def brute_force(costs: np.ndarray, total: int) -> float:

@@ -1,0 +1,155 @@
+"""A solved state (groups and roles) -> the plan document the router reads (``common.plan.Plan``).
+
+GPUs get their names (``node:index``, handed out in plan order), each group
+its stages and layer ranges, each route its share of the max flow (weights
+normalised per prefill group), and the plan its predictions: throughput, and
+TTFT/TPOT averaged over the routes at the load served (the arrival rate, or
+the throughput when none is given), with M/D/1 queueing at the prefill groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from planner.core.flow import FlowResult, RouteTable
+from planner.core.perf import PhasePerf
+from planner.core.refine import Search, State
+from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.spec.cluster import Cluster
+
+
+@dataclass(slots=True)
+class _Placed:
+    """The groups as the plan lists them, with their strategies, and where each state index landed."""
+
+    groups: list[GroupPlan]
+    perfs: list[PhasePerf]
+    position: dict[int, int]  # state index -> position in the plan
+    unused_gpus: list[str]
+
+
+@dataclass(slots=True)
+class _Latency:
+    """Load-weighted sums of TTFT and TPOT (seconds x requests/s)."""
+
+    ttft: float = 0.0
+    tpot: float = 0.0
+
+
+def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, state: State, mode: str,
+               info: dict) -> Plan:
+    """Turn a solved state into the plan document (GPU names, stages, routes, predictions)."""
+    wl = cluster.workload
+    throughput, flow = Search(evaluator, routes, mode).evaluate(state)
+    placed = _place_groups(cluster, evaluator, state)
+    load = min(wl.arrival_rate_rps, throughput) if wl.arrival_rate_rps else throughput
+    scale = load / throughput if throughput > 0 else 0.0
+    route_plans: list[RoutePlan] = []
+    latency = _Latency()
+    if mode == COLOCATED:
+        for g, perf in zip(placed.groups, placed.perfs):
+            g.load_rps = perf.capacity_rps * scale
+            latency.ttft += g.load_rps * perf.ttft_s
+            latency.tpot += g.load_rps * perf.latency_s
+    elif flow is not None:
+        route_plans = _route_plans(evaluator, routes, state, flow, placed, scale)
+        _add_route_latency(route_plans, placed, latency)
+    cost = cluster.price_per_hour
+    tokens_per_s = throughput * wl.output_mean
+    predicted = Predicted(
+        throughput_rps=float(throughput),
+        output_tokens_per_s=tokens_per_s,
+        ttft_ms=latency.ttft / load * 1e3 if load > 0 else 0.0,
+        tpot_ms=latency.tpot / load * 1e3 if load > 0 else 0.0,
+        cost_per_hour=cost,
+        tokens_per_dollar=tokens_per_s * 3600 / cost if cost > 0 else 0.0,
+        load_rps=load,
+        meets_arrival_rate=bool(throughput >= wl.arrival_rate_rps) if wl.arrival_rate_rps else None,
+    )
+    return Plan(mode=mode, cluster=cluster.name, model=cluster.model.to_json(), workload=wl.to_json(),
+                groups=placed.groups, routes=route_plans, unused_gpus=placed.unused_gpus, predicted=predicted,
+                solver=info)
+
+
+def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed:
+    """Plan order (prefill groups, then decode, each by GPUs), GPU names and stages per group."""
+    next_gpu = {n.index: 0 for n in cluster.nodes}
+    placed = _Placed([], [], {}, [])
+    order = sorted(range(len(state.groups)),
+                   key=lambda i: ({PREFILL: 0, DECODE: 1}.get(state.roles[i], 0), state.groups[i], i))
+    for i in order:
+        group, role = state.groups[i], state.roles[i]
+        perf = ev.perf(group, role)
+        if perf is None:  # cannot serve this role: its GPUs go unused
+            continue
+        gpus_by_part = []
+        for node, count in group:
+            start = next_gpu[node]
+            next_gpu[node] += count
+            gpus_by_part.append([f"{cluster.nodes[node].name}:{k}" for k in range(start, start + count)])
+        types: dict[str, int] = {}
+        for node, count in group:
+            t = cluster.nodes[node].gpu_type
+            types[t] = types.get(t, 0) + count
+        placed.position[i] = len(placed.groups)
+        placed.perfs.append(perf)
+        placed.groups.append(GroupPlan(
+            id=f"g{len(placed.groups)}", role=role, gpus=[g for part in gpus_by_part for g in part], gpu_types=types,
+            nodes=[cluster.nodes[n].name for n, _ in group], region=cluster.nodes[group[0][0]].region,
+            tp=perf.tp, pp=perf.pp, layer_partition=[s.num_layers for s in perf.stages],
+            stages=_stage_plans(cluster, group, perf, gpus_by_part),
+            capacity_rps=perf.capacity_rps, load_rps=0.0, batch=perf.batch, latency_ms=perf.latency_s * 1e3,
+            service_ms=perf.service_s * 1e3, kv_budget_ms=perf.kv_budget_s * 1e3,
+        ))
+    for node in cluster.nodes:
+        placed.unused_gpus += [f"{node.name}:{k}" for k in range(next_gpu[node.index], node.num_gpus)]
+    return placed
+
+
+def _stage_plans(cluster: Cluster, group, perf: PhasePerf, gpus_by_part: list[list[str]]) -> list[StagePlan]:
+    """Each pipeline stage takes the next ``tp`` GPUs of its node and a run of layers."""
+    used = {p: 0 for p in range(len(group))}
+    stages = []
+    for st in perf.stages:
+        gpus = gpus_by_part[st.part][used[st.part]: used[st.part] + st.tp]
+        used[st.part] += st.tp
+        node = cluster.nodes[group[st.part][0]]
+        stages.append(StagePlan(node.name, node.gpu_type, gpus, st.tp, [st.first_layer, st.first_layer + st.num_layers]))
+    return stages
+
+
+def _route_plans(ev: GroupEvaluator, routes: RouteTable, state: State, flow: FlowResult, placed: _Placed,
+                 scale: float) -> list[RoutePlan]:
+    """One route per prefill -> decode pair with flow; loads added to both groups, weights per prefill group."""
+    groups, perfs, pos = placed.groups, placed.perfs, placed.position
+    # evaluate() lists prefill/decode groups in state order; map them to plan order.
+    p_state = [i for i, r in enumerate(state.roles) if r == PREFILL and ev.evaluate(state.groups[i]).prefill]
+    d_state = [i for i, r in enumerate(state.roles) if r == DECODE and ev.evaluate(state.groups[i]).decode]
+    out_p: dict[int, float] = {}
+    plans: list[RoutePlan] = []
+    for (i, j), f in flow.flows.items():
+        if f <= 0:
+            continue
+        pi, di = pos[p_state[i]], pos[d_state[j]]
+        out_p[pi] = out_p.get(pi, 0.0) + f
+        r = routes.route(state.groups[p_state[i]], perfs[pi], state.groups[d_state[j]], perfs[di])
+        plans.append(RoutePlan(groups[pi].id, groups[di].id, f, f * scale,
+                               f * scale * routes.kv_bytes / 1e9, r.transfer_s * 1e3))
+        groups[pi].load_rps += f * scale
+        groups[di].load_rps += f * scale
+    for r in plans:
+        r.weight = r.weight / out_p[int(r.prefill[1:])]
+    return plans
+
+
+def _add_route_latency(route_plans: list[RoutePlan], placed: _Placed, latency: _Latency) -> None:
+    """TTFT along a route: prefill latency, M/D/1 wait at the prefill group's load, KV transfer, one step."""
+    for r in route_plans:
+        pi = int(r.prefill[1:])
+        pperf = placed.perfs[pi]
+        rho = min(placed.groups[pi].load_rps * pperf.service_s, 0.999)
+        wait = rho * pperf.service_s / (2 * (1 - rho))
+        dperf = placed.perfs[int(r.decode[1:])]
+        latency.ttft += r.rate_rps * (pperf.latency_s + wait + r.transfer_ms / 1e3 + dperf.latency_s)
+        latency.tpot += r.rate_rps * dperf.latency_s
