@@ -24,11 +24,11 @@ import json
 import os
 from pathlib import Path
 
+from common.traces import load_trace
 from loadtest.metrics import SLO
 from loadtest.prompts import PromptBuilder, load_tokenizer
 from loadtest.report import build_result, compare_ratios, compare_table, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
-from loadtest.traces import load_trace
 from loadtest.workload import WorkloadConfig, build_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from benchmarks.sim_baselines import MeanLengths, colocated_plan, distserve_plan
+from common.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.metrics import SLO
-from loadtest.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.workload import WorkloadConfig
 from planner.sim.build import make_group, make_route
 from planner.sim.costs import AnalyticCosts

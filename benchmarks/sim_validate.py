@@ -28,11 +28,11 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from common.traces import load_trace
 from loadtest.metrics import SLO
 from loadtest.prompts import PromptBuilder, load_tokenizer
 from loadtest.report import build_result
 from loadtest.runner import RunConfig, build_prompts, run
-from loadtest.traces import load_trace
 from loadtest.workload import WorkloadConfig, build_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"

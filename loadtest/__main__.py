@@ -19,12 +19,12 @@ import random
 import sys
 from pathlib import Path
 
+from common.traces import TRACE_FORMATS, TraceError, load_trace
 from loadtest.metrics import SLO
 from loadtest.plots import plot_result
 from loadtest.prompts import PROMPT_FORMATS, PromptBuilder, PromptError, load_tokenizer
 from loadtest.report import build_result, compare_ratios, compare_table, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
-from loadtest.traces import TraceError, load_trace
 from loadtest.workload import ARRIVALS, WorkloadConfig, build_workload, offered_rate_rps
 
 
@@ -34,7 +34,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="ids",
                    help="ids: token-id prompts (exact); text: strings re-tokenized to the exact count")
     g.add_argument("--trace", help="trace file, or azure-conv / azure-code from ../shared/traces")
-    g.add_argument("--trace-format", default="auto", choices=("auto", "azure", "burstgpt", "mooncake"))
+    g.add_argument("--trace-format", default="auto", choices=("auto", *TRACE_FORMATS))
     g.add_argument("--arrival", choices=ARRIVALS, default=None,
                    help="arrival process (default: trace when --trace is given, else poisson)")
     g.add_argument("--rate", type=float, help="requests/s for poisson and gamma")

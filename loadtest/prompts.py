@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.traces import MOONCAKE_BLOCK_TOKENS
+from common.traces import MOONCAKE_BLOCK_TOKENS
 
 PROMPT_FORMATS = ("ids", "text")
 _WORD = re.compile(r"^(Ġ|▁)[A-Za-z]{2,}$")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from loadtest.traces import TraceRequest
+from common.traces import TraceRequest
 
 ARRIVALS = ("trace", "poisson", "gamma", "concurrency")
 

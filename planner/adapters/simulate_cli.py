@@ -18,9 +18,9 @@ import json
 import sys
 
 from common.plan import load_plan
+from common.traces import TRACE_FORMATS, TraceError, load_trace
 from loadtest.metrics import SLO
 from loadtest.report import build_result, summary_table, write_result
-from loadtest.traces import TraceError, load_trace
 from loadtest.workload import WorkloadConfig, build_workload
 from planner.sim.costs import AnalyticCosts, ProfileCosts
 from planner.sim.from_plan import fleet_from_plan
@@ -36,7 +36,7 @@ def add_simulate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("plan", help="plan.json from `python -m planner solve`")
     p.add_argument("--cluster", help="the cluster file the plan was solved from (links, options, catalog)")
     p.add_argument("--trace", default="azure-conv", help="trace file, or azure-conv / azure-code")
-    p.add_argument("--trace-format", default="auto", choices=("auto", "azure", "burstgpt", "mooncake"))
+    p.add_argument("--trace-format", default="auto", choices=("auto", *TRACE_FORMATS))
     p.add_argument("--rate-scale", type=float, default=1.0, help="replay speed: 2 = twice the trace's rate")
     p.add_argument("--start-s", type=float, default=0.0)
     p.add_argument("--max-requests", type=int, default=5000)

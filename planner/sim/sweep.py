@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from common.traces import TraceRequest
 from loadtest.metrics import SLO
 from loadtest.report import build_result
-from loadtest.traces import TraceRequest
 from loadtest.workload import WorkloadConfig, build_workload, offered_rate_rps
 from planner.sim.simulator import SimConfig, simulate
 from planner.sim.types import SimCosts, SimFleet

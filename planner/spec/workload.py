@@ -5,21 +5,18 @@ which the attention term needs: its cost grows with the square of the prompt)
 or from a trace file in one of the formats users bring: the Azure LLM traces
 (``TIMESTAMP,ContextTokens,GeneratedTokens``), BurstGPT
 (``Timestamp,Model,Request tokens,Response tokens,...``) and Mooncake JSONL
-(``timestamp`` ms, ``input_length``, ``output_length``).
+(``timestamp`` ms, ``input_length``, ``output_length``), read by the one trace
+reader (``common.traces``) that the simulator and the load test use too.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+from common.traces import TRACE_FORMATS, TraceError, TraceRequest, detect_format, load_trace
 from planner.spec.errors import PlanInputError
 from planner.spec.fields import Fields
-
-TRACE_FORMATS = ("auto", "azure", "burstgpt", "mooncake")
 WORKLOAD_FIELDS = frozenset(
     {"input_tokens_mean", "input_tokens_std", "output_tokens_mean", "trace", "arrival_rate_rps", "slo",
      "price_budget_per_hour"}
@@ -66,78 +63,41 @@ class Workload:
         }
 
 
-def _stats(times_s: list[float], inputs: list[int], outputs: list[int], path: Path) -> TraceStats:
-    pairs = [(t, i, o) for t, i, o in zip(times_s, inputs, outputs) if i > 0 and o > 0]
-    if not pairs:
-        raise PlanInputError("workload.trace", f"{str(path)!r} has no request with positive input and output tokens")
-    n = len(pairs)
-    ts = [p[0] for p in pairs]
+def trace_stats(requests: list[TraceRequest]) -> TraceStats:
+    """Request count, span and length moments of a trace; requests without input or output are left out
+    (BurstGPT logs failed requests with 0 response tokens)."""
+    served = [r for r in requests if r.input_tokens > 0 and r.output_tokens > 0]
+    if not served:
+        raise ValueError("no request with positive input and output tokens")
+    n = len(served)
+    times = [r.arrival_s for r in served]
     return TraceStats(
         num_requests=n,
-        span_s=max(ts) - min(ts),
-        input_mean=sum(p[1] for p in pairs) / n,
-        input_sq_mean=sum(p[1] ** 2 for p in pairs) / n,
-        output_mean=sum(p[2] for p in pairs) / n,
-    )
-
-
-def _azure_time(text: str) -> float:
-    # "2023-11-16 18:17:03.9799600": 7 fractional digits, more than %f takes.
-    head, _, frac = text.strip().partition(".")
-    base = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp()
-    return base + (float("0." + frac) if frac else 0.0)
-
-
-def _detect_format(path: Path) -> str:
-    with open(path, encoding="utf-8") as fh:
-        first = fh.readline().strip()
-    if first.startswith("{"):
-        return "mooncake"
-    header = [c.strip() for c in first.split(",")]
-    if "ContextTokens" in header:
-        return "azure"
-    if "Request tokens" in header:
-        return "burstgpt"
-    raise PlanInputError(
-        "workload.trace.format",
-        f"cannot tell the format of {str(path)!r} from its first line; set format to one of: "
-        f"{', '.join(TRACE_FORMATS[1:])}",
+        span_s=max(times) - min(times),
+        input_mean=sum(r.input_tokens for r in served) / n,
+        input_sq_mean=sum(r.input_tokens ** 2 for r in served) / n,
+        output_mean=sum(r.output_tokens for r in served) / n,
     )
 
 
 def read_trace(path: Path, fmt: str = "auto") -> TraceStats:
-    """Summarise a trace file: request count, span, length moments."""
+    """Summarise a trace file (read by ``common.traces``): request count, span, length moments."""
     if not path.is_file():
         raise PlanInputError("workload.trace", f"trace file {str(path)!r} does not exist")
-    fmt = _detect_format(path) if fmt == "auto" else fmt
-    times: list[float] = []
-    inputs: list[int] = []
-    outputs: list[int] = []
+    if fmt == "auto":
+        try:
+            fmt = detect_format(path)
+        except TraceError as exc:
+            raise PlanInputError("workload.trace.format", f"{exc}; or set format to one of: "
+                                 f"{', '.join(TRACE_FORMATS)}") from None
     try:
-        if fmt == "mooncake":
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        row = json.loads(line)
-                        times.append(float(row["timestamp"]) / 1e3)
-                        inputs.append(int(row["input_length"]))
-                        outputs.append(int(row["output_length"]))
-        else:
-            columns = {
-                "azure": ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
-                "burstgpt": ("Timestamp", "Request tokens", "Response tokens"),
-            }[fmt]
-            with open(path, encoding="utf-8", newline="") as fh:
-                for row in csv.DictReader(fh):
-                    stamp = row[columns[0]]
-                    times.append(_azure_time(stamp) if fmt == "azure" else float(stamp))
-                    inputs.append(int(float(row[columns[1]])))
-                    outputs.append(int(float(row[columns[2]])))
-    except (KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise PlanInputError(
-            "workload.trace", f"{str(path)!r} is not a valid {fmt} trace ({type(exc).__name__}: {exc})"
-        ) from None
-    return _stats(times, inputs, outputs, path)
+        requests = load_trace(path, fmt)
+    except TraceError as exc:  # it names the file, the line and the field
+        raise PlanInputError("workload.trace", str(exc)) from None
+    try:
+        return trace_stats(requests)
+    except ValueError as exc:
+        raise PlanInputError("workload.trace", f"{str(path)!r} has {exc}") from None
 
 
 def parse_workload(f: Fields, base_dir: Path) -> Workload:
@@ -159,7 +119,7 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
         tf.check_keys({"path", "format"})
         path = Path(tf.string("path"))
         path = path if path.is_absolute() else base_dir / path
-        stats = read_trace(path, tf.string("format", "auto", choices=TRACE_FORMATS))
+        stats = read_trace(path, tf.string("format", "auto", choices=("auto", *TRACE_FORMATS)))
         return Workload(
             input_mean=stats.input_mean,
             output_mean=stats.output_mean,

@@ -2,7 +2,7 @@ import statistics
 
 import pytest
 
-from loadtest.traces import TraceRequest
+from common.traces import TraceRequest
 from loadtest.workload import WorkloadConfig, build_workload, offered_rate_rps
 
 

@@ -10,7 +10,6 @@ from planner.spec.catalog import default_catalog
 from planner.spec.cluster import load_cluster, parse_cluster
 from planner.spec.errors import PlanInputError
 from planner.spec.model import model_preset, preset_names
-from planner.spec.workload import read_trace
 from planner_factories import CONFIGS, REPO, cluster_dict, make_cluster
 
 REQUIRED_GPUS = ["H100", "H200", "A100-80G", "A100-40G", "L40S", "L40", "A6000", "A10G", "L4", "RTX4090", "V100",
@@ -85,35 +84,6 @@ def test_node_count_expands_and_links_are_resolved():
     assert c.bandwidth[0, 1] == 25e9  # node-pair link beats the default
     assert c.bandwidth[0, 2] == 0.5e9 and c.latency[0, 2] == pytest.approx(0.04)
     assert c.bandwidth[2, 1] == c.bandwidth[1, 2]
-
-
-def test_trace_formats_give_the_same_statistics(tmp_path):
-    rows = [(0.0, 100, 10), (1.0, 300, 30), (4.0, 200, 20)]
-    azure = tmp_path / "a.csv"
-    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
-        f"2023-11-16 18:00:0{int(t)}.0000000,{i},{o}\n" for t, i, o in rows))
-    burst = tmp_path / "b.csv"
-    burst.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n" + "".join(
-        f"{t},ChatGPT,{i},{o},{i + o},Conversation log\n" for t, i, o in rows) + "5,ChatGPT,50,0,50,Conversation log\n")
-    moon = tmp_path / "m.jsonl"
-    moon.write_text("".join(json.dumps({"timestamp": int(t * 1000), "input_length": i, "output_length": o,
-                                        "hash_ids": [1]}) + "\n" for t, i, o in rows))
-    stats = [read_trace(p) for p in (azure, burst, moon)]
-    for s in stats:
-        assert s.num_requests == 3  # the failed BurstGPT row (0 response tokens) is dropped
-        assert s.input_mean == pytest.approx(200) and s.output_mean == pytest.approx(20)
-        assert s.input_sq_mean == pytest.approx((100**2 + 300**2 + 200**2) / 3)
-        assert s.arrival_rate_rps == pytest.approx(3 / 4)
-
-
-def test_shared_azure_trace_is_read_when_present():
-    path = REPO.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
-    if not path.exists():
-        pytest.skip("shared traces are not beside this checkout")
-    stats = read_trace(path)
-    assert stats.num_requests > 19_000
-    assert 500 < stats.input_mean < 2000 and stats.output_mean > 50
-    assert 4 < stats.arrival_rate_rps < 7
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 
 from benchmarks.sim_baselines import MeanLengths, colocated_plan, decode_batch, distserve_plan
 from common.plan import load_plan
+from common.traces import TraceRequest
 from loadtest.metrics import SLO
-from loadtest.traces import TraceRequest
 from loadtest.workload import PlannedRequest, WorkloadConfig
 from planner.sim.build import make_group, make_route
 from planner.sim.costs import AnalyticCosts

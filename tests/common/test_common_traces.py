@@ -1,8 +1,12 @@
+"""The one trace reader (common/traces.py): formats, strict errors, and the planner reading through it."""
+
 import json
 
 import pytest
 
-from loadtest.traces import SHARED_TRACES_DIR, TraceError, detect_format, load_trace, resolve_trace_path
+from common.traces import SHARED_TRACES_DIR, TraceError, detect_format, load_trace, resolve_trace_path
+from planner.spec.errors import PlanInputError
+from planner.spec.workload import read_trace
 
 
 def _write(tmp_path, name, text):
@@ -88,3 +92,47 @@ def test_shared_azure_trace_by_short_name():
     reqs = load_trace("azure-code")
     assert len(reqs) == 8819
     assert all(b.arrival_s >= a.arrival_s for a, b in zip(reqs, reqs[1:]))
+
+
+def test_trace_formats_give_the_planner_the_same_statistics(tmp_path):
+    rows = [(0.0, 100, 10), (1.0, 300, 30), (4.0, 200, 20)]
+    azure = tmp_path / "a.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:00:0{int(t)}.0000000,{i},{o}\n" for t, i, o in rows))
+    burst = tmp_path / "b.csv"
+    burst.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n" + "".join(
+        f"{t},ChatGPT,{i},{o},{i + o},Conversation log\n" for t, i, o in rows) + "5,ChatGPT,50,0,50,Conversation log\n")
+    moon = tmp_path / "m.jsonl"
+    moon.write_text("".join(json.dumps({"timestamp": int(t * 1000), "input_length": i, "output_length": o,
+                                        "hash_ids": [1]}) + "\n" for t, i, o in rows))
+    stats = [read_trace(p) for p in (azure, burst, moon)]
+    for s in stats:
+        assert s.num_requests == 3  # the failed BurstGPT row (0 response tokens) is dropped
+        assert s.input_mean == pytest.approx(200) and s.output_mean == pytest.approx(20)
+        assert s.input_sq_mean == pytest.approx((100**2 + 300**2 + 200**2) / 3)
+        assert s.arrival_rate_rps == pytest.approx(3 / 4)
+
+
+def test_planner_reads_the_shared_azure_trace_when_present():
+    path = SHARED_TRACES_DIR / "azure_llm_2023_conv.csv"
+    if not path.exists():
+        pytest.skip("shared traces are not beside this checkout")
+    stats = read_trace(path)
+    assert stats.num_requests > 19_000
+    assert 500 < stats.input_mean < 2000 and stats.output_mean > 50
+    assert 4 < stats.arrival_rate_rps < 7
+
+
+def test_the_planner_reads_with_the_same_rules(tmp_path):
+    """One detection rule and one strictness: what the load test refuses, the planner refuses too."""
+    p = _write(tmp_path, "b.csv", "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+               "5,m,1,1,2,x\n9,m,1,1,2,x\n8,m,1,1,2,x\n")
+    with pytest.raises(PlanInputError, match=r"b.csv:4: timestamp goes back in time") as info:
+        read_trace(p)
+    assert info.value.field == "workload.trace"
+    # A .jsonl file is Mooncake by its name for every reader.
+    m = _write(tmp_path, "m.jsonl", '{"timestamp": 0, "input_length": 4, "output_length": 2}\n'
+               '{"timestamp": 2000, "input_length": 6, "output_length": 4}\n')
+    assert detect_format(m) == "mooncake"
+    stats = read_trace(m)
+    assert (stats.num_requests, stats.input_mean, stats.output_mean, stats.span_s) == (2, 5, 3, 2.0)

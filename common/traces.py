@@ -1,7 +1,10 @@
 """Request traces: parse Azure LLM, BurstGPT and Mooncake files into one record type.
 
-Every format becomes a list of `TraceRequest` (arrival time relative to the first
-request, prompt and output lengths, optional prefix hash ids). Parsing is strict:
+The one trace reader: the planner (a workload's length moments and rate), the
+simulator and the load test all read traces here, so a file means the same
+thing to each of them. Every format becomes a list of `TraceRequest` (arrival
+time relative to the first request, prompt and output lengths, optional prefix
+hash ids); `detect_format` is the one rule that tells the formats apart. Parsing is strict:
 a bad line raises `TraceError` naming the file, the 1-based line number, the
 field and what a valid value looks like, because a silently skipped line would
 change the measured load.
@@ -35,6 +38,8 @@ KNOWN_TRACES = {
 }
 
 MOONCAKE_BLOCK_TOKENS = 512
+
+TRACE_FORMATS = ("azure", "burstgpt", "mooncake")  # and "auto": `detect_format`
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
