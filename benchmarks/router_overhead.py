@@ -51,7 +51,8 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
     import uvicorn
 
     from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
-    from router.app import RouterSettings, create_app
+    from router.app import create_app
+    from router.prepare import RouterSettings
     from router.cluster import Cluster
     from common.routing import Route
     from common.aio import run_event_loop
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     prefill_ep, decode_ep, decode_kv, port = local_endpoint(), local_endpoint(), local_endpoint(), free_tcp_port()
     env = dict(os.environ, HEXSERVE_LOG_LEVEL="WARNING")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", "prefill", "--control-endpoint", prefill_ep], env=env),
-        subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", "decode", "--control-endpoint", decode_ep], env=env),
+        subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", Role.PREFILL.value, "--control-endpoint", prefill_ep], env=env),
+        subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", Role.DECODE.value, "--control-endpoint", decode_ep], env=env),
         subprocess.Popen([sys.executable, "-m", "benchmarks.router_overhead", "--serve-router", prefill_ep, decode_ep,
                           decode_kv, str(port)], env=env),
     ]

@@ -22,7 +22,8 @@ import uvicorn
 
 from common.aio import run_event_loop
 from router.admission import Admission
-from router.app import RouterSettings, create_app
+from router.app import create_app
+from router.prepare import RouterSettings
 from router.cluster import Cluster
 from router.deployment import Deployment, embedded_default, deployment_from_plan
 from router.launch_local import LocalLauncher

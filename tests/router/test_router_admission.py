@@ -10,7 +10,8 @@ import pytest
 from engine import control_protocol as proto
 from engine.tiny_model import TINY_MODEL_NAME
 from router.admission import Admission, AdmissionRejected
-from router.app import RouterSettings, create_app
+from router.app import create_app
+from router.prepare import RouterSettings
 from common.routing import Route
 
 
@@ -67,7 +68,7 @@ def test_full_router_answers_429(tiny_model_dir):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
             held = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(2)]
             for _ in range(100):  # until one runs and one waits
-                if app.state.admission.is_full():
+                if app.state.router.admission.is_full():
                     break
                 await asyncio.sleep(0.01)
             try:  # a router that queued this one instead would block here: fail, do not hang

@@ -21,7 +21,8 @@ def test_worker_reports_colocated_in_pong_and_health(tmp_path):
     from engine.standin import StandInEngine
     from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
     from engine.worker_server import WorkerServer
-    from router.app import RouterSettings, create_app
+    from router.app import create_app
+    from router.prepare import RouterSettings
     from router.cluster import Cluster
 
     spec = WorkerSpec("colocated-g0", Role.COLOCATED, f"ipc://{tmp_path}/g0-control.sock")

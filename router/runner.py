@@ -1,0 +1,104 @@
+"""Running a prepared request on the cluster: admission, metrics, and worker failures as API errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from common.routing import NoRouteAvailable
+from engine import control_protocol as proto
+from router.admission import Admission, AdmissionRejected
+from router.cluster import Cluster
+from router.metrics import RouterMetrics
+from router.openai_schema import ApiError
+from router.prepare import PreparedRequest
+from router.worker_client import WorkerUnavailable
+
+
+@dataclass(slots=True)
+class Completed:
+    """A whole answer, for a non-streaming response."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass(slots=True)
+class RequestRunner:
+    cluster: Cluster
+    admission: Admission
+    metrics: RouterMetrics
+
+    async def outputs(self, prep: PreparedRequest) -> AsyncIterator[proto.Output]:
+        """The cluster's output deltas, with metrics; maps worker failures to API errors
+        (429 when admission is full, 503 when no worker can serve)."""
+        metrics = self.metrics
+        timing = _Timing(started=time.perf_counter())
+        status = "error"
+        try:
+            async with self.admission.slot():
+                metrics.queue_waiting.set(self.admission.waiting)
+                metrics.running.set(self.admission.running)
+                async with contextlib.aclosing(self.cluster.generate(prep.prompt_token_ids, prep.sampling,
+                                                                     on_retry=metrics.retries.inc)) as stream:
+                    async for route, output in stream:
+                        if output.token_ids:
+                            if timing.first_token_at is None:
+                                timing.first_token_at = time.perf_counter()
+                                metrics.ttft.observe(timing.first_token_at - timing.started)
+                                metrics.route_picks.labels(route.prefill_worker, route.decode_worker).inc()
+                            timing.num_tokens += len(output.token_ids)
+                        yield output
+            status = "ok"
+        except AdmissionRejected as exc:
+            status = "rejected"
+            raise ApiError(429, str(exc), error_type="rate_limit_error") from None
+        except (WorkerUnavailable, NoRouteAvailable) as exc:
+            raise ApiError(503, f"the request failed because a worker is unavailable: {exc}",
+                           error_type="service_unavailable") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:
+            self._observe(prep, status, timing)
+
+    def _observe(self, prep: PreparedRequest, status: str, timing: _Timing) -> None:
+        metrics = self.metrics
+        metrics.requests.labels(prep.kind.metrics_label, status).inc()
+        metrics.prompt_tokens.inc(len(prep.prompt_token_ids))
+        metrics.generation_tokens.inc(timing.num_tokens)
+        if status == "ok":
+            finished_at = time.perf_counter()
+            metrics.e2e.observe(finished_at - timing.started)
+            if timing.first_token_at is not None and timing.num_tokens > 1:
+                metrics.tpot.observe((finished_at - timing.first_token_at) / (timing.num_tokens - 1))
+
+    async def collect(self, prep: PreparedRequest) -> Completed:
+        """The whole answer. Nothing reached the client yet, so a worker failing
+        mid-generation is retried from the start once (cluster.generate already
+        retried a failure that happened before the first token)."""
+        for attempt in range(2):
+            parts, token_ids, reason = [], [], None
+            try:
+                async with contextlib.aclosing(self.outputs(prep)) as stream:
+                    async for output in stream:
+                        parts.append(output.text)
+                        token_ids.extend(output.token_ids)
+                        reason = output.finish_reason or reason
+                return Completed("".join(parts), token_ids, reason)
+            except ApiError as exc:
+                if exc.status_code != 503 or attempt == 1 or not token_ids:
+                    raise
+                self.metrics.retries.inc()
+        raise AssertionError("unreachable")
+
+
+@dataclass(slots=True)
+class _Timing:
+    started: float
+    first_token_at: float | None = None
+    num_tokens: int = 0
