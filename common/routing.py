@@ -21,13 +21,18 @@ plans 20-30 % of their rate.)
 Selection among effective weights is smooth weighted round robin (nginx's
 algorithm): deterministic, and over any window the picks follow the weights
 exactly when load is even, which is what a user reading the plan expects.
+`smooth_wrr_pick` is that step alone; the router (`RoutePolicy`) and the
+simulator (`planner.sim.simulator`) both pick with it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,21 @@ def worker_shares(routes: Iterable[tuple[str, str, float]]) -> dict[str, float]:
 def load_corrected_weight(weight: float, loads: Iterable[tuple[float, float]], load_scale_tokens: float) -> float:
     """A route's weight divided by its workers' backlogs, each as (outstanding tokens, share)."""
     return weight / (1.0 + sum(tokens / (load_scale_tokens * share) for tokens, share in loads))
+
+
+def smooth_wrr_pick(current: MutableMapping[K, float], weights: Mapping[K, float]) -> K:
+    """One pick of smooth weighted round robin among the keys of `weights` (nginx's algorithm).
+
+    Every candidate's counter in `current` (kept by the caller between picks)
+    grows by its weight; the largest counter wins (the first in `weights`'
+    order among equals) and pays back the sum of the weights.
+    """
+    total = sum(weights.values())
+    for key, weight in weights.items():
+        current[key] += weight
+    chosen = max(weights, key=current.__getitem__)
+    current[chosen] -= total
+    return chosen
 
 
 class NoRouteAvailable(RuntimeError):
@@ -92,9 +112,4 @@ class RoutePolicy:
         if not candidates:
             raise NoRouteAvailable("no healthy prefill->decode route is available")
         weights = {r: self.effective_weight(r, outstanding_tokens) for r in candidates}
-        total = sum(weights.values())
-        for route, weight in weights.items():
-            self._current[route] += weight
-        chosen = max(candidates, key=lambda r: self._current[r])
-        self._current[chosen] -= total
-        return chosen
+        return smooth_wrr_pick(self._current, weights)

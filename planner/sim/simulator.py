@@ -31,7 +31,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.routing import load_corrected_weight, worker_shares
+from common.routing import load_corrected_weight, smooth_wrr_pick, worker_shares
 from loadtest.metrics import RequestRecord
 from loadtest.workload import PlannedRequest
 from planner.sim.types import SimCosts, SimFleet, SimGroup, SimRoute
@@ -83,18 +83,20 @@ class _PrefillState:
 
 
 class _WeightedRoundRobin:
-    """Nginx's smooth weighted round-robin: deterministic, spreads picks evenly.
+    """The router's route picker (`common.routing`): smooth weighted round robin over the plan's weights.
 
     With `load_scale_tokens`, each weight is first corrected for the
     outstanding tokens of the route's groups exactly as our router does
-    (`common.routing.load_corrected_weight`).
+    (`common.routing.load_corrected_weight`). The weights are normalised and a
+    route is an index here (the router's `RoutePolicy` keys `Route`s and
+    checks worker health, which a simulation does not need).
     """
 
     def __init__(self, routes: list[SimRoute], load_scale_tokens: float | None = None) -> None:
         self.routes = [r for r in routes if r.weight > 0]
         total = sum(r.weight for r in self.routes)
         self.weights = [r.weight / total for r in self.routes]
-        self.current = [0.0] * len(self.routes)
+        self.current = {i: 0.0 for i in range(len(self.routes))}
         self.scale = load_scale_tokens
         self.shares = worker_shares((r.prefill, r.decode, r.weight) for r in self.routes) if self.routes else {}
 
@@ -105,11 +107,7 @@ class _WeightedRoundRobin:
                        for w, r in zip(self.weights, self.routes)]
         else:
             weights = self.weights
-        for i, w in enumerate(weights):
-            self.current[i] += w
-        best = max(range(len(self.routes)), key=self.current.__getitem__)
-        self.current[best] -= sum(weights)
-        return self.routes[best]
+        return self.routes[smooth_wrr_pick(self.current, dict(enumerate(weights)))]
 
 
 class Simulation:

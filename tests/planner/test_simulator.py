@@ -2,6 +2,7 @@
 
 import pytest
 
+from common.routing import Route, RoutePolicy
 from loadtest.metrics import SLO
 from loadtest.report import build_result
 from loadtest.workload import PlannedRequest
@@ -169,3 +170,13 @@ def test_load_aware_routing_prefers_the_idle_group():
     aware = simulate(fleet, reqs, ConstCosts(), SimConfig(routing="load_aware", load_scale_tokens=200))
     assert sum(r.route == "p0->d1" for r in aware) > sum(r.route == "p0->d1" for r in weighted) == 20
     assert max(r.latency_s for r in aware) < max(r.latency_s for r in weighted)
+
+
+def test_the_simulator_picks_routes_as_the_router_does():
+    """Weighted routing in the simulator and the router's RoutePolicy at even load make the same picks."""
+    fleet = _fleet(n_decode=3, weights=[2.0, 1.0, 1.0])
+    records = simulate(fleet, [_req(i, 10.0 * i) for i in range(24)], ConstCosts(), SimConfig(routing="weighted"))
+    policy = RoutePolicy([Route(r.prefill, r.decode, r.weight) for r in fleet.routes])
+    expected = [policy.choose(lambda w: True, lambda w: 0) for _ in records]
+    assert [r.route for r in records] == [f"{e.prefill_worker}->{e.decode_worker}" for e in expected]
+    assert [r.route for r in records[:4]].count("p0->d0") == 2
