@@ -20,7 +20,6 @@ sends deltas back. Nothing blocking runs on the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -109,6 +108,7 @@ class WorkerServer:
     _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     _load: _LoadState = field(default_factory=_LoadState)
     _stopping: asyncio.Event | None = None
+    _kv_stats_failures: int = 0
 
     def __post_init__(self) -> None:
         self.role = Role.parse(self.role)
@@ -190,10 +190,6 @@ class WorkerServer:
                 version=proto.PROTOCOL_VERSION, nonce=message.nonce, load=self.load_report())))
 
     def load_report(self) -> proto.LoadReport:
-        kv_stats = {}
-        if self.kv_stats_reader is not None:
-            with contextlib.suppress(Exception):
-                kv_stats = {k: float(v) for k, v in self.kv_stats_reader().items()}
         return proto.LoadReport(
             worker_id=self.worker_id,
             role=self.role,
@@ -201,8 +197,28 @@ class WorkerServer:
             num_waiting=self._load.num_waiting,
             kv_cache_usage=self._load.kv_cache_usage,
             num_inflight=len(self._tasks),
-            kv_stats=kv_stats,
+            kv_stats=self._read_kv_stats(),
         )
+
+    def _read_kv_stats(self) -> dict[str, float]:
+        """The connector's transfer counters. A reader that fails does not fail the
+        health reply: the failure is logged (with its traceback the first time, the
+        ping comes every 0.5 s) and counted in `stats_read_failures`, which the
+        router shows in /metrics next to the counters it could not read."""
+        if self.kv_stats_reader is None:
+            return {}
+        stats: dict[str, float] = {}
+        try:
+            stats = {k: float(v) for k, v in self.kv_stats_reader().items()}
+        except Exception:  # noqa: BLE001 - logged and counted, see above
+            self._kv_stats_failures += 1
+            if self._kv_stats_failures == 1:
+                log.exception("could not read the KV connector's counters (counted in stats_read_failures)")
+            else:
+                log.debug("could not read the KV connector's counters", exc_info=True)
+        if self._kv_stats_failures:
+            stats["stats_read_failures"] = float(self._kv_stats_failures)
+        return stats
 
     async def _run_request(self, identity: bytes, submit: proto.Submit) -> None:
         request_id = submit.request_id
@@ -230,8 +246,10 @@ class WorkerServer:
                     return
         except asyncio.CancelledError:
             # Aborted by the router (client disconnected) or by shutdown: free the KV.
-            with contextlib.suppress(Exception):
+            try:
                 await self._engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - the cancellation goes on; the failed abort is logged
+                log.exception("could not abort request %s in the engine", request_id)
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the router, never swallowed
             log.exception("request %s failed", request_id)

@@ -72,7 +72,11 @@ class Cluster:
         await asyncio.gather(*(c.wait_healthy(timeout_s) for c in self.clients.values()))
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        clients = list(self.clients.values())
+        results = await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        for client, result in zip(clients, results):
+            if isinstance(result, Exception):  # closing goes on for the others; say what failed
+                log.warning("closing the client of worker %s failed", client.worker_id, exc_info=result)
         if self._ctx is not None:
             self._ctx.term()
 

@@ -135,7 +135,8 @@ class RayLauncher:
 
         try:
             return bool(ray.get(self.actors[worker_id].alive.remote(), timeout=5))
-        except Exception:  # noqa: BLE001 - an unreachable actor is a dead worker
+        except ray.exceptions.RayError as exc:  # an actor that is gone or does not answer: a dead worker
+            log.warning("worker actor %s did not answer: %s", worker_id, exc)
             return False
 
     def alive_checks(self) -> dict:
@@ -151,8 +152,8 @@ class RayLauncher:
             try:
                 if ray.get(actor.restart_if_dead.remote(), timeout=10):
                     restarted.append(worker_id)
-            except Exception:  # noqa: BLE001 - the actor itself is gone; nothing to restart here
-                log.warning("worker actor %s is unreachable", worker_id)
+            except ray.exceptions.RayError:  # the actor itself is gone (or the restart failed in it)
+                log.warning("could not restart worker actor %s", worker_id, exc_info=True)
         return restarted
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -161,8 +162,8 @@ class RayLauncher:
         for actor in self.actors.values():
             try:
                 ray.get(actor.stop.remote(), timeout=drain_timeout_s + 15)
-            except Exception:  # noqa: BLE001 - best effort; the actor is killed next
-                pass
+            except ray.exceptions.RayError as exc:  # no drain; the actor is killed next either way
+                log.warning("worker actor did not stop cleanly: %s", exc)
             ray.kill(actor)
         for group in self.placement_groups.values():
             ray.util.remove_placement_group(group)

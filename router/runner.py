@@ -28,6 +28,15 @@ class Completed:
 
 
 @dataclass(slots=True)
+class _Timing:
+    """One request's clock, for the TTFT, TPOT and latency histograms."""
+
+    started: float  # perf_counter seconds
+    first_token_at: float | None = None
+    num_tokens: int = 0
+
+
+@dataclass(slots=True)
 class RequestRunner:
     cluster: Cluster
     admission: Admission
@@ -95,10 +104,3 @@ class RequestRunner:
                     raise
                 self.metrics.retries.inc()
         raise AssertionError("unreachable")
-
-
-@dataclass(slots=True)
-class _Timing:
-    started: float
-    first_token_at: float | None = None
-    num_tokens: int = 0

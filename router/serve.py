@@ -135,7 +135,7 @@ async def _supervise(launcher, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             restarted = await asyncio.to_thread(launcher.restart_dead)
-        except Exception:  # noqa: BLE001 - keep supervising; the next round retries
+        except Exception:  # noqa: BLE001 - logged with its traceback; supervising goes on and the next round retries
             log.exception("could not restart dead workers")
             continue
         for worker_id in restarted:

@@ -63,6 +63,15 @@ class WorkerClient:
         self._sock = make_socket(self.ctx, zmq.DEALER, self.info.control_endpoint, bind=False,
                                  **proto.CONTROL_SOCKET_LIMITS)
         self._tasks = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._health_loop())]
+        for task in self._tasks:
+            task.add_done_callback(self._log_loop_exit)
+
+    def _log_loop_exit(self, task: asyncio.Task) -> None:
+        """A loop that dies of an error says so (with its traceback); else the
+        worker would only look silent and leave the rotation for no stated reason."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker %s: the client's %s stopped", self.worker_id, task.get_coro().__name__,
+                      exc_info=task.exception())
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -126,8 +135,16 @@ class WorkerClient:
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.healthy:
-                with contextlib.suppress(Exception):
-                    await self._send(proto.Abort(version=proto.PROTOCOL_VERSION, request_id=request_id))
+                await self._abort(request_id)
+
+    async def _abort(self, request_id: str) -> None:
+        """Ask the worker to drop a request the router no longer waits for. Best
+        effort: a worker that cannot take the message is failing its health checks,
+        and its requests end with it."""
+        try:
+            await self._send(proto.Abort(version=proto.PROTOCOL_VERSION, request_id=request_id))
+        except (WorkerUnavailable, zmq.ZMQError) as exc:
+            log.warning("could not abort request %s on worker %s: %s", request_id, self.worker_id, exc)
 
     async def _send(self, message: proto.Message) -> None:
         try:
@@ -160,6 +177,8 @@ class WorkerClient:
 
     async def _health_loop(self) -> None:
         while True:
+            # A ping that cannot be queued is not an error here: the missing pong
+            # is what takes the worker out of rotation, below.
             with contextlib.suppress(WorkerUnavailable):
                 await self._send(proto.Ping(version=proto.PROTOCOL_VERSION, nonce=next(self._nonce)))
             await asyncio.sleep(self.health_interval_s)
