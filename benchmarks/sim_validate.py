@@ -6,7 +6,9 @@
 1. Start the server (or use --endpoint URL of a running one).
 2. Profile it at low load with the harness, in the planner's profile schema
    (`hexserve.profile`): TTFT of single requests at several prompt lengths,
-   and TPOT with B requests decoding together at two context lengths.
+   and TPOT with B requests decoding together at two context lengths
+   (`--profile` takes one from `python -m planner profile` instead: both
+   stream through `loadtest.client` and count tokens by its one rule).
 3. Replay the Azure conversation trace (lengths clipped to the tiny model's
    window) at several rate scales and measure.
 4. Simulate the same request lists on the plan the server runs (one colocated

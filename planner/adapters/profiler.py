@@ -6,10 +6,13 @@ so their length is exact and no tokenizer is needed here; every prompt is
 fresh random ids, so prefix caching cannot shorten a measurement.
 
 - Prefill: for each prompt length, ``max_tokens=1`` requests one at a time;
-  the latency is the whole request (prefill, one sampling step, HTTP).
+  the latency is send to its one token (prefill, one sampling step, HTTP).
 - Decode: for each batch size B, B concurrent streaming requests with
   ``ignore_eos`` generate a fixed number of tokens; the step time is the
   median gap between a request's consecutive tokens while all B run.
+
+Requests go through the load test's streaming client (``loadtest.client``), so
+a profile and a load-test run count tokens by the same rule.
 
 ``planner.spec.calibration.fit_profile`` turns the samples into the cost model's
 coefficients; a cluster file applies them with ``"calibration": [path]``.
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.client import build_payload, detect_model, normalize_base_url, send_request
+from loadtest.metrics import RequestRecord
 from planner.spec.errors import PlanInputError
 from planner.spec.model import ModelSpec, model_from_hf_config, model_preset
 from planner.spec.profile import DecodeSample, PrefillSample, Profile
@@ -58,84 +63,84 @@ class ProfileSettings:
 
 
 class Prober:
-    """The HTTP side: one shared async client, token-id prompts."""
+    """The HTTP side: the load test's streaming client (``loadtest.client``), token-id prompts.
 
-    def __init__(self, client: httpx.AsyncClient, model: str, vocab_size: int, seed: int) -> None:
+    Every request streams, so token arrivals are counted by the load test's one
+    rule (the server's running completion-token count where it reports one).
+    """
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str, model: str, vocab_size: int, seed: int,
+                 timeout_s: float) -> None:
         self.client = client
+        self.base_url = base_url
         self.model = model
         self.vocab_size = vocab_size
         self.rng = random.Random(seed)
+        self.timeout_s = timeout_s
+        self.started = time.perf_counter()  # token times are relative to this, for every stream alike
 
     def prompt(self, length: int) -> list[int]:
         # Skip the lowest ids: special tokens (BOS/EOS/PAD) live there in most vocabularies.
         low = min(16, self.vocab_size // 4)
         return [self.rng.randrange(low, self.vocab_size) for _ in range(length)]
 
+    async def send(self, prompt_tokens: int, max_tokens: int) -> RequestRecord:
+        """One streamed request, timed; a failed one stops the profile (a gap would bias the fit)."""
+        record = RequestRecord(0, 0.0, prompt_tokens, max_tokens)
+        payload = build_payload(self.model, self.prompt(prompt_tokens), max_tokens)
+        await send_request(self.client, self.base_url, payload, record, self.started, self.timeout_s)
+        if not record.success:
+            raise PlanInputError("--url", f"a profiling request failed ({record.error_kind}): {record.error}")
+        return record
+
     async def prefill_latency_ms(self, length: int) -> float:
-        body = {"model": self.model, "prompt": self.prompt(length), "max_tokens": 1, "temperature": 0.0}
-        start = time.perf_counter()
-        response = await self.client.post("/v1/completions", json=body)
-        elapsed = time.perf_counter() - start
-        response.raise_for_status()
-        return elapsed * 1e3
+        """Send to the one token of a ``max_tokens=1`` request: prefill, one sampling step, HTTP."""
+        record = await self.send(length, 1)
+        return record.latency_s * 1e3
 
     async def token_times(self, prompt_tokens: int, max_tokens: int) -> list[float]:
-        """Arrival time of each streamed token chunk of one request."""
-        body = {
-            "model": self.model, "prompt": self.prompt(prompt_tokens), "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True, "ignore_eos": True,
-        }
-        times: list[float] = []
-        async with self.client.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                    times.append(time.perf_counter())
-        return times
+        """Arrival time of each token of one request (seconds from the prober's start)."""
+        return (await self.send(prompt_tokens, max_tokens)).token_times_s()
 
 
-async def _served_model(client: httpx.AsyncClient) -> str:
-    response = await client.get("/v1/models")
-    response.raise_for_status()
-    models = response.json().get("data") or []
-    if not models:
-        raise PlanInputError("--served-model", "the server lists no model at /v1/models")
-    return models[0]["id"]
+async def _served_model(client: httpx.AsyncClient, base_url: str) -> str:
+    try:
+        return await detect_model(client, base_url)
+    except ValueError as exc:
+        raise PlanInputError("--served-model", str(exc)) from None
 
 
 async def measure(settings: ProfileSettings, vocab_size: int) -> tuple[list[PrefillSample], list[DecodeSample], str]:
     limits = httpx.Limits(max_connections=max(settings.batch_sizes) + 4)
-    async with httpx.AsyncClient(base_url=settings.url, timeout=settings.timeout_s, limits=limits) as client:
-        model = settings.model_name or await _served_model(client)
-        prober = Prober(client, model, vocab_size, settings.seed)
+    base_url = normalize_base_url(settings.url)
+    async with httpx.AsyncClient(timeout=settings.timeout_s, limits=limits) as client:
+        model = settings.model_name or await _served_model(client, base_url)
+        prober = Prober(client, base_url, model, vocab_size, settings.seed, settings.timeout_s)
         await prober.prefill_latency_ms(min(settings.prompt_lengths))  # warm-up, not recorded
         prefill: list[PrefillSample] = []
         for length in sorted(set(settings.prompt_lengths)):
             runs = [await prober.prefill_latency_ms(length) for _ in range(settings.repeats)]
             prefill.append(PrefillSample(length, statistics.median(runs)))
-        decode: list[DecodeSample] = []
-        context = settings.decode_prompt_tokens + settings.decode_tokens / 2
-        for batch in sorted(set(settings.batch_sizes)):
-            gaps: list[float] = []
-            for _ in range(settings.repeats):
-                streams = await asyncio.gather(
-                    *(prober.token_times(settings.decode_prompt_tokens, settings.decode_tokens) for _ in range(batch))
-                )
-                # Only the window in which every request of the batch is generating.
-                start = max(ts[1] for ts in streams if len(ts) > 1)
-                end = min(ts[-1] for ts in streams)
-                for ts in streams:
-                    gaps += [b - a for a, b in zip(ts, ts[1:]) if a >= start and b <= end]
-            if not gaps:
-                raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
-            decode.append(DecodeSample(batch, context, statistics.median(gaps) * 1e3))
+        decode = [await _decode_sample(prober, settings, batch) for batch in sorted(set(settings.batch_sizes))]
         return prefill, decode, model
+
+
+async def _decode_sample(prober: Prober, settings: ProfileSettings, batch: int) -> DecodeSample:
+    """Median gap between a request's consecutive tokens while all ``batch`` requests generate."""
+    gaps: list[float] = []
+    for _ in range(settings.repeats):
+        streams = await asyncio.gather(
+            *(prober.token_times(settings.decode_prompt_tokens, settings.decode_tokens) for _ in range(batch))
+        )
+        # Only the window in which every request of the batch is generating.
+        start = max(ts[1] for ts in streams if len(ts) > 1)
+        end = min(ts[-1] for ts in streams)
+        for ts in streams:
+            gaps += [b - a for a, b in zip(ts, ts[1:]) if a >= start and b <= end]
+    if not gaps:
+        raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
+    context = settings.decode_prompt_tokens + settings.decode_tokens / 2
+    return DecodeSample(batch, context, statistics.median(gaps) * 1e3)
 
 
 def run_profile(settings: ProfileSettings, hf_config: str | None = None, preset: str | None = None) -> Profile:

@@ -15,8 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.ports import free_tcp_port
+from loadtest.client import normalize_base_url
 from planner.__main__ import main
-from planner.adapters.profiler import ProfileSettings, run_profile
+from planner.adapters.profiler import Prober, ProfileSettings, run_profile
 from planner.spec.calibration import decode_bytes, fit_profile, prefill_flops
 from planner.spec.catalog import default_catalog
 from planner.spec.errors import PlanInputError
@@ -116,6 +117,41 @@ def test_bad_profiles_name_the_field(tmp_path):
     c_path = tmp_path / "missing.json"
     with pytest.raises(PlanInputError, match="cannot read profile"):
         make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 1}], calibration=[str(c_path)])
+
+
+def usage_app() -> FastAPI:
+    """Streams like vLLM with continuous usage stats: one chunk carries two tokens, one carries text but no new token."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+
+        async def stream():
+            for completion_tokens, text in ((1, "a"), (3, "bc"), (3, " "), (4, ""), (5, "d")):
+                chunk = {"choices": [{"text": text, "index": 0}],
+                         "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": completion_tokens}}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0.01)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+def test_the_profiler_counts_tokens_as_the_load_test_does():
+    """The profiler streams through loadtest.client: a token arrives when the server's count grows."""
+    async def token_times():
+        async with httpx.AsyncClient() as client:
+            prober = Prober(client, normalize_base_url(server.url), "m", TINY.vocab_size, 0, 10.0)
+            return await prober.token_times(8, 5)
+
+    with ThreadedServer(usage_app()) as server:
+        times = asyncio.run(token_times())
+    # Four arrivals (counts 1, 3, 4, 5): the empty-text chunk is a token, the unchanged count is not.
+    assert len(times) == 4
+    assert times == sorted(times)
 
 
 @pytest.mark.slow
