@@ -9,6 +9,9 @@ import pytest
 
 from common.roles import Role
 from engine import control_protocol as proto
+from kvtransfer import prompt_hash
+from kvtransfer.protocol import PROTOCOL_VERSION as KV_PROTOCOL_VERSION
+from prefill import PREFILL_SAMPLING
 from router.cluster import Cluster
 from common.routing import Route
 from engine.worker_spec import WorkerSpec
@@ -28,7 +31,7 @@ class StandInWorker:
         return self.info.worker_id
 
     async def generate(self, request_id, prompt_token_ids, sampling, kv_transfer_params=None):
-        self.calls.append((request_id, kv_transfer_params))
+        self.calls.append(Call(request_id, list(prompt_token_ids), sampling, kv_transfer_params))
         for i in range(sampling.max_tokens):
             if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
                 raise WorkerUnavailable(f"{self.worker_id} died")
@@ -36,19 +39,39 @@ class StandInWorker:
             last = i == sampling.max_tokens - 1
             yield proto.Output(version=1, request_id=request_id, token_ids=[100 + i], text=f"t{i}", finished=last,
                                finish_reason="length" if last else None,
-                               kv_transfer_params={"do_remote_prefill": True} if last else None)
+                               kv_transfer_params=_handoff(prompt_token_ids, kv_transfer_params) if last else None)
 
 
-def _cluster(decode_fail: dict[str, int | None]) -> Cluster:
+@dataclass
+class Call:
+    """One request a stand-in worker received."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: proto.SamplingSpec
+    kv_transfer_params: dict | None
+
+
+def _handoff(prompt_token_ids, request_params: dict | None) -> dict:
+    """What a prefill's connector returns when its KV went out (kvtransfer.scheduler_side.request_finished)."""
+    if not request_params or not request_params.get("do_remote_decode"):
+        return {"do_remote_prefill": True}
+    return {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": request_params["transfer_id"],
+            "decode_endpoint": request_params["decode_endpoint"], "num_prompt_tokens": len(prompt_token_ids),
+            "prompt_hash": prompt_hash(prompt_token_ids), "prefill_tp": 1, "kv_protocol_version": KV_PROTOCOL_VERSION}
+
+
+def _cluster(decode_fail: dict[str, int | None], kv_connector: str = "none") -> Cluster:
     infos = [WorkerSpec("p0", Role.PREFILL, "tcp://x:1"), WorkerSpec("p1", Role.PREFILL, "tcp://x:2"),
              WorkerSpec("d0", Role.DECODE, "tcp://x:3", "tcp://x:13"), WorkerSpec("d1", Role.DECODE, "tcp://x:4", "tcp://x:14")]
-    cluster = Cluster(workers=infos, routes=[Route("p0", "d0", 1.0), Route("p1", "d1", 1.0)], kv_connector="none")
+    cluster = Cluster(workers=infos, routes=[Route("p0", "d0", 1.0), Route("p1", "d1", 1.0)], kv_connector=kv_connector)
     cluster.clients = {i.worker_id: StandInWorker(i, fail_after_tokens=decode_fail.get(i.worker_id)) for i in infos}
     return cluster
 
 
-async def _collect(cluster, max_tokens=4):
-    return [(route, out) async for route, out in cluster.generate([1, 2, 3], proto.SamplingSpec(max_tokens=max_tokens))]
+async def _collect(cluster, max_tokens=4, sampling=None):
+    sampling = sampling or proto.SamplingSpec(max_tokens=max_tokens)
+    return [(route, out) async for route, out in cluster.generate([1, 2, 3], sampling)]
 
 
 def test_failure_before_first_token_is_retried_on_another_route():
@@ -74,12 +97,38 @@ def test_failure_after_tokens_reached_the_client_is_not_retried():
 
 
 def test_prefill_runs_one_token_and_decode_gets_its_handoff():
-    cluster = _cluster({})
-    outputs = asyncio.run(_collect(cluster, max_tokens=3))
+    cluster = _cluster({}, kv_connector="zmq")
+    client_sampling = proto.SamplingSpec(max_tokens=3, temperature=0.8, top_p=0.9, seed=5, stop=["t1"],
+                                         stop_token_ids=[7], min_tokens=2)
+    outputs = asyncio.run(_collect(cluster, sampling=client_sampling))
     route = outputs[0][0]
     prefill, decode = cluster.clients[route.prefill_worker], cluster.clients[route.decode_worker]
     assert len(prefill.calls) == 1 and len(decode.calls) == 1
     assert len(outputs) == 3 and outputs[-1][1].finished
+    (prefill_call,), (decode_call,) = prefill.calls, decode.calls
+    # The prefill request computes the prompt and one greedy token that nothing may stop.
+    sampling = prefill_call.sampling
+    assert sampling.max_tokens == 1 and sampling.temperature == 0.0 and sampling.ignore_eos
+    assert sampling.stop == [] and sampling.stop_token_ids == [] and sampling.min_tokens == 0
+    assert sampling == PREFILL_SAMPLING
+    # ... and tells its connector to ship the KV to the route's decode worker.
+    sent = prefill_call.kv_transfer_params
+    assert sent["do_remote_decode"] is True and sent["decode_endpoint"] == decode.info.kv_endpoint
+    assert sent["decode_tp"] == decode.info.tensor_parallel_size and sent["transfer_id"]
+    # Decode gets the same prompt, the client's own sampling, and the prefill's handoff.
+    handoff = _handoff(prefill_call.prompt_token_ids, sent)
+    assert decode_call.prompt_token_ids == prefill_call.prompt_token_ids == [1, 2, 3]
+    assert decode_call.sampling == client_sampling
+    assert decode_call.kv_transfer_params == handoff and handoff["transfer_id"] == sent["transfer_id"]
+    assert decode_call.request_id != prefill_call.request_id
+
+
+def test_without_a_connector_decode_recomputes():
+    cluster = _cluster({}, kv_connector="none")
+    route = asyncio.run(_collect(cluster, max_tokens=2))[0][0]
+    (prefill_call,), (decode_call,) = cluster.clients[route.prefill_worker].calls, cluster.clients[route.decode_worker].calls
+    assert prefill_call.sampling == PREFILL_SAMPLING and prefill_call.kv_transfer_params is None
+    assert decode_call.kv_transfer_params is None
 
 
 def test_both_routes_failing_surfaces_the_error():
