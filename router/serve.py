@@ -23,10 +23,10 @@ import uvicorn
 from common.aio import run_event_loop
 from router.admission import Admission
 from router.app import create_app
-from router.prepare import RouterSettings
 from router.cluster import Cluster
-from router.deployment import Deployment, embedded_default, deployment_from_plan
+from router.deployment import Deployment, deployment_from_plan, embedded_default
 from router.launch_local import LocalLauncher
+from router.prepare import RouterSettings
 from router.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)
@@ -72,20 +72,22 @@ def load_tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(model_path)
 
 
+def make_launcher(options: ServeOptions, deployment: Deployment):
+    """Ray actors with --ray, else local processes; both start a WorkerSpec the same way."""
+    if options.ray_address is None:
+        return LocalLauncher(log_dir=options.log_dir)
+    from router.launch_ray import RayLauncher
+
+    # A real model runs on the GPUs the plan names (bundles ask Ray for GPUs,
+    # which sets CUDA_VISIBLE_DEVICES); a rehearsal with the tiny model does not.
+    return RayLauncher(address=options.ray_address, deployment=deployment, use_gpus=options.model is not None)
+
+
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
     deployment = build_deployment(options)
-    if options.ray_address is not None:
-        from router.launch_ray import RayLauncher
-
-        # A real model runs on the GPUs the plan names (bundles ask Ray for GPUs,
-        # which sets CUDA_VISIBLE_DEVICES); a rehearsal with the tiny model does not.
-        launcher = RayLauncher(address=options.ray_address, deployment=deployment,
-                               use_gpus=options.model is not None)
-    else:
-        launcher = LocalLauncher(log_dir=options.log_dir)
+    launcher = make_launcher(options, deployment)
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
     cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector)
-    server = None
     supervisor = None
     try:
         await cluster.start(process_alive=launcher.alive_checks())
@@ -103,30 +105,34 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
             tokenizer,
             admission=Admission(max_running=options.max_running, max_waiting=options.max_waiting),
         )
-        config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
-                                timeout_graceful_shutdown=30)
-        server = uvicorn.Server(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        server_task = asyncio.ensure_future(server.serve())
         if options.restart_workers:
             supervisor = asyncio.ensure_future(_supervise(launcher, options.restart_check_s))
-        while not server.started and not server_task.done():
-            await asyncio.sleep(0.05)
-        if server.started:
-            print(f"hexserve router ready: http://{options.host}:{options.port}/v1 "
-                  f"(model {deployment.served_model_name!r}, {len(deployment.workers)} workers, "
-                  f"{len(deployment.routes)} route(s))", flush=True)
-            if ready is not None:
-                ready.set()
-        await server_task
+        await _serve_http(app, options, deployment, ready)
     finally:
         if supervisor is not None:
             supervisor.cancel()
         await cluster.close()
         # uvicorn has finished in-flight HTTP requests (graceful); workers drain theirs.
         await asyncio.to_thread(launcher.stop)
+
+
+async def _serve_http(app, options: ServeOptions, deployment: Deployment, ready: asyncio.Event | None) -> None:
+    """uvicorn until SIGTERM/SIGINT, which finish in-flight requests first; says when it is ready."""
+    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                                          timeout_graceful_shutdown=30))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    server_task = asyncio.ensure_future(server.serve())
+    while not server.started and not server_task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(f"hexserve router ready: http://{options.host}:{options.port}/v1 "
+              f"(model {deployment.served_model_name!r}, {len(deployment.workers)} workers, "
+              f"{len(deployment.routes)} route(s))", flush=True)
+        if ready is not None:
+            ready.set()
+    await server_task
 
 
 async def _supervise(launcher, interval_s: float) -> None:
