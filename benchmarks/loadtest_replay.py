@@ -24,8 +24,10 @@ import json
 import os
 from pathlib import Path
 
+from benchmarks.loadtest_servers import router_server, tiny_model_dir, vllm_server
 from common.traces import load_trace
 from loadtest.metrics import SLO
+from loadtest.plots import plot_result
 from loadtest.prompts import PromptBuilder, load_tokenizer
 from loadtest.report import build_result, compare_ratios, compare_table, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
@@ -47,9 +49,6 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--out", default=str(RESULTS / "loadtest_replay"))
     args = ap.parse_args(argv)
-
-    from benchmarks.loadtest_servers import router_server, tiny_model_dir, vllm_server
-
     tokenizer = load_tokenizer(tiny_model_dir())
     wcfg = WorkloadConfig(arrival="trace", rate_scale=args.rate_scale, max_requests=args.max_requests,
                           duration_s=args.duration, max_input_tokens=args.max_input_tokens,
@@ -96,8 +95,6 @@ def main(argv=None) -> int:
         lines.append(f"\n{name}: machine load average {res['loadavg_1m_before']:.1f} before, "
                      f"{res['loadavg_1m_after']:.1f} after (2 cores, shared).")
     if results:
-        from loadtest.plots import plot_result
-
         plot_result(results, args.out)
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(doc, indent=1, default=str))

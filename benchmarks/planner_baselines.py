@@ -20,12 +20,13 @@ import itertools
 import random
 from dataclasses import dataclass
 
+from common.roles import Role
 from planner.core.flow import RouteTable
 from planner.core.groups import Group
 from planner.core.partition import minimal_groups
 from planner.core.refine import DISAGGREGATED, Search, State
 from planner.core.solver import solve
-from planner.core.strategy import DECODE, PREFILL, GroupEvaluator
+from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import PlanInputError
 
@@ -38,7 +39,7 @@ class BaselineResult:
     detail: str
 
 
-def _flow(ev: GroupEvaluator, routes: RouteTable, groups: list[Group], roles: list[str]) -> float:
+def _flow(ev: GroupEvaluator, routes: RouteTable, groups: list[Group], roles: list[Role]) -> float:
     value, _ = Search(ev, routes, DISAGGREGATED).evaluate(State(list(groups), list(roles), {}))
     return value
 
@@ -49,12 +50,12 @@ def per_type_split(cluster: Cluster, ev: GroupEvaluator | None = None, routes: R
     groups = minimal_groups(cluster, ev)
     types = sorted({cluster.nodes[g[0][0]].gpu_type for g in groups})
     best = (0.0, "no feasible split")
-    for pattern in itertools.product((PREFILL, DECODE), repeat=len(types)):
+    for pattern in itertools.product((Role.PREFILL, Role.DECODE), repeat=len(types)):
         if len(set(pattern)) < 2 and len(types) > 1:
             continue
         role_of = dict(zip(types, pattern))
         if len(types) == 1:  # one type: half the groups each way
-            roles = [PREFILL if i % 2 == 0 else DECODE for i in range(len(groups))]
+            roles = [Role.PREFILL if i % 2 == 0 else Role.DECODE for i in range(len(groups))]
         else:
             roles = [role_of[cluster.nodes[g[0][0]].gpu_type] for g in groups]
         value = _flow(ev, routes, groups, roles)
@@ -86,7 +87,7 @@ def distserve_uniform(cluster: Cluster, ev: GroupEvaluator | None = None, routes
         if len(groups) < 2:
             continue
         for k in range(1, len(groups)):
-            roles = [PREFILL] * k + [DECODE] * (len(groups) - k)
+            roles = [Role.PREFILL] * k + [Role.DECODE] * (len(groups) - k)
             value = _flow(ev, routes, groups, roles)
             if value > best[0]:
                 best = (value, f"{len(groups)} groups of {size} GPUs, {k} prefill")

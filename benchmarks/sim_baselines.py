@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from common.roles import Role
 from planner.sim.types import SimCosts, SimFleet, SimGroup, SimRoute
 
 
@@ -65,12 +66,12 @@ def colocated_capacity_rps(group: SimGroup, costs: SimCosts, w: MeanLengths) -> 
     return 1.0 / (p + d)
 
 
-def _as(group: SimGroup, role: str) -> SimGroup:
+def _as(group: SimGroup, role: Role) -> SimGroup:
     return replace(group, role=role)
 
 
 def colocated_plan(groups: list[SimGroup], costs: SimCosts, w: MeanLengths, name: str = "colocated") -> SimFleet:
-    gs = [_as(g, "colocated") for g in groups]
+    gs = [_as(g, Role.COLOCATED) for g in groups]
     routes = [SimRoute(g.name, g.name, colocated_capacity_rps(g, costs, w), 0.0) for g in gs]
     return SimFleet(name, gs, routes, notes={"kind": "colocated"})
 
@@ -96,8 +97,8 @@ def distserve_plan(groups: list[SimGroup], costs: SimCosts, w: MeanLengths, kv_r
     cap_p = prefill_capacity_rps(groups[0], costs, w)
     cap_d = decode_capacity_rps(groups[0], costs, w)
     k = max(range(1, n), key=lambda k: min(k * cap_p, (n - k) * cap_d))
-    prefill = [_as(g, "prefill") for g in groups[:k]]
-    decode = [_as(g, "decode") for g in groups[k:]]
+    prefill = [_as(g, Role.PREFILL) for g in groups[:k]]
+    decode = [_as(g, Role.DECODE) for g in groups[k:]]
     return SimFleet(name, prefill + decode, _routes(prefill, decode, costs, w, kv_route),
                     notes={"kind": "distserve", "prefill_groups": k, "decode_groups": n - k})
 
@@ -112,7 +113,7 @@ def balanced_disaggregated_plan(groups: list[SimGroup], costs: SimCosts, w: Mean
         d = sum(decode_capacity_rps(g, costs, w) for g in ratio[k:])
         if min(p, d) > best:
             best_k, best = k, min(p, d)
-    prefill = [_as(g, "prefill") for g in ratio[:best_k]]
-    decode = [_as(g, "decode") for g in ratio[best_k:]]
+    prefill = [_as(g, Role.PREFILL) for g in ratio[:best_k]]
+    decode = [_as(g, Role.DECODE) for g in ratio[best_k:]]
     return SimFleet(name, prefill + decode, _routes(prefill, decode, costs, w, kv_route),
                     notes={"kind": "balanced-pd", "estimated_capacity_rps": best})

@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 
 from benchmarks.sim_baselines import MeanLengths, colocated_plan, distserve_plan
+from common.roles import Role
 from common.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.metrics import SLO
 from loadtest.workload import WorkloadConfig
+from planner.core.solver import solve
 from planner.sim.build import make_group, make_route
 from planner.sim.costs import AnalyticCosts
 from planner.sim.from_plan import fleet_from_plan
@@ -73,7 +75,7 @@ def tp4_groups(model, nodes: list[tuple[str, int]]):
     groups = []
     for i, (t, n) in enumerate(nodes):
         for k in range(n // 4):
-            groups.append((f"{t.lower()}-{i}-r{k}", i, make_group(f"{t.lower()}-{i}-r{k}", "decode", model,
+            groups.append((f"{t.lower()}-{i}-r{k}", i, make_group(f"{t.lower()}-{i}-r{k}", Role.DECODE, model,
                                                                    [(cat.resolve(t, "gpu"), 4, model.num_layers)])))
     return groups
 
@@ -95,8 +97,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.max_requests, args.solve_time_limit = 1500, 8.0
-
-    from planner.core.solver import solve
 
     model = model_preset(MODEL)
     costs = AnalyticCosts(model)

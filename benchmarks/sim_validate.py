@@ -30,12 +30,21 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.loadtest_servers import router_server, tiny_model_dir, vllm_server
+from common.roles import Role
 from common.traces import load_trace
 from loadtest.metrics import SLO
 from loadtest.prompts import PromptBuilder, load_tokenizer
 from loadtest.report import build_result
 from loadtest.runner import RunConfig, build_prompts, run
 from loadtest.workload import WorkloadConfig, build_workload
+from planner.sim.costs import AnalyticCosts, ProfileCosts
+from planner.sim.simulator import SimConfig, simulate
+from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+from planner.spec.calibration import fit_profile
+from planner.spec.catalog import default_catalog
+from planner.spec.model import model_preset
+from planner.spec.profile import DecodeSample, PrefillSample, Profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "mean_tpot_ms", "p90_tpot_ms",
@@ -80,22 +89,17 @@ def profile(url, model, tokenizer, prompt_lens, batches, contexts, output_len=48
 
 
 def _fleet(target: str, profile_costs):
-    from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
-    from planner.spec.catalog import default_catalog
-
     stage = (SimStage(default_catalog().resolve("CPU", "gpu"), 1, 4, True, True, 1e10, 1e-6),)
     if target == "vllm":
-        g = SimGroup("vllm-0", "colocated", stage, max_batch_size=256, max_prefill_tokens=2048)
+        g = SimGroup("vllm-0", Role.COLOCATED, stage, max_batch_size=256, max_prefill_tokens=2048)
         return SimFleet("vllm", [g], [SimRoute("vllm-0", "vllm-0", 1.0, 0.0)])
-    p = SimGroup("prefill-0", "prefill", stage, max_prefill_tokens=2048)
-    d = SimGroup("decode-0", "decode", stage, max_batch_size=256)
+    p = SimGroup("prefill-0", Role.PREFILL, stage, max_prefill_tokens=2048)
+    d = SimGroup("decode-0", Role.DECODE, stage, max_batch_size=256)
     return SimFleet("embedded", [p, d], [SimRoute("prefill-0", "decode-0", 1.0, 0.0)])
 
 
 def _costs(target: str, prof: dict):
     """ProfileCosts from the measured points; for the router, prefill = TTFT minus one decode step."""
-    from planner.sim.costs import ProfileCosts
-
     decode_pts = [{"batch": d["batch"], "context_tokens": d["context_tokens"], "step_s": d["step_ms"] / 1e3}
                   for d in prof["decode"]]
     costs = ProfileCosts.from_points(
@@ -110,12 +114,6 @@ def _costs(target: str, prof: dict):
 
 def _calibrated_costs(target: str, prof: dict):
     """The planner's analytical model with mfu/mbu/overheads fitted to the same profile."""
-    from planner.spec.calibration import fit_profile
-    from planner.spec.profile import DecodeSample, PrefillSample, Profile
-    from planner.spec.catalog import default_catalog
-    from planner.spec.model import model_preset
-    from planner.sim.costs import AnalyticCosts
-
     model = model_preset("hexserve-tiny-llama")
     cpu = default_catalog().resolve("CPU", "gpu")
     p = Profile("CPU", 1, model, tuple(PrefillSample(x["prompt_tokens"], x["latency_ms"]) for x in prof["prefill"]),
@@ -145,10 +143,6 @@ def main(argv=None) -> int:
                                       "to use instead of profiling with the harness")
     ap.add_argument("--out", default=str(RESULTS / "sim_validate"))
     args = ap.parse_args(argv)
-
-    from benchmarks.loadtest_servers import router_server, tiny_model_dir, vllm_server
-    from planner.sim.types import SimFleet, SimGroup
-    from planner.sim.simulator import SimConfig, simulate
 
     tokenizer = load_tokenizer(tiny_model_dir())
     _measure.trace = load_trace(args.trace)

@@ -18,10 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 
 from common.plan import Plan  # noqa: E402
+from common.roles import Role  # noqa: E402
 from planner.core.partition import gpu_graph  # noqa: E402
 from planner.spec.cluster import Cluster  # noqa: E402
 
-MARKERS = {"prefill": "o", "decode": "s", "colocated": "^"}
+MARKERS = {Role.PREFILL: "o", Role.DECODE: "s", Role.COLOCATED: "^"}
 
 
 def layout(cluster: Cluster) -> dict[tuple[int, int], tuple[float, float]]:

@@ -23,8 +23,9 @@ from typing import NamedTuple
 
 from ortools.sat.python import cp_model
 
+from common.roles import Role
 from planner.core.groups import Group
-from planner.core.strategy import DECODE, PREFILL, GroupEvaluator
+from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
@@ -76,8 +77,8 @@ def choose_gpus(cluster: Cluster, budget_per_hour: float, time_limit_s: float = 
               <= int(budget_per_hour * 100))
     total = sum(int(max(t.prefill_rps, t.decode_rps) * SCALE) * cluster.num_gpus for t in templates)
     obj = model.NewIntVar(0, total, "throughput")
-    model.Add(obj <= sum(int(templates[i].prefill_rps * SCALE) * v for (i, r), v in x.items() if r == PREFILL))
-    model.Add(obj <= sum(int(templates[i].decode_rps * SCALE) * v for (i, r), v in x.items() if r == DECODE))
+    model.Add(obj <= sum(int(templates[i].prefill_rps * SCALE) * v for (i, r), v in x.items() if r == Role.PREFILL))
+    model.Add(obj <= sum(int(templates[i].decode_rps * SCALE) * v for (i, r), v in x.items() if r == Role.DECODE))
     # Among plans of equal throughput, prefer the cheaper one.
     model.Maximize(obj * 10_000 - sum(cents[templates[i].key] * templates[i].gpus * v for (i, _), v in x.items()))
     solver = cp_model.CpSolver()
@@ -143,10 +144,10 @@ def _check_budget_buys_two(templates: list[_Template], price: dict[tuple, float]
 
 def _copy_vars(model: cp_model.CpModel, templates: list[_Template], classes: dict[tuple, list[int]]):
     """``x[(template, role)]``: copies rented for a role, within what each node class has."""
-    x: dict[tuple[int, str], cp_model.IntVar] = {}
+    x: dict[tuple[int, Role], cp_model.IntVar] = {}
     for idx, t in enumerate(templates):
         avail = len(classes[t.key]) * t.key[1]
-        for role, cap in ((PREFILL, t.prefill_rps), (DECODE, t.decode_rps)):
+        for role, cap in ((Role.PREFILL, t.prefill_rps), (Role.DECODE, t.decode_rps)):
             if cap > 0:
                 x[(idx, role)] = model.NewIntVar(0, avail // t.gpus, f"x{idx}{role[0]}")
     for key, nodes in classes.items():

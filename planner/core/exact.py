@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
+from common.roles import Role
 from planner.core.flow import RouteTable
 from planner.core.groups import Group
-from planner.core.refine import DISAGGREGATED, Search, State
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.core.refine import COLOCATED, DISAGGREGATED, Search, State
+from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import PlanInputError
 
@@ -92,7 +93,7 @@ def solve_exact(
     ev = evaluator or GroupEvaluator(cluster)
     routes = routes or RouteTable(cluster)
     comps = compositions(cluster)
-    roles = [COLOCATED] if mode == COLOCATED else [PREFILL, DECODE]
+    roles = [Role.COLOCATED] if mode == COLOCATED else [Role.PREFILL, Role.DECODE]
     perf, cands = _candidates(ev, comps, roles)
     pairs, simple = _route_pairs(cands, perf, routes) if mode != COLOCATED else ({}, True)
     if simple:
@@ -105,10 +106,10 @@ def solve_exact(
     total_cap = {role: sum(int(c * SCALE) * cluster.num_gpus for _, c in cands[role]) for role in roles}
     objective = model.NewIntVar(0, max(total_cap.values(), default=0), "throughput")
     if mode == COLOCATED:
-        model.Add(objective <= sum(int(c * SCALE) * y[(g, COLOCATED)] for g, c in cands[COLOCATED]))
+        model.Add(objective <= sum(int(c * SCALE) * y[(g, Role.COLOCATED)] for g, c in cands[Role.COLOCATED]))
     elif simple:
-        model.Add(objective <= sum(int(c * SCALE) * y[(g, PREFILL)] for g, c in cands[PREFILL]))
-        model.Add(objective <= sum(int(c * SCALE) * y[(g, DECODE)] for g, c in cands[DECODE]))
+        model.Add(objective <= sum(int(c * SCALE) * y[(g, Role.PREFILL)] for g, c in cands[Role.PREFILL]))
+        model.Add(objective <= sum(int(c * SCALE) * y[(g, Role.DECODE)] for g, c in cands[Role.DECODE]))
     else:
         model.Add(objective <= _route_flow(model, cluster, cands, pairs, routes, y))
     model.Maximize(objective)
@@ -131,11 +132,11 @@ def solve_exact(
                        solver.StatusName(status))
 
 
-def _candidates(ev: GroupEvaluator, comps: list[Group], roles: list[str]):
+def _candidates(ev: GroupEvaluator, comps: list[Group], roles: list[Role]):
     """(each composition's GroupPerf, per role the compositions that serve it with their capacity)."""
     minimum = ev.min_replica_bytes()
     perf = {g: ev.evaluate(g) for g in comps if ev.memory_bytes(g) >= minimum}
-    cands: dict[str, list[tuple[Group, float]]] = {}
+    cands: dict[Role, list[tuple[Group, float]]] = {}
     for role in roles:
         role_perf = {g: ev.perf(g, role) for g in perf}
         cands[role] = [(g, p.capacity_rps) for g, p in role_perf.items() if p is not None and p.capacity_rps > 0]
@@ -147,9 +148,9 @@ def _route_pairs(cands, perf, routes: RouteTable) -> tuple[dict[tuple[Group, Gro
     whether the problem is simple (every route allowed, none binding, none over a shared link)."""
     pairs: dict[tuple[Group, Group], tuple[bool, float]] = {}
     simple = True
-    for pg, cp in cands[PREFILL]:
+    for pg, cp in cands[Role.PREFILL]:
         pp = perf[pg].prefill
-        for dg, cd in cands[DECODE]:
+        for dg, cd in cands[Role.DECODE]:
             dp = perf[dg].decode
             r = routes.route(pg, pp, dg, dp)
             allowed = r.transfer_s + dp.latency_s <= pp.kv_budget_s
@@ -161,10 +162,10 @@ def _route_pairs(cands, perf, routes: RouteTable) -> tuple[dict[tuple[Group, Gro
     return pairs, simple
 
 
-def _copy_vars(model: cp_model.CpModel, cluster: Cluster, cands, roles: list[str]):
+def _copy_vars(model: cp_model.CpModel, cluster: Cluster, cands, roles: list[Role]):
     """``y[(composition, role)]``: copies serving in a role; each node's GPUs are used at most once."""
     node_use: dict[int, list] = {n.index: [] for n in cluster.nodes}
-    y: dict[tuple[Group, str], cp_model.IntVar] = {}
+    y: dict[tuple[Group, Role], cp_model.IntVar] = {}
     for role in roles:
         for g, _ in cands[role]:
             copies = min(cluster.nodes[n].num_gpus // k for n, k in g)
@@ -185,10 +186,10 @@ def _route_flow(model: cp_model.CpModel, cluster: Cluster, cands, pairs, routes:
     (an exact product) where it can bind, and the routes over one
     inter-region link share that link.
     """
-    out_flow: dict[Group, list] = {g: [] for g, _ in cands[PREFILL]}
-    in_flow: dict[Group, list] = {g: [] for g, _ in cands[DECODE]}
-    cap_p = dict(cands[PREFILL])
-    cap_d = dict(cands[DECODE])
+    out_flow: dict[Group, list] = {g: [] for g, _ in cands[Role.PREFILL]}
+    in_flow: dict[Group, list] = {g: [] for g, _ in cands[Role.DECODE]}
+    cap_p = dict(cands[Role.PREFILL])
+    cap_d = dict(cands[Role.DECODE])
     over_link: dict[tuple[str, str], list] = {}
     route_flows: list = []
     for (pg, dg), (allowed, rcap) in pairs.items():
@@ -204,14 +205,14 @@ def _route_flow(model: cp_model.CpModel, cluster: Cluster, cands, pairs, routes:
             over_link.setdefault(link, []).append(f)
         if rcap < min(cap_p[pg], cap_d[dg]):
             z = model.NewIntVar(0, cluster.num_gpus**2, "z")
-            model.AddMultiplicationEquality(z, [y[(pg, PREFILL)], y[(dg, DECODE)]])
+            model.AddMultiplicationEquality(z, [y[(pg, Role.PREFILL)], y[(dg, Role.DECODE)]])
             model.Add(f <= int(rcap * SCALE) * z)
-    for g, c in cands[PREFILL]:
+    for g, c in cands[Role.PREFILL]:
         if out_flow[g]:
-            model.Add(sum(out_flow[g]) <= int(c * SCALE) * y[(g, PREFILL)])
-    for g, c in cands[DECODE]:
+            model.Add(sum(out_flow[g]) <= int(c * SCALE) * y[(g, Role.PREFILL)])
+    for g, c in cands[Role.DECODE]:
         if in_flow[g]:
-            model.Add(sum(in_flow[g]) <= int(c * SCALE) * y[(g, DECODE)])
+            model.Add(sum(in_flow[g]) <= int(c * SCALE) * y[(g, Role.DECODE)])
     for link, fs in over_link.items():  # a link between regions is one pipe all its routes share
         model.Add(sum(fs) <= int(routes.link_rps[link] * SCALE))
     return sum(f for fs in out_flow.values() for f in fs)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.roles import Role
+
 
 @dataclass(frozen=True, slots=True)
 class StageLayout:
@@ -20,7 +22,7 @@ class StageLayout:
 class PhasePerf:
     """How one group performs in one role, with the strategy that achieves it."""
 
-    role: str
+    role: Role
     tp: int
     stages: tuple[StageLayout, ...]
     capacity_rps: float  # requests/s the group sustains within the SLOs

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
+from common.roles import Role
 from planner.core.flow import FlowResult, RouteTable
 from planner.core.perf import PhasePerf
-from planner.core.refine import Search, State
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.core.refine import COLOCATED, Search, State
+from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 
 
@@ -77,7 +78,7 @@ def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed
     next_gpu = {n.index: 0 for n in cluster.nodes}
     placed = _Placed([], [], {}, [])
     order = sorted(range(len(state.groups)),
-                   key=lambda i: ({PREFILL: 0, DECODE: 1}.get(state.roles[i], 0), state.groups[i], i))
+                   key=lambda i: ({Role.PREFILL: 0, Role.DECODE: 1}.get(state.roles[i], 0), state.groups[i], i))
     for i in order:
         group, role = state.groups[i], state.roles[i]
         perf = ev.perf(group, role)
@@ -124,8 +125,8 @@ def _route_plans(ev: GroupEvaluator, routes: RouteTable, state: State, flow: Flo
     """One route per prefill -> decode pair with flow; loads added to both groups, weights per prefill group."""
     groups, perfs, pos = placed.groups, placed.perfs, placed.position
     # evaluate() lists prefill/decode groups in state order; map them to plan order.
-    p_state = [i for i, r in enumerate(state.roles) if r == PREFILL and ev.evaluate(state.groups[i]).prefill]
-    d_state = [i for i, r in enumerate(state.roles) if r == DECODE and ev.evaluate(state.groups[i]).decode]
+    p_state = [i for i, r in enumerate(state.roles) if r == Role.PREFILL and ev.evaluate(state.groups[i]).prefill]
+    d_state = [i for i, r in enumerate(state.roles) if r == Role.DECODE and ev.evaluate(state.groups[i]).decode]
     out_p: dict[int, float] = {}
     plans: list[RoutePlan] = []
     for (i, j), f in flow.flows.items():

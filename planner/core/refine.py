@@ -32,11 +32,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from common.roles import Role
 from planner.core.flow import FlowResult, RouteTable, max_flow
 from planner.core.groups import Group, group_add, group_size, group_union, sub_compositions
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.core.strategy import GroupEvaluator
 
+# The two kinds of plan (plan.json "mode"): prefill and decode groups joined by KV routes, or groups
+# that each serve both phases (Role.COLOCATED).
 DISAGGREGATED = "disaggregated"
+COLOCATED = "colocated"
 VERIFY_PER_ITERATION = 6  # after one improving candidate, verify at most this many
 MAX_VERIFY = 48  # candidates verified per iteration when none improves
 MAX_PARTNERS = 3
@@ -45,13 +49,13 @@ MAX_RESPLIT_PAIRS = 12  # group pairs re-split per iteration (sampled by the see
 MAX_RESPLIT_SPLITS = 64  # ... and only when the union has at most this many sub-multisets
 
 
-OTHER_ROLE = {PREFILL: DECODE, DECODE: PREFILL}
+OTHER_ROLE = {Role.PREFILL: Role.DECODE, Role.DECODE: Role.PREFILL}
 
 
 @dataclass(slots=True)
 class State:
     groups: list[Group]
-    roles: list[str]
+    roles: list[Role]
     pool: dict[int, int] = field(default_factory=dict)
 
     def copy(self) -> State:
@@ -62,7 +66,7 @@ class State:
 class Move:
     kind: str
     remove: tuple[int, ...]
-    add: tuple[tuple[Group, str], ...]
+    add: tuple[tuple[Group, Role], ...]
     pool_delta: tuple[tuple[int, int], ...] = ()
 
     def apply(self, state: State) -> State:
@@ -87,10 +91,10 @@ class _Neighbourhood:
     """What every kind of move reads about the state it starts from."""
 
     groups: list[Group]
-    roles: list[str]
+    roles: list[Role]
     pool: dict[int, int]
-    need: set[str]  # roles the min cut says need capacity
-    slack: set[str]  # roles that can give capacity up
+    need: set[Role]  # roles the min cut says need capacity
+    slack: set[Role]  # roles that can give capacity up
     by_node: dict[int, list[int]]  # node -> indices of the groups with GPUs there
     region_of: list[str]  # per group: the region of its first node
 
@@ -111,7 +115,7 @@ class Search:
         self.min_bytes = evaluator.min_replica_bytes()
 
     # -- capacities and values -------------------------------------------------------------------
-    def cap(self, group: Group, role: str) -> float:
+    def cap(self, group: Group, role: Role) -> float:
         perf = self.ev.perf(group, role)
         return perf.capacity_rps if perf is not None else 0.0
 
@@ -121,26 +125,26 @@ class Search:
     def evaluate(self, state: State) -> tuple[float, FlowResult | None]:
         self.flow_evaluations += 1
         if self.mode == COLOCATED:
-            return sum(self.cap(g, COLOCATED) for g in state.groups), None
-        prefill = [(g, self.ev.evaluate(g).prefill) for g, r in zip(state.groups, state.roles) if r == PREFILL]
-        decode = [(g, self.ev.evaluate(g).decode) for g, r in zip(state.groups, state.roles) if r == DECODE]
+            return sum(self.cap(g, Role.COLOCATED) for g in state.groups), None
+        prefill = [(g, self.ev.evaluate(g).prefill) for g, r in zip(state.groups, state.roles) if r == Role.PREFILL]
+        decode = [(g, self.ev.evaluate(g).decode) for g, r in zip(state.groups, state.roles) if r == Role.DECODE]
         result = max_flow([(g, p) for g, p in prefill if p], [(g, d) for g, d in decode if d], self.routes)
         return result.value_rps, result
 
     def upper_bound(self, state: State, move: Move, sums: tuple[float, float]) -> float:
         """``min(sum prefill, sum decode)`` after the move (the colocated sum in that mode): bounds the flow."""
-        totals = {PREFILL: sums[0], DECODE: sums[1]}
+        totals = {Role.PREFILL: sums[0], Role.DECODE: sums[1]}
         changes = [(state.groups[i], state.roles[i], -1.0) for i in move.remove] + [(g, r, 1.0) for g, r in move.add]
         for group, role, sign in changes:
-            totals[DECODE if role == DECODE else PREFILL] += sign * self.cap(group, role)
-        return totals[PREFILL] if self.mode == COLOCATED else min(totals.values())
+            totals[Role.DECODE if role == Role.DECODE else Role.PREFILL] += sign * self.cap(group, role)
+        return totals[Role.PREFILL] if self.mode == COLOCATED else min(totals.values())
 
     def sums(self, state: State) -> tuple[float, float]:
         """(sum of prefill or colocated capacity, sum of decode capacity)."""
         sum_p = sum_d = 0.0
         for g, r in zip(state.groups, state.roles):
-            if r == DECODE:
-                sum_d += self.cap(g, DECODE)
+            if r == Role.DECODE:
+                sum_d += self.cap(g, Role.DECODE)
             else:
                 sum_p += self.cap(g, r)
         return sum_p, sum_d
@@ -161,8 +165,8 @@ class Search:
                 for n, c in g:
                     pool[n] = pool.get(n, 0) + c
         if self.mode == COLOCATED:
-            return State(feasible, [COLOCATED] * len(feasible), pool)
-        caps = [(self.cap(g, PREFILL), self.cap(g, DECODE)) for g in feasible]
+            return State(feasible, [Role.COLOCATED] * len(feasible), pool)
+        caps = [(self.cap(g, Role.PREFILL), self.cap(g, Role.DECODE)) for g in feasible]
         order = sorted(range(len(feasible)), key=lambda i: (-(caps[i][0] / max(caps[i][1], 1e-12)), i))
         total_d = sum(c[1] for c in caps)
         best_k, best_v, acc_p, acc_d = 0, -1.0, 0.0, total_d
@@ -173,9 +177,9 @@ class Search:
             if k < len(order):
                 acc_p += caps[order[k]][0]
                 acc_d -= caps[order[k]][1]
-        roles = [DECODE] * len(feasible)
+        roles = [Role.DECODE] * len(feasible)
         for i in order[:best_k]:
-            roles[i] = PREFILL
+            roles[i] = Role.PREFILL
         return State(feasible, roles, pool)
 
     # -- moves -------------------------------------------------------------------------------------
@@ -196,17 +200,17 @@ class Search:
     def _neighbourhood(self, state: State, flow: FlowResult | None) -> _Neighbourhood:
         """Which roles need capacity and which can give it (from the min cut), and who shares a node."""
         if self.mode == COLOCATED:
-            need, slack = {COLOCATED}, {COLOCATED}
+            need, slack = {Role.COLOCATED}, {Role.COLOCATED}
         else:
             need, slack = set(), set()
             if flow is None or flow.prefill_bound or flow.route_bound:
-                need.add(PREFILL)
-                slack.add(DECODE)
+                need.add(Role.PREFILL)
+                slack.add(Role.DECODE)
             if flow is None or flow.decode_bound or flow.route_bound:
-                need.add(DECODE)
-                slack.add(PREFILL)
+                need.add(Role.DECODE)
+                slack.add(Role.PREFILL)
             if not need:
-                need, slack = {PREFILL, DECODE}, {PREFILL, DECODE}
+                need, slack = {Role.PREFILL, Role.DECODE}, {Role.PREFILL, Role.DECODE}
         by_node: dict[int, list[int]] = {}
         for i, g in enumerate(state.groups):
             for node, _ in g:
@@ -229,9 +233,9 @@ class Search:
                 if not (self.can_hold(a) and self.can_hold(b)):
                     continue
                 if self.mode == COLOCATED:
-                    yield Move("split", (i,), ((a, COLOCATED), (b, COLOCATED)))
+                    yield Move("split", (i,), ((a, Role.COLOCATED), (b, Role.COLOCATED)))
                     continue
-                for ra, rb in ((hood.roles[i], hood.roles[i]), (PREFILL, DECODE), (DECODE, PREFILL)):
+                for ra, rb in ((hood.roles[i], hood.roles[i]), (Role.PREFILL, Role.DECODE), (Role.DECODE, Role.PREFILL)):
                     yield Move("split", (i,), ((a, ra), (b, rb)))
 
     def _merge_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
@@ -243,7 +247,7 @@ class Search:
                          and hood.region_of[j] == hood.region_of[i]]
             for j in self._sample(near, MAX_PARTNERS) + self._sample(same_role, MAX_PARTNERS):
                 merged = group_union(groups[i], groups[j])
-                roles_to_try = {roles[i], roles[j]} if self.mode != COLOCATED else {COLOCATED}
+                roles_to_try = {roles[i], roles[j]} if self.mode != COLOCATED else {Role.COLOCATED}
                 for r in sorted(roles_to_try):
                     yield Move("merge", (i, j), ((merged, r),))
 
@@ -272,8 +276,8 @@ class Search:
         if self.mode == COLOCATED:
             return
         groups, nodes = hood.groups, self.cluster.nodes
-        pre = [i for i, r in enumerate(hood.roles) if r == PREFILL]
-        dec = [i for i, r in enumerate(hood.roles) if r == DECODE]
+        pre = [i for i, r in enumerate(hood.roles) if r == Role.PREFILL]
+        dec = [i for i, r in enumerate(hood.roles) if r == Role.DECODE]
         for i in pre:
             for j in self._sample(dec, MAX_PARTNERS):
                 for na, _ in groups[i]:
@@ -282,7 +286,7 @@ class Search:
                             continue
                         gi = group_add(group_add(groups[i], na, -1), nb, 1)
                         gj = group_add(group_add(groups[j], nb, -1), na, 1)
-                        yield Move("swap", (i, j), ((gi, PREFILL), (gj, DECODE)))
+                        yield Move("swap", (i, j), ((gi, Role.PREFILL), (gj, Role.DECODE)))
 
     def _resplit_moves(self, hood: _Neighbourhood) -> Iterator[Move]:
         """Every way to cut the union of two small groups in two.
@@ -296,8 +300,8 @@ class Search:
                  and math.prod(c + 1 for _, c in group_union(groups[i], groups[j])) <= MAX_RESPLIT_SPLITS]
         for i, j in self._sample(pairs, MAX_RESPLIT_PAIRS):
             union = group_union(groups[i], groups[j])
-            role_pairs = [(COLOCATED, COLOCATED)] if self.mode == COLOCATED else [
-                (PREFILL, DECODE), (DECODE, PREFILL), (roles[i], roles[j])]
+            role_pairs = [(Role.COLOCATED, Role.COLOCATED)] if self.mode == COLOCATED else [
+                (Role.PREFILL, Role.DECODE), (Role.DECODE, Role.PREFILL), (roles[i], roles[j])]
             for a in sub_compositions(union):
                 b = tuple((node, k - dict(a).get(node, 0)) for node, k in union if k - dict(a).get(node, 0) > 0)
                 if not b or a > b and self.mode == COLOCATED:
@@ -320,7 +324,7 @@ class Search:
                 yield Move("pool", (j,), ((group_add(hood.groups[j], node, k), hood.roles[j]),), ((node, -k),))
             fresh: Group = ((node, k),)
             if self.can_hold(fresh):
-                for r in (sorted(hood.need) if self.mode != COLOCATED else [COLOCATED]):
+                for r in (sorted(hood.need) if self.mode != COLOCATED else [Role.COLOCATED]):
                     yield Move("pool", (), ((fresh, r),), ((node, -k),))
 
     def _splits(self, group: Group) -> list[tuple[Group, Group]]:

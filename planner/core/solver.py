@@ -22,14 +22,15 @@ import time
 from dataclasses import dataclass
 
 from common.plan import Plan
+from common.roles import Role
 from planner.core.budget import choose_gpus
 from planner.core.exact import solve_exact
 from planner.core.flow import RouteTable
 from planner.core.groups import Group
 from planner.core.partition import minimal_groups, partition
 from planner.core.plan_builder import build_plan
-from planner.core.refine import DISAGGREGATED, Search, State
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.core.refine import COLOCATED, DISAGGREGATED, Search, State
+from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
 
@@ -109,7 +110,7 @@ class Planner:
         best_value = -1.0
         for mask in range(1, 2 ** len(types) - 1) if len(types) > 1 else []:
             prefill_types = {t for k, t in enumerate(types) if mask >> k & 1}
-            roles = [PREFILL if self.cluster.nodes[g[0][0]].gpu_type in prefill_types else DECODE for g in groups]
+            roles = [Role.PREFILL if self.cluster.nodes[g[0][0]].gpu_type in prefill_types else Role.DECODE for g in groups]
             state = State(list(groups), roles, {})
             value, _ = search.evaluate(state)
             if value > best_value:

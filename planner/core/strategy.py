@@ -22,14 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.roles import Role
 from planner.core import costmodel as cm
 from planner.core.groups import Group
 from planner.core.layer_split import min_bottleneck_split
 from planner.core.perf import GroupPerf, PhasePerf, StageLayout
 from planner.spec.cluster import Cluster
-
-PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
-
 
 @dataclass(frozen=True, slots=True)
 class _StageSlot:
@@ -78,16 +76,16 @@ class GroupEvaluator:
         intra = tuple((float(self.cluster.bandwidth[n, n]), float(self.cluster.latency[n, n])) for n, _ in group)
         return parts, links, intra
 
-    def perf(self, group: Group, role: str) -> PhasePerf | None:
+    def perf(self, group: Group, role: Role) -> PhasePerf | None:
         """The group's best strategy in ``role`` (None when it cannot serve it)."""
-        if role == COLOCATED:
+        if role == Role.COLOCATED:
             return self.colocated(group)
         found = self.evaluate(group)
-        return found.prefill if role == PREFILL else found.decode
+        return found.prefill if role == Role.PREFILL else found.decode
 
     def colocated(self, group: Group) -> PhasePerf | None:
         """Best colocated strategy; computed only when asked (disaggregated searches never need it)."""
-        key = ("colocated", self.signature(group))
+        key = (Role.COLOCATED, self.signature(group))  # beside the disaggregated entry of the same shape
         if key in self._signature_cache:
             return self._signature_cache[key]  # type: ignore[return-value]
         best: PhasePerf | None = None
@@ -150,16 +148,16 @@ class GroupEvaluator:
 
     def _compute(self, group: Group) -> GroupPerf:
         shortfall = self.min_replica_bytes() - self.memory_bytes(group)
-        best: dict[str, PhasePerf | None] = {PREFILL: None, DECODE: None}
+        best: dict[Role, PhasePerf | None] = {Role.PREFILL: None, Role.DECODE: None}
         if shortfall <= 0:
             for tp, slots in self._pipelines(group):
                 for perf in self._strategies(group, tp, slots):
                     cur = best[perf.role]
                     if cur is None or perf.capacity_rps > cur.capacity_rps * (1 + 1e-9):
                         best[perf.role] = perf
-        return GroupPerf(best[PREFILL], best[DECODE], max(shortfall, 0.0))
+        return GroupPerf(best[Role.PREFILL], best[Role.DECODE], max(shortfall, 0.0))
 
-    def _stage_costs(self, group: Group, tp: int, slots: list[_StageSlot], phase: str, batch: float):
+    def _stage_costs(self, group: Group, tp: int, slots: list[_StageSlot], phase: Role, batch: float):
         """(time[i, k], fits[i, k]) for every stage i and layer count k; hops folded into time."""
         model, wl, nodes = self.model, self.workload, self.cluster.nodes
         ks = self._ks
@@ -178,7 +176,7 @@ class GroupEvaluator:
             if row is not None:
                 times[i], fits[i] = row
                 continue
-            if phase == PREFILL:
+            if phase == Role.PREFILL:
                 t = cm.prefill_stage_time(model, wl, node.spec, tp, ks, first, last, intra_bw, intra_lat)
                 hop = cm.link_time(cm.activation_bytes(model, wl.input_mean), slot.hop_bw, slot.hop_lat)
                 kv_tokens = wl.input_mean
@@ -214,7 +212,7 @@ class GroupEvaluator:
         return max(stages + hops), sum(stages) + sum(hops) + self._overhead(group, "prefill_overhead_ms")
 
     def _prefill(self, group: Group, tp: int, slots: list[_StageSlot]) -> PhasePerf | None:
-        times, fits = self._stage_costs(group, tp, slots, PREFILL, 0)
+        times, fits = self._stage_costs(group, tp, slots, Role.PREFILL, 0)
         found = min_bottleneck_split(np.where(fits, times, np.inf), self.model.num_layers)
         if found is None:
             return None
@@ -225,7 +223,7 @@ class GroupEvaluator:
         kv_budget = share * (wl.ttft_slo_s - latency)
         capacity = cm.mdl_queue_capacity(bottleneck, latency, wl.ttft_slo_s - kv_budget)
         wait = bottleneck * capacity * bottleneck / (2 * (1 - capacity * bottleneck)) if capacity else 0.0
-        return PhasePerf(PREFILL, tp, self._layout(slots, tp, split), capacity, latency, bottleneck,
+        return PhasePerf(Role.PREFILL, tp, self._layout(slots, tp, split), capacity, latency, bottleneck,
                          ttft_s=latency + wait, kv_budget_s=max(kv_budget, 0.0))
 
     def _tpot(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int], batch: float) -> float:
@@ -243,7 +241,7 @@ class GroupEvaluator:
         return max(round_trip, n * max(stage + hops)) + self._overhead(group, "decode_overhead_ms")
 
     def _decode_split(self, group: Group, tp: int, slots: list[_StageSlot], batch: int) -> list[int] | None:
-        times, fits = self._stage_costs(group, tp, slots, DECODE, batch)
+        times, fits = self._stage_costs(group, tp, slots, Role.DECODE, batch)
         found = min_bottleneck_split(np.where(fits, times, np.inf), self.model.num_layers)
         return None if found is None else found[1]
 
@@ -280,7 +278,7 @@ class GroupEvaluator:
                     lo, best = mid, found
         split, tpot = best
         capacity = lo / tpot / self.workload.output_mean
-        perf = PhasePerf(DECODE, tp, self._layout(slots, tp, split), capacity, tpot, tpot, batch=lo)
+        perf = PhasePerf(Role.DECODE, tp, self._layout(slots, tp, split), capacity, tpot, tpot, batch=lo)
         return perf, split
 
     def _colocated(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> PhasePerf | None:
@@ -313,7 +311,7 @@ class GroupEvaluator:
         if result is None:
             return None
         batch, tpot, ttft = result
-        return PhasePerf(COLOCATED, tp, self._layout(slots, tp, split), lo, tpot, service, batch=batch, ttft_s=ttft)
+        return PhasePerf(Role.COLOCATED, tp, self._layout(slots, tp, split), lo, tpot, service, batch=batch, ttft_s=ttft)
 
     def _colocated_at(self, c: _Colocated, rate: float) -> tuple[int, float, float] | None:
         """(batch, stretched TPOT, TTFT) when a colocated split serves ``rate`` req/s within the SLOs, else None."""

@@ -17,9 +17,8 @@ Colocated groups route to themselves.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from common.plan import Plan
+from common.roles import Role
 from planner.sim.build import make_group
 from planner.sim.types import SimFleet, SimGroup, SimRoute
 from planner.spec.catalog import GB, Catalog, default_catalog
@@ -68,7 +67,7 @@ def fleet_from_plan(plan: Plan, cluster: Cluster | None = None, catalog: Catalog
             continue
         routes.append(SimRoute(r.prefill, r.decode, weight, (r.transfer_ms / 1e3) / input_mean, 0.0))
     for g in plan.groups:
-        if g.role == "colocated":
+        if g.role == Role.COLOCATED:
             routes.append(SimRoute(g.id, g.id, max(g.load_rps, g.capacity_rps, 1e-9), 0.0))
     return SimFleet(plan.cluster, groups, routes, notes={"mode": plan.mode, "predicted": plan.predicted})
 

@@ -31,6 +31,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.roles import Role
 from common.routing import load_corrected_weight, smooth_wrr_pick, worker_shares
 from loadtest.metrics import RequestRecord
 from loadtest.workload import PlannedRequest
@@ -115,8 +116,8 @@ class Simulation:
         self.fleet = fleet
         self.costs = costs
         self.cfg = cfg or SimConfig()
-        self.prefill = {g.name: _PrefillState(g) for g in fleet.groups if g.role == "prefill"}
-        self.decode = {g.name: _DecodeState(g) for g in fleet.groups if g.role in ("decode", "colocated")}
+        self.prefill = {g.name: _PrefillState(g) for g in fleet.groups if g.role == Role.PREFILL}
+        self.decode = {g.name: _DecodeState(g) for g in fleet.groups if g.role.serves_decode}
         self.link_free_s = {(r.prefill, r.decode): 0.0 for r in fleet.routes}
         scale = self.cfg.load_scale_tokens if self.cfg.routing == "load_aware" else None
         self.rr = _WeightedRoundRobin(fleet.routes, scale)
@@ -202,7 +203,7 @@ class Simulation:
 
     def _start_step(self, st: _DecodeState) -> None:
         g = st.group
-        colocated = g.role == "colocated"
+        colocated = g.role == Role.COLOCATED
         old_batch, old_context = len(st.running), st.sum_context + len(st.running)
         new_tokens = new_sq = 0
         while st.waiting and len(st.running) < g.max_batch_size:

@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common.roles import ROLE_NAMES, Role
 from planner.spec.catalog import GpuSpec
-
-# A colocated group runs both phases (vLLM without disaggregation); its route points at itself.
-ROLES = ("prefill", "decode", "colocated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +36,7 @@ class SimStage:
 @dataclass(frozen=True, slots=True)
 class SimGroup:
     name: str
-    role: str
+    role: Role  # a colocated group runs both phases (vLLM without disaggregation); its route points at itself
     stages: tuple[SimStage, ...]
     max_batch_size: int = 256  # decode/colocated: vLLM max_num_seqs
     kv_capacity_tokens: int = 1 << 30  # decode/colocated: tokens of KV cache the group holds
@@ -47,8 +45,10 @@ class SimGroup:
     max_prefill_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"group {self.name!r}: role {self.role!r} must be one of {ROLES}")
+        try:
+            object.__setattr__(self, "role", Role(self.role))  # a plain "decode" is taken too
+        except ValueError:
+            raise ValueError(f"group {self.name!r}: role {self.role!r} must be one of {ROLE_NAMES}") from None
         if self.max_batch_size < 1 or self.kv_capacity_tokens < 1 or self.max_prefill_tokens < 1:
             raise ValueError(f"group {self.name!r}: batch size, KV capacity and token budget must be >= 1")
 
@@ -85,11 +85,11 @@ class SimFleet:
         if not self.routes:
             raise ValueError(f"fleet {self.name!r}: no prefill->decode route; the plan serves nothing")
         for r in self.routes:
-            if r.prefill == r.decode and roles.get(r.prefill) == "colocated":
+            if r.prefill == r.decode and roles.get(r.prefill) == Role.COLOCATED:
                 continue
-            if roles.get(r.prefill) != "prefill":
+            if roles.get(r.prefill) != Role.PREFILL:
                 raise ValueError(f"route {r.prefill}->{r.decode}: {r.prefill!r} is not a prefill group")
-            if roles.get(r.decode) != "decode":
+            if roles.get(r.decode) != Role.DECODE:
                 raise ValueError(f"route {r.prefill}->{r.decode}: {r.decode!r} is not a decode group")
             if r.weight < 0 or r.kv_seconds_per_token < 0:
                 raise ValueError(f"route {r.prefill}->{r.decode}: weight and KV cost must be >= 0")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from common.roles import Role
 from planner.core.budget import choose_gpus
 from planner.core.exact import compositions, solve_exact
 from planner.core.flow import RouteTable
-from planner.core.refine import DISAGGREGATED, Search
+from planner.core.refine import COLOCATED, DISAGGREGATED, Search
 from planner.core.solver import solve, solve_exact_plan
-from planner.core.strategy import COLOCATED, GroupEvaluator
+from planner.core.strategy import GroupEvaluator
 from planner.spec.errors import PlanInputError
 from planner_factories import make_cluster
 
@@ -47,7 +48,7 @@ def test_exact_solution_uses_each_gpu_at_most_once_and_its_value_is_a_real_flow(
 def test_exact_colocated_mode_and_plan():
     c = make_cluster(nodes=SMALL_FLEETS["two-type-8"])
     plan = solve_exact_plan(c, COLOCATED, time_limit_s=60)
-    assert plan.solver["optimal"] and all(g.role == COLOCATED for g in plan.groups)
+    assert plan.solver["optimal"] and all(g.role == Role.COLOCATED for g in plan.groups)
     assert plan.throughput_rps >= solve(c, mode=COLOCATED, time_limit_s=10).throughput_rps * (1 - 1e-6)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import planner_baselines as baselines
+from common.roles import Role
 from planner.core.flow import RouteTable
-from planner.core.refine import DISAGGREGATED, Move, Search, State
+from planner.core.refine import COLOCATED, DISAGGREGATED, Move, Search, State
 from planner.core.solver import Planner, solve
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.core.strategy import GroupEvaluator
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
 from planner_factories import make_cluster
 
@@ -25,21 +26,21 @@ def test_role_assignment_balances_capacities():
     state = s.assign_roles([((0, 4),), ((0, 4),), ((1, 4),), ((1, 4),)])
     value, _ = s.evaluate(state)
     # Every split of four equal groups: the best is what assign_roles found.
-    cp, cd = s.cap(((0, 4),), PREFILL), s.cap(((0, 4),), DECODE)
+    cp, cd = s.cap(((0, 4),), Role.PREFILL), s.cap(((0, 4),), Role.DECODE)
     assert value == pytest.approx(max(min(k * cp, (4 - k) * cd) for k in range(5)))
 
 
 def test_move_apply_keeps_gpus_and_roles_consistent():
-    state = State([((0, 4),), ((0, 4),)], [PREFILL, DECODE], {1: 2})
-    new = Move("merge", (0, 1), ((((0, 8),), PREFILL),), ((1, -2),)).apply(state)
-    assert new.groups == [((0, 8),)] and new.roles == [PREFILL] and new.pool == {}
+    state = State([((0, 4),), ((0, 4),)], [Role.PREFILL, Role.DECODE], {1: 2})
+    new = Move("merge", (0, 1), ((((0, 8),), Role.PREFILL),), ((1, -2),)).apply(state)
+    assert new.groups == [((0, 8),)] and new.roles == [Role.PREFILL] and new.pool == {}
     assert state.groups == [((0, 4),), ((0, 4),)]  # the original is untouched
 
 
 def test_refinement_never_lowers_throughput_and_fixes_a_bad_start():
     c = make_cluster(nodes=TWO_TYPE)
     s = search_for(c)
-    bad = State([((0, 8),), ((1, 8),), ((2, 8),), ((3, 8),)], [PREFILL, PREFILL, PREFILL, DECODE], {})
+    bad = State([((0, 8),), ((1, 8),), ((2, 8),), ((3, 8),)], [Role.PREFILL, Role.PREFILL, Role.PREFILL, Role.DECODE], {})
     start, _ = s.evaluate(bad)
     refined, value = s.refine(bad)
     assert value >= start
@@ -50,7 +51,7 @@ def test_refinement_never_lowers_throughput_and_fixes_a_bad_start():
 def test_refinement_grows_from_the_pool():
     c = make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 8}])
     s = search_for(c)
-    state = State([((0, 2),), ((0, 2),)], [PREFILL, DECODE], {0: 4})
+    state = State([((0, 2),), ((0, 2),)], [Role.PREFILL, Role.DECODE], {0: 4})
     _, start_flow = s.evaluate(state)
     refined, value = s.refine(state)
     assert sum(k for g in refined.groups for _, k in g) + sum(refined.pool.values()) == 8
@@ -81,8 +82,8 @@ def test_plan_is_consistent():
     by_id = {g.id: g for g in plan.groups}
     for pid in {r.prefill for r in plan.routes}:
         assert sum(r.weight for r in plan.routes if r.prefill == pid) == pytest.approx(1.0)
-        assert by_id[pid].role == PREFILL
-    assert all(by_id[r.decode].role == DECODE for r in plan.routes)
+        assert by_id[pid].role == Role.PREFILL
+    assert all(by_id[r.decode].role == Role.DECODE for r in plan.routes)
     assert sum(r.rate_rps for r in plan.routes) == pytest.approx(plan.predicted.load_rps, rel=1e-6)
     p = plan.predicted
     assert p.cost_per_hour == pytest.approx(c.price_per_hour)
@@ -96,7 +97,7 @@ def test_auto_mode_picks_the_better_of_the_two():
     alts = auto.solver["alternatives"]
     assert auto.throughput_rps == pytest.approx(max(alts.values()))
     colocated = solve(c, mode=COLOCATED, time_limit_s=10)
-    assert all(g.role == COLOCATED for g in colocated.groups) and not colocated.routes
+    assert all(g.role == Role.COLOCATED for g in colocated.groups) and not colocated.routes
     assert colocated.throughput_rps == pytest.approx(alts[COLOCATED], rel=1e-6)
 
 
@@ -104,7 +105,7 @@ def test_a_prefill_heavy_workload_gets_more_prefill_gpus():
     def prefill_share(workload):
         plan = solve(make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 8, "count": 4}], workload=workload),
                      mode=DISAGGREGATED, time_limit_s=20)
-        return sum(len(g.gpus) for g in plan.groups if g.role == PREFILL) / 32
+        return sum(len(g.gpus) for g in plan.groups if g.role == Role.PREFILL) / 32
 
     long_prompts = {"input_tokens_mean": 4096, "output_tokens_mean": 64, "slo": {"ttft_ms": 4000, "tpot_ms": 100}}
     long_outputs = {"input_tokens_mean": 256, "output_tokens_mean": 1024, "slo": {"ttft_ms": 4000, "tpot_ms": 100}}
@@ -118,7 +119,7 @@ def test_cross_region_plan_keeps_most_kv_traffic_inside_regions():
     region = {g.id: g.region for g in plan.groups}
     local = sum(r.rate_rps for r in plan.routes if region[r.prefill] == region[r.decode])
     assert local >= 0.9 * sum(r.rate_rps for r in plan.routes)
-    assert {g.region for g in plan.groups if g.role == PREFILL} == {"us", "eu"}
+    assert {g.region for g in plan.groups if g.role == Role.PREFILL} == {"us", "eu"}
 
 
 def test_time_limit_is_honoured():

@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from planner_factories import make_cluster
-
+from common.roles import Role
 from planner.core import costmodel as cm
 from planner.core.layer_split import min_bottleneck_split
-from planner.core.strategy import COLOCATED, DECODE, PREFILL, GroupEvaluator
+from planner.core.strategy import GroupEvaluator
 from planner.sim.build import make_group
+from planner_factories import make_cluster
 
 
 def brute_force(costs: np.ndarray, total: int) -> float:
@@ -108,8 +108,8 @@ def test_colocated_capacity_is_below_either_phase_alone():
     assert colocated.capacity_rps < min(perf.prefill.capacity_rps, perf.decode.capacity_rps)
     assert colocated.latency_s <= c.workload.tpot_slo_s + 1e-9
     assert colocated.ttft_s <= c.workload.ttft_slo_s + 1e-9
-    assert ev.perf(((0, 4),), COLOCATED) is colocated
-    assert ev.perf(((0, 4),), PREFILL) is perf.prefill and ev.perf(((0, 4),), DECODE) is perf.decode
+    assert ev.perf(((0, 4),), Role.COLOCATED) is colocated
+    assert ev.perf(((0, 4),), Role.PREFILL) is perf.prefill and ev.perf(((0, 4),), Role.DECODE) is perf.decode
 
 
 def test_evaluations_are_cached_by_shape():
