@@ -47,9 +47,7 @@ MAX_PARTNERS = 3
 MAX_RESPLIT_GPUS = 16  # re-split only unions this small (their sub-multisets are enumerated)
 MAX_RESPLIT_PAIRS = 12  # group pairs re-split per iteration (sampled by the seed beyond that)
 MAX_RESPLIT_SPLITS = 64  # ... and only when the union has at most this many sub-multisets
-
-
-OTHER_ROLE = {Role.PREFILL: Role.DECODE, Role.DECODE: Role.PREFILL}
+OTHER_ROLE = {Role.PREFILL: Role.DECODE, Role.DECODE: Role.PREFILL}  # what a flip turns a group into
 
 
 @dataclass(slots=True)
