@@ -2,9 +2,10 @@
 
 Map of the package (one concept per module):
 
-    the contract      handoff        kv_transfer_params for the router and the workers, connector options
+    the contract      options        connector_config: the kv_transfer_config an engine is built with
+                      handoff        kv_transfer_params router -> prefill -> router -> decode, typed, checked
                       endpoints      where a decode worker's rank receivers listen; the files they leave
-                      stats          transfer counters, published as a JSON file per rank
+                      stats          transfer counters, a JSON file per process (why not vLLM's channel)
     the wire          protocol       every message, its version and size limits
                       framing        the one builder of KV messages (production, tests, benchmark)
                       codec          tensor <-> payload bytes (raw, int8)
@@ -32,19 +33,13 @@ off would leave the connector importing upwards.
 
 Public API (the router and the workers use only these): `connector_config`,
 `stats_path`, `read_stats`, `prefill_params`, `decode_params_from`,
-`new_transfer_id`, `prompt_hash`, `remove_receiver_files`. The connector
-module is imported by vLLM, never at package import.
+`new_transfer_id`, `prompt_hash`, `rank_endpoint`, `remove_receiver_files`.
+The connector module is imported by vLLM, never at package import.
 """
 
-from kvtransfer.endpoints import remove_receiver_files
-from kvtransfer.handoff import (
-    connector_config,
-    decode_params_from,
-    new_transfer_id,
-    prefill_params,
-    prompt_hash,
-    stats_path,
-)
+from kvtransfer.endpoints import rank_endpoint, remove_receiver_files
+from kvtransfer.handoff import decode_params_from, new_transfer_id, prefill_params, prompt_hash
+from kvtransfer.options import connector_config, stats_path
 from kvtransfer.stats import read_stats
 
 __all__ = [
@@ -53,6 +48,7 @@ __all__ = [
     "new_transfer_id",
     "prefill_params",
     "prompt_hash",
+    "rank_endpoint",
     "read_stats",
     "remove_receiver_files",
     "stats_path",

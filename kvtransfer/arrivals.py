@@ -56,6 +56,7 @@ class ArrivalMarks:
     def __init__(self, endpoint: str) -> None:
         self.dir = arrivals_dir(endpoint)
         self._marked: set[str] = set()
+        self._mark_failed = False
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.iterdir():  # a previous receiver on this endpoint
@@ -68,7 +69,10 @@ class ArrivalMarks:
             (self.dir / _mark_name(transfer_id)).touch()
             self._marked.add(transfer_id)
         except OSError:
-            pass
+            # The request still loads, asynchronously; say so once, not per transfer.
+            if not self._mark_failed:
+                logger.warning("kvtransfer: cannot mark arrivals in %s; decode loads asynchronously", self.dir, exc_info=True)
+            self._mark_failed = True
 
     def unmark(self, transfer_id: str) -> None:
         if transfer_id in self._marked:

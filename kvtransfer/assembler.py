@@ -18,6 +18,7 @@ ends, so a decode request that never comes cannot leak.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from kvtransfer import protocol
 from common.wire import ProtocolError
 from kvtransfer.protocol import Ack, Begin, Chunk, DropTransfer, End, Limits
+
+logger = logging.getLogger(__name__)
 
 ALREADY_CLAIMED = "already claimed by another request (and its reclaim window passed)"
 
@@ -65,6 +68,7 @@ class AssemblerCounters:
     frames_refused: int = 0
     lease_expiries: int = 0
     bytes_received: int = 0
+    internal_errors: int = 0  # exceptions that are not protocol violations (a bug here)
 
 
 class Assembler:
@@ -89,27 +93,44 @@ class Assembler:
         self._expected = expected  # returns an error text if this Begin cannot fit our cache
         self._clock = clock
         self._transfers: dict[str, Transfer] = {}
+        self._current_id = ""  # the transfer the message being handled names, once its header decoded
         self.reserved_bytes = 0
         self.counters = AssemblerCounters()
 
     # -- frames in ---------------------------------------------------------------------------
 
     def on_frames(self, frames: Sequence[bytes | memoryview]) -> Ack | None:
-        """Handle one message. Returns the Ack to send back, if any; never raises."""
+        """Handle one message. Returns the Ack to send back, if any; never raises.
+
+        A protocol violation is refused by name (the Ack's error says which
+        field). Any other exception is a bug here: it is logged with its
+        traceback and counted, the transfer the message named fails (decode
+        recomputes) and the sender hears why; the decode worker keeps serving."""
+        self._current_id = ""
         try:
             return self._on_frames(frames)
         except ProtocolError as exc:
             self.counters.frames_refused += 1
             transfer_id = getattr(exc, "transfer_id", "")
             return Ack(protocol.PROTOCOL_VERSION, transfer_id or "?", False, str(exc))
-        except Exception as exc:  # a bug here must not take the decode worker down
-            self.counters.frames_refused += 1
-            return Ack(protocol.PROTOCOL_VERSION, "?", False, f"internal error handling frame: {exc!r}")
+        except Exception as exc:
+            return self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> Ack:
+        transfer_id = self._current_id
+        logger.exception("kvtransfer: internal error handling a message of transfer %r", transfer_id or "?")
+        self.counters.internal_errors += 1
+        self.counters.frames_refused += 1
+        transfer = self._transfers.get(transfer_id)
+        if transfer is not None and transfer.state == "receiving":  # a verified transfer stays loadable
+            self._fail_quietly(transfer, f"internal error: {exc!r}")
+        return Ack(protocol.PROTOCOL_VERSION, transfer_id or "?", False, f"internal error handling frame: {exc!r}")
 
     def _on_frames(self, frames: Sequence[bytes | memoryview]) -> Ack | None:
         if not frames:
             raise ProtocolError("empty message: expected a header frame")
         message = protocol.decode_header(frames[0], self.limits)
+        self._current_id = message.transfer_id
         expected_frames = 2 if isinstance(message, Chunk) else 1
         if len(frames) != expected_frames:
             self._fail(message.transfer_id, f"{type(message).__name__} came with {len(frames)} frames; expected {expected_frames}")

@@ -21,9 +21,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
-from kvtransfer.handoff import ConnectorOptions
+from kvtransfer.options import ConnectorOptions
 from kvtransfer.metadata import HexConnectorMetadata
 from kvtransfer.scheduler_side import SchedulerSide
+from kvtransfer.stats import Stats, scheduler_stats_path
 from kvtransfer.worker_side import WorkerSide
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class HexKVConnector(KVConnectorBase_V1):
                 parallel.tensor_parallel_size,
                 layers_per_stage,
                 listen_endpoint=self.options.listen_endpoint if self.options.sync_load else None,
+                stats=Stats(scheduler_stats_path(self.options.stats_path)) if self.options.stats_path else None,
             )
         else:
             self.worker_side = WorkerSide(

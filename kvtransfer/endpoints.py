@@ -12,9 +12,31 @@ from __future__ import annotations
 
 import shutil
 
-from common.sockets import ipc_path
+from common.sockets import check_endpoint, ipc_path
 from kvtransfer.arrivals import arrivals_dir
-from kvtransfer.handoff import rank_endpoint
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """Where rank `rank` of a decode worker listens for its shard.
+
+    Each rank of a TP/PP engine holds its own slice of the KV heads (TP) of
+    its own layers (PP) and moves it on its own socket. Ranks are numbered as
+    vLLM does: pipeline stage x tensor_parallel_size + TP rank. Rank 0 uses the
+    endpoint as given (so one rank is unchanged); rank r uses port + r for tcp
+    and a `.rank<r>` suffix for ipc/inproc. A launcher gives a decode worker a
+    base port with the next tp*pp-1 ports free (router.launch_local.local_endpoint).
+    """
+    check_endpoint(endpoint)
+    if rank == 0:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"endpoint {endpoint!r} needs a numeric port for tensor-parallel rank {rank}")
+        if int(port) + rank > 65535:
+            raise ValueError(f"endpoint {endpoint!r}: port + rank {rank} is past 65535")
+        return f"tcp://{host}:{int(port) + rank}"
+    return f"{endpoint}.rank{rank}"
 
 
 def remove_receiver_files(kv_endpoint: str, num_ranks: int = 1) -> None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from kvtransfer import codec
 from kvtransfer.assembler import Claim, Transfer
 from kvtransfer.cache_layout import CacheLayout
-from kvtransfer.handoff import ConnectorOptions
-from kvtransfer.metadata import LoadSpec
+from kvtransfer.options import ConnectorOptions
+from kvtransfer.metadata import ForgetSpec, LoadSpec
 from kvtransfer.protocol import Begin
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.reshard import Part, RankShape, fits_block_shape, load_parts
@@ -76,6 +76,14 @@ class LoadPath:
 
     def parts(self, spec: LoadSpec) -> list[Part]:
         return load_parts(self.rank, spec.prefill_tp, spec.prefill_layers)
+
+    def forget(self, forgets: list[ForgetSpec]) -> None:
+        """Drop every part this rank holds of transfers whose handoff was refused."""
+        if self.receiver is None:
+            return
+        for spec in forgets:
+            for part in load_parts(self.rank, spec.prefill_tp, spec.prefill_layers):
+                self.receiver.forget(spec.transfer_id + part.suffix, "its handoff was refused")
 
     def start(self, loads: list[LoadSpec]) -> None:
         now = time.monotonic()
@@ -202,6 +210,10 @@ class LoadPath:
                     blocks[lo - h.first_block : hi - h.first_block], part.heads,
                 )
         except (RuntimeError, ValueError) as exc:
+            # The transfer was verified against this cache's layout when it
+            # arrived: failing to write it is a bug, not bad input.
+            logger.exception("kvtransfer: transfer %s could not be written into the cache", spec.transfer_id)
+            self.stats.add("internal_errors")
             return f"transfer {spec.transfer_id} could not be written into the cache: {exc}"
         return None
 

@@ -56,9 +56,21 @@ class DropSpec:
     decode_layers: tuple[int, ...] | None = None
 
 
+@dataclass(slots=True)
+class ForgetSpec:
+    """Decode: drop at once whatever the receivers hold of a transfer whose
+    handoff the scheduler refused (it names another prompt), instead of
+    holding its bytes until the lease ends."""
+
+    transfer_id: str
+    prefill_tp: int = 1
+    prefill_layers: tuple[int, ...] | None = None
+
+
 @dataclass
 class HexConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
     drops: list[DropSpec] = field(default_factory=list)
+    forgets: list[ForgetSpec] = field(default_factory=list)
 

@@ -52,7 +52,7 @@ class KVReceiver:
         # after keep_freed_memory, so it allocates from the main arena.
         self._ctx = zmq.Context()
         self._hwm = hwm_messages
-        self._reported = dict(bytes_received=0, transfers_received_failed=0, frames_refused=0, lease_expiries=0)
+        self._reported = dict(bytes_received=0, transfers_received_failed=0, frames_refused=0, lease_expiries=0, internal_errors=0)
         # Complete, unclaimed transfers, visible to the scheduler (kvtransfer.arrivals).
         self.marks = ArrivalMarks(endpoint)
         self._thread = threading.Thread(target=self._run, name="kvtransfer-recv", daemon=True)
@@ -145,6 +145,7 @@ class KVReceiver:
             transfers_received_failed=counters.transfers_failed,
             frames_refused=counters.frames_refused,
             lease_expiries=counters.lease_expiries,
+            internal_errors=counters.internal_errors,
         )
         for name, value in current.items():
             if value != self._reported[name]:

@@ -24,11 +24,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvtransfer import protocol
 from kvtransfer.arrivals import has_arrived
-from kvtransfer.handoff import prompt_hash, rank_endpoint
-from kvtransfer.metadata import DropSpec, HexConnectorMetadata, LoadSpec, SendSpec
-from kvtransfer.reshard import layer_partition
+from kvtransfer.endpoints import rank_endpoint
+from kvtransfer.handoff import DecodeHandoff, HandoffRefused, PrefillParams, prompt_hash
+from kvtransfer.metadata import DropSpec, ForgetSpec, HexConnectorMetadata, LoadSpec, SendSpec
+from kvtransfer.stats import Stats
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -58,135 +58,148 @@ class SchedulerSide:
         layers_per_stage: tuple[int, ...] | None = None,
         *,
         listen_endpoint: str | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.block_size = block_size
         # Decode: where this engine's receivers listen, to see which transfers
         # arrived (kvtransfer.arrivals); None: every load is asynchronous.
-        self.listen_endpoint = listen_endpoint
-        self._local_tokens: dict[str, int] = {}  # request -> local prefix-cache hit it was offered
-        self._sync: set[str] = set()  # requests admitted with a synchronous load
+        # With one-token blocks update_state_after_alloc could not tell a
+        # synchronous answer from an asynchronous one (see _load_spec), so
+        # those load asynchronously.
+        self.listen_endpoint = listen_endpoint if block_size > 1 else None
         # Told to decode in the handoff: how the KV heads (TP) and layers (PP)
         # were split, so each decode rank knows which parts to assemble.
         self.tp_size = tp_size
         self.layers_per_stage = layers_per_stage  # None: layer count unknown (checks skipped), one stage
+        self.stats = stats or Stats()  # handoffs refused here, before any worker rank sees the request
         self.kv_cache_manager: KVCacheManager | None = None
         self._sending: dict[str, _Sending] = {}
         self._sent: dict[str, _Sending] = {}  # whole prompt shipped; awaiting request_finished
         self._loads: list[LoadSpec] = []
         self._drops: list[DropSpec] = []
+        self._forgets: list[ForgetSpec] = []
 
     @property
     def total_layers(self) -> int | None:
         return sum(self.layers_per_stage) if self.layers_per_stage else None
-
-    def _other_partition(self, params: dict, key: str) -> tuple[tuple[int, ...] | None, str | None]:
-        """The other engine's layers per stage from kv_transfer_params (client-supplied, so checked)."""
-        value = params.get(key)
-        if value is None:
-            return None, None
-        try:
-            return layer_partition(value, self.total_layers, key), None
-        except ValueError as exc:
-            return None, str(exc)
 
     def _num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     # -- decode --------------------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def _handoff(self, request: "Request") -> DecodeHandoff | HandoffRefused | None:
+        """The request's checked handoff, why it is refused, or None if it has
+        none (or already loaded once). Reads, never writes: vLLM asks
+        get_num_new_matched_tokens as often as it likes."""
         params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill") or not params.get("transfer_id"):
-            return 0, False
-        _, error = self._other_partition(params, "prefill_layers")
-        if error:
-            # No part could be matched to our layers: recompute now rather than time out.
-            logger.warning("kvtransfer: request %s recomputes its prompt: %s", request.request_id, error)
-            params["do_remote_prefill"] = False
-            return 0, False
+        if not params or not params.get("do_remote_prefill"):
+            return None
+        try:
+            handoff = DecodeHandoff.from_params(params, self.total_layers)
+            handoff.check_prompt(request.prompt_token_ids or ())
+        except HandoffRefused as refused:
+            return refused
+        return handoff
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        """Side-effect free, as vLLM requires: what to load is decided again,
+        from the answer vLLM took, in update_state_after_alloc."""
+        handoff = self._handoff(request)
+        if not isinstance(handoff, DecodeHandoff):
+            return 0, False  # none, or refused: recompute now rather than wait for a load
         num_prompt = len(request.prompt_token_ids or ())
         count = num_prompt - num_computed_tokens
         if count <= 0:
             return 0, False
-        self._local_tokens[request.request_id] = num_computed_tokens
-        if num_prompt - 1 > num_computed_tokens and self._arrived(params):
+        if num_prompt - 1 > num_computed_tokens and self._arrived(handoff):
             # Load now, before this step's forward pass, which computes the last
             # prompt token: the first token comes out of this very step.
-            self._sync.add(request.request_id)
-            return num_prompt - 1 - num_computed_tokens, False
-        self._sync.discard(request.request_id)
+            return count - 1, False
         return count, True
 
-    def _arrived(self, params: dict) -> bool:
+    def _arrived(self, handoff: DecodeHandoff) -> bool:
         """Whether every rank of this engine holds its part of the transfer.
         Only where each rank loads one part under the plain transfer id (one
         prefill stage, and prefill TP dividing ours); other layouts load
         asynchronously."""
         if self.listen_endpoint is None or (self.layers_per_stage and len(self.layers_per_stage) > 1):
             return False
-        prefill_layers = params.get("prefill_layers")
-        prefill_tp = params.get("prefill_tp", 1)
-        if (prefill_layers and len(prefill_layers) > 1) or not isinstance(prefill_tp, int) or prefill_tp < 1:
+        if handoff.prefill_layers and len(handoff.prefill_layers) > 1:
             return False
-        if prefill_tp > self.tp_size or self.tp_size % prefill_tp:
+        if handoff.prefill_tp > self.tp_size or self.tp_size % handoff.prefill_tp:
             return False
-        transfer_id = str(params["transfer_id"])
-        return all(has_arrived(rank_endpoint(self.listen_endpoint, rank), transfer_id) for rank in range(self.tp_size))
+        return all(has_arrived(rank_endpoint(self.listen_endpoint, rank), handoff.transfer_id) for rank in range(self.tp_size))
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         params = request.kv_transfer_params
         if not params:
             return
         if params.get("do_remote_prefill"):
+            handoff = self._handoff(request)
             # One load per request: after a failed load vLLM asks again with
             # num_computed_tokens=0, and must then get 0 (recompute).
             params["do_remote_prefill"] = False
-            # The block-aligned local hit vLLM offered in get_num_new_matched_tokens
-            # (the only way num_external_tokens > 0). Block hashes cannot tell it:
-            # with a synchronous load vLLM caches the loaded blocks at allocation.
-            local_tokens = self._local_tokens.pop(request.request_id, 0)
-            is_sync = request.request_id in self._sync
-            self._sync.discard(request.request_id)
-            if num_external_tokens <= 0:
-                return
-            local_hit_blocks = local_tokens // self.block_size
-            prompt = request.prompt_token_ids or ()
-            block_ids = blocks.get_block_ids()[0][local_hit_blocks : self._num_blocks(len(prompt))]
-            self._loads.append(
-                LoadSpec(
-                    request_id=request.request_id,
-                    transfer_id=str(params["transfer_id"]),
-                    prompt_hash=prompt_hash(prompt),
-                    num_tokens=len(prompt),
-                    first_block=local_hit_blocks,
-                    block_ids=list(block_ids),
-                    prefill_tp=_positive_int(params.get("prefill_tp", 1)),
-                    prefill_layers=self._other_partition(params, "prefill_layers")[0],
-                    sync=is_sync,
-                )
-            )
+            if isinstance(handoff, HandoffRefused):
+                self._refuse(request, handoff)
+            elif handoff is not None and num_external_tokens > 0:
+                self._loads.append(self._load_spec(request, handoff, blocks, num_external_tokens))
         elif params.get("do_remote_decode") and request.request_id not in self._sending and request.request_id not in self._sent:
             # (A request preempted after its prompt went out is not sent twice.)
-            endpoint, transfer_id = params.get("decode_endpoint"), params.get("transfer_id")
-            if not endpoint or not transfer_id:
-                logger.warning("kvtransfer: request %s has do_remote_decode but no decode_endpoint/transfer_id; not sending", request.request_id)
-                return
-            decode_layers, error = self._other_partition(params, "decode_layers")
-            if error:
-                # Without a handoff the router's decode request recomputes at once.
-                logger.warning("kvtransfer: request %s: not sending its KV: %s", request.request_id, error)
-                return
-            decode_tp = _positive_int(params.get("decode_tp", 1))
-            prompt = request.prompt_token_ids or ()
-            self._sending[request.request_id] = _Sending(
-                request, str(transfer_id), str(endpoint), prompt_hash(prompt), len(prompt), decode_tp, decode_layers
-            )
+            self._start_sending(request, params)
+
+    def _refuse(self, request: "Request", refused: HandoffRefused) -> None:
+        """Counted as a failed load (recomputed), broken down by reason as
+        load_timeouts is; once per request, not per worker rank."""
+        logger.warning("kvtransfer: request %s recomputes its prompt: %s", request.request_id, refused)
+        if refused.counter:
+            self.stats.add(refused.counter)
+            self.stats.add("transfers_loaded_failed")
+            self.stats.flush(force=True)  # rare; readers see it at once
+        if refused.handoff is not None:  # another prompt's KV: no request here will load it
+            handoff = refused.handoff
+            self._forgets.append(ForgetSpec(handoff.transfer_id, handoff.prefill_tp, handoff.prefill_layers))
+
+    def _load_spec(self, request: "Request", handoff: DecodeHandoff, blocks: "KVCacheBlocks", num_external_tokens: int) -> LoadSpec:
+        """What the worker loads, from the answer vLLM took. vLLM offered a
+        block-aligned local prefix hit L (its block_aligned_local); we answered
+        prompt - L (asynchronous) or prompt - 1 - L (synchronous). As L is a
+        multiple of the block size (> 1 here, see __init__), only one of the
+        two can give num_external_tokens: that one was taken."""
+        prompt = request.prompt_token_ids or ()
+        is_sync = self.listen_endpoint is not None and (len(prompt) - 1 - num_external_tokens) % self.block_size == 0
+        local_tokens = len(prompt) - num_external_tokens - (1 if is_sync else 0)
+        local_hit_blocks = local_tokens // self.block_size
+        block_ids = blocks.get_block_ids()[0][local_hit_blocks : self._num_blocks(len(prompt))]
+        return LoadSpec(
+            request_id=request.request_id,
+            transfer_id=handoff.transfer_id,
+            prompt_hash=handoff.prompt_hash,
+            num_tokens=len(prompt),
+            first_block=local_hit_blocks,
+            block_ids=list(block_ids),
+            prefill_tp=handoff.prefill_tp,
+            prefill_layers=handoff.prefill_layers,
+            sync=is_sync,
+        )
+
+    def _start_sending(self, request: "Request", params: dict[str, Any]) -> None:
+        try:
+            target = PrefillParams.from_params(params, self.total_layers)
+        except ValueError as exc:
+            # Without a handoff the router's decode request recomputes at once.
+            logger.warning("kvtransfer: request %s: not sending its KV: %s", request.request_id, exc)
+            return
+        prompt = request.prompt_token_ids or ()
+        self._sending[request.request_id] = _Sending(
+            request, target.transfer_id, target.decode_endpoint, prompt_hash(prompt), len(prompt), target.decode_tp, target.decode_layers
+        )
 
     # -- prefill -------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> HexConnectorMetadata:
-        meta = HexConnectorMetadata(loads=self._loads, drops=self._drops)
-        self._loads, self._drops = [], []
+        meta = HexConnectorMetadata(loads=self._loads, drops=self._drops, forgets=self._forgets)
+        self._loads, self._drops, self._forgets = [], [], []
         for request_id, state in list(self._sending.items()):
             num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
             if not num_scheduled:
@@ -221,8 +234,6 @@ class SchedulerSide:
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._local_tokens.pop(request.request_id, None)  # offered a load, never admitted
-        self._sync.discard(request.request_id)
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_decode"):
             return False, None
@@ -237,24 +248,12 @@ class SchedulerSide:
         state = self._sent.pop(request.request_id, None)
         if state is None:
             return False, None
-        handoff = {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "transfer_id": state.transfer_id,
-            "decode_endpoint": state.endpoint,
-            "num_prompt_tokens": state.num_tokens,
-            "prompt_hash": state.prompt_hash,
-            "prefill_tp": self.tp_size,
-            "kv_protocol_version": protocol.PROTOCOL_VERSION,
-        }
-        if self.layers_per_stage and len(self.layers_per_stage) > 1:
-            handoff["prefill_layers"] = list(self.layers_per_stage)
-        return False, handoff
-
-
-def _positive_int(value: Any) -> int:
-    """A TP size from kv_transfer_params (client-supplied, so checked): 1 if it is not a positive int."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    logger.warning("kvtransfer: ignoring tensor-parallel size %r in kv_transfer_params; using 1", value)
-    return 1
+        handoff = DecodeHandoff(
+            transfer_id=state.transfer_id,
+            num_prompt_tokens=state.num_tokens,
+            prompt_hash=state.prompt_hash,
+            prefill_tp=self.tp_size,
+            prefill_layers=self.layers_per_stage,
+            decode_endpoint=state.endpoint,
+        )
+        return False, handoff.to_params()

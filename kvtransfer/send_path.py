@@ -18,8 +18,9 @@ import torch
 
 from kvtransfer.cache_layout import CacheLayout
 from kvtransfer.framing import begin_message, end_message, layer_chunks
-from kvtransfer.handoff import ConnectorOptions, rank_endpoint
+from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.metadata import HexConnectorMetadata, SendSpec
+from kvtransfer.options import ConnectorOptions
 from kvtransfer.reshard import Part, RankShape, send_parts
 from kvtransfer.sender import KVSender
 

@@ -1,20 +1,54 @@
-"""Transfer counters, shared by a worker's threads and published as a small JSON file.
+"""Transfer counters, shared by a connector's threads and published as small JSON files.
 
-vLLM runs the connector's worker side in its own process (the multiproc
-executor's Worker), not in the process that holds the AsyncLLM the router or
-a worker server talks to. So the counters are written, atomically and at most
-a few times per second, to `stats_path` (chosen by `connector_config`), and
-`read_stats(path)` reads them from any process.
+Each connector instance counts in its own process: every worker rank (vLLM's
+multiproc executor runs them apart from the process holding the AsyncLLM)
+and the scheduler side (in EngineCore; it counts the handoffs it refuses).
+Each writes its counters, atomically and at most a few times per second, to
+its own file next to `stats_path` (chosen by `connector_config`), and
+`read_stats(path)` sums them from any process.
+
+Why not vLLM's own channel (`KVConnectorBase_V1.get_kv_connector_stats`
+returning a `KVConnectorStats`)? In vLLM 0.32.0 it does reach the AsyncLLM
+front end, where engine/worker_server.py already installs a stat logger, but
+only as a by-product of engine steps:
+
+- the worker rank's stats are collected only after an executed step
+  (vllm/v1/worker/kv_connector_model_runner_mixin.py:102,
+  `output.kv_connector_stats = kv_connector.get_kv_connector_stats()` inside
+  `_get_kv_connector_output`, the context manager around execute_model), and
+  summed over ranks with that step's output
+  (vllm/distributed/kv_transfer/kv_connector/utils.py:132-141);
+- an idle engine runs no step: EngineCore.step returns at once when
+  `not self.scheduler.has_requests()` (vllm/v1/engine/core.py:665), and the
+  busy loop blocks on its input queue while `not self.has_work()`
+  (core.py:1576);
+- the scheduler forwards them only when stats are logged at all: `make_stats`
+  returns None unless `self.log_stats` (vllm/v1/core/sched/scheduler.py:2923),
+  else puts `kv_connector_stats.to_dict()` into SchedulerStats (2938), which
+  AsyncLLM's output handler hands to its stat loggers
+  (vllm/v1/engine/async_llm.py:893-902); `vllm.LLM` turns stats off by default
+  (vllm/entrypoints/llm.py:226-227).
+
+Our counters move in the connector's I/O threads between and after steps:
+an Ack (`transfers_sent_ok`/`_failed`) arrives after the one-token prefill
+request has finished, a decode receiver takes bytes, refuses frames and
+expires leases while its engine has no request. Through vLLM's channel
+those would stay unreported until some later request makes the engine step,
+and the router's health counters and the tests would wait on traffic. So
+the counters keep their files; the channel is not used.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 COUNTER_NAMES = (
     "bytes_sent",
@@ -25,9 +59,13 @@ COUNTER_NAMES = (
     "transfers_loaded_sync",  # of those, loaded in the step that admitted the request (kvtransfer.arrivals)
     "transfers_loaded_failed",
     "transfers_received_failed",
+    "transfers_refused_version",  # decode: the handoff's kv_protocol_version is not ours (scheduler side)
+    "transfers_refused_prompt_hash",  # decode: the handoff names another prompt (scheduler side)
     "frames_refused",
     "lease_expiries",
     "load_timeouts",
+    "internal_errors",  # exceptions on the data path (a bug): logged with their traceback
+    "stats_write_failures",  # this very file could not be written (logged); counted on the next write
 )
 
 
@@ -41,6 +79,7 @@ class Stats:
         self._dirty = True
         self._last_flush_s = 0.0
         self._min_interval_s = min_interval_s
+        self._write_failing = False  # log a failing file once per streak, not every flush
 
     def add(self, name: str, amount: int = 1) -> None:
         if name not in self._values:
@@ -70,26 +109,44 @@ class Stats:
             tmp.write_text(json.dumps(payload))
             os.replace(tmp, self.path)
         except OSError:
-            pass  # stats are best effort; never fail a transfer for them
+            # Never fail a transfer for its counters; but say so, and count it.
+            if not self._write_failing:
+                logger.warning("kvtransfer: cannot write counters to %s", self.path, exc_info=True)
+            self._write_failing = True
+            self.add("stats_write_failures")  # marks dirty: the next flush tries again
+            return
+        if self._write_failing:
+            logger.warning("kvtransfer: counters written to %s again", self.path)
+            self._write_failing = False
 
 
 def rank_stats_path(path: str | os.PathLike, rank: int) -> Path:
-    """The counters file of tensor-parallel rank `rank` (rank 0: `path` itself)."""
+    """The counters file of worker rank `rank` (rank 0: `path` itself)."""
     path = Path(path)
     return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
 
 
+def scheduler_stats_path(path: str | os.PathLike) -> Path:
+    """The counters file of the scheduler side (handoffs it refused)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.scheduler")
+
+
 def read_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Counters a connector published at `path`, summed over its tensor-parallel
-    ranks (each rank moves its own shard, so with TP=n one request counts n
-    transfers); all zero if nothing was written yet."""
+    """Counters a connector published at `path`, summed over its worker ranks
+    (each rank moves its own shard, so with TP=n one request counts n
+    transfers) and its scheduler side; all zero if nothing was written yet."""
     path = Path(path)
     totals = dict.fromkeys(COUNTER_NAMES, 0)
     meta: dict[str, Any] = {}
-    for index, file in enumerate([path, *sorted(path.parent.glob(f"{path.name}.rank*"))]):
+    files = [path, *sorted(path.parent.glob(f"{path.name}.rank*")), scheduler_stats_path(path)]
+    for index, file in enumerate(files):
         try:
             data = json.loads(file.read_text())
+        except FileNotFoundError:
+            continue  # that process has not written yet
         except (OSError, ValueError):
+            logger.warning("kvtransfer: unreadable counters file %s; left out of the totals", file, exc_info=True)
             continue
         for name in COUNTER_NAMES:
             totals[name] += int(data.get(name, 0))

@@ -18,9 +18,10 @@ import torch
 
 from kvtransfer.assembler import Assembler
 from kvtransfer.cache_layout import CacheLayout
-from kvtransfer.handoff import ConnectorOptions, rank_endpoint
+from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.load_path import LoadPath, begin_mismatch
 from kvtransfer.metadata import HexConnectorMetadata
+from kvtransfer.options import ConnectorOptions
 from kvtransfer.protocol import Limits
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.reshard import RankShape
@@ -115,6 +116,7 @@ class WorkerSide:
 
     def start_load_kv(self, meta: HexConnectorMetadata) -> None:
         assert self.load_path is not None, "register_kv_caches comes first"
+        self.load_path.forget(meta.forgets)
         self.load_path.start(meta.loads)
 
     def take_invalid_blocks(self) -> set[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kvtransfer
-from kvtransfer.handoff import prefill_params, prompt_hash
+from kvtransfer.handoff import DecodeHandoff, prefill_params, prompt_hash
 
 # vLLM's CPU default. The colocated reference is the session-wide `reference_llm`
 # (tests/conftest.py), built with default settings, so P and D use them too.
@@ -172,9 +172,4 @@ def wait_delta(before: dict, read, key: str, timeout_s: float = 15.0) -> dict:
 
 def handoff_for(prompt: list[int], transfer_id: str) -> dict:
     """The kv_transfer_params prefill would have returned for this prompt."""
-    return {
-        "do_remote_prefill": True,
-        "transfer_id": transfer_id,
-        "num_prompt_tokens": len(prompt),
-        "prompt_hash": prompt_hash(prompt),
-    }
+    return DecodeHandoff(transfer_id, len(prompt), prompt_hash(prompt)).to_params()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import kvtransfer
 from kvtransfer.arrivals import ArrivalMarks, arrivals_dir
-from kvtransfer.handoff import rank_endpoint
+from kvtransfer.endpoints import rank_endpoint
 
 
 def test_remove_receiver_files_removes_every_ranks_socket_file_and_marks(tmp_path):

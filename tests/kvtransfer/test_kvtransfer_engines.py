@@ -251,7 +251,24 @@ def test_kv_for_another_prompt_is_not_used(cluster):
     (handoff,) = run_prefill(cluster, [other])
     before = settled(cluster.decode_stats)
     assert run_decode(cluster, [prompt], [handoff]) == run_reference(cluster, [prompt])
-    assert wait_delta(before, cluster.decode_stats, "transfers_loaded_failed")["transfers_loaded_failed"] == 1
+    d = wait_delta(before, cluster.decode_stats, "transfers_loaded_failed")
+    assert d["transfers_loaded_failed"] == 1
+    # Refused from the handoff, before any load: its prompt hash is not this prompt's.
+    assert d["transfers_refused_prompt_hash"] == 1 and d["transfers_loaded_ok"] == 0
+
+
+def test_a_handoff_of_another_protocol_version_is_refused_then_the_right_one_loads(cluster):
+    prompt = random_prompt(40, seed=4250)
+    (handoff,) = run_prefill(cluster, [prompt])
+    before = settled(cluster.decode_stats)
+    stale = dict(handoff, kv_protocol_version=handoff["kv_protocol_version"] + 1)
+    assert run_decode(cluster, [prompt], [stale]) == run_reference(cluster, [prompt])
+    d = wait_delta(before, cluster.decode_stats, "transfers_refused_version")
+    assert d["transfers_refused_version"] == 1 and d["transfers_loaded_failed"] == 1 and d["transfers_loaded_ok"] == 0
+    # The KV itself was fine: the handoff as prefill wrote it loads it (and nothing is left to expire).
+    before = settled(cluster.decode_stats)
+    assert run_decode(cluster, [prompt], [handoff]) == run_reference(cluster, [prompt])
+    assert wait_delta(before, cluster.decode_stats, "transfers_loaded_ok")["transfers_loaded_ok"] == 1
 
 
 def test_unclaimed_kv_expires_under_lease(cluster):

@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from kvtransfer.handoff import ConnectorOptions, prompt_hash
+from kvtransfer.handoff import prompt_hash
+from kvtransfer.options import ConnectorOptions
 from kvtransfer.reshard import stage_ranges
 from kvtransfer.metadata import HexConnectorMetadata, LoadSpec, SendSpec
 from kvtransfer.worker_side import WorkerSide

@@ -9,7 +9,8 @@ import torch
 from kvtransfer import codec, protocol
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import begin_message, drop_message, end_message, layer_chunks, transfer_messages
-from kvtransfer.handoff import ConnectorOptions, connector_config, decode_params_from, prefill_params, prompt_hash
+from kvtransfer.handoff import decode_params_from, prefill_params, prompt_hash
+from kvtransfer.options import ConnectorOptions, connector_config
 from common.wire import ProtocolError
 from kvtransfer.protocol import Ack, Begin, Chunk, End, Limits
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from kvtransfer.handoff import prefill_params, prompt_hash
+from kvtransfer.handoff import DecodeHandoff, prefill_params, prompt_hash
 from kvtransfer.metadata import DropSpec
 from kvtransfer.scheduler_side import SchedulerSide
 
@@ -41,6 +41,11 @@ class FakeManager:
 
     def get_block_ids(self, request_id):
         return (self.ids[request_id],)
+
+
+def handoff(prompt: list[int], transfer_id: str = "t", **extra) -> dict:
+    """The kv_transfer_params prefill returns for this prompt (plus `extra` keys)."""
+    return DecodeHandoff(transfer_id, len(prompt), prompt_hash(prompt)).to_params() | extra
 
 
 def step(side: SchedulerSide, request: FakeRequest, scheduled: int):
@@ -94,7 +99,7 @@ def test_request_ending_before_its_prompt_aborts_the_transfer():
 def test_decode_loads_only_blocks_past_the_local_hit_and_only_once():
     side = SchedulerSide(BLOCK)
     prompt = list(range(10))
-    request = FakeRequest("d", prompt, {"do_remote_prefill": True, "transfer_id": "t"})
+    request = FakeRequest("d", prompt, handoff(prompt))
     assert side.get_num_new_matched_tokens(request, 4) == (6, True)
     blocks = FakeBlocks(([FakeBlock(20, block_hash="h0"), FakeBlock(21), FakeBlock(22), FakeBlock(23)],))
     side.update_state_after_alloc(request, blocks, 6)
@@ -152,7 +157,7 @@ def test_a_split_that_does_not_cover_the_model_is_refused_at_once():
     assert side.request_finished(request, [10, 11]) == (False, None)  # ... and decode recomputes
     # Decode given a prefill split it cannot match recomputes now instead of waiting.
     for bad in ([2, 3], [4, 0], "2,2", [2.0, 2]):
-        incoming = FakeRequest("d", list(range(8)), {"do_remote_prefill": True, "transfer_id": "t", "prefill_layers": bad})
+        incoming = FakeRequest("d", list(range(8)), handoff(list(range(8)), prefill_layers=bad))
         assert side.get_num_new_matched_tokens(incoming, 0) == (0, False)
 
 
@@ -168,7 +173,7 @@ def test_kv_already_arrived_loads_synchronously_all_but_the_last_token(tmp_path)
     """The receiver marked the transfer complete: the request is admitted with a
     synchronous load of tokens [local hit, n - 1), and the step computes the last one."""
     from kvtransfer.arrivals import ArrivalMarks
-    from kvtransfer.handoff import rank_endpoint
+    from kvtransfer.endpoints import rank_endpoint
 
     endpoint = f"ipc://{tmp_path}/decode.sock"
     marks = [ArrivalMarks(rank_endpoint(endpoint, rank)) for rank in range(2)]
@@ -176,7 +181,7 @@ def test_kv_already_arrived_loads_synchronously_all_but_the_last_token(tmp_path)
     prompt = list(range(10))
 
     def offer(request_id: str, **extra) -> tuple[int, bool]:
-        request = FakeRequest(request_id, prompt, {"do_remote_prefill": True, "transfer_id": "t", **extra})
+        request = FakeRequest(request_id, prompt, handoff(prompt, **extra))
         return side.get_num_new_matched_tokens(request, 4), request
 
     assert offer("a")[0] == (6, True)  # not arrived anywhere: asynchronous
@@ -195,12 +200,12 @@ def test_kv_already_arrived_loads_synchronously_all_but_the_last_token(tmp_path)
     assert offer("e", prefill_layers=[2, 2])[0] == (6, True)
     assert offer("f", prefill_tp=1)[0] == (5, False)
     # Nothing left to load but the last token: nothing to gain, asynchronous as before.
-    assert side.get_num_new_matched_tokens(FakeRequest("g", prompt[:9], {"do_remote_prefill": True, "transfer_id": "t"}), 8) == (1, True)
+    assert side.get_num_new_matched_tokens(FakeRequest("g", prompt[:9], handoff(prompt[:9])), 8) == (1, True)
     marks[0].unmark("t")
     assert offer("h")[0] == (6, True)
     # Without a listen endpoint (sync_load=False) every load is asynchronous.
     assert SchedulerSide(BLOCK, tp_size=2).get_num_new_matched_tokens(
-        FakeRequest("i", prompt, {"do_remote_prefill": True, "transfer_id": "t"}), 4) == (6, True)
+        FakeRequest("i", prompt, handoff(prompt)), 4) == (6, True)
     for m in marks:
         m.clear()
 

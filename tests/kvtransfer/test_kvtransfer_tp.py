@@ -1,7 +1,7 @@
 """Tensor parallelism: TP=2 -> TP=2, TP=1 -> TP=2 and TP=2 -> TP=1 handoffs.
 
 Each rank moves its own slice of the KV heads on its own socket (prefill rank
-r -> decode rank r, kvtransfer.handoff.rank_endpoint); a TP=1 prefill engine
+r -> decode rank r, kvtransfer.endpoints.rank_endpoint); a TP=1 prefill engine
 splits its heads between the two decode ranks; a TP=1 decode engine
 assembles its heads from both ranks of a TP=2 prefill engine. The reference
 is the decode engine itself running the prompt without kv_transfer_params:
@@ -34,7 +34,8 @@ from kvt_engines import (
 )
 from kvtransfer import protocol
 from kvtransfer.framing import transfer_messages
-from kvtransfer.handoff import new_transfer_id, prompt_hash, rank_endpoint
+from kvtransfer.endpoints import rank_endpoint
+from kvtransfer.handoff import new_transfer_id, prompt_hash
 from common.sockets import socket
 
 pytestmark = pytest.mark.slow

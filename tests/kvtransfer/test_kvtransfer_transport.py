@@ -8,7 +8,7 @@ import zmq
 
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import block_ranges, transfer_messages
-from kvtransfer.handoff import rank_endpoint
+from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
 from common.sockets import socket
@@ -127,7 +127,7 @@ REUSE_PROBE = r"""
 import resource, sys, torch
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import block_ranges, transfer_messages
-from kvtransfer.handoff import rank_endpoint
+from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
 from kvtransfer.stats import Stats

@@ -64,7 +64,7 @@ def test_local_workers_talk_over_unix_sockets_one_per_rank():
     """Default for workers on this machine: ipc, a socket file per worker, purpose and rank, each bindable."""
     import zmq
 
-    from kvtransfer.handoff import rank_endpoint
+    from kvtransfer import rank_endpoint
     from common.sockets import make_socket
     from router.launch_local import remove_endpoint_files
 
@@ -113,7 +113,7 @@ def test_free_tcp_port_finds_consecutive_ports():
 
 def test_a_stopped_workers_socket_files_and_arrival_marks_are_removed(tmp_path):
     from kvtransfer.arrivals import ArrivalMarks, arrivals_dir
-    from kvtransfer.handoff import rank_endpoint
+    from kvtransfer import rank_endpoint
     from engine.worker_spec import WorkerSpec
     from router.launch_local import remove_endpoint_files
 
