@@ -5,7 +5,7 @@ int8: for a chunk shaped (num_blocks, *block_shape), every channel (an index
 into the block's non-token axes) gets one float32 scale = max|x| / 127 over
 all blocks and tokens of the chunk; the payload is the int8 values followed by
 the scales. It halves (fp16) or quarters (fp32) the bytes on slow links at an
-accuracy cost measured by benchmarks/kvtransfer_bench.py.
+accuracy cost measured by benchmarks/kvtransfer_e2e.py.
 """
 
 from __future__ import annotations
