@@ -183,6 +183,8 @@ class SchedulerSide:
             sync=is_sync,
         )
 
+    # -- prefill -------------------------------------------------------------------------
+
     def _start_sending(self, request: "Request", params: dict[str, Any]) -> None:
         try:
             target = PrefillParams.from_params(params, self.total_layers)
@@ -194,8 +196,6 @@ class SchedulerSide:
         self._sending[request.request_id] = _Sending(
             request, target.transfer_id, target.decode_endpoint, prompt_hash(prompt), len(prompt), target.decode_tp, target.decode_layers
         )
-
-    # -- prefill -------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> HexConnectorMetadata:
         meta = HexConnectorMetadata(loads=self._loads, drops=self._drops, forgets=self._forgets)
