@@ -5,21 +5,25 @@ prompt, the client's sampling and the prefill's handoff, loads the prompt's
 KV into its paged cache instead of computing it, and streams the answer.
 
     prefill worker's KV ──layer by layer──▶ D's KV endpoint (one socket per rank)
-              the receiver (kvtransfer.receiver) assembles and verifies each
-              transfer in memory and marks it arrived; unclaimed KV expires
-              under a lease
+              the receiver (kvtransfer.receiver, .assembler) assembles and
+              verifies each transfer in memory and marks it arrived
+              (kvtransfer.arrivals); unclaimed KV expires under a lease
     prefill finishes ──▶ router: OUTPUT(kv_transfer_params = the handoff)
     router ── SUBMIT(prompt ids, client sampling, decode_kv_params(handoff)) ──▶ D
-    D's scheduler (kvtransfer.connector, consumer side) reports the prompt,
-              beyond any local prefix-cache hit, as computed elsewhere:
+    D's scheduler (kvtransfer.scheduler_side) reads the handoff
+              (kvtransfer.handoff.DecodeHandoff: another protocol version or
+              another prompt is refused, counted, and the prompt recomputed)
+              and reports the prompt, beyond any local prefix-cache hit, as
+              computed elsewhere:
         KV already arrived  ──▶ loaded in the step that admits the request,
                                 which yields the first token
         KV still on its way ──▶ vLLM's asynchronous load: the request waits
-                                with its blocks allocated, the worker fills
-                                them when the transfer completes, one step later
-        KV late, corrupt, or for another prompt or layout ──▶ the blocks are
-                                reported invalid and vLLM recomputes the prompt;
-                                the request completes, the failure is counted
+                                with its blocks allocated, the worker
+                                (kvtransfer.load_path) fills them when the
+                                transfer completes, one step later
+        KV late, corrupt, or for another layout ──▶ the blocks are reported
+                                invalid and vLLM recomputes the prompt; the
+                                request completes, the failure is counted
     D generates ──▶ OUTPUT deltas ──▶ router ──▶ client
 
 Without a handoff (the prefill was cut short, or `--kv-connector none`) the

@@ -28,7 +28,7 @@ class WorkerSpec:
     role: Role
     control_endpoint: str
     # Where the worker's KV connector listens (a decode worker's ranks add .rank<r>,
-    # see kvtransfer.handoff.rank_endpoint); None for a worker that takes no KV.
+    # see kvtransfer.rank_endpoint); None for a worker that takes no KV.
     kv_endpoint: str | None = None
     model: str | None = None  # None: the tiny model
     served_model_name: str | None = None

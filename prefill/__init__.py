@@ -8,9 +8,10 @@ worker the router chose; it never answers the client. One request:
               nothing about the one discarded token may end the request
               before its KV is handed over
     engine step(s) compute the prompt; after each layer the connector
-              (kvtransfer.connector, producer side) pushes that layer's
-              blocks to D's KV endpoint, one socket per decode rank,
-              resharded to D's TP and pipeline split
+              (kvtransfer.scheduler_side picks the blocks, kvtransfer.send_path
+              gathers and sends them) pushes that layer's blocks to D's KV
+              endpoint, one socket per decode rank, resharded to D's TP and
+              pipeline split (kvtransfer.reshard)
     request finishes ──▶ OUTPUT(finished, kv_transfer_params) ──▶ router
               the params are the handoff: where D finds the KV (transfer id,
               layout); the router passes them on unchanged (see decode/)

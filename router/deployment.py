@@ -48,7 +48,7 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
     model_path, served = _resolve_model(model, served_model_name)
     shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector)
     workers = [
-        # (Prefill listens for no KV: its kv_endpoint is never bound, see kvtransfer.handoff.)
+        # (Prefill listens for no KV: its kv_endpoint is never bound, see prefill.worker.)
         WorkerSpec(worker_id=worker_id, role=role, control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
                    kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host), group_id=group, **shared)
         for worker_id, role, group in (("prefill-0", Role.PREFILL, "p0"), ("decode-0", Role.DECODE, "d0"))

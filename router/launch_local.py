@@ -32,7 +32,7 @@ WORKER_LINKS = ("ipc", "tcp")
 def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host: str = "127.0.0.1", ranks: int = 1) -> str:
     """Where a worker on this machine listens: purpose "control" (the router's
     endpoint) or "kv" (a decode worker's KV; a TP/PP worker's ranks add
-    `.rank<r>`, see kvtransfer's rank_endpoint).
+    `.rank<r>`, see kvtransfer.rank_endpoint).
 
     ipc (Unix sockets) by default: between processes on one host they move KV
     with less CPU than loopback TCP (benchmarks/kvtransfer_throughput), and a

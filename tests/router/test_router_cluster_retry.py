@@ -10,7 +10,7 @@ import pytest
 from common.roles import Role
 from engine import control_protocol as proto
 from kvtransfer import prompt_hash
-from kvtransfer.protocol import PROTOCOL_VERSION as KV_PROTOCOL_VERSION
+from kvtransfer.handoff import DecodeHandoff
 from prefill import PREFILL_SAMPLING
 from router.cluster import Cluster
 from common.routing import Route
@@ -56,9 +56,9 @@ def _handoff(prompt_token_ids, request_params: dict | None) -> dict:
     """What a prefill's connector returns when its KV went out (kvtransfer.scheduler_side.request_finished)."""
     if not request_params or not request_params.get("do_remote_decode"):
         return {"do_remote_prefill": True}
-    return {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": request_params["transfer_id"],
-            "decode_endpoint": request_params["decode_endpoint"], "num_prompt_tokens": len(prompt_token_ids),
-            "prompt_hash": prompt_hash(prompt_token_ids), "prefill_tp": 1, "kv_protocol_version": KV_PROTOCOL_VERSION}
+    return DecodeHandoff(transfer_id=request_params["transfer_id"], num_prompt_tokens=len(prompt_token_ids),
+                         prompt_hash=prompt_hash(prompt_token_ids),
+                         decode_endpoint=request_params["decode_endpoint"]).to_params()
 
 
 def _cluster(decode_fail: dict[str, int | None], kv_connector: str = "none") -> Cluster:
@@ -120,6 +120,8 @@ def test_prefill_runs_one_token_and_decode_gets_its_handoff():
     assert decode_call.prompt_token_ids == prefill_call.prompt_token_ids == [1, 2, 3]
     assert decode_call.sampling == client_sampling
     assert decode_call.kv_transfer_params == handoff and handoff["transfer_id"] == sent["transfer_id"]
+    received = DecodeHandoff.from_params(decode_call.kv_transfer_params)  # what decode's connector checks
+    assert received.prompt_hash == prompt_hash(decode_call.prompt_token_ids) and received.num_prompt_tokens == 3
     assert decode_call.request_id != prefill_call.request_id
 
 

@@ -35,7 +35,7 @@ def test_tp_decode_worker_gets_one_port_per_rank():
     decode = next(w for w in deployment.workers if w.role == "decode")
     assert decode.tensor_parallel_size == 4
     port = int(decode.kv_endpoint.rsplit(":", 1)[1])
-    for rank in range(4):  # rank r listens on port + r (kvtransfer.handoff.rank_endpoint)
+    for rank in range(4):  # rank r listens on port + r (kvtransfer.rank_endpoint)
         with socket.socket() as s:
             s.bind(("127.0.0.1", port + rank))
 
@@ -49,7 +49,7 @@ def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
     assert prefill.process_env()["VLLM_PP_LAYER_PARTITION"] == "20,20,20,20"
     assert decode.process_env()["VLLM_PP_LAYER_PARTITION"] == "50,30"
     port = int(decode.kv_endpoint.rsplit(":", 1)[1])
-    for rank in range(4):  # one port per rank: stage x TP + TP rank (kvtransfer.handoff.rank_endpoint)
+    for rank in range(4):  # one port per rank: stage x TP + TP rank (kvtransfer.rank_endpoint)
         with socket.socket() as s:
             s.bind(("127.0.0.1", port + rank))
     info = next(w for w in deployment.workers if w.role == "decode")
