@@ -121,7 +121,7 @@ def check_kv_layouts(plan) -> None:
     Each rank of a prefill group (pipeline stage x TP rank) sends its KV
     heads of its layers to the decode ranks that hold them: any pipeline
     splits work on either side, and TP sizes work when one divides the other
-    (kvtransfer/worker_side.py). Any other TP pair still serves (decode
+    (kvtransfer/reshard.py). Any other TP pair still serves (decode
     refuses the mismatched KV and recomputes the prompt) but loses the point
     of disaggregation: warn.
     """
