@@ -86,11 +86,8 @@ def prefill_stage_time(
     intra_latency: float,
 ) -> float:
     """Seconds one stage spends on one average prompt (weights read once per prompt: no batching credit)."""
-    s, s2 = workload.input_mean, workload.input_sq_mean
-    heads_dim = model.num_attention_heads * model.head_size
-    flops = layers * (2 * model.params_per_layer * s + 2 * heads_dim * s2)
-    if last:
-        flops += 2 * model.hidden_size * model.vocab_size  # logits of the last token only
+    s = workload.input_mean
+    flops = model.prefill_flops(layers, s, workload.input_sq_mean, last)
     compute = flops / (tp * gpu.flops_per_s)
     memory = stage_weight_bytes(model, layers, first, last) / (tp * gpu.mem_bytes_per_s)
     comm = layers * 2 * allreduce_time(activation_bytes(model, s), tp, intra_bandwidth, intra_latency)
@@ -111,13 +108,11 @@ def decode_stage_time(
 ) -> float:
     """Seconds one stage spends on one decode step of ``batch`` requests."""
     ctx = workload.decode_context_mean
-    weight = layers * model.layer_weight_bytes + (model.lm_head_bytes if last else 0)
-    kv = layers * batch * ctx * model.kv_bytes_per_token_per_layer
     heads_dim = model.num_attention_heads * model.head_size
     flops = layers * batch * (2 * model.params_per_layer + 4 * heads_dim * ctx)
     if last:
         flops += batch * 2 * model.hidden_size * model.vocab_size
-    memory = (weight + kv) / (tp * gpu.mem_bytes_per_s)
+    memory = model.decode_bytes(layers, batch, ctx, last) / (tp * gpu.mem_bytes_per_s)
     compute = flops / (tp * gpu.flops_per_s)
     comm = layers * 2 * allreduce_time(activation_bytes(model, batch), tp, intra_bandwidth, intra_latency)
     return np.maximum(memory, compute) + comm

@@ -49,15 +49,12 @@ class Fit:
 
 def prefill_flops(model: ModelSpec, prompt_tokens: float) -> float:
     """FLOPs of one prompt through the whole model (the cost model's prefill numerator)."""
-    heads_dim = model.num_attention_heads * model.head_size
-    s = prompt_tokens
-    return model.num_layers * (2 * model.params_per_layer * s + 2 * heads_dim * s * s) + 2 * model.hidden_size * model.vocab_size
+    return model.prefill_flops(model.num_layers, prompt_tokens, prompt_tokens**2, last=True)
 
 
 def decode_bytes(model: ModelSpec, batch: int, context_tokens: float) -> float:
     """Bytes one decode step reads: weights, LM head, and the batch's KV cache."""
-    return (model.num_layers * model.layer_weight_bytes + model.lm_head_bytes
-            + batch * context_tokens * model.kv_bytes_per_token)
+    return model.decode_bytes(model.num_layers, batch, context_tokens, last=True)
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:

@@ -83,6 +83,22 @@ class ModelSpec:
     def kv_bytes_per_token(self) -> int:
         return self.num_layers * self.kv_bytes_per_token_per_layer
 
+    def prefill_flops(self, layers: int, tokens: float, tokens_sq: float, last: bool) -> float:
+        """FLOPs of a prompt through `layers` layers: 2 per parameter per token for
+        the matmuls, 2 * heads * head_size per token pair for attention scores and
+        values (`tokens_sq` is the mean of the squared prompt length over a
+        workload, or tokens**2 for one prompt); the last stage adds the logits of
+        the last token only. The one formula the cost model and its fit share."""
+        heads_dim = self.num_attention_heads * self.head_size
+        flops = layers * (2 * self.params_per_layer * tokens + 2 * heads_dim * tokens_sq)
+        return flops + (2 * self.hidden_size * self.vocab_size if last else 0)
+
+    def decode_bytes(self, layers: int, batch: float, context_tokens: float, last: bool) -> float:
+        """Bytes one decode step of `batch` requests reads in `layers` layers: their
+        weights, the LM head on the last stage, and the batch's KV cache."""
+        weights = layers * self.layer_weight_bytes + (self.lm_head_bytes if last else 0)
+        return weights + layers * batch * context_tokens * self.kv_bytes_per_token_per_layer
+
     def valid_tp(self, tp: int) -> bool:
         """vLLM shards heads: query heads must divide evenly, KV heads divide or replicate."""
         kv = self.num_key_value_heads
