@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.ports import free_tcp_port
+
 MODELS = {
     # name: (layers, kv_heads, head_dim, dtype bytes)
     "Llama-2-70B": (80, 8, 128, 2),
@@ -106,11 +108,7 @@ def _kv_receiver(endpoint: str, jobs: mp.Queue, done: mp.Queue) -> None:
 def _endpoint(kind: str, name: str) -> str:
     if kind == "ipc":
         return f"ipc:///tmp/kvt-bench-{os.getpid()}-{name}.sock"
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
 def _start(target, endpoint: str):
