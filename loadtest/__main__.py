@@ -23,7 +23,7 @@ from common.traces import TRACE_FORMATS, TraceError, load_trace
 from loadtest.metrics import SLO
 from loadtest.plots import plot_result
 from loadtest.prompts import PROMPT_FORMATS, PromptBuilder, PromptError, load_tokenizer
-from loadtest.report import build_result, compare_ratios, compare_table, summary_table, write_result
+from loadtest.report import build_result, compare_ratios, compare_table, output_prefix, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
 from loadtest.workload import ARRIVALS, WorkloadConfig, build_workload, offered_rate_rps
 
@@ -59,7 +59,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--drain", type=float, default=60.0, help="s to wait for in-flight after --duration")
     s.add_argument("--request-timeout", type=float, default=120.0)
     s.add_argument("--extra-body", default="{}", help="JSON merged into every request body")
-    s.add_argument("--out", default="benchmarks/results/loadtest_run", help="output path prefix")
+    s.add_argument("--out", default="benchmarks/results/loadtest_run", help="output path: PREFIX or PREFIX.json writes PREFIX.json and PREFIX_*.png")
     s.add_argument("--no-plots", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--no-per-request", action="store_true", help="leave per-request lists out of the JSON")
@@ -124,15 +124,16 @@ def cmd_compare(args) -> int:
     _, workload, prompts, slo, meta = _prepare(args)
     res_a = _run_one(args, args.endpoint_a, args.model_a, args.label_a, workload, prompts, slo, meta)
     res_b = _run_one(args, args.endpoint_b, args.model_b, args.label_b, workload, prompts, slo, meta)
-    write_result(res_a, f"{args.out}_{args.label_a}", plots=False)
-    write_result(res_b, f"{args.out}_{args.label_b}", plots=False)
+    prefix = output_prefix(args.out)
+    write_result(res_a, f"{prefix}_{args.label_a}", plots=False)
+    write_result(res_b, f"{prefix}_{args.label_b}", plots=False)
     table = compare_table(res_a, res_b, args.label_a, args.label_b)
     summary = {"label_a": args.label_a, "label_b": args.label_b,
                "ratios_b_over_a": compare_ratios(res_a, res_b), "table_md": table}
-    Path(f"{args.out}_compare.json").write_text(json.dumps(summary, indent=1))
-    Path(f"{args.out}_compare.md").write_text(table + "\n")
+    Path(f"{prefix}_compare.json").write_text(json.dumps(summary, indent=1))
+    Path(f"{prefix}_compare.md").write_text(table + "\n")
     if not args.no_plots:
-        plot_result({args.label_a: res_a, args.label_b: res_b}, args.out)
+        plot_result({args.label_a: res_a, args.label_b: res_b}, prefix)
     print(table)
     return 0 if res_a["completed"] and res_b["completed"] else 1
 

@@ -50,8 +50,17 @@ def build_result(
     return result
 
 
-def write_result(result: dict, out_prefix: str | Path, plots: bool = True) -> list[Path]:
-    out_prefix = Path(out_prefix)
+def output_prefix(out: str | Path) -> Path:
+    """The prefix every output is named from: `--out results.json` and
+    `--out results` both write results.json (and results_*.png), never
+    results.json.json."""
+    out = Path(out)
+    return out.with_suffix("") if out.suffix == ".json" else out
+
+
+def write_result(result: dict, out: str | Path, plots: bool = True) -> list[Path]:
+    """`<prefix>.json`, and its plots `<prefix>_*.png`; `out` with or without `.json`."""
+    out_prefix = output_prefix(out)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = out_prefix.with_name(out_prefix.name + ".json")
     json_path.write_text(json.dumps(result, indent=1, default=_jsonable))
