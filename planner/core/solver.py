@@ -30,6 +30,7 @@ from planner.core.groups import Group
 from planner.core.partition import minimal_groups, partition
 from planner.core.plan_builder import build_plan
 from planner.core.refine import COLOCATED, DISAGGREGATED, Search, State
+from planner.core.slo_floor import check_slos_reachable
 from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
@@ -197,6 +198,8 @@ def _rent_within_budget(cluster: Cluster, budget: float, time_limit_s: float) ->
     """The sub-fleet ``choose_gpus`` rents within the budget, and what it chose (for the plan's solver info)."""
     Planner(cluster).check_feasible()
     choice = choose_gpus(cluster, budget, time_limit_s=max(time_limit_s / 3, 1.0))
+    if choice.estimated_rps <= 0:  # renting nothing that serves: an unreachable SLO is the likely cause
+        check_slos_reachable(cluster)
     info = {"budget_per_hour": budget, "rented": choice.counts, "rented_cost_per_hour": round(choice.cost_per_hour, 4),
             "estimated_rps": round(choice.estimated_rps, 6), "status": choice.status}
     return cluster.subset(choice.node_counts), info
@@ -204,6 +207,8 @@ def _rent_within_budget(cluster: Cluster, budget: float, time_limit_s: float) ->
 
 def _check_serves(planner: Planner, best: SearchOutcome) -> None:
     """Raise ``InfeasibleFleetError`` when the best search serves nothing, saying why."""
+    if best.value_rps <= 0:  # an SLO no GPU meets reads as a lack of groups or memory below: name it first
+        check_slos_reachable(planner.cluster)
     if best.value_rps <= 0 and best.mode == DISAGGREGATED and best.state.groups:
         need, have = 2 * planner.evaluator.min_replica_bytes(), planner.fleet_memory_bytes()
         raise InfeasibleFleetError(
@@ -227,6 +232,8 @@ def solve_exact_plan(cluster: Cluster, mode: str = DISAGGREGATED, time_limit_s: 
     planner = Planner(cluster)
     planner.check_feasible()
     result = solve_exact(cluster, mode, time_limit_s, planner.evaluator, planner.routes)
+    if result.bound_rps <= 0:
+        check_slos_reachable(cluster)
     info = {
         "name": "exact",
         "mode_requested": mode,

@@ -8,7 +8,6 @@ group of GPUs is a multiset of (node index, count) parts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from planner.spec.calibration import apply_profile_files
 from planner.spec.catalog import GB, Catalog, GpuSpec, default_catalog
 from planner.spec.errors import PlanInputError
-from planner.spec.fields import Fields
+from planner.spec.fields import Fields, read_json_file
 from planner.spec.model import ModelSpec, model_preset, parse_model
 from planner.spec.workload import Workload, parse_workload
 
@@ -262,14 +261,7 @@ def parse_cluster(data: Any, base_dir: Path | str = ".", catalog: Catalog | None
 def load_cluster(path: Path | str) -> Cluster:
     """Read and validate a cluster file."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as exc:
-        raise PlanInputError("", f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanInputError("", f"{str(path)!r} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    cluster = parse_cluster(data, path.parent)
+    cluster = parse_cluster(read_json_file(path, what="cluster file"), path.parent)
     if cluster.name == "cluster":
         object.__setattr__(cluster, "name", path.stem)
     return cluster

@@ -25,3 +25,10 @@ class InfeasibleFleetError(PlanInputError):
     def __init__(self, message: str, shortfall_gib: float, field: str = "fleet") -> None:
         self.shortfall_gib = shortfall_gib
         super().__init__(field, message)
+
+
+class UnreachableSLOError(InfeasibleFleetError):
+    """No group of the fleet meets an SLO even with no queue; ``field`` names the SLO."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message, shortfall_gib=0.0, field=field)

@@ -7,13 +7,36 @@ The cluster file, the GPU catalog and profile files are all read through
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from planner.spec.errors import PlanInputError
 
 _MISSING: Any = object()
+
+
+def read_json_file(path: Path | str, field: str = "", what: str = "file") -> Any:
+    """The parsed JSON of ``path``; anything that stops it (missing, a folder,
+    not UTF-8 text, not JSON) is a ``PlanInputError`` naming the file and the
+    fix, so the command line prints one line instead of a traceback."""
+    shown = repr(str(path))
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        raise PlanInputError(field, f"{shown} is a folder; give the path of the {what} itself") from None
+    except OSError as exc:
+        raise PlanInputError(field, f"cannot read {what} {shown}: {exc.strerror}; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise PlanInputError(field, f"{what} {shown} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                    f"{exc.start}); give a JSON file saved as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanInputError(field, f"{what} {shown} is not valid JSON: line {exc.lineno}, column {exc.colno}: "
+                                    f"{exc.msg}; fix the file there") from None
 
 
 def _show(value: Any) -> str:

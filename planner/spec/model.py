@@ -15,7 +15,7 @@ from typing import Any
 
 from planner.spec.catalog import CONFIG_DIR
 from planner.spec.errors import PlanInputError
-from planner.spec.fields import Fields
+from planner.spec.fields import Fields, read_json_file
 
 MODEL_PRESETS_PATH = CONFIG_DIR / "models.json"
 
@@ -237,13 +237,7 @@ def parse_model(f: Fields, base_dir: Path) -> ModelSpec:
         path = path if path.is_absolute() else base_dir / path
         if path.is_dir():
             path = path / "config.json"
-        try:
-            with open(path, encoding="utf-8") as fh:
-                config = json.load(fh)
-        except OSError as exc:
-            raise PlanInputError(f.at("hf_config"), f"cannot read {str(path)!r}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise PlanInputError(f.at("hf_config"), f"{str(path)!r} is not valid JSON: {exc}") from None
+        config = read_json_file(path, f.at("hf_config"), what="Hugging Face config")
         name = f.string("name", path.parent.name or "model")
         base = model_from_hf_config(config, name, f.at("hf_config"))
         overrides = {k: v for k, v in f.data.items() if k in MODEL_FIELDS}

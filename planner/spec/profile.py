@@ -8,13 +8,12 @@ prompt lengths; decode samples are step times at several batch sizes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from planner.spec.errors import PlanInputError
-from planner.spec.fields import Fields
+from planner.spec.fields import Fields, read_json_file
 from planner.spec.model import ModelSpec, model_from_fields
 
 PROFILE_SCHEMA = "hexserve.profile"
@@ -88,11 +87,4 @@ def parse_profile(data: Any, path: str = "profile") -> Profile:
 
 
 def load_profile(path: Path, field: str = "calibration") -> Profile:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as exc:
-        raise PlanInputError(field, f"cannot read profile {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanInputError(field, f"profile {str(path)!r} is not valid JSON: {exc}") from None
-    return parse_profile(data, path=field)
+    return parse_profile(read_json_file(path, field, what="profile"), path=field)
