@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kvtransfer import protocol
 from common.wire import ProtocolError
 from kvtransfer.protocol import Ack, Begin, Chunk, DropTransfer, End, Limits
@@ -34,7 +36,9 @@ ALREADY_CLAIMED = "already claimed by another request (and its reclaim window pa
 
 @dataclass(slots=True)
 class ReceivedChunk:
-    header: Chunk
+    """One layer's blocks; a packed message is kept as one of these per layer."""
+
+    header: Chunk  # num_layers == 1, layer is this one's
     payload: memoryview | bytes
 
 
@@ -50,6 +54,7 @@ class Transfer:
     covered: bytearray = field(default_factory=bytearray)
     covered_count: int = 0
     received_bytes: int = 0
+    num_messages: int = 0  # Chunk messages (End counts these; packed ones hold several layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +136,13 @@ class Assembler:
             raise ProtocolError("empty message: expected a header frame")
         message = protocol.decode_header(frames[0], self.limits)
         self._current_id = message.transfer_id
-        expected_frames = 2 if isinstance(message, Chunk) else 1
+        expected_frames = 1 + message.num_layers if isinstance(message, Chunk) else 1
         if len(frames) != expected_frames:
             self._fail(message.transfer_id, f"{type(message).__name__} came with {len(frames)} frames; expected {expected_frames}")
         if isinstance(message, Begin):
             return self._begin(message)
         if isinstance(message, Chunk):
-            return self._chunk(message, frames[1])
+            return self._chunk(message, frames[1:])
         if isinstance(message, End):
             return self._end(message)
         if isinstance(message, DropTransfer):
@@ -176,28 +181,31 @@ class Assembler:
             raise _error(transfer_id, f"transfer_id={transfer_id!r} is already {transfer.state}; refused")
         return transfer
 
-    def _chunk(self, chunk: Chunk, payload: bytes | memoryview) -> Ack | None:
+    def _chunk(self, chunk: Chunk, payloads: Sequence[bytes | memoryview]) -> Ack | None:
         transfer = self._receiving(chunk.transfer_id)
         if transfer is None:
             return None
         begin = transfer.begin
-        layer = chunk.layer - begin.first_layer
-        lo = layer * begin.num_blocks + chunk.first_block
-        hi = lo + chunk.num_blocks
-        error = self._chunk_error(chunk, begin, transfer, len(payload), lo, hi)
+        error = self._chunk_error(chunk, begin, transfer, payloads)
         if error:
             self._fail(chunk.transfer_id, error)
-        if protocol.checksum(chunk.checksum_kind, payload) != chunk.checksum:
+        if protocol.checksum(chunk.checksum_kind, payloads) != chunk.checksum:
             self._fail(chunk.transfer_id, f"{_where(chunk)}: checksum mismatch (corrupted payload)")
-        transfer.covered[lo:hi] = b"\x01" * chunk.num_blocks
-        transfer.covered_count += chunk.num_blocks
-        transfer.chunks.append(ReceivedChunk(chunk, payload))
-        transfer.received_bytes += chunk.payload_bytes
-        self.counters.bytes_received += chunk.payload_bytes
+        transfer.num_messages += 1
+        for i, payload in enumerate(payloads):
+            lo = (chunk.layer - begin.first_layer + i) * begin.num_blocks + chunk.first_block
+            transfer.covered[lo : lo + chunk.num_blocks] = b"\x01" * chunk.num_blocks
+            # Downstream (the load path) sees one layer per entry, packed or not.
+            header = chunk if chunk.num_layers == 1 else msgspec.structs.replace(chunk, layer=chunk.layer + i, num_layers=1)
+            transfer.chunks.append(ReceivedChunk(header, payload))
+        transfer.covered_count += chunk.num_blocks * chunk.num_layers
+        nbytes = chunk.payload_bytes * chunk.num_layers
+        transfer.received_bytes += nbytes
+        self.counters.bytes_received += nbytes
         return None
 
     @staticmethod
-    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, received: int, lo: int, hi: int) -> str | None:
+    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, payloads: Sequence[bytes | memoryview]) -> str | None:
         """Why the chunk must be refused (the first reason that applies), or None.
         Every message on the data path comes here: texts are built only on failure."""
         layer = chunk.layer - begin.first_layer
@@ -205,18 +213,21 @@ class Assembler:
             return f"{_where(chunk)}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}"
         if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
             return f"{_where(chunk)}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}"
-        if not 0 <= layer < begin.num_layers or chunk.first_block + chunk.num_blocks > begin.num_blocks:
+        if not (0 <= layer and layer + chunk.num_layers <= begin.num_layers) or chunk.first_block + chunk.num_blocks > begin.num_blocks:
             return (
                 f"{_where(chunk)}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
                 f"x {begin.num_blocks} blocks that Begin declared"
             )
-        if received != chunk.payload_bytes:
-            return f"{_where(chunk)}: payload is {received} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)"
-        if transfer.received_bytes + chunk.payload_bytes > begin.reserve_bytes:
+        for payload in payloads:
+            if len(payload) != chunk.payload_bytes:
+                return f"{_where(chunk)}: a payload is {len(payload)} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)"
+        if transfer.received_bytes + chunk.payload_bytes * chunk.num_layers > begin.reserve_bytes:
             return f"{_where(chunk)}: exceeds reserve_bytes={begin.reserve_bytes}"
-        if transfer.covered.find(1, lo, hi) != -1:  # (lo, hi) are in range: checked above
-            # A duplicate may carry different bytes: we cannot tell which copy is right.
-            return f"{_where(chunk)}: blocks already received (duplicate chunk)"
+        for i in range(chunk.num_layers):
+            lo = (layer + i) * begin.num_blocks + chunk.first_block  # in range: checked above
+            if transfer.covered.find(1, lo, lo + chunk.num_blocks) != -1:
+                # A duplicate may carry different bytes: we cannot tell which copy is right.
+                return f"{_where(chunk)}: blocks already received (duplicate chunk)"
         return None
 
     def _end(self, end: End) -> Ack | None:
@@ -227,11 +238,11 @@ class Assembler:
         missing = begin.num_layers * begin.num_blocks - transfer.covered_count
         if missing:
             self._fail(end.transfer_id, f"End arrived with {missing} (layer, block) pairs missing")
-        if end.num_chunks != len(transfer.chunks) or end.total_payload_bytes != transfer.received_bytes:
+        if end.num_chunks != transfer.num_messages or end.total_payload_bytes != transfer.received_bytes:
             self._fail(
                 end.transfer_id,
                 f"End says {end.num_chunks} chunks / {end.total_payload_bytes} bytes; received "
-                f"{len(transfer.chunks)} / {transfer.received_bytes}",
+                f"{transfer.num_messages} / {transfer.received_bytes}",
             )
         transfer.state = "complete"
         transfer.deadline_s = self._clock() + self.lease_s
@@ -316,6 +327,7 @@ class Assembler:
         self._release(transfer)
         transfer.state, transfer.error = "failed", error
         transfer.chunks, transfer.covered, transfer.covered_count, transfer.received_bytes = [], bytearray(), 0, 0
+        transfer.num_messages = 0
         transfer.deadline_s = self._clock() + self.lease_s
         self.counters.transfers_failed += 1
 
@@ -327,7 +339,8 @@ class Assembler:
 
 
 def _where(chunk: Chunk) -> str:
-    return f"transfer {chunk.transfer_id!r} layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}"
+    layers = f"layer {chunk.layer}" if chunk.num_layers == 1 else f"layers {chunk.layer}+{chunk.num_layers}"
+    return f"transfer {chunk.transfer_id!r} {layers} blocks {chunk.first_block}+{chunk.num_blocks}"
 
 
 def _error(transfer_id: str, text: str) -> ProtocolError:

@@ -11,7 +11,7 @@ Chunk payloads are zero-copy views of the tensor for raw encoding.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -49,27 +49,47 @@ def begin_message(
 
 
 def chunk_message(
-    transfer_id: str, layer: int, first_block: int, blocks: torch.Tensor, *, encoding: str = "raw", checksum: str = protocol.DEFAULT_CHECKSUM
+    transfer_id: str,
+    layer: int,
+    first_block: int,
+    blocks: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    encoding: str = "raw",
+    checksum: str = protocol.DEFAULT_CHECKSUM,
 ) -> list:
-    """[header, payload] for blocks (num_blocks, *block_shape) of one layer; payload is zero-copy for raw."""
-    parts = codec.encode(blocks, encoding)
-    payload = codec.as_bytes(parts[0]) if len(parts) == 1 else codec.as_bytes(
-        torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
-    )
+    """[header, payload, ...] for blocks (num_blocks, *block_shape) of one layer,
+    or, given a list, of consecutive layers from `layer` on (same blocks, one
+    payload frame each: packing costs no copy). Payloads are zero-copy for raw."""
+    layers = [blocks] if isinstance(blocks, torch.Tensor) else list(blocks)
+    payloads = [_payload(tensor, encoding) for tensor in layers]
+    shape = tuple(int(d) for d in layers[0].shape)
     header = Chunk(
         protocol.PROTOCOL_VERSION,
         transfer_id,
         layer,
         first_block,
-        int(blocks.shape[0]),
-        codec.dtype_name(blocks.dtype),
-        tuple(int(d) for d in blocks.shape),
+        shape[0],
+        codec.dtype_name(layers[0].dtype),
+        shape,
         encoding,
-        len(payload),
+        len(payloads[0]),
         checksum,
-        protocol.checksum(checksum, payload),
+        protocol.checksum(checksum, payloads),
+        len(payloads),
     )
-    return [protocol.encode(header), payload]
+    return [protocol.encode(header), *payloads]
+
+
+def _payload(blocks: torch.Tensor, encoding: str) -> memoryview:
+    parts = codec.encode(blocks, encoding)
+    if len(parts) == 1:
+        return codec.as_bytes(parts[0])
+    return codec.as_bytes(torch.cat([p.reshape(-1).view(torch.uint8) for p in parts]))
+
+
+def message_payload_bytes(frames: list) -> int:
+    """Payload bytes of one message's frames (0 for Begin, End, DropTransfer)."""
+    return sum(len(frame) for frame in frames[1:])
 
 
 def layer_chunks(
@@ -110,11 +130,13 @@ def transfer_messages(
     encoding: str = "raw",
     checksum: str = protocol.DEFAULT_CHECKSUM,
     first_layer: int = 0,
+    layers_per_chunk: int = 1,
 ) -> list[list]:
     """All messages (each a frame list) of one transfer. kv: (layers, blocks, *block_shape),
     holding the model's layers first_layer, first_layer + 1, ... (a pipeline stage's part).
     Chunks go block range by block range, every layer of a range in turn, as
-    a chunked prefill sends them step by step."""
+    a chunked prefill sends them step by step; `layers_per_chunk` consecutive
+    layers of a range share one message, as the send path packs them."""
     num_layers, num_blocks = int(kv.shape[0]), int(kv.shape[1])
     block_shape = tuple(int(d) for d in kv.shape[2:])
     dtype = codec.dtype_name(kv.dtype)
@@ -129,9 +151,10 @@ def transfer_messages(
     ]
     total = 0
     for first, count in block_ranges(num_blocks, block_bytes, max_chunk_bytes):
-        for layer in range(num_layers):
-            frames = chunk_message(transfer_id, first_layer + layer, first, kv[layer, first : first + count], encoding=encoding, checksum=checksum)
-            total += len(frames[1])
+        for layer in range(0, num_layers, layers_per_chunk):
+            packed = [kv[i, first : first + count] for i in range(layer, min(layer + layers_per_chunk, num_layers))]
+            frames = chunk_message(transfer_id, first_layer + layer, first, packed, encoding=encoding, checksum=checksum)
+            total += message_payload_bytes(frames)
             messages.append(frames)
     messages.append(end_message(transfer_id, len(messages) - 1, total))
     return messages

@@ -5,16 +5,18 @@ sender, a ZeroMQ DEALER) to a decode worker (the receiver, a ROUTER):
 
     sender                                   receiver
     Begin(transfer, layers, blocks, ...) ──▶ reserve buffer bytes (or refuse)
-    Chunk(layer, first_block, ...) + payload ──▶ validate, keep the frame
-    ... one Chunk per (layer, step of the prefill) ...
+    Chunk(layers, first_block, ...) + payloads ──▶ validate, keep the frames
+    ... Chunks per step of the prefill: one layer's blocks, or several
+        consecutive layers packed into one message when each is small ...
     End(num_chunks, total bytes)   ──▶ check every (layer, block) arrived
                                    ◀── Ack(ok | error)
     DropTransfer(reason)           ──▶ drop what arrived (prefill gave up)
 
-Framing: a message is one or two ZeroMQ frames. Frame 0 is the header, a
+Framing: a message is one or more ZeroMQ frames. Frame 0 is the header, a
 msgpack array whose first element is the type tag and whose second is the
-protocol version; frame 1 (Chunk only) is the raw payload, taken straight
-from tensor memory. "Blocks" are the request's logical KV blocks (0 is its
+protocol version; a Chunk's frames 1..num_layers are the payloads of its
+layers in order (one frame per layer, each taken straight from tensor
+memory: packing layers costs no copy), covered by one checksum. "Blocks" are the request's logical KV blocks (0 is its
 first block), so the two sides' physical block ids never need to agree.
 
 All limits are checked on the header before the receiver allocates anything
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NoReturn, Union
 
 import msgspec
@@ -35,15 +38,20 @@ from common.wire import ProtocolError
 
 # 2: Begin carries first_layer and Chunk.layer is the model's layer index (a
 # pipeline stage sends a part holding only its own layers).
-PROTOCOL_VERSION = 2
+# 3: Chunk.num_layers: one message may carry several consecutive layers (one
+# payload frame each), so short prompts move in fewer, larger messages. A
+# version-2 peer refuses version-3 messages by version (decode recomputes).
+PROTOCOL_VERSION = 3
 
 # dtypes a payload may carry, with their element size in bytes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 ENCODINGS = ("raw", "int8")
-# Payload checksums, fastest first (one core, measured here): xxh3 (package
-# xxhash) ~25 GB/s, blake3 (a vLLM dependency) ~5 GB/s, crc32 (zlib) ~2 GB/s,
-# none for trusted links. On a box whose cores also run the socket, a slow
-# checksum costs throughput directly, hence xxh3 by default.
+# Payload checksums, fastest first (one core, 8 MiB buffers, measured here,
+# docs/kvtransfer.md "Integrity"): xxh3 (package xxhash) 28 GB/s from memory,
+# 53-63 GB/s from cache; blake3 (a vLLM dependency) ~5 GB/s; crc32 (zlib)
+# ~2 GB/s; none. Hardware CRC32C (SSE4.2, packages crc32c / google-crc32c)
+# measured 14-26 GB/s, slower than xxh3, so it is not offered. Which one a
+# link uses by default is options.resolve_checksum's policy ("auto").
 CHECKSUMS = ("xxh3", "blake3", "crc32", "none")
 
 
@@ -101,7 +109,10 @@ class Begin(msgspec.Struct, tag="begin", array_like=True, frozen=True):
 
 
 class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):
-    """Blocks [first_block, first_block + num_blocks) of one layer; frame 1 is the payload."""
+    """Blocks [first_block, first_block + num_blocks) of layers [layer, layer +
+    num_layers); frames 1..num_layers are each layer's payload, in order.
+    `shape` and `payload_bytes` describe one layer's payload; `checksum`
+    covers all payload frames as one byte string."""
 
     version: int
     transfer_id: str
@@ -111,9 +122,10 @@ class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):
     dtype: str
     shape: tuple[int, ...]  # decoded tensor: (num_blocks, *block_shape)
     encoding: str
-    payload_bytes: int
+    payload_bytes: int  # of one layer's payload (every frame carries this many)
     checksum_kind: str
     checksum: int
+    num_layers: int = 1
 
 
 class End(msgspec.Struct, tag="end", array_like=True, frozen=True):
@@ -127,7 +139,7 @@ class DropTransfer(msgspec.Struct, tag="abort", array_like=True, frozen=True):
     """Sender → receiver: drop this transfer, it will not be completed (its
     request ended early, or the sender gave up). Not the control plane's Abort
     of a request (engine.control_protocol): this one only concerns KV bytes.
-    The wire tag stays "abort" (protocol version 2)."""
+    The wire tag stays "abort" (since protocol version 2)."""
 
     version: int
     transfer_id: str
@@ -225,6 +237,8 @@ def _validate_chunk(message: Chunk, limits: Limits) -> None:
         _refuse(f"checksum_kind={message.checksum_kind!r}; known: {CHECKSUMS}")
     if message.layer < 0:
         _refuse(f"layer={message.layer} must be >= 0")
+    if not 0 < message.num_layers <= limits.max_layers:
+        _refuse(f"num_layers={message.num_layers} is outside 1..{limits.max_layers}")
     if message.first_block < 0:
         _refuse(f"first_block={message.first_block} must be >= 0")
     if message.num_blocks <= 0:
@@ -238,8 +252,11 @@ def _validate_chunk(message: Chunk, limits: Limits) -> None:
             f"payload_bytes={message.payload_bytes} but shape {shape} of {message.dtype} "
             f"encoded as {message.encoding} takes {expected}"
         )
-    if message.payload_bytes > limits.max_payload_bytes:
-        _refuse(f"payload_bytes={message.payload_bytes} exceeds max_payload_bytes={limits.max_payload_bytes}")
+    if message.payload_bytes * message.num_layers > limits.max_payload_bytes:
+        _refuse(
+            f"payload_bytes={message.payload_bytes} x num_layers={message.num_layers} exceeds "
+            f"max_payload_bytes={limits.max_payload_bytes}"
+        )
 
 
 def raw_bytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -272,15 +289,27 @@ def payload_bytes(encoding: str, dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) + 4 * int8_scale_count(shape)
 
 
-def checksum(kind: str, payload: bytes | memoryview) -> int:
+def checksum(kind: str, payloads: Sequence[bytes | memoryview]) -> int:
+    """Checksum of the payloads as one byte string (streamed: nothing is joined)."""
     if kind == "none":
         return 0
     if kind == "xxh3":
         import xxhash
 
-        return xxhash.xxh3_64_intdigest(payload)
+        if len(payloads) == 1:
+            return xxhash.xxh3_64_intdigest(payloads[0])
+        state = xxhash.xxh3_64()
+        for payload in payloads:
+            state.update(payload)
+        return state.intdigest()
     if kind == "blake3":
         import blake3
 
-        return int.from_bytes(blake3.blake3(payload).digest(8), "little")
-    return zlib.crc32(payload)
+        hasher = blake3.blake3()
+        for payload in payloads:
+            hasher.update(payload)
+        return int.from_bytes(hasher.digest(8), "little")
+    value = 0
+    for payload in payloads:
+        value = zlib.crc32(payload, value)
+    return value

@@ -8,21 +8,49 @@ socket thread, split into the parts each decode rank needs
 prompt block went out, and tells decode to drop transfers whose request
 ended early. The gathered copy belongs to the transfer, so the engine may
 reuse the paged blocks as soon as the step ends.
+
+Packing: a layer's blocks larger than `max_chunk_bytes` go at once, in
+chunks of at most that. Smaller ones (short prompts, or a chunked prefill's
+step) wait for the next layers and go as one message of several
+consecutive layers, up to `max_chunk_bytes` (one payload frame per layer,
+no copy); what is left goes at the end of the step. Every message costs a
+hand-off to the I/O thread, a header and an assembler round on decode
+(tens of µs), so a 2 MiB prompt moved as 32 messages ran at half the raw
+socket's rate.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvtransfer.cache_layout import CacheLayout
-from kvtransfer.framing import begin_message, end_message, layer_chunks
+from kvtransfer.framing import begin_message, chunk_message, end_message, layer_chunks, message_payload_bytes
 from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.metadata import HexConnectorMetadata, SendSpec
 from kvtransfer.options import ConnectorOptions
 from kvtransfer.reshard import Part, RankShape, send_parts
 from kvtransfer.sender import KVSender
+
+
+@dataclass(slots=True)
+class _Pack:
+    """Consecutive small layers of one part, same blocks, waiting to go as one message."""
+
+    endpoint: str
+    first_layer: int
+    first_block: int
+    layers: list[torch.Tensor] = field(default_factory=list)
+    nbytes: int = 0
+
+    def takes(self, layer: int, first_block: int, blocks: torch.Tensor, nbytes: int, max_bytes: int) -> bool:
+        return (
+            layer == self.first_layer + len(self.layers)
+            and first_block == self.first_block
+            and blocks.shape == self.layers[0].shape
+            and self.nbytes + nbytes <= max_bytes
+        )
 
 
 @dataclass(slots=True)
@@ -33,6 +61,7 @@ class _Progress:
     payload_bytes: int = 0
     begun: bool = False
     failed: bool = False
+    pack: _Pack | None = None
 
 
 class SendPath:
@@ -77,17 +106,46 @@ class SendPath:
         if progress.failed:
             return
         endpoint = rank_endpoint(spec.endpoint, target)
-        # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
-        for frames in layer_chunks(
-            transfer_id, layer, spec.first_block, blocks,
-            max_chunk_bytes=self.options.max_chunk_bytes, encoding=self.options.encoding, checksum=self.options.checksum,
-        ):
-            payload = frames[1]
-            if not self.sender.submit(endpoint, transfer_id, frames, len(payload)):
-                progress.failed = True
-                return
-            progress.num_chunks += 1
-            progress.payload_bytes += len(payload)
+        max_bytes = self.options.max_chunk_bytes
+        nbytes = blocks.numel() * blocks.element_size()
+        pack = progress.pack
+        if pack is not None and not pack.takes(layer, spec.first_block, blocks, nbytes, max_bytes):
+            self._flush(transfer_id, progress)
+        if nbytes > max_bytes:
+            # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
+            for frames in layer_chunks(
+                transfer_id, layer, spec.first_block, blocks,
+                max_chunk_bytes=max_bytes, encoding=self.options.encoding, checksum=self.options.checksum,
+            ):
+                if not self._submit(endpoint, transfer_id, frames, progress):
+                    return
+            return
+        if progress.pack is None:
+            progress.pack = _Pack(endpoint, layer, spec.first_block)
+        progress.pack.layers.append(blocks)
+        progress.pack.nbytes += nbytes
+        if progress.pack.nbytes + nbytes > max_bytes:  # the next layer would not fit: go now
+            self._flush(transfer_id, progress)
+
+    def _flush(self, transfer_id: str, progress: _Progress) -> None:
+        """Send the part's waiting layers as one message."""
+        pack, progress.pack = progress.pack, None
+        if pack is None or progress.failed:
+            return
+        frames = chunk_message(
+            transfer_id, pack.first_layer, pack.first_block, pack.layers,
+            encoding=self.options.encoding, checksum=self.options.checksum,
+        )
+        self._submit(pack.endpoint, transfer_id, frames, progress)
+
+    def _submit(self, endpoint: str, transfer_id: str, frames: list, progress: _Progress) -> bool:
+        nbytes = message_payload_bytes(frames)
+        if not self.sender.submit(endpoint, transfer_id, frames, nbytes):
+            progress.failed = True
+            return False
+        progress.num_chunks += 1
+        progress.payload_bytes += nbytes
+        return True
 
     def _send_begin(
         self, spec: SendSpec, transfer_id: str, part: Part, block_shape: tuple[int, ...], progress: _Progress
@@ -101,8 +159,12 @@ class SendPath:
             progress.failed = True
 
     def finish_step(self, meta: HexConnectorMetadata) -> None:
-        """After the step's forward pass: drop transfers whose request ended
-        early, and End every part whose last prompt block went out."""
+        """After the step's forward pass: send the layers still packed, drop
+        transfers whose request ended early, and End every part whose last
+        prompt block went out."""
+        for (transfer_id, _), progress in self._progress.items():
+            if progress.pack is not None:
+                self._flush(transfer_id, progress)
         for drop in meta.drops:
             for part in self.parts(drop.decode_tp, drop.decode_layers):
                 transfer_id = drop.transfer_id + part.suffix

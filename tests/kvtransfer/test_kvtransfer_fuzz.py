@@ -21,9 +21,26 @@ DATA = torch.randn(3, 4, 2, 4, 8, generator=torch.Generator().manual_seed(1))  #
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def fresh_messages(encoding="raw", checksum="xxh3"):
-    messages = transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding, checksum=checksum)
+# Layers per Chunk message: 1 as long prompts send them, 2 and 3 packed as the
+# send path packs short prompts' layers (one payload frame per layer).
+PACKINGS = (1, 2, 3)
+packings = st.sampled_from(PACKINGS)
+
+
+def fresh_messages(encoding="raw", checksum="xxh3", layers_per_chunk=1):
+    messages = transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding, checksum=checksum, layers_per_chunk=layers_per_chunk)
     return [[bytes(f) for f in m] for m in messages]
+
+
+def pick(messages, i: int, j: int = 0) -> tuple[int, int]:
+    """(message, payload frame) indexes of a chunk's payload, from any two integers."""
+    index = 1 + i % (len(messages) - 2)  # chunks sit between Begin and End
+    return index, 1 + j % (len(messages[index]) - 1)
+
+
+def test_packed_messages_carry_several_layers():
+    sizes = [len(m) - 1 for m in fresh_messages(layers_per_chunk=2)[1:-1]]
+    assert sizes == [2, 1, 2, 1]  # layers 0-1 and 2 of each of the two block ranges
 
 
 def run(messages, limits=Limits()):
@@ -64,31 +81,35 @@ def assert_refused(a: Assembler, acks) -> None:
     assert assert_exact_if_complete(a) != "complete"
 
 
-CHUNKS = range(1, len(fresh_messages()) - 1)  # message indexes of chunks
+CHUNKS = range(1, len(fresh_messages()) - 1)  # message indexes of chunks (one layer each)
+ANY = st.integers(0, 1000)
 
 
 @FAST
-@given(index=st.sampled_from(CHUNKS), keep=st.floats(0, 0.999))
-def test_truncated_payload_refused(index, keep):
-    messages = fresh_messages()
-    payload = messages[index][1]
-    messages[index][1] = payload[: int(len(payload) * keep)]
+@given(packing=packings, i=ANY, j=ANY, keep=st.floats(0, 0.999))
+def test_truncated_payload_refused(packing, i, j, keep):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index, frame = pick(messages, i, j)
+    payload = messages[index][frame]
+    messages[index][frame] = payload[: int(len(payload) * keep)]
     assert_refused(*run(messages))
 
 
 @FAST
-@given(index=st.sampled_from(CHUNKS))
-def test_missing_payload_frame_refused(index):
-    messages = fresh_messages()
-    messages[index] = messages[index][:1]
+@given(packing=packings, i=ANY, j=ANY)
+def test_missing_payload_frame_refused(packing, i, j):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index, frame = pick(messages, i, j)
+    del messages[index][frame]
     assert_refused(*run(messages))
 
 
 @FAST
-@given(index=st.sampled_from(CHUNKS), extra=st.integers(1, 64))
-def test_oversized_payload_refused(index, extra):
-    messages = fresh_messages()
-    messages[index][1] = messages[index][1] + b"\x00" * extra
+@given(packing=packings, i=ANY, j=ANY, extra=st.integers(1, 64))
+def test_oversized_payload_refused(packing, i, j, extra):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index, frame = pick(messages, i, j)
+    messages[index][frame] = messages[index][frame] + b"\x00" * extra
     assert_refused(*run(messages))
 
 
@@ -97,35 +118,39 @@ def test_payload_over_limit_refused_from_header():
 
 
 @FAST
-@given(index=st.sampled_from(CHUNKS))
-def test_duplicated_chunk_refused(index):
-    messages = fresh_messages()
+@given(packing=packings, i=ANY)
+def test_duplicated_chunk_refused(packing, i):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index, _ = pick(messages, i)
     messages.insert(index + 1, [bytes(f) for f in messages[index]])
     assert_refused(*run(messages))
 
 
 @FAST
-@given(index=st.sampled_from(CHUNKS), dropped=st.booleans())
-def test_missing_chunk_refused(index, dropped):
-    messages = fresh_messages()
+@given(packing=packings, i=ANY, dropped=st.booleans())
+def test_missing_chunk_refused(packing, i, dropped):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index, _ = pick(messages, i)
     del messages[index]
     assert_refused(*run(messages))
 
 
 @FAST
-@given(index=st.sampled_from(CHUNKS), position=st.floats(0, 0.999), bit=st.integers(0, 7))
-def test_corrupted_payload_refused(index, position, bit):
-    messages = fresh_messages()
-    payload = bytearray(messages[index][1])
+@given(packing=packings, i=ANY, j=ANY, position=st.floats(0, 0.999), bit=st.integers(0, 7))
+def test_corrupted_payload_refused(packing, i, j, position, bit):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index, frame = pick(messages, i, j)
+    payload = bytearray(messages[index][frame])
     payload[int(len(payload) * position)] ^= 1 << bit
-    messages[index][1] = bytes(payload)
+    messages[index][frame] = bytes(payload)
     assert_refused(*run(messages))
 
 
 @FAST
-@given(index=st.integers(0, len(fresh_messages()) - 1), position=st.floats(0, 0.999), bit=st.integers(0, 7))
-def test_corrupted_header_never_completes_wrongly(index, position, bit):
-    messages = fresh_messages()
+@given(packing=packings, i=ANY, position=st.floats(0, 0.999), bit=st.integers(0, 7))
+def test_corrupted_header_never_completes_wrongly(packing, i, position, bit):
+    messages = fresh_messages(layers_per_chunk=packing)
+    index = i % len(messages)
     header = bytearray(messages[index][0])
     header[int(len(header) * position)] ^= 1 << bit
     messages[index][0] = bytes(header)
@@ -138,9 +163,10 @@ def test_corrupted_header_never_completes_wrongly(index, position, bit):
 
 
 @FAST
-@given(order=st.permutations(range(len(fresh_messages()))))
-def test_reordered_stream_never_completes_wrongly(order):
-    messages = fresh_messages()
+@given(packing=packings, data=st.data())
+def test_reordered_stream_never_completes_wrongly(packing, data):
+    messages = fresh_messages(layers_per_chunk=packing)
+    order = data.draw(st.permutations(range(len(messages))))
     shuffled = [messages[i] for i in order]
     a, acks = run(shuffled)
     state = assert_exact_if_complete(a)
@@ -160,14 +186,17 @@ def test_garbage_frames_refused(frames):
 @given(
     encoding=st.sampled_from(["raw", "int8"]),
     checksum=st.sampled_from(["xxh3", "blake3", "crc32"]),
-    index=st.sampled_from(CHUNKS),
+    packing=packings,
+    i=ANY,
+    j=ANY,
     position=st.floats(0, 0.999),
 )
-def test_corruption_refused_for_every_encoding_and_checksum(encoding, checksum, index, position):
-    messages = fresh_messages(encoding, checksum)
-    payload = bytearray(messages[index][1])
+def test_corruption_refused_for_every_encoding_and_checksum(encoding, checksum, packing, i, j, position):
+    messages = fresh_messages(encoding, checksum, packing)
+    index, frame = pick(messages, i, j)
+    payload = bytearray(messages[index][frame])
     payload[int(len(payload) * position)] ^= 0x10
-    messages[index][1] = bytes(payload)
+    messages[index][frame] = bytes(payload)
     assert_refused(*run(messages))
 
 

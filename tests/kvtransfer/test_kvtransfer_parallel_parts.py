@@ -37,14 +37,31 @@ def ranks(tp: int, layers: tuple[int, ...]):
     return [(s, r, range(lo, hi), slice(r * per, (r + 1) * per)) for s, (lo, hi) in enumerate(stage_ranges(layers)) for r in range(tp)]
 
 
-def side(tp: int, layers: tuple[int, ...], pp_rank: int, tp_rank: int, **options) -> WorkerSide:
+def side(tp: int, layers: tuple[int, ...], pp_rank: int, tp_rank: int, max_chunk_bytes: int = 1, **options) -> WorkerSide:
     return WorkerSide(
-        ConnectorOptions(max_chunk_bytes=1, ack_timeout_s=5, **options), is_producer="listen_endpoint" not in options,
+        ConnectorOptions(max_chunk_bytes=max_chunk_bytes, ack_timeout_s=5, **options), is_producer="listen_endpoint" not in options,
         is_consumer="listen_endpoint" in options, num_blocks=NUM_BLOCKS, rank=tp_rank, tp_size=tp, kv_heads=HEADS // tp,
         pp_rank=pp_rank, pp_size=len(layers), total_layers=LAYERS,
     )
 
 
+def count_chunk_messages(worker: WorkerSide) -> list[int]:
+    """Wrap the worker's sender so every Chunk message submitted is counted (with its layers)."""
+    counts: list[int] = []
+    submit = worker.sender.submit
+
+    def counting(endpoint, transfer_id, frames, nbytes, **kwargs):
+        if len(frames) > 1:
+            counts.append(len(frames) - 1)  # layers in this message
+        return submit(endpoint, transfer_id, frames, nbytes, **kwargs)
+
+    worker.sender.submit = counting
+    return counts
+
+
+# max_chunk_bytes=1: every block of every layer its own message; 1 MiB: each
+# part's layers packed into one message per step (the default for short prompts).
+@pytest.mark.parametrize("max_chunk_bytes", [1, 1 << 20])
 @pytest.mark.parametrize(
     "prefill_tp, prefill_layers, decode_tp, decode_layers",
     [
@@ -55,7 +72,7 @@ def side(tp: int, layers: tuple[int, ...], pp_rank: int, tp_rank: int, **options
         (2, (2, 2), 2, (2, 2)),  # same everything: rank to rank
     ],
 )
-def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_tp, prefill_layers, decode_tp, decode_layers):
+def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_tp, prefill_layers, decode_tp, decode_layers, max_chunk_bytes):
     truth = torch.randn(LAYERS, len(PREFILL_BLOCKS), HEADS, BLOCK_TOKENS, HEAD_DIM)
     endpoint = f"ipc://{tmp_path}/decode.sock"
     decoders = []
@@ -66,15 +83,16 @@ def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_t
         decoders.append((worker, caches, heads))
     send = SendSpec("req", "t1", endpoint, prompt_hash(PROMPT), len(PROMPT), len(PREFILL_BLOCKS), 0, PREFILL_BLOCKS,
                     is_first=True, is_last=True, decode_tp=decode_tp, decode_layers=decode_layers if len(decode_layers) > 1 else None)
-    senders = []
+    senders, messages = [], []
     for s, r, layers, heads in ranks(prefill_tp, prefill_layers):
-        worker = side(prefill_tp, prefill_layers, s, r)
+        worker = side(prefill_tp, prefill_layers, s, r, max_chunk_bytes)
         caches = {}
         for l in layers:
             cache = torch.randn(NUM_BLOCKS, heads.stop - heads.start, BLOCK_TOKENS, HEAD_DIM)
             cache[PREFILL_BLOCKS] = truth[l][:, heads]
             caches[layer_name(l)] = cache
         worker.register_kv_caches(caches)
+        messages.append(count_chunk_messages(worker))
         meta = HexConnectorMetadata(sends=[send])
         for name, cache in caches.items():  # as the forward pass calls it, layer by layer
             worker.save_kv_layer(meta, name, cache)
@@ -84,6 +102,12 @@ def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_t
         for worker in senders:
             assert worker.sender.wait_idle(10)
             assert all(result == "ok" for result in worker.sender.results.values()), worker.sender.results
+        if max_chunk_bytes > 1:  # packed: one message per part, holding all of the part's layers
+            for worker, counts in zip(senders, messages):
+                parts = worker.send_path.parts(decode_tp, send.decode_layers)
+                assert sorted(counts) == sorted(part.num_layers for part in parts)
+        else:
+            assert all(set(counts) == {1} for counts in messages)
         load = LoadSpec("req", "t1", prompt_hash(PROMPT), len(PROMPT), 0, DECODE_BLOCKS, prefill_tp=prefill_tp,
                         prefill_layers=prefill_layers if len(prefill_layers) > 1 else None)
         for worker, caches, heads in decoders:

@@ -40,9 +40,10 @@ def reassemble(transfer) -> torch.Tensor:
 def test_header_type_tag_and_version_come_first():
     raw = protocol.encode(End(protocol.PROTOCOL_VERSION, "t1", 3, 99))
     assert msgspec.msgpack.decode(raw)[:2] == ["end", protocol.PROTOCOL_VERSION]
-    # DropTransfer is the class name only: on the wire it is still "abort", version 2.
+    # DropTransfer is the class name only: on the wire it is still "abort"; the
+    # version is 3 since Chunks may pack several layers.
     drop = protocol.encode(protocol.DropTransfer(protocol.PROTOCOL_VERSION, "t1", "why"))
-    assert msgspec.msgpack.decode(drop) == ["abort", 2, "t1", "why"]
+    assert msgspec.msgpack.decode(drop) == ["abort", 3, "t1", "why"]
 
 
 V = protocol.PROTOCOL_VERSION
@@ -222,3 +223,11 @@ def test_the_message_builder_pieces_make_a_transfer_the_assembler_accepts():
     a = Assembler()
     acks = feed(a, [begin, *chunks, end_message("t1", len(chunks), total)])
     assert [x.ok for x in acks] == [True] and torch.equal(reassemble(a.claim("t1").transfer), data)
+
+
+@pytest.mark.parametrize("kind", ["xxh3", "blake3", "crc32"])
+def test_checksum_of_several_payloads_is_that_of_their_bytes_joined(kind):
+    # A packed Chunk's one checksum covers its layers' frames as one byte string.
+    parts = [bytes(range(256)) * 3, b"", b"abc" * 1000]
+    assert protocol.checksum(kind, parts) == protocol.checksum(kind, [b"".join(parts)])
+    assert protocol.checksum(kind, parts) != protocol.checksum(kind, [b"".join(reversed(parts))])
