@@ -8,6 +8,7 @@ reads it back as `ConnectorOptions`, validated when built.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 import uuid
@@ -29,7 +30,9 @@ class ConnectorOptions:
     listen_endpoint: str | None = None  # consumer: where KV arrives
     stats_path: str | None = None
     encoding: str = "raw"  # "int8": quantise payloads for slow links (lossy)
-    checksum: str = DEFAULT_CHECKSUM  # xxh3 | blake3 | crc32 | none (see protocol.CHECKSUMS)
+    # auto: a payload checksum only on links that leave the host (link_checksum);
+    # or one of protocol.CHECKSUMS (xxh3 | blake3 | crc32 | none) on every link.
+    checksum: str = "auto"
     load_timeout_s: float = 30.0  # decode: how long a request waits for its KV
     # decode: a request whose KV already arrived loads it in the step that admits it
     # (first token one engine step sooner); False: always vLLM's asynchronous path.
@@ -49,8 +52,8 @@ class ConnectorOptions:
             check_endpoint(self.listen_endpoint)
         if self.encoding not in ("raw", "int8"):
             raise ValueError(f"encoding={self.encoding!r}; use 'raw' (exact) or 'int8' (lossy, 2-4x smaller)")
-        if self.checksum not in CHECKSUMS:
-            raise ValueError(f"checksum={self.checksum!r}; use one of {CHECKSUMS}")
+        if self.checksum != "auto" and self.checksum not in CHECKSUMS:
+            raise ValueError(f"checksum={self.checksum!r}; use 'auto' or one of {CHECKSUMS}")
         if self.max_chunk_bytes <= 0:
             raise ValueError(f"max_chunk_bytes={self.max_chunk_bytes} must be > 0 (a chunk always holds at least one block)")
         for name in ("load_timeout_s", "transfer_timeout_s", "lease_s", "reclaim_s", "enqueue_timeout_s", "ack_timeout_s"):
@@ -64,6 +67,35 @@ class ConnectorOptions:
         if unknown:
             raise ValueError(f"unknown kvtransfer options {unknown}; known: {sorted(known)}")
         return cls(**extra)
+
+
+def link_checksum(option: str, endpoint: str) -> str:
+    """The payload checksum a sender uses towards `endpoint` under option `option`.
+
+    "auto": none where both ends are on this host (an ipc:// Unix socket, TCP
+    to a loopback address), DEFAULT_CHECKSUM (xxh3) otherwise. On one host a
+    payload moves by the kernel copying it from one process's memory to the
+    other's: no wire, NIC or switch can flip a bit in between, and a bit
+    flipped in RAM would hit the paged cache as well, where no transfer
+    checksum looks. Framing, sizes, layer and block coverage and the prompt
+    hash are checked on every link. Between hosts, TCP's 16-bit checksum
+    lets through some corruption that the Ethernet CRC did not see (bad NIC
+    offload, a broken switch), so those links keep a payload checksum, at a
+    second read of every byte on each side (measured in docs/kvtransfer.md,
+    "Integrity"). A name that resolves to this host's own non-loopback
+    address still counts as remote: the policy reads the endpoint, not DNS.
+    """
+    if option != "auto":
+        return option
+    if endpoint.startswith("ipc://"):
+        return "none"
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return "none"
+    try:
+        return "none" if ipaddress.ip_address(host).is_loopback else DEFAULT_CHECKSUM
+    except ValueError:  # a host name: cannot tell without resolving it
+        return DEFAULT_CHECKSUM
 
 
 def default_stats_path(role: str) -> str:

@@ -29,7 +29,7 @@ from kvtransfer.cache_layout import CacheLayout
 from kvtransfer.framing import begin_message, chunk_message, end_message, layer_chunks, message_payload_bytes
 from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.metadata import HexConnectorMetadata, SendSpec
-from kvtransfer.options import ConnectorOptions
+from kvtransfer.options import ConnectorOptions, link_checksum
 from kvtransfer.reshard import Part, RankShape, send_parts
 from kvtransfer.sender import KVSender
 
@@ -72,6 +72,7 @@ class SendPath:
         self.sender = sender
         self._parts: dict[tuple[int, tuple[int, ...] | None], list[Part]] = {}
         self._progress: dict[tuple[str, int], _Progress] = {}  # (transfer_id, decode rank)
+        self._checksums: dict[str, str] = {}  # decode endpoint -> payload checksum (options.link_checksum)
 
     def parts(self, decode_tp: int, decode_layers: tuple[int, ...] | None = None) -> list[Part]:
         """Every part this rank sends to a decode engine of this TP and split (cached)."""
@@ -115,7 +116,7 @@ class SendPath:
             # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
             for frames in layer_chunks(
                 transfer_id, layer, spec.first_block, blocks,
-                max_chunk_bytes=max_bytes, encoding=self.options.encoding, checksum=self.options.checksum,
+                max_chunk_bytes=max_bytes, encoding=self.options.encoding, checksum=self._checksum(endpoint),
             ):
                 if not self._submit(endpoint, transfer_id, frames, progress):
                     return
@@ -134,9 +135,15 @@ class SendPath:
             return
         frames = chunk_message(
             transfer_id, pack.first_layer, pack.first_block, pack.layers,
-            encoding=self.options.encoding, checksum=self.options.checksum,
+            encoding=self.options.encoding, checksum=self._checksum(pack.endpoint),
         )
         self._submit(pack.endpoint, transfer_id, frames, progress)
+
+    def _checksum(self, endpoint: str) -> str:
+        kind = self._checksums.get(endpoint)
+        if kind is None:
+            kind = self._checksums[endpoint] = link_checksum(self.options.checksum, endpoint)
+        return kind
 
     def _submit(self, endpoint: str, transfer_id: str, frames: list, progress: _Progress) -> bool:
         nbytes = message_payload_bytes(frames)

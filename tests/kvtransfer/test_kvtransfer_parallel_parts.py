@@ -185,3 +185,26 @@ def test_aborting_a_request_frees_every_part_at_once(tmp_path):
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+@pytest.mark.parametrize("endpoint, kind", [("ipc:///tmp/x.sock", "none"), ("tcp://127.0.0.1:9", "none"), ("tcp://10.1.2.3:9", "xxh3")])
+def test_send_path_checksums_by_link_and_packs_small_layers(endpoint, kind):
+    """The default checksum policy, as the send path applies it per decode
+    endpoint; and a step's small layers leave as one packed message."""
+    from kvtransfer.protocol import Chunk, Limits, decode_header
+
+    worker = side(1, (LAYERS,), 0, 0, max_chunk_bytes=1 << 20)
+    worker.register_kv_caches({layer_name(l): torch.randn(NUM_BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM) for l in range(LAYERS)})
+    sent = []
+    worker.sender.close()
+    worker.sender.submit = lambda endpoint, transfer_id, frames, nbytes, **kw: sent.append(frames) or True
+    worker.send_path.sender = worker.sender
+    send = SendSpec("req", "t1", endpoint, prompt_hash(PROMPT), len(PROMPT), 3, 0, PREFILL_BLOCKS, is_first=True, is_last=True)
+    meta = HexConnectorMetadata(sends=[send])
+    for l in range(LAYERS):
+        worker.save_kv_layer(meta, layer_name(l), worker.layout.tensors[l])
+    worker.wait_for_save(meta)
+    chunks = [(decode_header(frames[0], Limits()), frames) for frames in sent if len(frames) > 1]
+    assert len(chunks) == 1 and len(chunks[0][1]) == 1 + LAYERS
+    header = chunks[0][0]
+    assert isinstance(header, Chunk) and header.num_layers == LAYERS and header.checksum_kind == kind

@@ -231,3 +231,26 @@ def test_checksum_of_several_payloads_is_that_of_their_bytes_joined(kind):
     parts = [bytes(range(256)) * 3, b"", b"abc" * 1000]
     assert protocol.checksum(kind, parts) == protocol.checksum(kind, [b"".join(parts)])
     assert protocol.checksum(kind, parts) != protocol.checksum(kind, [b"".join(reversed(parts))])
+
+
+@pytest.mark.parametrize(
+    "endpoint, expected",
+    [
+        ("ipc:///tmp/decode.sock", "none"),  # Unix socket: both ends on this host
+        ("tcp://127.0.0.1:7100", "none"),
+        ("tcp://127.3.0.9:7100", "none"),
+        ("tcp://localhost:7100", "none"),
+        ("tcp://[::1]:7100", "none"),
+        ("tcp://10.0.0.5:7100", "xxh3"),  # another host (or this one's own address: counted remote)
+        ("tcp://[fd00::5]:7100", "xxh3"),
+        ("tcp://decode-3.cluster:7100", "xxh3"),  # a name is not resolved: remote
+    ],
+)
+def test_auto_checksum_only_on_links_that_leave_the_host(endpoint, expected):
+    from kvtransfer.options import link_checksum
+
+    assert ConnectorOptions().checksum == "auto"
+    assert link_checksum("auto", endpoint) == expected
+    assert link_checksum("blake3", endpoint) == "blake3"  # an explicit choice holds on every link
+    with pytest.raises(ValueError, match="checksum"):
+        ConnectorOptions(checksum="md5")
