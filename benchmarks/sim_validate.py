@@ -40,7 +40,8 @@ from loadtest.runner import RunConfig, build_prompts, run
 from loadtest.workload import WorkloadConfig, build_workload
 from planner.sim.costs import AnalyticCosts, ProfileCosts
 from planner.sim.simulator import SimConfig, simulate
-from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+from planner.core.costmodel import Stage
+from planner.sim.types import SimFleet, SimGroup, SimRoute
 from planner.spec.calibration import fit_profile
 from planner.spec.catalog import default_catalog
 from planner.spec.model import model_preset
@@ -89,7 +90,7 @@ def profile(url, model, tokenizer, prompt_lens, batches, contexts, output_len=48
 
 
 def _fleet(target: str, profile_costs):
-    stage = (SimStage(default_catalog().resolve("CPU", "gpu"), 1, 4, True, True, 1e10, 1e-6),)
+    stage = (Stage(default_catalog().resolve("CPU", "gpu"), 1, 4, True, True, 1e10, 1e-6),)
     if target == "vllm":
         g = SimGroup("vllm-0", Role.COLOCATED, stage, max_batch_size=256, max_prefill_tokens=2048)
         return SimFleet("vllm", [g], [SimRoute("vllm-0", "vllm-0", 1.0, 0.0)])

@@ -82,6 +82,11 @@ class Predicted:
     tokens_per_dollar: float
     load_rps: float
     meets_arrival_rate: bool | None
+    # Optional (plans written before them lack them): TTFT of the SLO percentile's prompt at load_rps,
+    # that percentile, and the share of requests predicted to meet both SLOs.
+    ttft_tail_ms: float | None = None
+    slo_percentile: float | None = None
+    slo_attainment: float | None = None
 
 
 @dataclass(slots=True)
@@ -169,6 +174,9 @@ def format_table(plan: Plan, max_groups: int = 40) -> str:
         f"TTFT {p.ttft_ms:.0f} ms, TPOT {p.tpot_ms:.1f} ms at {p.load_rps:.2f} req/s",
         f"  cost ${p.cost_per_hour:.2f}/h, {p.tokens_per_dollar:,.0f} output tokens per $",
     ]
+    if p.slo_attainment is not None and p.ttft_tail_ms is not None:
+        lines.append(f"  TTFT {p.ttft_tail_ms:.0f} ms at the p{p.slo_percentile:g} prompt; "
+                     f"{100 * p.slo_attainment:.1f} % of requests predicted to meet both SLOs")
     if p.meets_arrival_rate is not None:
         rate = plan.workload.get("arrival_rate_rps")
         lines.append(f"  arrival rate {rate:.2f} req/s: {'met' if p.meets_arrival_rate else 'NOT met'}")

@@ -18,6 +18,9 @@ can be fitted to measurements (``planner.spec.calibration``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from planner.spec.catalog import GpuSpec
@@ -76,7 +79,8 @@ def stage_bytes_per_gpu(model: ModelSpec, layers: int, tp: int, first: bool, las
 
 def prefill_stage_time(
     model: ModelSpec,
-    workload: Workload,
+    tokens: float,
+    sq_tokens: float,
     gpu: GpuSpec,
     tp: int,
     layers: int,
@@ -85,18 +89,18 @@ def prefill_stage_time(
     intra_bandwidth: float,
     intra_latency: float,
 ) -> float:
-    """Seconds one stage spends on one average prompt (weights read once per prompt: no batching credit)."""
-    s = workload.input_mean
-    flops = model.prefill_flops(layers, s, workload.input_sq_mean, last)
+    """Seconds one stage spends on ``tokens`` prompt tokens whose squares sum (or average, for a mean
+    prompt) to ``sq_tokens``. Weights are read once per pass: a batch of prompts shares them."""
+    flops = model.prefill_flops(layers, tokens, sq_tokens, last)
     compute = flops / (tp * gpu.flops_per_s)
     memory = stage_weight_bytes(model, layers, first, last) / (tp * gpu.mem_bytes_per_s)
-    comm = layers * 2 * allreduce_time(activation_bytes(model, s), tp, intra_bandwidth, intra_latency)
+    comm = layers * 2 * allreduce_time(activation_bytes(model, tokens), tp, intra_bandwidth, intra_latency)
     return np.maximum(compute, memory) + comm
 
 
 def decode_stage_time(
     model: ModelSpec,
-    workload: Workload,
+    context_tokens: float,
     gpu: GpuSpec,
     tp: int,
     layers: int,
@@ -106,16 +110,73 @@ def decode_stage_time(
     intra_bandwidth: float,
     intra_latency: float,
 ) -> float:
-    """Seconds one stage spends on one decode step of ``batch`` requests."""
-    ctx = workload.decode_context_mean
+    """Seconds one stage spends on one decode step of ``batch`` requests of mean context ``context_tokens``."""
     heads_dim = model.num_attention_heads * model.head_size
-    flops = layers * batch * (2 * model.params_per_layer + 4 * heads_dim * ctx)
+    flops = layers * batch * (2 * model.params_per_layer + 4 * heads_dim * context_tokens)
     if last:
         flops += batch * 2 * model.hidden_size * model.vocab_size
-    memory = model.decode_bytes(layers, batch, ctx, last) / (tp * gpu.mem_bytes_per_s)
+    memory = model.decode_bytes(layers, batch, context_tokens, last) / (tp * gpu.mem_bytes_per_s)
     compute = flops / (tp * gpu.flops_per_s)
     comm = layers * 2 * allreduce_time(activation_bytes(model, batch), tp, intra_bandwidth, intra_latency)
     return np.maximum(memory, compute) + comm
+
+
+# -- a whole pass: the one function the planner's search and the simulator both call ----------------
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One pipeline stage as the cost model sees it: ``tp`` GPUs of one type holding ``layers`` layers."""
+
+    gpu: GpuSpec
+    tp: int
+    layers: int
+    first: bool
+    last: bool
+    intra_bandwidth_bytes_per_s: float  # among the stage's TP ranks
+    intra_latency_s: float
+    next_bandwidth_bytes_per_s: float = 0.0  # to the next stage (0: last stage, no hop)
+    next_latency_s: float = 0.0
+
+    def hop_s(self, num_bytes: float) -> float:
+        if self.last or self.next_bandwidth_bytes_per_s <= 0:
+            return 0.0
+        return link_time(num_bytes, self.next_bandwidth_bytes_per_s, self.next_latency_s)
+
+
+def pass_overhead_s(stages: Sequence[Stage], phase: str) -> float:
+    """Fixed per-pass cost (scheduling, launches) of a group: its slowest GPU type's, charged once per pass.
+    ``phase`` is "prefill" or "decode"."""
+    return max(getattr(st.gpu, f"{phase}_overhead_ms") for st in stages) / 1e3
+
+
+def prefill_pass(model: ModelSpec, stages: Sequence[Stage], tokens: float, sq_tokens: float) -> tuple[float, float]:
+    """(latency, service) seconds of one prefill pass over ``tokens`` prompt tokens through a pipeline.
+
+    Latency: every stage and hop in turn plus the per-pass overhead. Service: how often the pipeline
+    accepts a new pass, its slowest stage or hop (a stage computes while the link carries the previous
+    activations); the overhead is host-side work (scheduling, input preparation) that the engine
+    overlaps with the previous pass's GPU work, so it adds latency but not service time.
+    """
+    times = [float(prefill_stage_time(model, tokens, sq_tokens, st.gpu, st.tp, st.layers, st.first, st.last,
+                                      st.intra_bandwidth_bytes_per_s, st.intra_latency_s)) for st in stages]
+    hops = [st.hop_s(activation_bytes(model, tokens)) for st in stages]
+    overhead = pass_overhead_s(stages, "prefill")
+    return sum(times) + sum(hops) + overhead, max(times + hops)
+
+
+def decode_step(model: ModelSpec, stages: Sequence[Stage], batch: float, context_tokens: float) -> float:
+    """Seconds between two tokens of a request when a group decodes ``batch`` requests (TPOT).
+
+    With ``pp`` stages the batch runs as ``m = min(pp, batch)`` micro-batches in flight (vLLM's virtual
+    engines): a token waits for the slower of one round trip through the pipeline and ``m`` turns of the
+    busiest stage. The per-step overhead is paid once per step.
+    """
+    m = max(1.0, min(float(len(stages)), float(batch)))
+    micro = batch / m
+    times = [float(decode_stage_time(model, context_tokens, st.gpu, st.tp, st.layers, micro, st.first, st.last,
+                                      st.intra_bandwidth_bytes_per_s, st.intra_latency_s)) for st in stages]
+    hops = [st.hop_s(activation_bytes(model, micro)) for st in stages]
+    round_trip = sum(times) + sum(hops)
+    return max(round_trip, m * max(times + hops)) + pass_overhead_s(stages, "decode")
 
 
 def kv_alloc_tokens(workload: Workload) -> float:

@@ -4,7 +4,9 @@ GPUs get their names (``node:index``, handed out in plan order), each group
 its stages and layer ranges, each route its share of the max flow (weights
 normalised per prefill group), and the plan its predictions: throughput, and
 TTFT/TPOT averaged over the routes at the load served (the arrival rate, or
-the throughput when none is given), with M/D/1 queueing at the prefill groups.
+the throughput when none is given), with M/D/1 queueing at the prefill groups
+and decode groups at the batch that load gives them (``core.predict``), TTFT
+at the SLO's percentile prompt and the predicted SLO attainment.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from common.roles import Role
 from planner.core.flow import FlowResult, RouteTable
+from planner.core.groups import Group
 from planner.core.perf import PhasePerf
+from planner.core.predict import RouteLatency, colocated_latency, route_latency, tpot_at_load
 from planner.core.refine import COLOCATED, Search, State
 from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
@@ -26,16 +30,25 @@ class _Placed:
 
     groups: list[GroupPlan]
     perfs: list[PhasePerf]
+    gpu_groups: list[Group]  # the state's group behind each plan group
     position: dict[int, int]  # state index -> position in the plan
     unused_gpus: list[str]
 
 
 @dataclass(slots=True)
 class _Latency:
-    """Load-weighted sums of TTFT and TPOT (seconds x requests/s)."""
+    """Load-weighted sums of TTFT, TTFT at the tail prompt, TPOT (seconds x requests/s) and SLO attainment."""
 
     ttft: float = 0.0
+    ttft_tail: float = 0.0
     tpot: float = 0.0
+    attainment: float = 0.0
+
+    def add(self, rate_rps: float, found: RouteLatency) -> None:
+        self.ttft += rate_rps * found.ttft_mean_s
+        self.ttft_tail += rate_rps * found.ttft_tail_s
+        self.tpot += rate_rps * found.tpot_s
+        self.attainment += rate_rps * found.slo_attainment
 
 
 def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, state: State, mode: str,
@@ -49,13 +62,12 @@ def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, 
     route_plans: list[RoutePlan] = []
     latency = _Latency()
     if mode == COLOCATED:
-        for g, perf in zip(placed.groups, placed.perfs):
+        for g, group, perf in zip(placed.groups, placed.gpu_groups, placed.perfs):
             g.load_rps = perf.capacity_rps * scale
-            latency.ttft += g.load_rps * perf.ttft_s
-            latency.tpot += g.load_rps * perf.latency_s
+            latency.add(g.load_rps, colocated_latency(evaluator, group, perf, g.load_rps))
     elif flow is not None:
         route_plans = _route_plans(evaluator, routes, state, flow, placed, scale)
-        _add_route_latency(route_plans, placed, latency)
+        _add_route_latency(evaluator, route_plans, placed, latency)
     cost = cluster.price_per_hour
     tokens_per_s = throughput * wl.output_mean
     predicted = Predicted(
@@ -67,6 +79,9 @@ def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, 
         tokens_per_dollar=tokens_per_s * 3600 / cost if cost > 0 else 0.0,
         load_rps=load,
         meets_arrival_rate=bool(throughput >= wl.arrival_rate_rps) if wl.arrival_rate_rps else None,
+        ttft_tail_ms=latency.ttft_tail / load * 1e3 if load > 0 else 0.0,
+        slo_percentile=wl.slo_percentile,
+        slo_attainment=latency.attainment / load if load > 0 else 0.0,
     )
     return Plan(mode=mode, cluster=cluster.name, model=cluster.model.to_json(), workload=wl.to_json(),
                 groups=placed.groups, routes=route_plans, unused_gpus=placed.unused_gpus, predicted=predicted,
@@ -76,7 +91,7 @@ def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, 
 def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed:
     """Plan order (prefill groups, then decode, each by GPUs), GPU names and stages per group."""
     next_gpu = {n.index: 0 for n in cluster.nodes}
-    placed = _Placed([], [], {}, [])
+    placed = _Placed([], [], [], {}, [])
     order = sorted(range(len(state.groups)),
                    key=lambda i: ({Role.PREFILL: 0, Role.DECODE: 1}.get(state.roles[i], 0), state.groups[i], i))
     for i in order:
@@ -95,6 +110,7 @@ def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed
             types[t] = types.get(t, 0) + count
         placed.position[i] = len(placed.groups)
         placed.perfs.append(perf)
+        placed.gpu_groups.append(group)
         placed.groups.append(GroupPlan(
             id=f"g{len(placed.groups)}", role=role, gpus=[g for part in gpus_by_part for g in part], gpu_types=types,
             nodes=[cluster.nodes[n].name for n, _ in group], region=cluster.nodes[group[0][0]].region,
@@ -144,13 +160,14 @@ def _route_plans(ev: GroupEvaluator, routes: RouteTable, state: State, flow: Flo
     return plans
 
 
-def _add_route_latency(route_plans: list[RoutePlan], placed: _Placed, latency: _Latency) -> None:
-    """TTFT along a route: prefill latency, M/D/1 wait at the prefill group's load, KV transfer, one step."""
+def _add_route_latency(ev: GroupEvaluator, route_plans: list[RoutePlan], placed: _Placed, latency: _Latency) -> None:
+    """TTFT along a route: prefill latency, M/D/1 wait at the prefill group's load, KV transfer, one step
+    at the decode group's running batch; TPOT: that step."""
+    tpot: dict[int, float] = {}
     for r in route_plans:
-        pi = int(r.prefill[1:])
-        pperf = placed.perfs[pi]
-        rho = min(placed.groups[pi].load_rps * pperf.service_s, 0.999)
-        wait = rho * pperf.service_s / (2 * (1 - rho))
-        dperf = placed.perfs[int(r.decode[1:])]
-        latency.ttft += r.rate_rps * (pperf.latency_s + wait + r.transfer_ms / 1e3 + dperf.latency_s)
-        latency.tpot += r.rate_rps * dperf.latency_s
+        pi, di = int(r.prefill[1:]), int(r.decode[1:])
+        if di not in tpot:
+            tpot[di] = tpot_at_load(ev, placed.gpu_groups[di], placed.perfs[di], placed.groups[di].load_rps)
+        found = route_latency(ev, (placed.gpu_groups[pi], placed.perfs[pi]), placed.groups[pi].load_rps,
+                              r.transfer_ms / 1e3, tpot[di])
+        latency.add(r.rate_rps, found)

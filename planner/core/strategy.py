@@ -47,6 +47,7 @@ class _Colocated:
     split: list[int]
     service_s: float  # prefill bottleneck per prompt
     latency_s: float  # one prompt end to end
+    tail_latency_s: float  # the SLO percentile's prompt end to end
     max_batch: int
 
 
@@ -129,11 +130,11 @@ class GroupEvaluator:
     def _pipelines(self, group: Group) -> Iterator[tuple[int, list[_StageSlot]]]:
         """(tp, stage slots) for every TP degree the group can run, within the pipeline-depth limit."""
         for tp in self.tp_options(group):
-            slots = self._slots(group, tp)
+            slots = self.slots(group, tp)
             if len(slots) <= min(self.model.num_layers, self.options.max_pipeline_stages):
                 yield tp, slots
 
-    def _slots(self, group: Group, tp: int) -> list[_StageSlot]:
+    def slots(self, group: Group, tp: int) -> list[_StageSlot]:
         bw, lat = self.cluster.bandwidth, self.cluster.latency
         slots: list[_StageSlot] = []
         for p, (node, count) in enumerate(group):
@@ -164,7 +165,7 @@ class GroupEvaluator:
         n = len(slots)
         times = np.empty((n, ks.size))
         fits = np.empty((n, ks.size), dtype=bool)
-        micro = batch / n
+        micro = batch / max(1.0, min(n, batch))  # as cm.decode_step runs it
         for i, slot in enumerate(slots):
             node = nodes[slot.node]
             first, last = i == 0, i == n - 1
@@ -177,11 +178,13 @@ class GroupEvaluator:
                 times[i], fits[i] = row
                 continue
             if phase == Role.PREFILL:
-                t = cm.prefill_stage_time(model, wl, node.spec, tp, ks, first, last, intra_bw, intra_lat)
+                t = cm.prefill_stage_time(model, wl.input_mean, wl.input_sq_mean, node.spec, tp, ks, first, last,
+                                          intra_bw, intra_lat)
                 hop = cm.link_time(cm.activation_bytes(model, wl.input_mean), slot.hop_bw, slot.hop_lat)
                 kv_tokens = wl.input_mean
             else:
-                t = cm.decode_stage_time(model, wl, node.spec, tp, ks, micro, first, last, intra_bw, intra_lat)
+                t = cm.decode_stage_time(model, wl.decode_context_mean, node.spec, tp, ks, micro, first, last,
+                                         intra_bw, intra_lat)
                 hop = cm.link_time(cm.activation_bytes(model, micro), slot.hop_bw, slot.hop_lat)
                 kv_tokens = batch * cm.kv_alloc_tokens(wl)
             fits[i] = cm.stage_bytes_per_gpu(model, ks, tp, first, last, kv_tokens) <= self.options.usable_bytes(node.spec)
@@ -197,48 +200,49 @@ class GroupEvaluator:
             start += k
         return tuple(out)
 
-    def _overhead(self, group: Group, attr: str) -> float:
-        return max(getattr(self.cluster.nodes[n].spec, attr) for n, _ in group) / 1e3
-
-    def _prefill_pass(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> tuple[float, float]:
-        """(slowest stage or hop, end-to-end latency) of one average prompt through a fixed split."""
-        model, wl, n = self.model, self.workload, len(slots)
-        stages = [
-            float(cm.prefill_stage_time(model, wl, self.cluster.nodes[s.node].spec, tp, k, i == 0, i == n - 1,
-                                        self.cluster.bandwidth[s.node, s.node], self.cluster.latency[s.node, s.node]))
+    def stages(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> list[cm.Stage]:
+        """The cost model's view of a fixed split: the stages ``cm.prefill_pass``/``cm.decode_step`` time."""
+        nodes, bw, lat, n = self.cluster.nodes, self.cluster.bandwidth, self.cluster.latency, len(slots)
+        return [
+            cm.Stage(nodes[s.node].spec, tp, k, i == 0, i == n - 1, float(bw[s.node, s.node]), float(lat[s.node, s.node]),
+                     0.0 if i == n - 1 else float(s.hop_bw), 0.0 if i == n - 1 else float(s.hop_lat))
             for i, (s, k) in enumerate(zip(slots, split))
         ]
-        hops = [cm.link_time(cm.activation_bytes(model, wl.input_mean), s.hop_bw, s.hop_lat) for s in slots[:-1]]
-        return max(stages + hops), sum(stages) + sum(hops) + self._overhead(group, "prefill_overhead_ms")
+
+    def _prefill_pass(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int],
+                      tokens: float | None = None) -> tuple[float, float]:
+        """(slowest stage or hop, end-to-end latency) of one prompt (default: the mean) through a fixed split."""
+        wl = self.workload
+        stages = self.stages(group, tp, slots, split)
+        if tokens is None:
+            latency, service = cm.prefill_pass(self.model, stages, wl.input_mean, wl.input_sq_mean)
+        else:
+            latency, service = cm.prefill_pass(self.model, stages, tokens, tokens**2)
+        return service, latency
 
     def _prefill(self, group: Group, tp: int, slots: list[_StageSlot]) -> PhasePerf | None:
         times, fits = self._stage_costs(group, tp, slots, Role.PREFILL, 0)
         found = min_bottleneck_split(np.where(fits, times, np.inf), self.model.num_layers)
         if found is None:
             return None
-        bottleneck, split = found
+        split = found[1]
         wl = self.workload
-        latency = self._prefill_pass(group, tp, slots, split)[1]
-        share = self.options.ttft_kv_share
-        kv_budget = share * (wl.ttft_slo_s - latency)
-        capacity = cm.mdl_queue_capacity(bottleneck, latency, wl.ttft_slo_s - kv_budget)
-        wait = bottleneck * capacity * bottleneck / (2 * (1 - capacity * bottleneck)) if capacity else 0.0
-        return PhasePerf(Role.PREFILL, tp, self._layout(slots, tp, split), capacity, latency, bottleneck,
+        service, latency = self._prefill_pass(group, tp, slots, split)
+        # Feasibility at the tail: the SLO's percentile prompt must finish, queue and hand over its KV in time.
+        tail = wl.input_tail
+        tail_latency = self._prefill_pass(group, tp, slots, split, tail)[1] if tail != wl.input_mean else latency
+        kv_budget_tail = self.options.ttft_kv_share * (wl.ttft_slo_s - tail_latency)
+        capacity = cm.mdl_queue_capacity(service, tail_latency, wl.ttft_slo_s - kv_budget_tail)
+        wait = service * capacity * service / (2 * (1 - capacity * service)) if capacity else 0.0
+        # Routes compare an average prompt's transfer with the budget: scale the tail's budget to it.
+        kv_budget = kv_budget_tail * wl.input_mean / tail
+        return PhasePerf(Role.PREFILL, tp, self._layout(slots, tp, split), capacity, latency, service,
                          ttft_s=latency + wait, kv_budget_s=max(kv_budget, 0.0))
 
     def _tpot(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int], batch: float) -> float:
-        """TPOT of a fixed split at ``batch`` concurrent requests (pp micro-batches in flight)."""
-        model, wl = self.model, self.workload
-        n = len(slots)
-        micro = batch / n
-        stage = [
-            float(cm.decode_stage_time(model, wl, self.cluster.nodes[s.node].spec, tp, k, micro, i == 0, i == n - 1,
-                                       self.cluster.bandwidth[s.node, s.node], self.cluster.latency[s.node, s.node]))
-            for i, (s, k) in enumerate(zip(slots, split))
-        ]
-        hops = [cm.link_time(cm.activation_bytes(model, micro), s.hop_bw, s.hop_lat) for s in slots[:-1]]
-        round_trip = sum(stage) + sum(hops)
-        return max(round_trip, n * max(stage + hops)) + self._overhead(group, "decode_overhead_ms")
+        """TPOT of a fixed split at ``batch`` concurrent requests."""
+        stages = self.stages(group, tp, slots, split)
+        return cm.decode_step(self.model, stages, batch, self.workload.decode_context_mean)
 
     def _decode_split(self, group: Group, tp: int, slots: list[_StageSlot], batch: int) -> list[int] | None:
         times, fits = self._stage_costs(group, tp, slots, Role.DECODE, batch)
@@ -288,15 +292,17 @@ class GroupEvaluator:
         (S_p: prefill bottleneck per prompt on this split); decode runs in the
         rest, so its steps stretch by 1 / (1 - rho). The rate is feasible when
         some batch B fits in memory, meets ``TPOT(B) / (1 - rho) <= SLO`` and
-        produces ``r * output_mean`` tokens/s, and TTFT (prefill latency, M/D/1
-        wait, one decode step it must wait behind) meets its SLO. The highest
+        produces ``r * output_mean`` tokens/s, and TTFT (prefill latency of the
+        SLO's percentile prompt, M/D/1 wait, one decode step it must wait
+        behind) meets its SLO. The highest
         feasible rate is found by bisection.
         """
         service, latency = self._prefill_pass(group, tp, slots, split)
+        tail_latency = self._prefill_pass(group, tp, slots, split, self.workload.input_tail)[1]
         max_batch = self._max_batch_for_split(group, tp, slots, split)
         if max_batch < 1:
             return None
-        shape = _Colocated(group, tp, slots, split, service, latency, max_batch)
+        shape = _Colocated(group, tp, slots, split, service, latency, tail_latency, max_batch)
         lo, hi = 0.0, 1.0 / service
         result = None
         for _ in range(40):
@@ -333,10 +339,9 @@ class GroupEvaluator:
         if (1 - rho) * lo / tpot < rate * wl.output_mean:
             return None
         wait = rho * c.service_s / (2 * (1 - rho))
-        ttft = c.latency_s + wait + tpot
-        if ttft > wl.ttft_slo_s:
+        if c.tail_latency_s + wait + tpot > wl.ttft_slo_s:  # held at the SLO's percentile prompt
             return None
-        return lo, tpot / (1 - rho), ttft
+        return lo, tpot / (1 - rho), c.latency_s + wait + tpot
 
     def _max_batch_for_split(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int]) -> int:
         model, wl = self.model, self.workload

@@ -11,7 +11,7 @@ two groups (each GPU sends its own shard in parallel, as the cost model says).
 from __future__ import annotations
 
 from planner.core import costmodel
-from planner.sim.types import SimGroup, SimRoute, SimStage
+from planner.sim.types import SimGroup, SimRoute
 from planner.spec.catalog import GB, GpuSpec
 from planner.spec.cluster import Options
 from planner.spec.model import ModelSpec
@@ -40,8 +40,13 @@ def make_group(
     inter_stage_bandwidth_gb_per_s: float = 25.0,
     inter_stage_latency_us: float = 10.0,
     max_prefill_tokens: int = 2048,
+    hops: list[tuple[float, float]] | None = None,
 ) -> SimGroup:
-    """A group; raises ValueError when the weights do not fit its memory."""
+    """A group; raises ValueError when the weights do not fit its memory.
+
+    ``hops``: (GB/s, us) from each stage to the next, when they differ (a plan's stages on one node
+    hand over on NVLink, across nodes on the NIC); else every hop is ``inter_stage_*``.
+    """
     options = options or Options()
     if sum(layers for _, _, layers in stages) != model.num_layers:
         raise ValueError(f"group {name}: stages hold {sum(s[2] for s in stages)} layers; "
@@ -50,17 +55,19 @@ def make_group(
     capacity = float("inf")
     for i, (gpu, tp, layers) in enumerate(stages):
         first, last = i == 0, i == len(stages) - 1
+        hop_gb_per_s, hop_us = (hops[i] if hops and not last
+                                else (inter_stage_bandwidth_gb_per_s, inter_stage_latency_us))
         free = costmodel.stage_free_bytes(model, options.usable_bytes(gpu), tp, layers, first, last)
         if free <= 0:
             raise ValueError(f"group {name}: stage {i} ({tp}x {gpu.name}, {layers} layers) "
                              f"lacks {-free / 2**30:.1f} GiB for the weights")
         capacity = min(capacity, free / costmodel.stage_kv_bytes_per_token(model, layers, tp))
-        sim_stages.append(SimStage(
+        sim_stages.append(costmodel.Stage(
             gpu=gpu, tp=tp, layers=layers, first=first, last=last,
             intra_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_gb_per_s * GB,
             intra_latency_s=gpu.intra_node_latency_us / 1e6,
-            next_bandwidth_bytes_per_s=0.0 if last else inter_stage_bandwidth_gb_per_s * GB,
-            next_latency_s=0.0 if last else inter_stage_latency_us / 1e6,
+            next_bandwidth_bytes_per_s=0.0 if last else hop_gb_per_s * GB,
+            next_latency_s=0.0 if last else hop_us / 1e6,
         ))
     return SimGroup(name, role, tuple(sim_stages), max_batch_size=options.max_batch_size,
                     kv_capacity_tokens=int(capacity), max_prefill_tokens=max_prefill_tokens)

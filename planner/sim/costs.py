@@ -1,12 +1,11 @@
-"""Cost providers for the simulator: the planner's analytical model, or a measured profile.
+"""Cost providers for the simulator: the planner's cost model, or a measured profile.
 
-`AnalyticCosts` is an adapter over `planner.core.costmodel`, whose functions take a
-`Workload` of mean lengths: a batch is passed as a workload whose "mean" prompt
-is the batch's token sum (and whose E[s^2] is the batch's sum of squares), which
-gives the batch's FLOPs and activation bytes exactly while the weights are read
-once per pass - the batching credit the planner's per-prompt estimate leaves
-out. A decode step of `batch` requests with `sum_context` tokens becomes a
-workload with mean context sum_context / batch.
+`AnalyticCosts` calls the planner's own pass functions (`planner.core.costmodel.prefill_pass`
+and `decode_step`, per-pass overheads included), so the simulator and the
+planner's search time the same plan the same way. A prefill batch is one pass
+over the batch's token sum (its attention term the sum of squared prompt
+lengths): the weights are read once per pass, the batching credit a
+per-prompt estimate leaves out. Decode steps are cached per context bucket.
 
 `ProfileCosts` uses least-squares fits of measured latencies:
 prefill = a + b*tokens + c*tokens^2 and decode step = a + b*batch + c*context,
@@ -26,13 +25,6 @@ import numpy as np
 from planner.core import costmodel
 from planner.sim.types import SimGroup
 from planner.spec.model import ModelSpec
-from planner.spec.workload import Workload
-
-
-def _workload(input_mean: float, input_sq_mean: float, output_mean: float = 0.0) -> Workload:
-    # SLOs do not enter the cost functions; any positive value does.
-    return Workload(input_mean=input_mean, output_mean=output_mean, input_sq_mean=input_sq_mean,
-                    ttft_slo_s=1.0, tpot_slo_s=1.0)
 
 
 @dataclass(slots=True)
@@ -41,18 +33,7 @@ class AnalyticCosts:
     context_bucket_tokens: int = 256  # decode steps are cached per context bucket
 
     def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int) -> tuple[float, float]:
-        wl = _workload(float(sum_tokens), float(sum_sq_tokens))
-        times = []
-        for st in group.stages:
-            t = costmodel.prefill_stage_time(
-                self.model, wl, st.gpu, st.tp, st.layers, st.first, st.last,
-                st.intra_bandwidth_bytes_per_s, st.intra_latency_s)
-            if not st.last and st.next_bandwidth_bytes_per_s > 0:
-                t += costmodel.link_time(costmodel.activation_bytes(self.model, sum_tokens),
-                                         st.next_bandwidth_bytes_per_s, st.next_latency_s)
-            times.append(t)
-        overhead = group.stages[0].gpu.prefill_overhead_ms / 1e3
-        return float(sum(times) + overhead), float(max(times) + overhead)
+        return costmodel.prefill_pass(self.model, group.stages, float(sum_tokens), float(sum_sq_tokens))
 
     def decode_step_s(self, group: SimGroup, batch: int, sum_context_tokens: int) -> float:
         bucket = self.context_bucket_tokens
@@ -62,16 +43,7 @@ class AnalyticCosts:
 
 @lru_cache(maxsize=200_000)
 def _decode_step_cached(model: ModelSpec, group: SimGroup, batch: int, mean_ctx: int) -> float:
-    wl = _workload(float(mean_ctx), float(mean_ctx) ** 2)
-    total = 0.0
-    for st in group.stages:
-        total += costmodel.decode_stage_time(
-            model, wl, st.gpu, st.tp, st.layers, batch, st.first, st.last,
-            st.intra_bandwidth_bytes_per_s, st.intra_latency_s)
-        if not st.last and st.next_bandwidth_bytes_per_s > 0:
-            total += costmodel.link_time(costmodel.activation_bytes(model, batch),
-                                         st.next_bandwidth_bytes_per_s, st.next_latency_s)
-    return float(total + group.stages[0].gpu.decode_overhead_ms / 1e3)
+    return costmodel.decode_step(model, group.stages, batch, float(mean_ctx))
 
 
 def fit_linear(xs: list[list[float]], ys: list[float]) -> list[float]:

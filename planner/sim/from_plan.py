@@ -1,8 +1,9 @@
 """Adapter: a planner `Plan` (plan.json) -> the simulator's `SimFleet`.
 
-Per group: each plan stage becomes a `SimStage` with its GPU type's catalog
+Per group: each plan stage becomes a cost-model `Stage` with its GPU type's catalog
 spec, TP degree and layer count; the link to the next stage is the cluster's
-link between the two stages' nodes (intra-node when they share one). KV
+link between the two stages' nodes (intra-node when they share one), as the
+planner timed it. KV
 capacity is computed from memory left after the weights, as the planner's
 memory model does (`Options.usable_bytes`).
 
@@ -43,12 +44,20 @@ def _node_link(cluster: Cluster | None, a: str, b: str) -> tuple[float, float]:
 def _group(plan_group, model, catalog: Catalog, options: Options, cluster: Cluster | None) -> SimGroup:
     stages = [(catalog.resolve(s.gpu_type, f"groups[{plan_group.id}].stages.gpu_type"), s.tp,
                s.layers[1] - s.layers[0]) for s in plan_group.stages]
-    # One inter-stage link figure per group: the slowest hop between its stages.
-    hops = [_node_link(cluster, a.node, b.node) for a, b in zip(plan_group.stages, plan_group.stages[1:])
-            if a.node != b.node]
-    bw, lat = min(hops) if hops else (stages[0][0].intra_node_bandwidth_gb_per_s, stages[0][0].intra_node_latency_us)
-    return make_group(plan_group.id, plan_group.role, model, stages, options,
-                      inter_stage_bandwidth_gb_per_s=bw, inter_stage_latency_us=lat)
+    # Each hop on its own link, as the planner timed it: NVLink within a node, the cluster's link across.
+    hops = [_stage_link(cluster, a, b, catalog) for a, b in zip(plan_group.stages, plan_group.stages[1:])]
+    return make_group(plan_group.id, plan_group.role, model, stages, options, hops=hops)
+
+
+def _stage_link(cluster: Cluster | None, a, b, catalog: Catalog) -> tuple[float, float]:
+    """(GB/s, us) from plan stage ``a`` to the next stage ``b``."""
+    if a.node != b.node:
+        return _node_link(cluster, a.node, b.node)
+    if cluster is not None and a.node in (index := {n.name: n.index for n in cluster.nodes}):
+        i = index[a.node]
+        return float(cluster.bandwidth[i, i]) / GB, float(cluster.latency[i, i]) * 1e6
+    gpu = catalog.resolve(a.gpu_type, "stage.gpu_type")
+    return gpu.intra_node_bandwidth_gb_per_s, gpu.intra_node_latency_us
 
 
 def fleet_from_plan(plan: Plan, cluster: Cluster | None = None, catalog: Catalog | None = None,

@@ -17,27 +17,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.roles import ROLE_NAMES, Role
-from planner.spec.catalog import GpuSpec
-
-
-@dataclass(frozen=True, slots=True)
-class SimStage:
-    gpu: GpuSpec
-    tp: int
-    layers: int
-    first: bool
-    last: bool
-    intra_bandwidth_bytes_per_s: float  # among the stage's TP ranks
-    intra_latency_s: float
-    next_bandwidth_bytes_per_s: float = 0.0  # to the next stage (0: last stage)
-    next_latency_s: float = 0.0
+from planner.core.costmodel import Stage
 
 
 @dataclass(frozen=True, slots=True)
 class SimGroup:
     name: str
     role: Role  # a colocated group runs both phases (vLLM without disaggregation); its route points at itself
-    stages: tuple[SimStage, ...]
+    stages: tuple[Stage, ...]  # the cost model's stages: what the planner's search times too
     max_batch_size: int = 256  # decode/colocated: vLLM max_num_seqs
     kv_capacity_tokens: int = 1 << 30  # decode/colocated: tokens of KV cache the group holds
     # prefill/colocated: prompt tokens in one forward pass (vLLM max_num_batched_tokens; a

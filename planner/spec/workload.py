@@ -7,16 +7,32 @@ or from a trace file in one of the formats users bring: the Azure LLM traces
 (``Timestamp,Model,Request tokens,Response tokens,...``) and Mooncake JSONL
 (``timestamp`` ms, ``input_length``, ``output_length``), read by the one trace
 reader (``common.traces``) that the simulator and the load test use too.
+
+The prompt-length distribution is kept as its percentiles (``input_quantiles``:
+the 0.5th, 1.5th, ..., 99.5th), read off the trace or, from a mean and a
+standard deviation, those of a log-normal with that mean and std (lengths are
+positive and right-skewed; a std of 0 is every prompt at the mean). The TTFT
+SLO is checked at ``slo.percentile`` of it (default 90) and the plan's SLO
+attainment is the share of these percentiles whose TTFT meets it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
 
 from common.traces import TRACE_FORMATS, TraceError, TraceRequest, detect_format, load_trace
 from planner.spec.errors import PlanInputError
 from planner.spec.fields import Fields
+
+DEFAULT_SLO_PERCENTILE = 90.0
+# The probabilities (in %) at which a workload keeps its prompt-length percentiles: 100 equal slices.
+QUANTILE_PROBS = tuple(k + 0.5 for k in range(100))
+
 WORKLOAD_FIELDS = frozenset(
     {"input_tokens_mean", "input_tokens_std", "output_tokens_mean", "trace", "arrival_rate_rps", "slo",
      "price_budget_per_hour"}
@@ -30,6 +46,7 @@ class TraceStats:
     input_mean: float
     input_sq_mean: float
     output_mean: float
+    input_quantiles: tuple[float, ...] = ()  # prompt lengths at QUANTILE_PROBS
 
     @property
     def arrival_rate_rps(self) -> float:
@@ -46,6 +63,19 @@ class Workload:
     arrival_rate_rps: float | None = None
     price_budget_per_hour: float | None = None
     source: str = "means"
+    slo_percentile: float = DEFAULT_SLO_PERCENTILE  # TTFT is held at this percentile of the prompt length
+    input_quantiles: tuple[float, ...] = ()  # prompt lengths at QUANTILE_PROBS (empty: every prompt at the mean)
+
+    def input_at_percentile(self, percentile: float) -> float:
+        """Prompt length at ``percentile`` (0-100) of the distribution, interpolated between slices."""
+        if not self.input_quantiles:
+            return self.input_mean
+        return float(np.interp(percentile, QUANTILE_PROBS, self.input_quantiles))
+
+    @property
+    def input_tail(self) -> float:
+        """The prompt length the TTFT SLO is checked at."""
+        return self.input_at_percentile(self.slo_percentile)
 
     @property
     def decode_context_mean(self) -> float:
@@ -57,7 +87,9 @@ class Workload:
             "input_tokens_mean": round(self.input_mean, 2),
             "output_tokens_mean": round(self.output_mean, 2),
             "arrival_rate_rps": self.arrival_rate_rps,
-            "slo": {"ttft_ms": self.ttft_slo_s * 1e3, "tpot_ms": self.tpot_slo_s * 1e3},
+            "slo": {"ttft_ms": self.ttft_slo_s * 1e3, "tpot_ms": self.tpot_slo_s * 1e3,
+                    "percentile": self.slo_percentile},
+            f"input_tokens_p{self.slo_percentile:g}": round(self.input_tail, 2),
             "price_budget_per_hour": self.price_budget_per_hour,
             "source": self.source,
         }
@@ -77,7 +109,18 @@ def trace_stats(requests: list[TraceRequest]) -> TraceStats:
         input_mean=sum(r.input_tokens for r in served) / n,
         input_sq_mean=sum(r.input_tokens ** 2 for r in served) / n,
         output_mean=sum(r.output_tokens for r in served) / n,
+        input_quantiles=tuple(float(q) for q in np.percentile([r.input_tokens for r in served], QUANTILE_PROBS)),
     )
+
+
+def lognormal_quantiles(mean: float, std: float) -> tuple[float, ...]:
+    """Prompt lengths at QUANTILE_PROBS of the log-normal with this mean and std (all at the mean for std 0)."""
+    if std <= 0:
+        return ()
+    sigma = math.sqrt(math.log(1 + (std / mean) ** 2))
+    mu = math.log(mean) - sigma**2 / 2
+    unit = NormalDist()
+    return tuple(math.exp(mu + sigma * unit.inv_cdf(p / 100)) for p in QUANTILE_PROBS)
 
 
 def read_trace(path: Path, fmt: str = "auto") -> TraceStats:
@@ -103,9 +146,10 @@ def read_trace(path: Path, fmt: str = "auto") -> TraceStats:
 def parse_workload(f: Fields, base_dir: Path) -> Workload:
     f.check_keys(WORKLOAD_FIELDS)
     slo = f.obj("slo")
-    slo.check_keys({"ttft_ms", "tpot_ms"})
+    slo.check_keys({"ttft_ms", "tpot_ms", "percentile"})
     ttft_s = slo.number("ttft_ms", above=0) / 1e3
     tpot_s = slo.number("tpot_ms", above=0) / 1e3
+    percentile = slo.number("percentile", DEFAULT_SLO_PERCENTILE, minimum=50, maximum=QUANTILE_PROBS[-1])
     rate = f.number("arrival_rate_rps", None, above=0)
     budget = f.number("price_budget_per_hour", None, above=0)
     if f.has("trace"):
@@ -129,6 +173,8 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
             arrival_rate_rps=rate if rate is not None else stats.arrival_rate_rps,
             price_budget_per_hour=budget,
             source=f"trace:{path.name}",
+            slo_percentile=percentile,
+            input_quantiles=stats.input_quantiles,
         )
     mean_in = f.number("input_tokens_mean", above=0)
     std_in = f.number("input_tokens_std", 0.0, minimum=0)
@@ -140,4 +186,6 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
         tpot_slo_s=tpot_s,
         arrival_rate_rps=rate,
         price_budget_per_hour=budget,
+        slo_percentile=percentile,
+        input_quantiles=lognormal_quantiles(mean_in, std_in),
     )

@@ -21,26 +21,25 @@ def test_allreduce_is_ring_shaped_and_free_for_one_rank():
 
 
 def test_prefill_is_compute_bound_and_scales_with_tp_minus_communication():
-    one = cm.prefill_stage_time(L70, WL, H100, 1, 80, True, True, 450e9, 5e-6)
+    one = cm.prefill_stage_time(L70, 1000, 1000**2, H100, 1, 80, True, True, 450e9, 5e-6)
     flops = 80 * (2 * L70.params_per_layer * 1000 + 2 * 64 * 128 * 1000**2) + 2 * 8192 * 32000
     assert one == pytest.approx(flops / H100.flops_per_s)
-    four = cm.prefill_stage_time(L70, WL, H100, 4, 80, True, True, 450e9, 5e-6)
+    four = cm.prefill_stage_time(L70, 1000, 1000**2, H100, 4, 80, True, True, 450e9, 5e-6)
     comm = 80 * 2 * cm.allreduce_time(1000 * 8192 * 2, 4, 450e9, 5e-6)
     assert four == pytest.approx(one / 4 + comm)
 
 
 def test_prefill_attention_term_grows_with_the_prompt_square():
-    long = Workload(input_mean=1000, output_mean=200, input_sq_mean=4 * 1000**2, ttft_slo_s=2, tpot_slo_s=0.1)
-    assert cm.prefill_stage_time(L70, long, H100, 1, 80, False, False, 1, 0) > cm.prefill_stage_time(
-        L70, WL, H100, 1, 80, False, False, 1, 0)
+    assert cm.prefill_stage_time(L70, 1000, 4 * 1000**2, H100, 1, 80, False, False, 1, 0) > cm.prefill_stage_time(
+        L70, 1000, 1000**2, H100, 1, 80, False, False, 1, 0)
 
 
 def test_decode_step_reads_weights_and_kv():
-    t = cm.decode_stage_time(L70, WL, H100, 2, 80, 16, True, True, 450e9, 5e-6)
+    t = cm.decode_stage_time(L70, WL.decode_context_mean, H100, 2, 80, 16, True, True, 450e9, 5e-6)
     read = 80 * L70.layer_weight_bytes + L70.lm_head_bytes + 80 * 16 * 1100 * L70.kv_bytes_per_token_per_layer
     comm = 80 * 2 * cm.allreduce_time(16 * 8192 * 2, 2, 450e9, 5e-6)
     assert t == pytest.approx(read / (2 * H100.mem_bytes_per_s) + comm)
-    assert cm.decode_stage_time(L70, WL, H100, 2, 80, 64, True, True, 450e9, 5e-6) > t
+    assert cm.decode_stage_time(L70, WL.decode_context_mean, H100, 2, 80, 64, True, True, 450e9, 5e-6) > t
 
 
 def test_kv_sizes_and_shards():

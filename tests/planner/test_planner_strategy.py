@@ -133,7 +133,7 @@ def test_planner_and_simulator_count_replicated_kv_heads_alike():
     assert group.kv_capacity_tokens == int(free / replicated_per_token)
     # ... and the planner's batch bound for the same stage read the same memory model.
     ev = GroupEvaluator(c)
-    batch = ev._max_batch_for_split(((0, 4),), 4, ev._slots(((0, 4),), 4), [16])
+    batch = ev._max_batch_for_split(((0, 4),), 4, ev.slots(((0, 4),), 4), [16])
     assert batch == int(free // (cm.kv_alloc_tokens(c.workload) * replicated_per_token))
     assert batch * cm.kv_alloc_tokens(c.workload) <= group.kv_capacity_tokens
     # At tp 2 (= KV heads) nothing is replicated.

@@ -9,7 +9,8 @@ from loadtest.workload import PlannedRequest
 from planner.sim.build import make_group, make_route, split_layers
 from planner.sim.costs import AnalyticCosts, ProfileCosts
 from planner.sim.simulator import SimConfig, simulate
-from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+from planner.core.costmodel import Stage
+from planner.sim.types import SimFleet, SimGroup, SimRoute
 from planner.spec.catalog import default_catalog
 from planner.spec.model import model_preset
 
@@ -30,7 +31,7 @@ class ConstCosts:
 
 
 def _stage():
-    return SimStage(default_catalog().resolve("H100", "gpu"), 1, 1, True, True, 1e11, 1e-6)
+    return Stage(default_catalog().resolve("H100", "gpu"), 1, 1, True, True, 1e11, 1e-6)
 
 
 def _fleet(n_prefill=1, n_decode=1, weights=None, kv_capacity=1 << 30, max_prefill_tokens=8192, max_batch=256):

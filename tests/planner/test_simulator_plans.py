@@ -17,7 +17,8 @@ from planner.sim.costs import AnalyticCosts
 from planner.sim.from_plan import fleet_from_plan
 from planner.sim.simulator import simulate
 from planner.sim.sweep import max_rate_at_slo
-from planner.sim.types import SimFleet, SimGroup, SimRoute, SimStage
+from planner.core.costmodel import Stage
+from planner.sim.types import SimFleet, SimGroup, SimRoute
 from planner.spec.catalog import default_catalog
 from planner.spec.cluster import parse_cluster
 from planner.spec.model import model_preset
@@ -120,7 +121,7 @@ class _Const:
 
 
 def test_max_rate_at_slo_finds_the_prefill_bound():
-    stage = SimStage(default_catalog().resolve("H100", "g"), 1, 1, True, True, 1e11, 1e-6)
+    stage = Stage(default_catalog().resolve("H100", "g"), 1, 1, True, True, 1e11, 1e-6)
     fleet = SimFleet("one", [SimGroup("p", "prefill", (stage,), max_prefill_tokens=100),
                              SimGroup("d", "decode", (stage,))], [SimRoute("p", "d", 1.0, 0.0)])
     trace = [TraceRequest(float(i), 100, 5) for i in range(400)]
