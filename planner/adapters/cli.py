@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from common.plan import format_table
+from planner.adapters.estimate_cli import add_estimate_parser
 from planner.adapters.profiler import ProfileSettings, run_profile
 from planner.adapters.simulate_cli import add_simulate_parser
 from planner.core.solver import DEFAULT_TIME_LIMIT_S, MODES, solve, solve_exact_plan
@@ -137,4 +138,5 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", help="list GPU types and model presets")
     p.set_defaults(func=cmd_catalog)
     add_simulate_parser(sub)
+    add_estimate_parser(sub)
     return parser
