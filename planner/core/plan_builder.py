@@ -45,10 +45,10 @@ class _Latency:
     attainment: float = 0.0
 
     def add(self, rate_rps: float, found: RouteLatency) -> None:
-        self.ttft += rate_rps * found.ttft_mean_s
-        self.ttft_tail += rate_rps * found.ttft_tail_s
-        self.tpot += rate_rps * found.tpot_s
-        self.attainment += rate_rps * found.slo_attainment
+        self.ttft += float(rate_rps * found.ttft_mean_s)
+        self.ttft_tail += float(rate_rps * found.ttft_tail_s)
+        self.tpot += float(rate_rps * found.tpot_s)
+        self.attainment += float(rate_rps * found.slo_attainment)
 
 
 def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, state: State, mode: str,
