@@ -55,9 +55,14 @@ class CacheLayout:
         """KV heads in this cache, where the head axis is known (see reshard.RankShape)."""
         return None if self.head_axis is None else self.block_shape[self.head_axis]
 
-    def gather(self, layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    @staticmethod
+    def block_index(block_ids: list[int], device: torch.device) -> torch.Tensor:
+        """block_ids as the index tensor gather takes (build it once per step, not per layer)."""
+        return torch.tensor(block_ids, dtype=torch.long, device=device)
+
+    def gather(self, layer: torch.Tensor, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Blocks block_ids of one layer as one contiguous CPU tensor (n, *block_shape)."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        idx = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids, layer.device)
         out = layer.index_select(self.block_dim, idx)
         if self.block_dim:
             out = out.movedim(self.block_dim, 0)
@@ -69,14 +74,16 @@ class CacheLayout:
         axis = self.head_axis + 1  # blocks is (num_blocks, *block_shape)
         return blocks.narrow(axis, heads.start, heads.stop - heads.start).contiguous()
 
-    def scatter(self, layer_index: int, block_ids: list[int], blocks: torch.Tensor, heads: slice | None = None) -> None:
+    def scatter(
+        self, layer_index: int, block_ids: list[int] | torch.Tensor, blocks: torch.Tensor, heads: slice | None = None
+    ) -> None:
         """Write blocks (n, *block_shape) into block_ids; with `heads`, into that slice of the KV heads only."""
         layer = self.tensors[layer_index]
         if heads is not None:
             assert self.head_axis is not None
             axis = self.head_axis + (1 if self.head_axis >= self.block_dim else 0)  # the block axis sits before it
             layer = layer.narrow(axis, heads.start, heads.stop - heads.start)
-        idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        idx = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids, layer.device)
         src = blocks.to(layer.device)
         if self.block_dim:
             src = src.movedim(0, self.block_dim)

@@ -18,6 +18,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from kvtransfer import codec
 from kvtransfer.assembler import Claim, Transfer
 from kvtransfer.cache_layout import CacheLayout
@@ -198,17 +200,19 @@ class LoadPath:
             )
         layout = self.layout
         start, stop = spec.first_block, spec.first_block + len(spec.block_ids)
+        indexes: dict[tuple[int, int], torch.Tensor] = {}  # every layer of a block range goes to the same blocks
         try:
             for chunk in transfer.chunks:
                 h = chunk.header
                 lo, hi = max(h.first_block, start), min(h.first_block + h.num_blocks, stop)
                 if lo >= hi:
                     continue  # these blocks were a local prefix-cache hit
+                index = indexes.get((lo, hi))
+                if index is None:
+                    device = layout.tensors[0].device
+                    index = indexes[(lo, hi)] = layout.block_index(spec.block_ids[lo - start : hi - start], device)
                 blocks = codec.decode(chunk.payload, h.encoding, h.dtype, h.shape)
-                layout.scatter(
-                    layout.local[h.layer], spec.block_ids[lo - start : hi - start],
-                    blocks[lo - h.first_block : hi - h.first_block], part.heads,
-                )
+                layout.scatter(layout.local[h.layer], index, blocks[lo - h.first_block : hi - h.first_block], part.heads)
         except (RuntimeError, ValueError) as exc:
             # The transfer was verified against this cache's layout when it
             # arrived: failing to write it is a bug, not bad input.

@@ -73,6 +73,7 @@ class SendPath:
         self._parts: dict[tuple[int, tuple[int, ...] | None], list[Part]] = {}
         self._progress: dict[tuple[str, int], _Progress] = {}  # (transfer_id, decode rank)
         self._checksums: dict[str, str] = {}  # decode endpoint -> payload checksum (options.link_checksum)
+        self._indexes: dict[int, torch.Tensor] = {}  # id(SendSpec) -> its block ids as a tensor, this step
 
     def parts(self, decode_tp: int, decode_layers: tuple[int, ...] | None = None) -> list[Part]:
         """Every part this rank sends to a decode engine of this TP and split (cached)."""
@@ -89,7 +90,10 @@ class SendPath:
             targets = [part for part in self.parts(spec.decode_tp, spec.decode_layers) if part.holds(layer)]
             if not targets:
                 continue
-            blocks = self.layout.gather(kv_layer, spec.block_ids)
+            index = self._indexes.get(id(spec))
+            if index is None:
+                index = self._indexes[id(spec)] = self.layout.block_index(spec.block_ids, kv_layer.device)
+            blocks = self.layout.gather(kv_layer, index)
             for part in targets:
                 transfer_id = spec.transfer_id + part.suffix
                 progress = self._progress.setdefault((transfer_id, part.rank), _Progress())
@@ -169,6 +173,7 @@ class SendPath:
         """After the step's forward pass: send the layers still packed, drop
         transfers whose request ended early, and End every part whose last
         prompt block went out."""
+        self._indexes.clear()
         for (transfer_id, _), progress in self._progress.items():
             if progress.pack is not None:
                 self._flush(transfer_id, progress)

@@ -40,4 +40,6 @@ def test_kv_throughput_benchmark_tiny_run_writes_its_table(tmp_path):
         assert all(sides["receiver"] > 0 for sides in row["cpu_s_per_gb"].values())
     table = (tmp_path / "kvtransfer_throughput.md").read_text()
     assert "| tcp | Llama-3-8B | 16 |" in table and "| ipc | Llama-3-8B | 16 |" in table
-    assert "- ipc, xxh3:" in table
+    assert "- ipc, connector path, xxh3:" in table and "- ipc, transport only, xxh3:" in table
+    for row in rows:  # the connector path packs the 32 small layers into one message and loads them
+        assert row["connector_messages"] == 1 and all(value > 0 for value in row["load_s"].values())
