@@ -33,6 +33,7 @@ class Benchmark:
 
 
 BENCHMARKS = (
+    Benchmark("costmodel_fit", (), (), "costmodel_fit.md"),
     Benchmark("planner_solve", (), ("--sizes", "8,16,64", "--exact-time-limit", "60"), "planner_solve.md"),
     Benchmark("sim_fleet", (), ("--quick",), "sim_fleet.md"),
     Benchmark("kvtransfer_throughput", ("--repeats", "7"), ("--quick",), "kvtransfer_throughput.md"),

@@ -1,0 +1,138 @@
+"""The cost model against published GPU measurements: catalog model, fitted model, leave-one-source-out.
+
+    .venv/bin/python -m benchmarks.costmodel_fit      # seconds
+
+Measurements: ``configs/measured/*.json`` (each with its provenance; read by
+``planner.spec.measured``). Helix's per-layer times are scaled to the whole
+model (x layers), as its simulator composes them. For every source and
+(GPU, model, TP), predicted / measured prefill latency and decode step time
+of three models:
+
+- catalog: the planner's cost model today (``costmodel.prefill_pass`` /
+  ``decode_step`` with the catalog's mfu, mbu and overheads);
+- fitted: ``planner.core.costfit`` fitted on every source (in-sample);
+- held out: fitted on the other sources only, predicting this one
+  (leave-one-source-out: the test of whether the form carries over).
+
+Error factor: ``exp(mean |ln(pred / measured)|)`` (geometric mean) and the
+worst ``max(pred/measured, measured/pred)``. Target (issue 13): held-out
+geometric mean <= 1.15x and worst <= 1.5x for both phases.
+Writes benchmarks/results/costmodel_fit.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from planner.core import costfit
+from planner.core import costmodel as cm
+from planner.spec.catalog import GB, default_catalog
+from planner.spec.measured import MeasuredPoint, load_all_measured
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_GM, TARGET_WORST = 1.15, 1.5
+
+
+def whole_model(p: MeasuredPoint) -> MeasuredPoint:
+    """A per-layer time as the whole model's (time x layers); whole-model points unchanged."""
+    if p.layers is None:
+        return p
+    scale = p.model.num_layers / p.layers
+    return MeasuredPoint(p.source, p.gpu, p.model, p.tp, None, p.phase, p.tokens, p.batch, p.context_tokens,
+                         p.ms * scale)
+
+
+def _shape(p: MeasuredPoint) -> costfit.Shape:
+    return costfit.Shape(default_catalog().resolve(p.gpu, "gpu"), p.model, p.tp, None)
+
+
+def catalog_s(p: MeasuredPoint) -> float:
+    gpu = default_catalog().resolve(p.gpu, "gpu")
+    stage = cm.Stage(gpu, p.tp, p.model.num_layers, True, True, gpu.intra_node_bandwidth_gb_per_s * GB,
+                     gpu.intra_node_latency_us / 1e6)
+    if p.phase == "prefill":
+        return cm.prefill_pass(p.model, [stage], p.tokens, p.tokens**2)[0]
+    return cm.decode_step(p.model, [stage], p.batch, p.context_tokens)
+
+
+def fit_on(points: list[MeasuredPoint]) -> costfit.FittedModel:
+    prefill = [(_shape(p), p.tokens, p.ms / 1e3) for p in points if p.phase == "prefill"]
+    decode = [(_shape(p), p.batch, p.context_tokens, p.ms / 1e3) for p in points if p.phase == "decode"]
+    return costfit.fit(prefill, decode)
+
+
+def fitted_s(model: costfit.FittedModel, p: MeasuredPoint) -> float:
+    if p.phase == "prefill":
+        return model.prefill_s(_shape(p), p.tokens)
+    return model.decode_s(_shape(p), p.batch, p.context_tokens)
+
+
+def _stats(rows: list[dict], key: str) -> dict:
+    gm, worst = costfit.error_factors([r[key] for r in rows], [r["measured_s"] for r in rows])
+    bias = float(sum(r[key] / r["measured_s"] for r in rows) / len(rows))
+    return {"gm": round(gm, 3), "worst": round(worst, 3), "mean_ratio": round(bias, 3)}
+
+
+def evaluate(points: list[MeasuredPoint]) -> tuple[list[dict], dict]:
+    everything = fit_on(points)
+    sources = sorted({p.source for p in points})
+    held_out = {s: fit_on([p for p in points if p.source != s]) for s in sources}
+    rows = [{"source": p.source, "gpu": p.gpu, "model": p.model.name, "tp": p.tp, "phase": p.phase,
+             "tokens": p.tokens, "batch": p.batch, "context_tokens": p.context_tokens, "measured_s": p.ms / 1e3,
+             "catalog_s": catalog_s(p), "fitted_s": fitted_s(everything, p),
+             "held_out_s": fitted_s(held_out[p.source], p)} for p in points]
+    coefs = {"all": everything.to_json(), **{f"without {s}": m.to_json() for s, m in held_out.items()}}
+    return rows, coefs
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["source"], r["gpu"], r["model"], r["tp"], r["phase"])].append(r)
+        groups[(r["source"], "all", "all", 0, r["phase"])].append(r)
+        groups[("all", "all", "all", 0, r["phase"])].append(r)
+    out = []
+    for (source, gpu, model, tp, phase), rs in sorted(groups.items(), key=lambda kv: (kv[0][4], kv[0][0] == "all",
+                                                                                      kv[0][0], kv[0][1] != "all", kv[0][1:4])):
+        out.append({"source": source, "gpu": gpu, "model": model, "tp": tp, "phase": phase, "n": len(rs),
+                    **{k: _stats(rs, f"{k}_s") for k in ("catalog", "fitted", "held_out")}})
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| phase | source | GPU | model | TP | n | catalog gm / worst | fitted gm / worst | held out gm / worst | held out mean ratio |",
+             "|---|---|---|---|---:|---:|---|---|---|---:|"]
+    for s in summary:
+        cells = [f"{s[k]['gm']:.2f}x / {s[k]['worst']:.2f}x" for k in ("catalog", "fitted", "held_out")]
+        tp = s["tp"] or "all"
+        bold = "**" if s["gpu"] == "all" else ""
+        lines.append(f"| {s['phase']} | {bold}{s['source']}{bold} | {s['gpu']} | {s['model']} | {tp} | {s['n']} | "
+                     + " | ".join(cells) + f" | {s['held_out']['mean_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS / "costmodel_fit"))
+    args = ap.parse_args(argv)
+    points = [whole_model(p) for p in load_all_measured()]
+    rows, coefs = evaluate(points)
+    summary = summarise(rows)
+    overall = {s["phase"]: s["held_out"] for s in summary if s["source"] == "all"}
+    met = all(v["gm"] <= TARGET_GM and v["worst"] <= TARGET_WORST for v in overall.values())
+    md = (f"Predicted / measured on {len(points)} published points ({len({p.source for p in points})} sources; "
+          f"configs/measured/). Error factor exp(mean |ln(pred/meas)|) / worst max(pred/meas, meas/pred). "
+          f"Target on held-out sources: <= {TARGET_GM}x / <= {TARGET_WORST}x: "
+          f"{'met' if met else 'NOT met'}.\n\n" + markdown(summary))
+    Path(args.out + ".md").write_text(md + "\n")
+    Path(args.out + ".json").write_text(json.dumps({"summary": summary, "coefficients": coefs, "target_met": met,
+                                                     "rows": rows}, indent=1))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""A richer cost model whose coefficients are fitted to measurements across GPUs and models.
+
+Each latency is a sum of terms, each a physical quantity at the GPU's peak
+rate times a fitted coefficient (so the coefficients carry over to GPUs and
+models that were never measured):
+
+prefill pass of ``s`` tokens through ``L`` layers on ``tp`` GPUs =
+  ``k0`` (per pass) + ``k1 * L`` (per layer: kernel launches)
+  + ``k2 * matmul FLOPs / (tp * peak)`` (1 / MFU)
+  + ``k3 * attention FLOPs (s^2) / (tp * peak)`` (1 / attention efficiency)
+  + ``k4 * weight bytes / (tp * bandwidth)``
+  + ``k5 * all-reduce bytes / link bandwidth`` + ``k6 * all-reduce steps`` (alpha, s)
+
+decode step of ``b`` requests of context ``c`` =
+  ``d0`` + ``d1 * L`` + ``d2 * weight bytes / (tp * bandwidth)`` (1 / MBU)
+  + ``d3 * KV bytes read / (tp * bandwidth)`` + ``d4 * b * L`` (per sequence and layer: attention
+  metadata, sampling) + ``d5 * matmul FLOPs / (tp * peak)`` + ``d6 * all-reduce bytes / link``
+  + ``d7 * all-reduce steps``.
+
+``fit`` solves for non-negative coefficients minimising the squared
+*relative* error (every row divided by its measurement), so a 2 ms step and a
+2 s prefill weigh alike. Pure numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from planner.core import costmodel as cm
+from planner.spec.catalog import GB, GpuSpec
+from planner.spec.model import ModelSpec
+
+PREFILL_TERMS = ("per_pass_s", "per_layer_s", "matmul", "attention", "weights", "allreduce_bytes", "allreduce_step_s")
+DECODE_TERMS = ("per_step_s", "per_layer_s", "weights", "kv_read", "per_seq_layer_s", "matmul", "allreduce_bytes",
+                "allreduce_step_s")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a latency depends on: the GPU, the model, TP, and the layers timed (None: whole model)."""
+
+    gpu: GpuSpec
+    model: ModelSpec
+    tp: int
+    layers: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers if self.layers is None else self.layers
+
+    @property
+    def whole(self) -> bool:
+        return self.layers is None
+
+
+def _comm(shape: Shape, tokens: float) -> tuple[float, float]:
+    """(all-reduce bytes over the link, in seconds at its peak; all-reduce latency steps): two per layer."""
+    tp, n = shape.tp, shape.num_layers
+    if tp <= 1:
+        return 0.0, 0.0
+    link = shape.gpu.intra_node_bandwidth_gb_per_s * GB
+    per_ar = 2 * (tp - 1) / tp * cm.activation_bytes(shape.model, tokens)
+    return n * 2 * per_ar / link, n * 2 * 2 * (tp - 1)
+
+
+def prefill_features(shape: Shape, tokens: float) -> np.ndarray:
+    m, g, tp, n = shape.model, shape.gpu, shape.tp, shape.num_layers
+    peak = g.peak_bf16_tflops * 1e12 * tp
+    bw = g.memory_bandwidth_gb_per_s * GB * tp
+    heads_dim = m.num_attention_heads * m.head_size
+    matmul = n * 2 * m.params_per_layer * tokens + (2 * m.hidden_size * m.vocab_size if shape.whole else 0)
+    attention = n * 2 * heads_dim * tokens**2
+    weights = cm.stage_weight_bytes(m, n, shape.whole, shape.whole)
+    comm_bytes, comm_steps = _comm(shape, tokens)
+    return np.array([1.0, n, matmul / peak, attention / peak, weights / bw, comm_bytes, comm_steps])
+
+
+def decode_features(shape: Shape, batch: float, context_tokens: float) -> np.ndarray:
+    m, g, tp, n = shape.model, shape.gpu, shape.tp, shape.num_layers
+    peak = g.peak_bf16_tflops * 1e12 * tp
+    bw = g.memory_bandwidth_gb_per_s * GB * tp
+    weights = n * m.layer_weight_bytes + (m.lm_head_bytes if shape.whole else 0)
+    kv = batch * context_tokens * cm.stage_kv_bytes_per_token(m, n, tp)
+    matmul = batch * (n * 2 * m.params_per_layer + (2 * m.hidden_size * m.vocab_size if shape.whole else 0))
+    comm_bytes, comm_steps = _comm(shape, batch)
+    return np.array([1.0, n, weights / bw, kv / bw, batch * n, matmul / peak, comm_bytes, comm_steps])
+
+
+@dataclass(frozen=True, slots=True)
+class FittedModel:
+    prefill: tuple[float, ...]  # coefficients, in PREFILL_TERMS order
+    decode: tuple[float, ...]  # in DECODE_TERMS order
+
+    def prefill_s(self, shape: Shape, tokens: float) -> float:
+        return float(prefill_features(shape, tokens) @ np.asarray(self.prefill))
+
+    def decode_s(self, shape: Shape, batch: float, context_tokens: float) -> float:
+        return float(decode_features(shape, batch, context_tokens) @ np.asarray(self.decode))
+
+    def to_json(self) -> dict:
+        return {"prefill": dict(zip(PREFILL_TERMS, self.prefill)), "decode": dict(zip(DECODE_TERMS, self.decode))}
+
+
+def nonnegative_least_squares(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0: refit without the most negative term until none is negative
+    (columns scaled to unit norm first; an all-zero column gets 0)."""
+    norms = np.linalg.norm(a, axis=0)
+    active = [j for j in range(a.shape[1]) if norms[j] > 0]
+    coef = np.zeros(a.shape[1])
+    while active:
+        scaled = a[:, active] / norms[active]
+        sol, *_ = np.linalg.lstsq(scaled, y, rcond=None)
+        sol = sol / norms[active]
+        if sol.min() >= 0:
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
+def fit_relative(rows: Sequence[np.ndarray], measured_s: Sequence[float]) -> np.ndarray:
+    """Non-negative coefficients minimising the squared relative error of ``rows @ coef`` against ``measured_s``."""
+    a = np.vstack(rows)
+    y = np.asarray(measured_s, dtype=float)
+    return nonnegative_least_squares(a / y[:, None], np.ones_like(y))
+
+
+def fit(prefill: Sequence[tuple[Shape, float, float]], decode: Sequence[tuple[Shape, float, float, float]]) -> FittedModel:
+    """Fit both phases: prefill samples are (shape, tokens, seconds), decode (shape, batch, context, seconds)."""
+    p = fit_relative([prefill_features(s, t) for s, t, _ in prefill], [y for *_, y in prefill])
+    d = fit_relative([decode_features(s, b, c) for s, b, c, _ in decode], [y for *_, y in decode])
+    return FittedModel(tuple(float(x) for x in p), tuple(float(x) for x in d))
+
+
+def error_factors(predicted: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
+    """(geometric-mean error factor, worst factor): ``exp(mean |ln(p/m)|)`` and ``max(p/m, m/p)``."""
+    logs = np.abs(np.log(np.asarray(predicted, dtype=float) / np.asarray(measured, dtype=float)))
+    return float(np.exp(logs.mean())), float(np.exp(logs.max()))
