@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
-from router.serve import ServeOptions, run
+from router.serve import ServeOptions, StartupError, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,21 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the router and local workers talk and move KV: Unix sockets (default: less CPU, "
                         "no port races) or TCP on --worker-host; workers placed by --ray use TCP on their node")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
-    s.add_argument("--log-dir", type=Path, default=None, help="write each worker's log to DIR/<worker>.log")
+    logs = s.add_mutually_exclusive_group()
+    logs.add_argument("--log-dir", type=Path, default=None,
+                      help="write each worker's log to DIR/<worker>.log (default: a new folder per run under the "
+                           "temp folder, printed at start)")
+    logs.add_argument("--verbose", action="store_true",
+                      help="show the workers' and engines' logs on this terminal instead, and the router's own "
+                           "INFO log")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("HEXSERVE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
-    run(ServeOptions(
-        host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,
-        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-        kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
-        max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link, log_dir=args.log_dir,
-        restart_workers=not args.no_restart,
-    ))
+    # Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
+    level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    try:
+        run(ServeOptions(
+            host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,
+            served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+            kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
+            max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
+            log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
+        ))
+    except StartupError as exc:  # the reason and the log to read, not a traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -38,17 +39,56 @@ def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host:
     with less CPU than loopback TCP (benchmarks/kvtransfer_throughput), and a
     socket path cannot be taken by someone else between choosing it and
     binding it, as a free TCP port can (a worker binds only once its model has
-    loaded). The files live in one folder per user, named by router pid and
-    worker. ZeroMQ leaves a socket file behind when it closes (and a killed
-    worker cannot clean up), so LocalLauncher.stop removes them
-    (remove_endpoint_files); a bind replaces a stale one.
+    loaded). The files live in this router's own folder (`run_socket_folder`).
+    ZeroMQ leaves a socket file behind when it closes (and a killed worker
+    cannot clean up), so LocalLauncher.stop removes them and the folder
+    (remove_endpoint_files), and a launcher removes the folders of routers
+    that died without stopping (remove_stale_socket_folders); a bind replaces
+    a stale file.
     """
     if link == "tcp":
         return local_endpoint(host, ports=ranks)
     if link != "ipc":
         raise ValueError(f"worker link {link!r}; use one of {WORKER_LINKS}")
-    folder = Path(tempfile.gettempdir()) / f"hexserve-{os.getuid()}"
-    return f"ipc://{folder}/{os.getpid()}-{worker_id}-{purpose}.sock"
+    return f"ipc://{run_socket_folder()}/{worker_id}-{purpose}.sock"
+
+
+def socket_root() -> Path:
+    """The folder (one per user) that holds every local router's socket folder."""
+    return Path(tempfile.gettempdir()) / f"hexserve-{os.getuid()}"
+
+
+def run_socket_folder(pid: int | None = None) -> Path:
+    """This router's socket folder, named by its pid: what one run leaves is in one place."""
+    return socket_root() / str(os.getpid() if pid is None else pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_socket_folders(root: Path | None = None) -> list[Path]:
+    """Remove the socket folders (and their receivers' arrival marks) of routers
+    that are no longer running, e.g. killed before they could stop their
+    workers; returns what was removed."""
+    root = socket_root() if root is None else root
+    removed = []
+    for entry in sorted(root.glob("*")) if root.is_dir() else []:
+        owner = entry.name.split("-", 1)[0]  # "<pid>" folders; "<pid>-<worker>-<purpose>.sock" from older runs
+        if not owner.isdigit() or _pid_alive(int(owner)):
+            continue
+        for sock in [*entry.iterdir()] if entry.is_dir() else [entry]:
+            remove_receiver_files(f"ipc://{sock}")  # the file and its arrival-mark folder, if it was a receiver
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 def remove_endpoint_files(spec: WorkerSpec) -> None:
@@ -61,14 +101,36 @@ def remove_endpoint_files(spec: WorkerSpec) -> None:
         remove_receiver_files(spec.kv_endpoint, spec.num_ranks)
 
 
+def default_log_dir() -> Path:
+    """Where worker logs go when no --log-dir is given: a new folder per run."""
+    run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return Path(tempfile.gettempdir()) / f"hexserve-logs-{os.getuid()}" / run
+
+
 @dataclass
 class LocalLauncher:
-    """Owns worker processes on this machine; `stop()` drains then kills."""
+    """Owns worker processes on this machine; `stop()` drains then kills.
+
+    Each worker's output (its engine's included) goes to `log_dir/<worker>.log`;
+    with no log_dir it goes to the router's terminal (`--verbose`).
+    """
 
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     specs: dict[str, WorkerSpec] = field(default_factory=dict)
     _logs: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        remove_stale_socket_folders()
+
+    def logs_note(self) -> str:
+        if self.log_dir is None:
+            return "worker logs below"
+        return f"worker logs in {self.log_dir}/ (--verbose shows them here)"
+
+    def log_location(self, worker_id: str) -> str:
+        """Where to read this worker's output, for progress and error messages."""
+        return str(self.log_dir / f"{worker_id}.log") if self.log_dir is not None else "the output above"
 
     def start(self, spec: WorkerSpec) -> WorkerSpec:
         """Start the worker; returns its spec (as started: a Ray launcher may move endpoints)."""
@@ -141,6 +203,8 @@ class LocalLauncher:
                 proc.wait(timeout=10)
         for spec in self.specs.values():
             remove_endpoint_files(spec)
+        with contextlib.suppress(OSError):  # kept while another launcher of this process still has sockets in it
+            run_socket_folder().rmdir()
         for handle in self._logs:
             handle.close()
         self._logs.clear()

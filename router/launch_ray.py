@@ -102,6 +102,13 @@ class RayLauncher:
                      log_to_driver=False)
             self._owns_ray = True
 
+    def logs_note(self) -> str:
+        # log_to_driver=False above: the actors' output stays in Ray's session logs.
+        return "worker logs in Ray's session logs on each node (`ray logs`)"
+
+    def log_location(self, worker_id: str) -> str:
+        return f"the Ray logs of actor hexserve-{worker_id} (`ray logs actor --help`)"
+
     def start(self, spec: WorkerSpec, timeout_s: float = 300.0) -> WorkerSpec:
         import ray
         from ray.util.placement_group import placement_group

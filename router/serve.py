@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,22 @@ from router.admission import Admission
 from router.app import create_app
 from router.cluster import Cluster
 from router.deployment import Deployment, deployment_from_plan, embedded_default
-from router.launch_local import LocalLauncher
+from router.launch_local import LocalLauncher, default_log_dir
 from router.prepare import RouterSettings
 from router.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)
+
+LOADING_NOTE_EVERY_S = 30.0  # how often a start that is still loading says so
+
+
+class StartupError(RuntimeError):
+    """The cluster could not start (a worker exited or timed out while loading); the message says where to look."""
+
+
+def say(line: str) -> None:
+    """A progress line for the person who started the router (stdout, at once, whatever the log level)."""
+    print(line, flush=True)
 
 
 @dataclass(slots=True)
@@ -46,7 +58,8 @@ class ServeOptions:
     max_running: int = 256
     max_waiting: int = 1024
     worker_ready_timeout_s: float = 900.0
-    log_dir: Path | None = None
+    log_dir: Path | None = None  # None: a new folder per run (default_log_dir), printed at start
+    verbose: bool = False  # worker and engine output on the router's terminal instead of in log files
     worker_host: str = "127.0.0.1"
     worker_link: str = "ipc"  # local workers: control and KV over Unix sockets (ipc) or TCP on worker_host
     restart_workers: bool = True
@@ -75,7 +88,7 @@ def load_tokenizer(model_path: str):
 def make_launcher(options: ServeOptions, deployment: Deployment):
     """Ray actors with --ray, else local processes; both start a WorkerSpec the same way."""
     if options.ray_address is None:
-        return LocalLauncher(log_dir=options.log_dir)
+        return LocalLauncher(log_dir=None if options.verbose else options.log_dir or default_log_dir())
     from router.launch_ray import RayLauncher
 
     # A real model runs on the GPUs the plan names (bundles ask Ray for GPUs,
@@ -86,18 +99,14 @@ def make_launcher(options: ServeOptions, deployment: Deployment):
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
     deployment = build_deployment(options)
     launcher = make_launcher(options, deployment)
+    _say_starting(deployment, launcher)
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
     cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector)
     supervisor = None
     try:
         await cluster.start(process_alive=launcher.alive_checks())
         tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
-        log.info("waiting for %d worker(s) to load the model...", len(deployment.workers))
-        try:
-            await cluster.wait_ready(options.worker_ready_timeout_s)
-        except WorkerUnavailable as exc:
-            where = f"its log in {options.log_dir}" if options.log_dir else "the worker's output above"
-            raise RuntimeError(f"the cluster did not start: {exc}; see {where}") from None
+        await _wait_ready(cluster, launcher, options.worker_ready_timeout_s)
         app = create_app(
             cluster,
             RouterSettings(served_model_name=deployment.served_model_name, max_model_len=deployment.max_model_len,
@@ -114,6 +123,44 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await cluster.close()
         # uvicorn has finished in-flight HTTP requests (graceful); workers drain theirs.
         await asyncio.to_thread(launcher.stop)
+
+
+def _say_starting(deployment: Deployment, launcher) -> None:
+    say(f"hexserve: starting {len(deployment.workers)} worker(s) of {deployment.served_model_name!r}; "
+        f"{launcher.logs_note()}")
+    for spec in deployment.workers:
+        say(f"  {spec.worker_id} ({spec.role}): starting, loading the model")
+
+
+async def _wait_ready(cluster: Cluster, launcher, timeout_s: float) -> None:
+    """Until every worker answers: one line per worker as it becomes healthy,
+    a note every LOADING_NOTE_EVERY_S while some still load; the first that
+    exits or times out stops the start with the log to read."""
+    started = time.monotonic()
+    pending = {asyncio.ensure_future(client.wait_healthy(timeout_s)): worker_id
+               for worker_id, client in cluster.clients.items()}
+    next_note_at = started + LOADING_NOTE_EVERY_S
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=max(0.05, next_note_at - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                worker_id = pending.pop(task)
+                elapsed_s = time.monotonic() - started
+                try:
+                    task.result()
+                except WorkerUnavailable as exc:
+                    where = launcher.log_location(worker_id)
+                    say(f"  {worker_id}: failed after {elapsed_s:.1f} s; read {where}")
+                    raise StartupError(f"the cluster did not start: {exc}; see {where}") from None
+                say(f"  {worker_id}: healthy after {elapsed_s:.1f} s")
+            if pending and time.monotonic() >= next_note_at:
+                say(f"  still loading: {', '.join(sorted(pending.values()))} ({time.monotonic() - started:.0f} s)")
+                next_note_at += LOADING_NOTE_EVERY_S
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _serve_http(app, options: ServeOptions, deployment: Deployment, ready: asyncio.Event | None) -> None:

@@ -103,4 +103,7 @@ def test_worker_dying_while_loading_stops_the_router_with_the_reason(tmp_path, t
     text = log.read_text()
     assert code != 0, text[-2000:]
     assert "the cluster did not start" in text and "exited before it became healthy" in text, text[-2000:]
+    # It names the log to read, and says so on one line rather than a traceback (issue 18).
+    assert any(f"see {tmp_path / 'workers' / worker}.log" in text for worker in ("prefill-0", "decode-0")), text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
     assert time.monotonic() - started < 240
