@@ -2,12 +2,14 @@
 
 Map of the package (one concept per module):
 
-    the contract      options        connector_config: the kv_transfer_config an engine is built with
+    the contract      options        connector_config: the kv_transfer_config an engine is built with;
+                                     link_checksum: which links carry payload checksums
                       handoff        kv_transfer_params router -> prefill -> router -> decode, typed, checked
                       endpoints      where a decode worker's rank receivers listen; the files they leave
                       stats          transfer counters, a JSON file per process (why not vLLM's channel)
     the wire          protocol       every message, its version and size limits
-                      framing        the one builder of KV messages (production, tests, benchmark)
+                      framing        the one builder of KV messages (production, tests, benchmark);
+                                     a Chunk packs several small layers
                       codec          tensor <-> payload bytes (raw, int8)
     the transport     sender         prefill: bounded send queue, one I/O thread, Acks
                       receiver       decode: ROUTER socket, one I/O thread, feeding the assembler
