@@ -50,3 +50,12 @@ def test_bad_gpu_tp_and_model_name_their_flag(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"error: {flag}:")
+
+
+def test_fitted_form_is_offered_beside_the_planner_model(capsys):
+    assert main(BASE + ["--prefill-tokens", "2048", "--decode-batch", "32", "--context", "640", "--json", "--fitted"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fitted = out["fitted"]
+    assert fitted["prefill_latency_ms"] > 0 and fitted["decode_step_ms"] > 0
+    assert len(fitted["sources"]) >= 3 and not any("splitwise" in s for s in fitted["sources"])
+    assert out["prefill"]["latency_ms"] > 0  # the planner's own prediction stays the first answer
