@@ -100,13 +100,14 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     deployment = build_deployment(options)
     launcher = make_launcher(options, deployment)
     _say_starting(deployment, launcher)
+    started_at = time.monotonic()
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
     cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector)
     supervisor = None
     try:
         await cluster.start(process_alive=launcher.alive_checks())
         tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
-        await _wait_ready(cluster, launcher, options.worker_ready_timeout_s)
+        await _wait_ready(cluster, launcher, options.worker_ready_timeout_s, started_at)
         app = create_app(
             cluster,
             RouterSettings(served_model_name=deployment.served_model_name, max_model_len=deployment.max_model_len,
@@ -132,11 +133,11 @@ def _say_starting(deployment: Deployment, launcher) -> None:
         say(f"  {spec.worker_id} ({spec.role}): starting, loading the model")
 
 
-async def _wait_ready(cluster: Cluster, launcher, timeout_s: float) -> None:
-    """Until every worker answers: one line per worker as it becomes healthy,
-    a note every LOADING_NOTE_EVERY_S while some still load; the first that
-    exits or times out stops the start with the log to read."""
-    started = time.monotonic()
+async def _wait_ready(cluster: Cluster, launcher, timeout_s: float, started: float) -> None:
+    """Until every worker answers: one line per worker as it becomes healthy
+    (seconds since `started`, when the workers were launched), a note every
+    LOADING_NOTE_EVERY_S while some still load; the first that exits or times
+    out stops the start with the log to read."""
     pending = {asyncio.ensure_future(client.wait_healthy(timeout_s)): worker_id
                for worker_id, client in cluster.clients.items()}
     next_note_at = started + LOADING_NOTE_EVERY_S

@@ -3,11 +3,13 @@ engine logs in files (or on the terminal with --verbose), and no socket files le
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +17,9 @@ from common.roles import Role
 from engine.worker_spec import WorkerSpec
 from router.launch_local import (LocalLauncher, local_worker_endpoint, remove_stale_socket_folders,
                                  run_socket_folder, socket_root)
-from router.serve import ServeOptions, make_launcher
+from router import serve as serve_module
+from router.serve import ServeOptions, StartupError, make_launcher
+from router.worker_client import WorkerUnavailable
 
 
 def _dead_pid() -> int:
@@ -32,6 +36,41 @@ def test_worker_logs_go_to_a_new_folder_per_run_unless_verbose():
     assert make_launcher(ServeOptions(log_dir=Path("/x/logs")), deployment=None).log_dir == Path("/x/logs")
     verbose = make_launcher(ServeOptions(verbose=True), deployment=None)
     assert verbose.log_dir is None and verbose.log_location("decode-0") == "the output above"
+
+
+class _FakeClient:
+    def __init__(self, worker_id: str, after_s: float, fails: bool = False):
+        self.worker_id, self.after_s, self.fails = worker_id, after_s, fails
+
+    async def wait_healthy(self, timeout_s: float) -> None:
+        await asyncio.sleep(self.after_s)
+        if self.fails:
+            raise WorkerUnavailable(f"worker {self.worker_id} exited before it became healthy")
+
+
+def _wait(clients, monkeypatch):
+    monkeypatch.setattr(serve_module, "LOADING_NOTE_EVERY_S", 0.15)
+    cluster = SimpleNamespace(clients={c.worker_id: c for c in clients})
+    launcher = SimpleNamespace(log_location=lambda worker_id: f"/logs/{worker_id}.log")
+    asyncio.run(serve_module._wait_ready(cluster, launcher, 60.0, time.monotonic()))
+
+
+def test_one_progress_line_per_worker_and_a_note_while_loading(monkeypatch, capsys):
+    _wait([_FakeClient("prefill-0", 0.05), _FakeClient("decode-0", 0.4)], monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  prefill-0: healthy after 0.") and lines[0].endswith(" s")
+    assert "  still loading: decode-0 (0 s)" in lines
+    assert lines[-1].startswith("  decode-0: healthy after 0.")
+
+
+def test_a_worker_that_exits_while_loading_stops_the_start_with_its_log(monkeypatch, capsys):
+    with pytest.raises(StartupError) as failed:
+        _wait([_FakeClient("prefill-0", 5.0), _FakeClient("decode-0", 0.05, fails=True)], monkeypatch)
+    assert str(failed.value) == ("the cluster did not start: worker decode-0 exited before it became healthy; "
+                                 "see /logs/decode-0.log")
+    out = capsys.readouterr().out
+    assert "  decode-0: failed after 0." in out and "read /logs/decode-0.log" in out
+    assert "prefill-0: healthy" not in out  # the other worker's wait was cancelled, not waited out
 
 
 def _echo_spec(monkeypatch, worker_id: str) -> WorkerSpec:
