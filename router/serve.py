@@ -7,6 +7,11 @@ Deployment shapes, all behind the same router:
   processes;
 - `--plan plan.json --ray [ADDRESS]`: the same, placed as Ray actors on the
   nodes and GPU types the plan names (see `router.launch_ray`).
+
+What the user sees is short: one line per worker as it starts and as it
+becomes healthy (or fails, naming its log), then the ready line with the URL.
+The workers' and engines' own output goes to log files (`--verbose`: to the
+terminal).
 """
 
 from __future__ import annotations
