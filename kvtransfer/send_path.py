@@ -21,15 +21,17 @@ socket's rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from kvtransfer.cache_layout import CacheLayout
-from kvtransfer.framing import begin_message, chunk_message, end_message, layer_chunks, message_payload_bytes
+from kvtransfer.framing import begin_message, block_ranges, chunk_message, end_message, layer_chunks, message_payload_bytes
 from kvtransfer.endpoints import rank_endpoint
 from kvtransfer.metadata import HexConnectorMetadata, SendSpec
 from kvtransfer.options import ConnectorOptions, link_checksum
+from kvtransfer.protocol import DTYPE_BYTES
 from kvtransfer.reshard import Part, RankShape, send_parts
 from kvtransfer.sender import KVSender
 
@@ -73,7 +75,7 @@ class SendPath:
         self._parts: dict[tuple[int, tuple[int, ...] | None], list[Part]] = {}
         self._progress: dict[tuple[str, int], _Progress] = {}  # (transfer_id, decode rank)
         self._checksums: dict[str, str] = {}  # decode endpoint -> payload checksum (options.link_checksum)
-        self._indexes: dict[int, torch.Tensor] = {}  # id(SendSpec) -> its block ids as a tensor, this step
+        self._indexes: dict[int, list[tuple[int, torch.Tensor]]] = {}  # id(SendSpec) -> _block_ranges, this step
 
     def parts(self, decode_tp: int, decode_layers: tuple[int, ...] | None = None) -> list[Part]:
         """Every part this rank sends to a decode engine of this TP and split (cached)."""
@@ -90,23 +92,36 @@ class SendPath:
             targets = [part for part in self.parts(spec.decode_tp, spec.decode_layers) if part.holds(layer)]
             if not targets:
                 continue
-            index = self._indexes.get(id(spec))
-            if index is None:
-                index = self._indexes[id(spec)] = self.layout.block_index(spec.block_ids, kv_layer.device)
-            blocks = self.layout.gather(kv_layer, index)
-            for part in targets:
-                transfer_id = spec.transfer_id + part.suffix
-                progress = self._progress.setdefault((transfer_id, part.rank), _Progress())
-                if progress.failed:
-                    continue
-                data = blocks if part.heads is None else self.layout.heads_of(blocks, part.heads)
-                if spec.is_first and not progress.begun:
-                    progress.begun = True
-                    self._send_begin(spec, transfer_id, part, tuple(data.shape[1:]), progress)
-                self._send_chunks(spec, transfer_id, part.rank, layer, data, progress)
+            # Gathered a block range at a time, each at most max_chunk_bytes: under
+            # glibc's mmap ceiling, so freed gathers are reused (KVSender keeps
+            # freed memory) instead of fresh pages faulted in for every layer.
+            for offset, index in self._block_ranges(spec, kv_layer.device):
+                blocks = self.layout.gather(kv_layer, index)
+                for part in targets:
+                    transfer_id = spec.transfer_id + part.suffix
+                    progress = self._progress.setdefault((transfer_id, part.rank), _Progress())
+                    if progress.failed:
+                        continue
+                    data = blocks if part.heads is None else self.layout.heads_of(blocks, part.heads)
+                    if spec.is_first and not progress.begun:
+                        progress.begun = True
+                        self._send_begin(spec, transfer_id, part, tuple(data.shape[1:]), progress)
+                    self._send_chunks(spec, transfer_id, part.rank, layer, spec.first_block + offset, data, progress)
+
+    def _block_ranges(self, spec: SendSpec, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+        """(offset, index tensor) of each range of the step's blocks that one gather
+        copies, at most max_chunk_bytes each; built once per step, not per layer."""
+        ranges = self._indexes.get(id(spec))
+        if ranges is None:
+            block_bytes = math.prod(self.layout.block_shape) * DTYPE_BYTES[self.layout.dtype]
+            ranges = self._indexes[id(spec)] = [
+                (first, self.layout.block_index(spec.block_ids[first : first + count], device))
+                for first, count in block_ranges(len(spec.block_ids), block_bytes, self.options.max_chunk_bytes)
+            ]
+        return ranges
 
     def _send_chunks(
-        self, spec: SendSpec, transfer_id: str, target: int, layer: int, blocks: torch.Tensor, progress: _Progress
+        self, spec: SendSpec, transfer_id: str, target: int, layer: int, first_block: int, blocks: torch.Tensor, progress: _Progress
     ) -> None:
         if progress.failed:
             return
@@ -114,19 +129,19 @@ class SendPath:
         max_bytes = self.options.max_chunk_bytes
         nbytes = blocks.numel() * blocks.element_size()
         pack = progress.pack
-        if pack is not None and not pack.takes(layer, spec.first_block, blocks, nbytes, max_bytes):
+        if pack is not None and not pack.takes(layer, first_block, blocks, nbytes, max_bytes):
             self._flush(transfer_id, progress)
         if nbytes > max_bytes:
             # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
             for frames in layer_chunks(
-                transfer_id, layer, spec.first_block, blocks,
+                transfer_id, layer, first_block, blocks,
                 max_chunk_bytes=max_bytes, encoding=self.options.encoding, checksum=self._checksum(endpoint),
             ):
                 if not self._submit(endpoint, transfer_id, frames, progress):
                     return
             return
         if progress.pack is None:
-            progress.pack = _Pack(endpoint, layer, spec.first_block)
+            progress.pack = _Pack(endpoint, layer, first_block)
         progress.pack.layers.append(blocks)
         progress.pack.nbytes += nbytes
         if progress.pack.nbytes + nbytes > max_bytes:  # the next layer would not fit: go now

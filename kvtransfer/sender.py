@@ -11,6 +11,12 @@ decode worker from making prefill exhaust memory:
   cannot proceed within `send_timeout_ms` fails the transfer.
 
 A transfer counts as sent only when the receiver Acks it within `ack_timeout_s`.
+
+Memory: the send path gathers every chunk into new memory, which this queue
+holds until ZeroMQ sent it (at most `max_queued_bytes` plus what the socket
+holds). By default the sender asks glibc to keep freed memory for reuse
+(kvtransfer.allocator), as the receiver does: otherwise every gather of a
+long prompt faults fresh pages in (measured in benchmarks/kvtransfer_throughput).
 Transfers are tracked per (endpoint, transfer_id): one prefill rank may send
 parts with the same id to several decode ranks (each its own endpoint), and
 each part is acked, counted and failed on its own.
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import zmq
 
 from kvtransfer import protocol
+from kvtransfer.allocator import keep_freed_memory
 from common.wire import ProtocolError
 from kvtransfer.framing import drop_message
 from kvtransfer.protocol import Ack, Limits
@@ -59,7 +66,10 @@ class KVSender:
         send_timeout_ms: int = 5000,
         ack_timeout_s: float = 30.0,
         hwm_messages: int = 64,
+        reuse_freed_memory: bool = True,
     ) -> None:
+        if reuse_freed_memory:
+            keep_freed_memory(max_queued_bytes)
         self.stats = stats
         self.max_queued_bytes = max_queued_bytes
         self.enqueue_timeout_s = enqueue_timeout_s

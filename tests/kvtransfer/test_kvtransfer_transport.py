@@ -134,7 +134,7 @@ from kvtransfer.stats import Stats
 
 endpoint, reuse, blocks = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
 receiver = KVReceiver(endpoint, Assembler(max_buffer_bytes=4 * 1024**3), Stats(), reuse_freed_memory=reuse)
-sender = KVSender(Stats(), max_queued_bytes=64 * 1024**2)
+sender = KVSender(Stats(), max_queued_bytes=64 * 1024**2, reuse_freed_memory=reuse)  # one process: the setting is per process
 data = torch.empty(8, blocks, 2, 16, 8, 128, dtype=torch.float16).uniform_(-1, 1)  # 8 layers x blocks x 64 KiB
 faults = []
 for round in range(3):
