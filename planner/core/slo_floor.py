@@ -19,9 +19,9 @@ from planner.spec.errors import UnreachableSLOError
 _NO_LIMIT_S = 1e9  # an SLO no strategy misses: the evaluator then reports the strategies' own latencies
 
 
-def slo_floor(cluster: Cluster) -> tuple[float, float]:
-    """(lowest TTFT, lowest TPOT) in seconds any group reaches with no queue and
-    one request at a time (inf when no group can hold the model)."""
+def _fastest(cluster: Cluster) -> tuple[float, float]:
+    """(lowest prefill latency, lowest decode step) in seconds over the fleet's
+    minimal groups and whole nodes, with no SLO limit and a batch of one."""
     relaxed = replace(
         cluster,
         workload=replace(cluster.workload, ttft_slo_s=_NO_LIMIT_S, tpot_slo_s=_NO_LIMIT_S),
@@ -39,6 +39,19 @@ def slo_floor(cluster: Cluster) -> tuple[float, float]:
     return ttft_s, tpot_s
 
 
+def slo_floor(cluster: Cluster) -> tuple[float, float]:
+    """(lowest TTFT, lowest TPOT) in seconds any group reaches with no queue and
+    one request at a time (inf when no group can hold the model). TTFT is that
+    of the prompt the search holds the SLO at (the workload's slo.percentile):
+    it is measured on a workload whose every prompt has that length."""
+    wl = cluster.workload
+    ttft_s, tpot_s = _fastest(cluster)
+    if wl.input_tail != wl.input_mean:
+        tail = replace(wl, input_mean=wl.input_tail, input_sq_mean=wl.input_tail**2, input_quantiles=())
+        ttft_s, _ = _fastest(replace(cluster, workload=tail))
+    return ttft_s, tpot_s
+
+
 def check_slos_reachable(cluster: Cluster) -> None:
     """Raise ``UnreachableSLOError`` naming the SLO no group of the fleet can meet, and the best it does."""
     ttft_s, tpot_s = slo_floor(cluster)
@@ -47,7 +60,7 @@ def check_slos_reachable(cluster: Cluster) -> None:
         raise UnreachableSLOError(
             "workload.slo.ttft_ms",
             f"{wl.ttft_slo_s * 1e3:g} ms cannot be met: the fastest group of this fleet takes {ttft_s * 1e3:.3g} ms "
-            f"to prefill an average prompt ({wl.input_mean:g} tokens) with no queue; set ttft_ms well above "
+            f"to prefill the p{wl.slo_percentile:g} prompt ({wl.input_tail:.0f} tokens) with no queue; set ttft_ms well above "
             f"{ttft_s * 1e3:.3g} (queueing and the KV transfer come on top) or use faster GPUs",
         )
     if math.isfinite(tpot_s) and tpot_s > wl.tpot_slo_s:
