@@ -23,6 +23,12 @@ algorithm): deterministic, and over any window the picks follow the weights
 exactly when load is even, which is what a user reading the plan expects.
 `smooth_wrr_pick` is that step alone; the router (`RoutePolicy`) and the
 simulator (`planner.sim.simulator`) both pick with it.
+
+Three policies, by name (`--routing`): "plan" is the above; "round-robin"
+cycles through the healthy routes ignoring weights and load (a baseline);
+"cache-aware" (common.cache_routing) also knows each worker's cached prefix
+of the request and picks the cheapest route within a bounded deviation from
+the plan's shares.
 """
 
 from __future__ import annotations
@@ -81,6 +87,29 @@ class NoRouteAvailable(RuntimeError):
     """Every route has a worker out of rotation."""
 
 
+@dataclass(frozen=True, slots=True)
+class RouteChoice:
+    """Where one request goes. With `decode_first` the decode worker computes the
+    prompt itself (it holds all but a short suffix of it) and no prefill runs."""
+
+    route: Route
+    decode_first: bool = False
+    prefill_cached_tokens: int = 0  # the index's view when the choice was made
+    decode_cached_tokens: int = 0
+
+
+def healthy_candidates(
+    routes: Sequence[Route], is_healthy: Callable[[str], bool], exclude: frozenset[Route],
+) -> list[Route]:
+    candidates = [
+        r for r in routes
+        if r not in exclude and is_healthy(r.prefill_worker) and is_healthy(r.decode_worker)
+    ]
+    if not candidates:
+        raise NoRouteAvailable("no healthy prefill->decode route is available")
+    return candidates
+
+
 @dataclass(slots=True)
 class RoutePolicy:
     routes: Sequence[Route]
@@ -105,11 +134,30 @@ class RoutePolicy:
         outstanding_tokens: Callable[[str], int],
         exclude: frozenset[Route] = frozenset(),
     ) -> Route:
-        candidates = [
-            r for r in self.routes
-            if r not in exclude and is_healthy(r.prefill_worker) and is_healthy(r.decode_worker)
-        ]
-        if not candidates:
-            raise NoRouteAvailable("no healthy prefill->decode route is available")
+        candidates = healthy_candidates(self.routes, is_healthy, exclude)
         weights = {r: self.effective_weight(r, outstanding_tokens) for r in candidates}
         return smooth_wrr_pick(self._current, weights)
+
+    def pick(
+        self,
+        is_healthy: Callable[[str], bool],
+        outstanding_tokens: Callable[[str], int],
+        exclude: frozenset[Route] = frozenset(),
+        num_prompt_tokens: int = 0,
+        cached_tokens: Mapping[str, int] | None = None,
+    ) -> RouteChoice:
+        """The policy interface the router calls; the plan policy ignores prefixes."""
+        return RouteChoice(self.choose(is_healthy, outstanding_tokens, exclude))
+
+    @property
+    def wants_prefixes(self) -> bool:
+        """Whether `pick` reads `cached_tokens` (the router skips the lookup otherwise)."""
+        return False
+
+
+@dataclass(slots=True)
+class RoundRobinPolicy(RoutePolicy):
+    """Every healthy route in turn, blind to weights and load: the baseline."""
+
+    def effective_weight(self, route: Route, outstanding_tokens: Callable[[str], int]) -> float:
+        return 1.0
