@@ -68,6 +68,20 @@ def cache_aware_pick(
     return chosen
 
 
+def route_cost(
+    prefill: str, decode: str, num_prompt_tokens: int, cached: Mapping[str, int],
+    outstanding_tokens: Callable[[str], float], shares: Mapping[str, float], decode_first_max_tokens: int,
+) -> tuple[float, bool]:
+    """(cost, decode_first) of serving a request on route prefill->decode (module docstring)."""
+    decode_load = outstanding_tokens(decode) / shares[decode]
+    held = cached.get(decode, 0)
+    suffix = num_prompt_tokens - held
+    if prefill != decode and decode_first_max_tokens > 0 and held > 0 and suffix <= decode_first_max_tokens:
+        return decode_load + suffix / shares[decode], True
+    prefill_cost = (outstanding_tokens(prefill) + num_prompt_tokens - cached.get(prefill, 0)) / shares[prefill]
+    return (prefill_cost if prefill == decode else prefill_cost + decode_load), False
+
+
 @dataclass(slots=True)
 class CacheAwarePolicy(RoutePolicy):
     share_slack_requests: float = DEFAULT_SHARE_SLACK_REQUESTS
@@ -86,21 +100,6 @@ class CacheAwarePolicy(RoutePolicy):
     def wants_prefixes(self) -> bool:
         return True
 
-    def _decode_first(self, route: Route, num_prompt_tokens: int, cached: Mapping[str, int]) -> bool:
-        if route.prefill_worker == route.decode_worker or self.decode_first_max_tokens == 0:
-            return False
-        held = cached.get(route.decode_worker, 0)
-        return held > 0 and num_prompt_tokens - held <= self.decode_first_max_tokens
-
-    def _cost(self, route: Route, num_prompt_tokens: int, cached: Mapping[str, int],
-              outstanding_tokens: Callable[[str], int]) -> float:
-        p, d = route.prefill_worker, route.decode_worker
-        decode_load = outstanding_tokens(d) / self._shares[d]
-        if self._decode_first(route, num_prompt_tokens, cached):
-            return decode_load + (num_prompt_tokens - cached.get(d, 0)) / self._shares[d]
-        prefill = (outstanding_tokens(p) + num_prompt_tokens - cached.get(p, 0)) / self._shares[p]
-        return prefill if p == d else prefill + decode_load
-
     def pick(
         self,
         is_healthy: Callable[[str], bool],
@@ -112,11 +111,13 @@ class CacheAwarePolicy(RoutePolicy):
         cached = cached_tokens or {}
         candidates = healthy_candidates(self.routes, is_healthy, exclude)
         weights = {r: self.effective_weight(r, outstanding_tokens) for r in candidates}
-        costs = {r: self._cost(r, num_prompt_tokens, cached, outstanding_tokens) for r in candidates}
-        route = cache_aware_pick(self._current, weights, costs, self.share_slack_requests)
+        costs = {r: route_cost(r.prefill_worker, r.decode_worker, num_prompt_tokens, cached, outstanding_tokens,
+                               self._shares, self.decode_first_max_tokens) for r in candidates}
+        route = cache_aware_pick(self._current, {r: weights[r] for r in candidates},
+                                 {r: c for r, (c, _) in costs.items()}, self.share_slack_requests)
         return RouteChoice(
             route=route,
-            decode_first=self._decode_first(route, num_prompt_tokens, cached),
+            decode_first=costs[route][1],
             prefill_cached_tokens=cached.get(route.prefill_worker, 0),
             decode_cached_tokens=cached.get(route.decode_worker, 0),
         )
@@ -137,4 +138,4 @@ def make_policy(
     raise ValueError(f"routing={name!r} is unknown; use one of {', '.join(ROUTING_POLICIES)}")
 
 
-__all__ = ["CacheAwarePolicy", "NoRouteAvailable", "ROUTING_POLICIES", "cache_aware_pick", "make_policy"]
+__all__ = ["CacheAwarePolicy", "NoRouteAvailable", "ROUTING_POLICIES", "cache_aware_pick", "make_policy", "route_cost"]
