@@ -7,6 +7,12 @@ Examples (the tokenizer folder is the served model's, read locally):
         --max-input-tokens 256 --max-output-tokens 32 --slo-ttft-ms 2000 --slo-tpot-ms 200 \\
         --out benchmarks/results/loadtest_router
 
+    # Mooncake trace, hash-id blocks scaled from 512 to 16 tokens for a 1024-token model;
+    # the report gives the prefix-cache hit rate the engines measured (from /metrics):
+    python -m loadtest run --endpoint http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
+        --trace mooncake_synthetic.jsonl --block-tokens 16 --max-input-tokens 960 \\
+        --max-output-tokens 64 --rate-scale 0.5 --max-requests 200 --duration 120
+
     python -m loadtest compare --endpoint-a http://127.0.0.1:8000 --endpoint-b http://127.0.0.1:8100 \\
         --tokenizer MODEL_DIR --arrival poisson --rate 2 --input-len 128 --output-len 16 --max-requests 40
 """
@@ -19,9 +25,10 @@ import random
 import sys
 from pathlib import Path
 
-from common.traces import TRACE_FORMATS, TraceError, load_trace
+from common.traces import MOONCAKE_BLOCK_TOKENS, TRACE_FORMATS, TraceError, load_trace
 from loadtest.metrics import SLO
 from loadtest.plots import plot_result
+from loadtest.prefix_cache import prefix_cache_report, scrape_prefix_cache
 from loadtest.prompts import PROMPT_FORMATS, PromptBuilder, PromptError, load_tokenizer
 from loadtest.report import build_result, compare_ratios, compare_table, output_prefix, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
@@ -46,7 +53,11 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=300.0, help="stop sending after this many s")
     g.add_argument("--input-len", type=int, help="fixed prompt tokens (overrides the trace)")
     g.add_argument("--output-len", type=int, help="fixed output tokens (overrides the trace)")
-    g.add_argument("--max-input-tokens", type=int, help="clip prompts to what the model accepts")
+    g.add_argument("--max-input-tokens", type=int,
+                   help="clip prompts to what the model accepts (cut from the end: shared prefixes stay)")
+    g.add_argument("--block-tokens", type=int, default=MOONCAKE_BLOCK_TOKENS,
+                   help="tokens per Mooncake hash-id block on the wire (default 512, the trace's own); "
+                        "scales input lengths by N/512, rounded up, e.g. 16 for a 1024-token model")
     g.add_argument("--max-output-tokens", type=int, help="clip outputs")
     g.add_argument("--seed", type=int, default=0, help="seed of the synthetic arrivals")
     g.add_argument("--prompt-seed", type=int, default=None,
@@ -74,12 +85,13 @@ def _prepare(args):
         max_requests=args.max_requests, duration_s=args.duration,
         input_len=args.input_len, output_len=args.output_len,
         max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens,
-        seed=args.seed,
+        block_tokens=args.block_tokens, seed=args.seed,
     )
     workload = build_workload(wcfg, trace)
     if args.prompt_seed is None:
         args.prompt_seed = random.SystemRandom().randrange(1 << 30)
-    builder = PromptBuilder(load_tokenizer(args.tokenizer), args.prompt_format, args.prompt_seed)
+    builder = PromptBuilder(load_tokenizer(args.tokenizer), args.prompt_format, args.prompt_seed,
+                            block_tokens=args.block_tokens)
     prompts = build_prompts(builder, workload)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms)
     meta = {
@@ -92,6 +104,10 @@ def _prepare(args):
         "rate_scale": args.rate_scale,
         "prompt_format": args.prompt_format,
         "prompt_seed": args.prompt_seed,
+        "block_tokens": args.block_tokens,
+        "max_input_tokens": args.max_input_tokens,
+        # Clipped prompts lose their last blocks, so their hits are not the trace's.
+        "inputs_clipped": sum(r.input_clipped for r in workload),
     }
     return wcfg, workload, prompts, slo, meta
 
@@ -102,9 +118,11 @@ def _run_one(args, endpoint, model, label, workload, prompts, slo, meta) -> dict
         request_timeout_s=args.request_timeout, concurrency=args.concurrency,
         extra_body=json.loads(args.extra_body), progress=not args.no_progress,
     )
+    cache_before = scrape_prefix_cache(rcfg.endpoint)
     outcome = run(rcfg, workload, prompts)
+    cache = prefix_cache_report(cache_before, scrape_prefix_cache(rcfg.endpoint))
     meta = {**meta, "label": label, "endpoint": outcome.endpoint, "model_id": outcome.model,
-            "not_sent": outcome.not_sent, "wall_s": outcome.wall_s}
+            "not_sent": outcome.not_sent, "wall_s": outcome.wall_s, **cache}
     return build_result(outcome.records, slo, meta, per_request=True)
 
 

@@ -12,10 +12,18 @@ The count includes the special tokens the tokenizer adds itself (a BOS for
 Llama tokenizers), because that is what the server's prompt length is.
 
 Prefix sharing (Mooncake `hash_ids`): every hash id maps to one fixed block of
-512 token ids, so two requests whose hash ids agree on a prefix send prompts
-that agree on the same tokens, and a server's prefix cache sees real hits.
-Requests without hash ids get prompts drawn from their own seed, so they share
-nothing by accident.
+`block_tokens` token ids (512, the trace's own, unless the trace is scaled with
+`--block-tokens`). A prompt is the tokenizer's own specials (a BOS), then the
+blocks of its hash ids in order, then tokens of the request's own for any
+remainder; a prompt shorter than its blocks (clipped) is cut from the end. So
+two requests whose hash ids agree on a prefix send prompts that agree on the
+same tokens, and a server's prefix cache sees real hits. Requests without hash
+ids get prompts drawn from their own seed, so they share nothing by accident.
+
+In `text` form the server re-tokenizes the string, and a tokenizer may merge
+tokens across a block boundary; every text prompt with hash ids is therefore
+re-tokenized here and refused (use `ids`) unless its token ids start with the
+exact ids of its blocks.
 """
 
 from __future__ import annotations
@@ -56,9 +64,13 @@ def load_tokenizer(path: str | Path):
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, prompt_format: str = "ids", seed: int = 0) -> None:
+    def __init__(self, tokenizer, prompt_format: str = "ids", seed: int = 0,
+                 block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> None:
         if prompt_format not in PROMPT_FORMATS:
             raise PromptError(f"prompt format {prompt_format!r} is unknown; use one of {PROMPT_FORMATS}")
+        if block_tokens < 1:
+            raise PromptError(f"--block-tokens is {block_tokens}; it must be >= 1")
+        self.block_tokens = block_tokens
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.seed = seed
@@ -92,7 +104,7 @@ class PromptBuilder:
         block = self._blocks.get(hash_id)
         if block is None:
             rng = random.Random(f"{self.seed}-block-{hash_id}")
-            block = [rng.choice(self.pool) for _ in range(MOONCAKE_BLOCK_TOKENS)]
+            block = [rng.choice(self.pool) for _ in range(self.block_tokens)]
             self._blocks[hash_id] = block
         return block
 
@@ -117,7 +129,12 @@ class PromptBuilder:
         body = self.body_ids(index, body_len, hash_ids)
         if self.prompt_format == "ids":
             return Prompt(self.prefix_ids + body + self.suffix_ids, num_tokens)
-        return Prompt(self._exact_text(index, body, num_tokens), num_tokens)
+        text = self._exact_text(index, body, num_tokens)
+        if hash_ids:
+            shared_len = min(len(hash_ids) * self.block_tokens, body_len)
+            check_shared_prefix(index, self.tokenizer.encode(text, add_special_tokens=True),
+                                self.prefix_ids + body[:shared_len])
+        return Prompt(text, num_tokens)
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=True))
@@ -136,6 +153,19 @@ class PromptBuilder:
         raise PromptError(
             f"request {index}: could not build a text prompt of exactly {num_tokens} tokens "
             f"with this tokenizer; use --prompt-format ids (token-id prompts are exact)"
+        )
+
+
+def check_shared_prefix(index: int, sent_ids: list[int], block_ids: list[int]) -> None:
+    """Refuses a text prompt whose re-tokenization does not start with its hash-id blocks:
+    equal hash ids would then not mean equal token prefixes at the server."""
+    if sent_ids[:len(block_ids)] != block_ids:
+        at = next((i for i, (a, b) in enumerate(zip(sent_ids, block_ids)) if a != b),
+                  min(len(sent_ids), len(block_ids)))
+        raise PromptError(
+            f"request {index}: the text prompt re-tokenizes differently from its hash-id blocks "
+            f"(first difference at token {at}), so equal hash ids would not give equal token "
+            f"prefixes; use --prompt-format ids with a trace that has hash_ids"
         )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loadtest.metrics import SLO, RequestRecord, summarize, timeline
 from loadtest.plots import plot_result
+from loadtest.prefix_cache import prefix_cache_lines
 
 # (field, label, higher_is_better) for the printed tables and the compare ratios.
 KEY_METRICS = (
@@ -33,7 +34,11 @@ KEY_METRICS = (
     ("p50_e2el_ms", "p50 E2E latency (ms)", False),
     ("p90_e2el_ms", "p90 E2E latency (ms)", False),
     ("p99_e2el_ms", "p99 E2E latency (ms)", False),
+    # Engine-measured, from the endpoint's /metrics (loadtest/prefix_cache.py); prefill side.
+    ("prefix_cache_hit_rate", "prefix-cache hit rate (engine-measured)", True),
+    ("prefill_tokens_computed", "prefill tokens computed (engine-measured)", False),
 )
+ENGINE_MEASURED = ("prefix_cache_hit_rate", "prefill_tokens_computed")
 
 
 def build_result(
@@ -86,11 +91,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(result: dict, key: str) -> str:
+    if key in ENGINE_MEASURED and result.get(key) is None and "prefix_cache" in result \
+            and result["prefix_cache"] is None:
+        return "not measured"
+    return _fmt(result.get(key))
+
+
 def summary_table(result: dict) -> str:
     lines = ["| metric | value |", "|---|---|"]
     for key, label, _ in KEY_METRICS:
         if key in result:
-            lines.append(f"| {label} | {_fmt(result[key])} |")
+            lines.append(f"| {label} | {_cell(result, key)} |")
+    lines += prefix_cache_lines(result)
     for key in ("input_len_mismatches", "output_len_mismatches"):
         if result.get(key):
             lines.append(f"| {key.replace('_', ' ')} | {result[key]} |")
@@ -118,7 +131,7 @@ def compare_table(a: dict, b: dict, label_a: str = "A", label_b: str = "B") -> s
         better = "-"
         if r is not None and r != 1.0:
             better = label_b if (r > 1) == higher else label_a
-        lines.append(f"| {label} | {_fmt(va)} | {_fmt(vb)} | {_fmt(r)} | {better} |")
+        lines.append(f"| {label} | {_cell(a, key)} | {_cell(b, key)} | {_fmt(r)} | {better} |")
     return "\n".join(lines)
 
 

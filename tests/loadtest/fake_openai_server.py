@@ -4,6 +4,8 @@ It answers /v1/models and /v1/completions (streaming SSE only), sleeping
 `ttft_s` before the first token and `itl_s` between tokens, and emits exactly
 `max_tokens` tokens (minus `short_by`). It records every request body so tests
 can check what the harness sent. Every `fail_every`-th request gets a 503.
+GET /metrics answers `metrics_text(cfg)` as a Prometheus exposition, or 404
+when `metrics_text` is None (like an endpoint that exports nothing).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from threaded_server import ThreadedServer
 
 MODEL = "fake-model"
@@ -30,6 +33,7 @@ class FakeConfig:
     bodies: list = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
+    metrics_text: Callable[["FakeConfig"], str] | None = None
 
 
 def make_app(cfg: FakeConfig) -> FastAPI:
@@ -38,6 +42,12 @@ def make_app(cfg: FakeConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        if cfg.metrics_text is None:
+            return PlainTextResponse("not found", status_code=404)
+        return PlainTextResponse(cfg.metrics_text(cfg), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
