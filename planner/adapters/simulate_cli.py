@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from common.cache_routing import DEFAULT_DECODE_FIRST_MAX_TOKENS, DEFAULT_SHARE_SLACK_REQUESTS
 from common.plan import load_plan
 from common.traces import TRACE_FORMATS, TraceError, load_trace
 from loadtest.metrics import SLO
@@ -24,7 +25,8 @@ from loadtest.report import build_result, summary_table, write_result
 from loadtest.workload import WorkloadConfig, build_workload
 from planner.sim.costs import AnalyticCosts, ProfileCosts
 from planner.sim.from_plan import fleet_from_plan
-from planner.sim.simulator import SimConfig, simulate
+from planner.sim.routing import ROUTINGS
+from planner.sim.simulator import MOONCAKE_BLOCK_TOKENS, SimConfig, simulate_with_counters
 from planner.sim.sweep import max_rate_at_slo
 from planner.spec.cluster import load_cluster
 from planner.spec.model import model_from_fields
@@ -46,8 +48,17 @@ def add_simulate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft-ms", type=float, help="default: the plan's workload SLO")
     p.add_argument("--slo-tpot-ms", type=float, help="default: the plan's workload SLO")
     p.add_argument("--profile", help="measured profile JSON: use it instead of the analytical model")
-    p.add_argument("--routing", default="load_aware", choices=("load_aware", "weighted"),
-                   help="load_aware: the router's policy (default); weighted: the plan's weights alone")
+    p.add_argument("--routing", default="plan", choices=ROUTINGS,
+                   help="the router's policies: plan (default), round-robin, cache-aware; weighted: the plan's "
+                        "weights alone; load_aware: old name of plan")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="model no prefix caches (by default each group caches the trace's hash_ids blocks)")
+    p.add_argument("--block-tokens", type=int, default=MOONCAKE_BLOCK_TOKENS,
+                   help="tokens per trace hash id (512 for Mooncake traces)")
+    p.add_argument("--share-slack-requests", type=float, default=DEFAULT_SHARE_SLACK_REQUESTS,
+                   help="cache-aware: how far (in requests) a route may run ahead of its share")
+    p.add_argument("--decode-first-max-tokens", type=int, default=DEFAULT_DECODE_FIRST_MAX_TOKENS,
+                   help="cache-aware: the decode group computes an uncached suffix this short itself (0: never)")
     p.add_argument("--find-max-rate", action="store_true", help="bisect the rate for SLO attainment >= --attainment")
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX_*.png")
@@ -74,6 +85,13 @@ def cmd_simulate(args) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"error: cannot simulate {args.plan}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    try:
+        sim_cfg = SimConfig(routing=args.routing, prefix_caching=not args.no_prefix_caching,
+                            prefix_block_tokens=args.block_tokens, share_slack_requests=args.share_slack_requests,
+                            decode_first_max_tokens=args.decode_first_max_tokens)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = model_from_fields(plan.model, "plan.model")
     costs = _costs(args, model, cluster)
     slo_cfg = plan.workload.get("slo") or {}
@@ -90,7 +108,8 @@ def cmd_simulate(args) -> int:
             "num_gpus": fleet.num_gpus, "cost_per_hour": fleet.price_per_hour,
             "costs": "profile" if args.profile else "analytic", "routing": args.routing}
     if args.find_max_rate:
-        best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=args.attainment, routing=args.routing)
+        best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=args.attainment, routing=args.routing,
+                               cfg=sim_cfg)
         if best is None:
             print(f"the plan misses {args.attainment:.0%} SLO attainment even at the lowest rate tried")
             return 1
@@ -99,9 +118,13 @@ def cmd_simulate(args) -> int:
         result = {**meta, **best.result, "offered_rate_rps": best.rate_rps}
     else:
         workload = build_workload(wcfg, trace)
-        records = simulate(fleet, workload, costs,
-                           SimConfig(keep_itls=len(workload) <= 20_000, routing=args.routing))
+        sim_cfg.keep_itls = len(workload) <= 20_000
+        records, counters = simulate_with_counters(fleet, workload, costs, sim_cfg)
         result = build_result(records, slo, meta)
+        result.update(counters.to_json())
+    print(f"prefix caches (all groups): {result['prompt_tokens_computed_all_groups']} prompt tokens computed, "
+          f"hit rate {result['prefix_hit_rate_all_groups']:.1%}, {result['decode_first_requests']} requests "
+          "decode-first")
     print(summary_table(result))
     if args.out:
         paths = write_result(result, args.out, plots=not args.no_plots)
