@@ -87,14 +87,16 @@ def route_latency(ev: GroupEvaluator, prefill: tuple[Group, PhasePerf], prefill_
     stages = group_stages(ev, group, perf)
     wait = prefill_wait_s(perf, prefill_load_rps)
 
-    def ttft(tokens: float, sq_tokens: float) -> float:
-        latency = cm.prefill_pass(ev.model, stages, tokens, sq_tokens)[0]
+    def ttft(tokens: float, sq_tokens: float, hit: float = 0.0) -> float:
+        # A hit fraction `hit` of the prompt is cached: only the rest is computed; all of its KV crosses.
+        latency = cm.prefill_pass(ev.model, stages, tokens * (1 - hit), sq_tokens * (1 - hit * hit))[0]
         return latency + wait + transfer_mean_s * tokens / wl.input_mean + tpot_s
 
     lengths = wl.input_quantiles or (wl.input_mean,)
     meets = sum(ttft(s, s * s) <= wl.ttft_slo_s for s in lengths) / len(lengths) if tpot_s <= wl.tpot_slo_s else 0.0
     tail = wl.input_tail
-    return RouteLatency(ttft(wl.input_mean, wl.input_sq_mean), ttft(tail, tail * tail), tpot_s, meets)
+    return RouteLatency(ttft(wl.input_mean, wl.input_sq_mean, wl.prefix_hit_fraction), ttft(tail, tail * tail),
+                        tpot_s, meets)
 
 
 def colocated_latency(ev: GroupEvaluator, group: Group, perf: PhasePerf, load_rps: float) -> RouteLatency:
@@ -107,11 +109,12 @@ def colocated_latency(ev: GroupEvaluator, group: Group, perf: PhasePerf, load_rp
     step = cm.decode_step(ev.model, stages, max(batch, 1.0), wl.decode_context_mean)
     wait = rho * perf.service_s / (2 * (1 - rho))
 
-    def ttft(tokens: float, sq_tokens: float) -> float:
-        return cm.prefill_pass(ev.model, stages, tokens, sq_tokens)[0] + wait + step
+    def ttft(tokens: float, sq_tokens: float, hit: float = 0.0) -> float:
+        return cm.prefill_pass(ev.model, stages, tokens * (1 - hit), sq_tokens * (1 - hit * hit))[0] + wait + step
 
     lengths = wl.input_quantiles or (wl.input_mean,)
     tpot = step * stretch
     meets = sum(ttft(s, s * s) <= wl.ttft_slo_s for s in lengths) / len(lengths) if tpot <= wl.tpot_slo_s else 0.0
     tail = wl.input_tail
-    return RouteLatency(ttft(wl.input_mean, wl.input_sq_mean), ttft(tail, tail * tail), tpot, meets)
+    return RouteLatency(ttft(wl.input_mean, wl.input_sq_mean, wl.prefix_hit_fraction), ttft(tail, tail * tail),
+                        tpot, meets)

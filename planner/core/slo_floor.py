@@ -46,8 +46,10 @@ def slo_floor(cluster: Cluster) -> tuple[float, float]:
     it is measured on a workload whose every prompt has that length."""
     wl = cluster.workload
     ttft_s, tpot_s = _fastest(cluster)
-    if wl.input_tail != wl.input_mean:
-        tail = replace(wl, input_mean=wl.input_tail, input_sq_mean=wl.input_tail**2, input_quantiles=())
+    if wl.input_tail != wl.input_mean or wl.prefix_hit_fraction:
+        # The tail prompt is taken as a full miss: a prefix cache is no promise for the one that is slowest.
+        tail = replace(wl, input_mean=wl.input_tail, input_sq_mean=wl.input_tail**2, input_quantiles=(),
+                       prefix_hit_fraction=0.0)
         ttft_s, _ = _fastest(replace(cluster, workload=tail))
     return ttft_s, tpot_s
 

@@ -178,9 +178,10 @@ class GroupEvaluator:
                 times[i], fits[i] = row
                 continue
             if phase == Role.PREFILL:
-                t = cm.prefill_stage_time(model, wl.input_mean, wl.input_sq_mean, node.spec, tp, ks, first, last,
-                                          intra_bw, intra_lat)
-                hop = cm.link_time(cm.activation_bytes(model, wl.input_mean), slot.hop_bw, slot.hop_lat)
+                # The uncached tokens are computed (and their activations hop); the KV of the whole prompt is held.
+                t = cm.prefill_stage_time(model, wl.prefill_tokens_mean, wl.prefill_sq_mean, node.spec, tp, ks, first,
+                                          last, intra_bw, intra_lat)
+                hop = cm.link_time(cm.activation_bytes(model, wl.prefill_tokens_mean), slot.hop_bw, slot.hop_lat)
                 kv_tokens = wl.input_mean
             else:
                 t = cm.decode_stage_time(model, wl.decode_context_mean, node.spec, tp, ks, micro, first, last,
@@ -211,11 +212,12 @@ class GroupEvaluator:
 
     def _prefill_pass(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int],
                       tokens: float | None = None) -> tuple[float, float]:
-        """(slowest stage or hop, end-to-end latency) of one prompt (default: the mean) through a fixed split."""
+        """(slowest stage or hop, end-to-end latency) of one prompt through a fixed split: by default the
+        mean prompt's uncached tokens (workload.prefix_hit_fraction), else ``tokens`` all computed."""
         wl = self.workload
         stages = self.stages(group, tp, slots, split)
         if tokens is None:
-            latency, service = cm.prefill_pass(self.model, stages, wl.input_mean, wl.input_sq_mean)
+            latency, service = cm.prefill_pass(self.model, stages, wl.prefill_tokens_mean, wl.prefill_sq_mean)
         else:
             latency, service = cm.prefill_pass(self.model, stages, tokens, tokens**2)
         return service, latency
@@ -230,7 +232,9 @@ class GroupEvaluator:
         service, latency = self._prefill_pass(group, tp, slots, split)
         # Feasibility at the tail: the SLO's percentile prompt must finish, queue and hand over its KV in time.
         tail = wl.input_tail
-        tail_latency = self._prefill_pass(group, tp, slots, split, tail)[1] if tail != wl.input_mean else latency
+        # The tail prompt is computed whole (a full miss), even when the mean prompt hits the prefix cache.
+        tail_latency = (self._prefill_pass(group, tp, slots, split, tail)[1]
+                        if tail != wl.input_mean or wl.prefix_hit_fraction else latency)
         kv_budget_tail = self.options.ttft_kv_share * (wl.ttft_slo_s - tail_latency)
         capacity = cm.mdl_queue_capacity(service, tail_latency, wl.ttft_slo_s - kv_budget_tail)
         wait = service * capacity * service / (2 * (1 - capacity * service)) if capacity else 0.0

@@ -13,7 +13,7 @@ A request's life in the simulation mirrors the real system:
     decode-first (cache-aware, the decode group holds all but a short suffix):
       arrival -> decode group waiting queue -> its first step also computes the suffix
 
-Prefix caches (planner.sim.prefix_cache): each group keeps an LRU of the
+Prefix caches (planner.spec.prefix_reuse): each group keeps an LRU of the
 trace's hash-id blocks it has seen (prefill groups when a pass ends, decode
 groups when a request is admitted), sized by its KV capacity, under every
 routing. A pass computes the uncached tokens while attending over the cached
@@ -48,11 +48,9 @@ from common.cache_routing import DEFAULT_DECODE_FIRST_MAX_TOKENS, DEFAULT_SHARE_
 from common.roles import Role
 from loadtest.metrics import RequestRecord
 from loadtest.workload import PlannedRequest
-from planner.sim.prefix_cache import PrefixCache, cached_tokens, prompt_blocks
+from planner.spec.prefix_reuse import MOONCAKE_BLOCK_TOKENS, PrefixCache, cached_tokens, prompt_blocks
 from planner.sim.routing import ROUTINGS, RoutePicker
 from planner.sim.types import SimCosts, SimFleet, SimGroup, SimRoute
-
-MOONCAKE_BLOCK_TOKENS = 512  # a Mooncake trace's hash_ids name 512-token blocks
 
 
 @dataclass(slots=True)
@@ -64,7 +62,7 @@ class SimConfig:
     # (the plan's weights alone).
     routing: str = "plan"
     load_scale_tokens: float = 4096.0
-    # Prefix caches (planner.sim.prefix_cache): every group keeps the blocks of the prompts it
+    # Prefix caches (planner.spec.prefix_reuse): every group keeps the blocks of the prompts it
     # served, whatever the routing (an engine with prefix caching caches anyway).
     prefix_caching: bool = True
     prefix_block_tokens: int = MOONCAKE_BLOCK_TOKENS  # tokens per trace hash id
@@ -117,7 +115,7 @@ class PrefixCounters:
             "prefix_cache": roles,
             "prefix_cache_hit_rate": hits / queries if queries else None,
             "prefill_tokens_computed": queries - hits if side else None,
-            "prefix_cache_source": "simulation (LRU prefix caches per group, planner.sim.prefix_cache)",
+            "prefix_cache_source": "simulation (LRU prefix caches per group, planner.spec.prefix_reuse)",
             "prompt_tokens_computed_all_groups": self.computed_tokens,
             "prefix_hit_rate_all_groups": self.hit_rate,
             "decode_first_requests": self.decode_first_requests,

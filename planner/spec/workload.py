@@ -14,6 +14,15 @@ standard deviation, those of a log-normal with that mean and std (lengths are
 positive and right-skewed; a std of 0 is every prompt at the mean). The TTFT
 SLO is checked at ``slo.percentile`` of it (default 90) and the plan's SLO
 attainment is the share of these percentiles whose TTFT meets it.
+
+Prefix reuse (``prefix_hit_fraction``, default 0: none): the share of prompt
+tokens the prefill workers' prefix caches hold. Prefill capacity is then
+computed on the uncached tokens (``prefill_tokens_mean``, attending over the
+cached ones: ``prefill_sq_mean``); the KV transfer, decode memory and the
+TTFT-tail check keep the whole prompt (a tail prompt may miss). Give it as a
+number, or as ``{"estimate": "affinity" | "upper-bound", "prefill_workers": N,
+"cache_tokens_per_worker": C, "block_tokens": 512}`` to read it off the
+trace's hash_ids (``planner.spec.prefix_reuse.reuse_profile``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import numpy as np
 from common.traces import TRACE_FORMATS, TraceError, TraceRequest, detect_format, load_trace
 from planner.spec.errors import PlanInputError
 from planner.spec.fields import Fields
+from planner.spec.prefix_reuse import MOONCAKE_BLOCK_TOKENS, reuse_profile
 
 DEFAULT_SLO_PERCENTILE = 90.0
 # The probabilities (in %) at which a workload keeps its prompt-length percentiles: 100 equal slices.
@@ -35,8 +45,10 @@ QUANTILE_PROBS = tuple(k + 0.5 for k in range(100))
 
 WORKLOAD_FIELDS = frozenset(
     {"input_tokens_mean", "input_tokens_std", "output_tokens_mean", "trace", "arrival_rate_rps", "slo",
-     "price_budget_per_hour"}
+     "price_budget_per_hour", "prefix_hit_fraction"}
 )
+MAX_PREFIX_HIT_FRACTION = 0.99  # at least one token of a prompt is always computed
+REUSE_ESTIMATES = ("affinity", "upper-bound")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,22 @@ class Workload:
     source: str = "means"
     slo_percentile: float = DEFAULT_SLO_PERCENTILE  # TTFT is held at this percentile of the prompt length
     input_quantiles: tuple[float, ...] = ()  # prompt lengths at QUANTILE_PROBS (empty: every prompt at the mean)
+    prefix_hit_fraction: float = 0.0  # share of prompt tokens found in the prefill workers' prefix caches
+
+    @property
+    def prefill_tokens_mean(self) -> float:
+        """Prompt tokens a prefill computes on average: the uncached ones."""
+        if not self.prefix_hit_fraction:
+            return self.input_mean
+        return self.input_mean * (1 - self.prefix_hit_fraction)
+
+    @property
+    def prefill_sq_mean(self) -> float:
+        """Attention term of the uncached tokens, attending over the cached prefix too: the token pairs
+        of a prompt n with a cached head h*n are n^2 - (h*n)^2."""
+        if not self.prefix_hit_fraction:
+            return self.input_sq_mean
+        return self.input_sq_mean * (1 - self.prefix_hit_fraction**2)
 
     def input_at_percentile(self, percentile: float) -> float:
         """Prompt length at ``percentile`` (0-100) of the distribution, interpolated between slices."""
@@ -92,6 +120,8 @@ class Workload:
             f"input_tokens_p{self.slo_percentile:g}": round(self.input_tail, 2),
             "price_budget_per_hour": self.price_budget_per_hour,
             "source": self.source,
+            # Only when set: a plan without reuse stays byte-identical to one from before the field.
+            **({"prefix_hit_fraction": round(self.prefix_hit_fraction, 4)} if self.prefix_hit_fraction else {}),
         }
 
 
@@ -163,7 +193,8 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
         tf.check_keys({"path", "format"})
         path = Path(tf.string("path"))
         path = path if path.is_absolute() else base_dir / path
-        stats = read_trace(path, tf.string("format", "auto", choices=("auto", *TRACE_FORMATS)))
+        fmt = tf.string("format", "auto", choices=("auto", *TRACE_FORMATS))
+        stats = read_trace(path, fmt)
         return Workload(
             input_mean=stats.input_mean,
             output_mean=stats.output_mean,
@@ -175,6 +206,7 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
             source=f"trace:{path.name}",
             slo_percentile=percentile,
             input_quantiles=stats.input_quantiles,
+            prefix_hit_fraction=parse_prefix_hit_fraction(f, (path, fmt)),
         )
     mean_in = f.number("input_tokens_mean", above=0)
     std_in = f.number("input_tokens_std", 0.0, minimum=0)
@@ -188,4 +220,29 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
         price_budget_per_hour=budget,
         slo_percentile=percentile,
         input_quantiles=lognormal_quantiles(mean_in, std_in),
+        prefix_hit_fraction=parse_prefix_hit_fraction(f, None),
     )
+
+
+def parse_prefix_hit_fraction(f: Fields, trace: tuple[Path, str] | None) -> float:
+    """``workload.prefix_hit_fraction``: a number, or an estimate from the trace's hash_ids (module docstring)."""
+    key = "prefix_hit_fraction"
+    if not f.has(key):
+        return 0.0
+    if not isinstance(f.raw(key), dict):
+        return f.number(key, minimum=0, maximum=MAX_PREFIX_HIT_FRACTION)
+    e = f.obj(key)
+    e.check_keys({"estimate", "prefill_workers", "cache_tokens_per_worker", "block_tokens"})
+    how = e.string("estimate", choices=REUSE_ESTIMATES)
+    if trace is None:
+        raise PlanInputError(e.at("estimate"), "an estimate reads the trace's hash_ids; give workload.trace "
+                             "(a Mooncake-format trace) or a number")
+    workers = e.integer("prefill_workers", minimum=1)
+    block = e.integer("block_tokens", MOONCAKE_BLOCK_TOKENS, minimum=1)
+    cache = e.integer("cache_tokens_per_worker", minimum=block)
+    try:
+        profile = reuse_profile(load_trace(*trace), workers, cache, block)
+    except ValueError as exc:
+        raise PlanInputError(f.at(key), str(exc)) from None
+    hit = profile.affinity_hit_fraction if how == "affinity" else profile.repeat_fraction
+    return min(hit, MAX_PREFIX_HIT_FRACTION)

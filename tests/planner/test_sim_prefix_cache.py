@@ -4,7 +4,7 @@ import pytest
 
 from loadtest.workload import PlannedRequest
 from planner.core.costmodel import Stage
-from planner.sim.prefix_cache import PrefixCache, cached_tokens, prompt_blocks
+from planner.spec.prefix_reuse import PrefixCache, cached_tokens, prompt_blocks
 from planner.sim.simulator import SimConfig, simulate, simulate_with_counters
 from planner.sim.types import SimFleet, SimGroup, SimRoute
 from planner.spec.catalog import default_catalog
