@@ -10,8 +10,10 @@ with H = `prefix_caching_hash_algo` (default "sha256": SHA-256 of the pickled
 object, vllm/utils/hashing.py) and seed = $PYTHONHASHSEED if set, else
 "vllm-none-hash" for the cryptographic algorithms (`resolve_none_hash_seed`).
 Its KV-cache events (`BlockStored`, `BlockRemoved`) name blocks by these same
-hashes, so the router can look a new request's blocks up in what the engines
-reported, exactly. A test compares these hashes with the ones a real engine
+hashes (by default as the low 64 bits of the big-endian digest,
+VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1; as the digest bytes otherwise), so
+the router can look a new request's blocks up in what the engines reported,
+exactly: both forms become the same `BlockKey` (`block_key`). A test compares these hashes with the ones a real engine
 publishes for the same tokens (tests/router/test_router_prefix_events.py) and
 with vLLM's own function.
 
@@ -29,6 +31,8 @@ import pickle
 from collections.abc import Sequence
 from functools import lru_cache
 
+BlockKey = int  # a block hash as the index keys it: the low 64 bits of vLLM's digest
+_KEY_MASK = (1 << 64) - 1
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"  # vLLM's seed when PYTHONHASHSEED is unset
 SUPPORTED_ALGOS = ("sha256",)
 
@@ -43,13 +47,25 @@ def none_hash(seed: str) -> bytes:
     return _sha256_pickle(seed)
 
 
+def block_key(block_hash: bytes | int) -> BlockKey:
+    """One key for a block, whichever form its event used (vLLM's maybe_convert_block_hash)."""
+    if isinstance(block_hash, int):
+        return block_hash & _KEY_MASK
+    return int.from_bytes(block_hash, "big") & _KEY_MASK
+
+
 def none_hash_seed() -> str:
     """The seed vLLM derives NONE_HASH from in a process with this environment."""
     return os.environ.get("PYTHONHASHSEED", DEFAULT_NONE_HASH_SEED)
 
 
+def block_keys(token_ids: Sequence[int], block_size: int, seed: str | None = None) -> list[BlockKey]:
+    """The index keys of the full blocks of `token_ids`."""
+    return [block_key(h) for h in block_hashes(token_ids, block_size, seed)]
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, seed: str | None = None) -> list[bytes]:
-    """The hashes of the full blocks of `token_ids` (a trailing partial block has none)."""
+    """vLLM's hashes of the full blocks of `token_ids` (a trailing partial block has none)."""
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
     parent = none_hash(seed if seed is not None else none_hash_seed())

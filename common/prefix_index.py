@@ -20,22 +20,24 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from common.block_hash import BlockKey
+
 DEFAULT_MAX_BLOCKS_PER_WORKER = 1 << 20
 
 
 @dataclass(slots=True)
 class _WorkerBlocks:
     block_size: int | None = None  # learnt from the first stored event
-    blocks: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # insertion order = age
+    blocks: OrderedDict[BlockKey, None] = field(default_factory=OrderedDict)  # insertion order = age
 
 
 @dataclass(slots=True)
 class PrefixIndex:
     max_blocks_per_worker: int = DEFAULT_MAX_BLOCKS_PER_WORKER
     _workers: dict[str, _WorkerBlocks] = field(default_factory=dict)
-    _holders: dict[bytes, set[str]] = field(default_factory=dict)
+    _holders: dict[BlockKey, set[str]] = field(default_factory=dict)
 
-    def stored(self, worker_id: str, hashes: Iterable[bytes], block_size: int) -> None:
+    def stored(self, worker_id: str, hashes: Iterable[BlockKey], block_size: int) -> None:
         entry = self._workers.setdefault(worker_id, _WorkerBlocks())
         if entry.block_size != block_size:
             if entry.block_size is not None:  # a restarted engine with other settings
@@ -52,7 +54,7 @@ class PrefixIndex:
             oldest, _ = entry.blocks.popitem(last=False)
             self._forget(worker_id, oldest)
 
-    def removed(self, worker_id: str, hashes: Iterable[bytes]) -> None:
+    def removed(self, worker_id: str, hashes: Iterable[BlockKey]) -> None:
         entry = self._workers.get(worker_id)
         if entry is None:
             return
@@ -69,7 +71,7 @@ class PrefixIndex:
         for block_hash in entry.blocks:
             self._forget(worker_id, block_hash)
 
-    def _forget(self, worker_id: str, block_hash: bytes) -> None:
+    def _forget(self, worker_id: str, block_hash: BlockKey) -> None:
         holders = self._holders.get(block_hash)
         if holders is not None:
             holders.discard(worker_id)
@@ -84,7 +86,7 @@ class PrefixIndex:
         entry = self._workers.get(worker_id)
         return len(entry.blocks) if entry is not None else 0
 
-    def cached_blocks(self, worker_id: str, hashes: Sequence[bytes]) -> int:
+    def cached_blocks(self, worker_id: str, hashes: Sequence[BlockKey]) -> int:
         """How many of `hashes` (one request's chain) the worker holds, from the first."""
         count = 0
         for block_hash in hashes:
@@ -95,7 +97,7 @@ class PrefixIndex:
 
     def cached_tokens(
         self, worker_ids: Iterable[str], token_ids: Sequence[int],
-        hash_chain: Callable[[Sequence[int], int], list[bytes]],
+        hash_chain: Callable[[Sequence[int], int], list[BlockKey]],
     ) -> dict[str, int]:
         """Each worker's cached prefix of `token_ids`, in tokens. `hash_chain(tokens,
         block_size)` gives the chain (memoise it: workers usually share a block size)."""

@@ -38,6 +38,9 @@ class EngineSettings:
     pipeline_parallel_size: int = 1
     kv_transfer_config: dict[str, Any] | None = None
     cpu_kvcache_gib: int = DEFAULT_CPU_KVCACHE_GIB
+    # Where the engine publishes its KV-cache events (blocks stored and removed)
+    # for the router's prefix index; None publishes nothing.
+    kv_events_endpoint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +67,11 @@ class EngineSettings:
             kwargs["block_size"] = self.block_size
         if self.kv_transfer_config is not None:
             kwargs["kv_transfer_config"] = self.kv_transfer_config
+        if self.kv_events_endpoint is not None:
+            from vllm.config import KVEventsConfig
+
+            kwargs["kv_events_config"] = KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=events_bind_endpoint(self.kv_events_endpoint))
         kwargs.update(self.extra)
         return kwargs
 
@@ -82,6 +90,18 @@ class EngineSettings:
                 # vLLM's CPU worker binds each rank's threads to NUMA nodes and
                 # refuses more ranks than nodes; give each rank its own cores.
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(world_size))
+
+
+def events_bind_endpoint(endpoint: str) -> str:
+    """What the engine's event publisher binds for subscribers to reach `endpoint`.
+
+    vLLM's publisher binds ipc endpoints and wildcard TCP ones but *connects*
+    to a TCP endpoint that names a host (ZmqEventPublisher._is_bind_endpoint),
+    so tcp://10.0.0.5:7000 is bound as tcp://*:7000.
+    """
+    if endpoint.startswith("tcp://"):
+        return "tcp://*:" + endpoint.rsplit(":", 1)[1]
+    return endpoint
 
 
 def cpu_binding(ranks: int) -> str:

@@ -94,6 +94,10 @@ class LoadReport(msgspec.Struct, array_like=True, omit_defaults=True):
     kv_cache_usage: float = 0.0  # fraction of the paged KV cache in use, 0..1
     num_inflight: int = 0  # requests this worker's control loop holds
     kv_stats: dict[str, float] = {}  # transfer counters from the KV connector
+    # The engine's own prefix-cache counts since it started (vLLM's scheduler
+    # stats): prompt tokens looked up, and of those found in the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Pong(msgspec.Struct, array_like=True, forbid_unknown_fields=True):

@@ -73,6 +73,8 @@ def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
         parser.add_argument("--kv-endpoint", default=None, help="ZeroMQ endpoint where this worker's KV connector listens")
         parser.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"],
                             help="'none': no KV transfer (decode recomputes the prompt)")
+    parser.add_argument("--kv-events-endpoint", default=None,
+                        help="ZeroMQ endpoint where the engine publishes its KV-cache events for the router's prefix index")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -110,6 +112,7 @@ def settings_from_args(command_line: WorkerCommandLine, args: argparse.Namespace
         pipeline_parallel_size=args.pipeline_parallel_size,
         cpu_kvcache_gib=args.cpu_kvcache_gib,
         kv_transfer_config=kv_config,
+        kv_events_endpoint=args.kv_events_endpoint,
     )
 
 

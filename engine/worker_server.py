@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from common.aio import run_event_loop
 from common.roles import Role
-from common.sockets import make_socket
+from common.sockets import ipc_path, make_socket
 from common.wire import ProtocolError
 from engine import control_protocol as proto
 from engine.config import EngineSettings
@@ -47,6 +47,8 @@ class _LoadState:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # cumulative: vLLM reports each interval's increments
+    prefix_cache_hits: int = 0
 
 
 def _make_stat_logger_factory(state: _LoadState):
@@ -61,6 +63,10 @@ def _make_stat_logger_factory(state: _LoadState):
                 state.num_running = scheduler_stats.num_running_reqs
                 state.num_waiting = scheduler_stats.num_waiting_reqs
                 state.kv_cache_usage = scheduler_stats.kv_cache_usage
+                prefix = scheduler_stats.prefix_cache_stats
+                if prefix is not None:
+                    state.prefix_cache_queries += prefix.queries
+                    state.prefix_cache_hits += prefix.hits
 
         def log_engine_initialized(self):
             pass
@@ -118,6 +124,8 @@ class WorkerServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.settings.apply_process_env()
+        if self.settings.kv_events_endpoint and (path := ipc_path(self.settings.kv_events_endpoint)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)  # vLLM's publisher binds before our sockets make it
         return AsyncLLM.from_engine_args(
             AsyncEngineArgs(**self.settings.engine_kwargs()),
             stat_loggers=[_make_stat_logger_factory(self._load)],
@@ -198,6 +206,8 @@ class WorkerServer:
             kv_cache_usage=self._load.kv_cache_usage,
             num_inflight=len(self._tasks),
             kv_stats=self._read_kv_stats(),
+            prefix_cache_queries=self._load.prefix_cache_queries,
+            prefix_cache_hits=self._load.prefix_cache_hits,
         )
 
     def _read_kv_stats(self) -> dict[str, float]:

@@ -30,6 +30,9 @@ class WorkerSpec:
     # Where the worker's KV connector listens (a decode worker's ranks add .rank<r>,
     # see kvtransfer.rank_endpoint); None for a worker that takes no KV.
     kv_endpoint: str | None = None
+    # Where the worker's engine publishes KV-cache events (vLLM's BlockStored /
+    # BlockRemoved) for the router's prefix index; None: none published.
+    kv_events_endpoint: str | None = None
     model: str | None = None  # None: the tiny model
     served_model_name: str | None = None
     max_model_len: int = 1024
@@ -88,6 +91,8 @@ class WorkerSpec:
             cmd += ["--kv-connector", self.kv_connector]
         if self.kv_endpoint:
             cmd += ["--kv-endpoint", self.kv_endpoint]
+        if self.kv_events_endpoint:
+            cmd += ["--kv-events-endpoint", self.kv_events_endpoint]
         if self.model:
             cmd += ["--model", self.model]
         if self.served_model_name:

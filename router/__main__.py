@@ -8,6 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from common.cache_routing import (
+    DEFAULT_DECODE_FIRST_MAX_TOKENS,
+    DEFAULT_ROUTING,
+    DEFAULT_SHARE_SLACK_REQUESTS,
+    ROUTING_POLICIES,
+)
 from router.serve import ServeOptions, StartupError, run
 
 
@@ -36,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the router and local workers talk and move KV: Unix sockets (default: less CPU, "
                         "no port races) or TCP on --worker-host; workers placed by --ray use TCP on their node")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
+    r = s.add_argument_group("routing")
+    r.add_argument("--routing", default=DEFAULT_ROUTING, choices=ROUTING_POLICIES,
+                   help="cache-aware (default): send each request where its prefix is cached, within "
+                        "--share-slack-requests of the plan's shares; plan: the plan's weights and live load; "
+                        "round-robin: every route in turn")
+    r.add_argument("--share-slack-requests", type=_non_negative(float), default=DEFAULT_SHARE_SLACK_REQUESTS,
+                   help="cache-aware: how many requests a route may run ahead of or behind its plan share "
+                        f"(default {DEFAULT_SHARE_SLACK_REQUESTS:g}; 0 = the plan's split exactly)")
+    r.add_argument("--decode-first-max-tokens", type=_non_negative(int), default=DEFAULT_DECODE_FIRST_MAX_TOKENS,
+                   help="cache-aware: a decode worker whose cache holds all but at most this many prompt tokens "
+                        f"computes them itself, skipping the prefill hop (default {DEFAULT_DECODE_FIRST_MAX_TOKENS}; 0: off)")
     logs = s.add_mutually_exclusive_group()
     logs.add_argument("--log-dir", type=Path, default=None,
                       help="write each worker's log to DIR/<worker>.log (default: a new folder per run under the "
@@ -46,8 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_negative(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.routing != "cache-aware":
+        for flag, value, default in (("--share-slack-requests", args.share_slack_requests, DEFAULT_SHARE_SLACK_REQUESTS),
+                                     ("--decode-first-max-tokens", args.decode_first_max_tokens,
+                                      DEFAULT_DECODE_FIRST_MAX_TOKENS)):
+            if value != default:  # refused, never silently ignored
+                build_parser().error(f"{flag} applies to --routing cache-aware only (got --routing {args.routing})")
     # Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
     level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
@@ -58,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
             max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
             log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
+            routing=args.routing, share_slack_requests=args.share_slack_requests,
+            decode_first_max_tokens=args.decode_first_max_tokens,
         ))
     except StartupError as exc:  # the reason and the log to read, not a traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -94,7 +94,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def prometheus_metrics(request: Request) -> Response:
     state = _state(request)
-    state.metrics.observe_workers(state.cluster.clients.values())
+    state.metrics.observe_cluster(state.cluster)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

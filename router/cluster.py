@@ -8,10 +8,16 @@
 A colocated worker (a route from a worker to itself) gets the client's
 request directly: it computes the prompt and generates in one engine.
 
+A decode-first request (the cache-aware policy found all but a short suffix
+of the prompt in D's prefix cache) also goes to D directly: D computes the
+suffix itself and the prefill hop is skipped.
+
 A worker failure before the client has seen a token is retried once on
 another route; after that, the request fails at once with a clear error. The
 router's per-worker `outstanding_tokens` (prompt tokens queued on P; prompt
-plus output budget on D) is the live-load signal the routing policy reads.
+plus output budget on D) is the live-load signal the routing policy reads;
+the prefix index (fed by the workers' KV-cache events, router.kv_events)
+tells the cache-aware policy how much of each prompt each worker holds.
 """
 
 from __future__ import annotations
@@ -25,16 +31,38 @@ from dataclasses import dataclass, field
 
 import zmq.asyncio
 
-from common.routing import NoRouteAvailable, Route, RoutePolicy
+from common.block_hash import block_keys
+from common.cache_routing import DEFAULT_ROUTING, make_policy
+from common.prefix_index import PrefixIndex
+from common.routing import NoRouteAvailable, Route, RouteChoice, RoutePolicy
 from decode import decode_kv_params
 from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
 from prefill import PREFILL_SAMPLING, prefill_kv_params
+from router.kv_events import EventStats, WorkerEventFeed
 from router.worker_client import WorkerClient, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first try and one retry on another route
+
+
+@dataclass(slots=True)
+class PromptStats:
+    """Where prompts were computed: the engines' own count of the tokens their
+    prefix cache supplied (`num_cached_tokens` of a request's first output)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    decode_first_requests: int = 0
+
+    def count(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        self.prompt_tokens += num_prompt_tokens
+        self.cached_tokens += num_cached_tokens
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
 
 @dataclass
@@ -45,8 +73,14 @@ class Cluster:
     health_interval_s: float = 0.5
     health_timeout_s: float = 3.0
     clients: dict[str, WorkerClient] = field(default_factory=dict)
+    routing: str = DEFAULT_ROUTING  # a name from common.cache_routing.ROUTING_POLICIES
+    policy_options: dict = field(default_factory=dict)  # share_slack_requests, decode_first_max_tokens
     policy: RoutePolicy | None = None
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
+    event_stats: EventStats = field(default_factory=EventStats)
+    prompt_stats: PromptStats = field(default_factory=lambda: PromptStats())
     _ctx: zmq.asyncio.Context | None = None
+    _event_tasks: list[asyncio.Task] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
@@ -55,7 +89,7 @@ class Cluster:
             for worker_id in (route.prefill_worker, route.decode_worker):
                 if worker_id not in known:
                     raise ValueError(f"route {route.prefill_worker}->{route.decode_worker} names unknown worker {worker_id!r}")
-        self.policy = RoutePolicy(self.routes)
+        self.policy = make_policy(self.routing, self.routes, **self.policy_options)
 
     async def start(self, process_alive: dict | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -67,11 +101,18 @@ class Cluster:
             )
             client.start()
             self.clients[info.worker_id] = client
+            if info.kv_events_endpoint:
+                feed = WorkerEventFeed(info.worker_id, info.kv_events_endpoint, self.prefix_index,
+                                       is_healthy=lambda c=client: c.healthy, stats=self.event_stats)
+                self._event_tasks.append(asyncio.ensure_future(feed.run(self._ctx)))
 
     async def wait_ready(self, timeout_s: float) -> None:
         await asyncio.gather(*(c.wait_healthy(timeout_s) for c in self.clients.values()))
 
     async def close(self) -> None:
+        for task in self._event_tasks:
+            task.cancel()
+        await asyncio.gather(*self._event_tasks, return_exceptions=True)
         clients = list(self.clients.values())
         results = await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         for client, result in zip(clients, results):
@@ -89,8 +130,21 @@ class Cluster:
     def _outstanding(self, worker_id: str) -> int:
         return self.clients[worker_id].outstanding_tokens
 
-    def choose_route(self, exclude: frozenset[Route] = frozenset()) -> Route:
-        return self.policy.choose(self.is_healthy, self._outstanding, exclude)
+    def choose_route(self, prompt_token_ids: list[int] = (), exclude: frozenset[Route] = frozenset()) -> RouteChoice:
+        cached = self.cached_tokens(prompt_token_ids) if self.policy.wants_prefixes else None
+        return self.policy.pick(self.is_healthy, self._outstanding, exclude, len(prompt_token_ids), cached)
+
+    def cached_tokens(self, prompt_token_ids: list[int]) -> dict[str, int]:
+        """Each worker's cached prefix of the prompt, in tokens, from the prefix index."""
+        chains: dict[int, list[int]] = {}  # block size -> keys: workers usually share one
+
+        def chain(tokens, block_size: int) -> list[int]:
+            if block_size not in chains:
+                chains[block_size] = block_keys(tokens, block_size)
+            return chains[block_size]
+
+        # The last prompt token is always computed (its logits give the first output token).
+        return self.prefix_index.cached_tokens(self.clients, prompt_token_ids[:-1], chain)
 
     async def generate(
         self, prompt_token_ids: list[int], sampling: proto.SamplingSpec, on_retry=None,
@@ -100,15 +154,16 @@ class Cluster:
         base_id = uuid.uuid4().hex[:16]
         for attempt in range(MAX_ATTEMPTS):
             try:
-                route = self.choose_route(frozenset(tried))
+                choice = self.choose_route(prompt_token_ids, frozenset(tried))
             except NoRouteAvailable:
                 if attempt == 0 or not self.any_route_healthy():
                     raise
-                route = self.choose_route()  # only the failed route is left and it recovered
+                choice = self.choose_route(prompt_token_ids)  # only the failed route is left and it recovered
+            route = choice.route
             tried.add(route)
             yielded = False
             try:
-                async for output in self._run_on_route(route, f"{base_id}-{attempt}", prompt_token_ids, sampling):
+                async for output in self._run_on_route(choice, f"{base_id}-{attempt}", prompt_token_ids, sampling):
                     yielded = yielded or bool(output.token_ids) or output.finished
                     yield route, output
                 return
@@ -120,17 +175,26 @@ class Cluster:
                     on_retry()
 
     async def _run_on_route(
-        self, route: Route, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
+        self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
     ) -> AsyncIterator[proto.Output]:
+        route = choice.route
         kv_params = None
-        if route.prefill_worker != route.decode_worker:
+        # Where the prompt is computed: on P, or on D itself (colocated, decode-first).
+        prompt_on_decode = choice.decode_first or route.prefill_worker == route.decode_worker
+        if choice.decode_first:
+            self.prompt_stats.decode_first_requests += 1
+        if not prompt_on_decode:
             prefill_final = await self._prefill(route, request_id, prompt_token_ids)
             kv_params = decode_kv_params(prefill_final, self.kv_connector)
         decode = self.clients[route.decode_worker]
         budget = len(prompt_token_ids) + sampling.max_tokens
         decode.outstanding_tokens += budget
+        first = True
         try:
             async for output in decode.generate(f"{request_id}-d", prompt_token_ids, sampling, kv_params):
+                if first and prompt_on_decode:
+                    self.prompt_stats.count(len(prompt_token_ids), output.num_cached_tokens)
+                first = False
                 yield output
         finally:
             decode.outstanding_tokens -= budget
@@ -149,4 +213,6 @@ class Cluster:
                 final = output
         finally:
             prefill.outstanding_tokens -= num_prompt
+        if final is not None:
+            self.prompt_stats.count(num_prompt, final.num_cached_tokens)
         return final

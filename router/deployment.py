@@ -50,7 +50,9 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
     workers = [
         # (Prefill listens for no KV: its kv_endpoint is never bound, see prefill.worker.)
         WorkerSpec(worker_id=worker_id, role=role, control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
-                   kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host), group_id=group, **shared)
+                   kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host),
+                   kv_events_endpoint=local_worker_endpoint(worker_id, "events", worker_link, host),
+                   group_id=group, **shared)
         for worker_id, role, group in (("prefill-0", Role.PREFILL, "p0"), ("decode-0", Role.DECODE, "d0"))
     ]
     return Deployment(workers=workers, routes=[Route("prefill-0", "decode-0", 1.0)], model_path=model_path,
@@ -88,6 +90,7 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
             # One KV socket per engine rank. On Ray each actor re-binds both on its node's address (tcp).
             control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
             kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host, ranks=tp * pp) if moves_kv else None,
+            kv_events_endpoint=local_worker_endpoint(worker_id, "events", worker_link, host),
             kv_connector=kv_connector if moves_kv else "none",
             tensor_parallel_size=tp, pipeline_parallel_size=pp,
             layer_partition=tuple(group.layer_partition) if pp > 1 else (),

@@ -32,8 +32,9 @@ WORKER_LINKS = ("ipc", "tcp")
 
 def local_worker_endpoint(worker_id: str, purpose: str, link: str = "ipc", host: str = "127.0.0.1", ranks: int = 1) -> str:
     """Where a worker on this machine listens: purpose "control" (the router's
-    endpoint) or "kv" (a decode worker's KV; a TP/PP worker's ranks add
-    `.rank<r>`, see kvtransfer.rank_endpoint).
+    endpoint), "kv" (a decode worker's KV; a TP/PP worker's ranks add
+    `.rank<r>`, see kvtransfer.rank_endpoint) or "events" (its engine's
+    KV-cache events, for the router's prefix index).
 
     ipc (Unix sockets) by default: between processes on one host they move KV
     with less CPU than loopback TCP (benchmarks/kvtransfer_throughput), and a
@@ -95,8 +96,9 @@ def remove_endpoint_files(spec: WorkerSpec) -> None:
     """What a stopped worker leaves on this machine (a killed process cannot
     remove them): its control socket file, and its KV receivers' socket files
     and arrival-mark folders, which kvtransfer knows how to find."""
-    if (path := ipc_path(spec.control_endpoint)) is not None:
-        path.unlink(missing_ok=True)
+    for endpoint in (spec.control_endpoint, spec.kv_events_endpoint):
+        if endpoint and (path := ipc_path(endpoint)) is not None:
+            path.unlink(missing_ok=True)
     if spec.kv_endpoint:
         remove_receiver_files(spec.kv_endpoint, spec.num_ranks)
 

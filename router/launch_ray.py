@@ -58,6 +58,7 @@ class _WorkerActor:
             spec,
             control_endpoint=local_endpoint(node_ip),
             kv_endpoint=local_endpoint(node_ip, spec.num_ranks) if spec.kv_endpoint else None,
+            kv_events_endpoint=local_endpoint(node_ip) if spec.kv_events_endpoint else None,
         )
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:

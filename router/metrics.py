@@ -33,7 +33,26 @@ class RouterMetrics:
         self.worker_waiting = Gauge("hexserve_worker_waiting_requests", "Requests waiting in the worker's scheduler", labels, registry=r)
         self.worker_kv_usage = Gauge("hexserve_worker_kv_cache_usage", "Fraction of the worker's KV cache in use", labels, registry=r)
         self.worker_outstanding = Gauge("hexserve_worker_outstanding_tokens", "Tokens the router has outstanding on the worker", labels, registry=r)
+        self.prefix_queries = Gauge("hexserve_worker_prefix_cache_queries_tokens", "Prompt tokens the worker's engine looked up in its prefix cache since it started (vLLM's count)", labels, registry=r)
+        self.prefix_hits = Gauge("hexserve_worker_prefix_cache_hits_tokens", "Prompt tokens the worker's engine found in its prefix cache since it started (vLLM's count)", labels, registry=r)
+        self.prompt_computed = Gauge("hexserve_prompt_computed_tokens", "Prompt tokens the engines computed (prompt minus their prefix-cache hits), over every prefill, colocated and decode-first run", registry=r)
+        self.prompt_cached = Gauge("hexserve_prompt_cached_tokens", "Prompt tokens the engines' prefix caches supplied, over the same runs", registry=r)
+        self.decode_first = Gauge("hexserve_decode_first_requests", "Requests the decode worker computed itself (its cache held all but a short suffix): no prefill hop", registry=r)
+        self.prefix_index_blocks = Gauge("hexserve_prefix_index_blocks", "Blocks the router's prefix index holds for the worker (from its KV-cache events)", labels, registry=r)
+        self.kv_event_resets = Gauge("hexserve_kv_event_resets", "Times a worker's prefix-index entries were dropped, by reason", ["reason"], registry=r)
         self.kv_stat = Gauge("hexserve_kv_transfer", "KV transfer counters reported by the worker's connector (bytes, transfers, failures)", ["worker", "stat"], registry=r)
+
+    def observe_cluster(self, cluster) -> None:
+        self.observe_workers(cluster.clients.values())
+        stats = cluster.prompt_stats
+        self.prompt_computed.set(stats.computed_tokens)
+        self.prompt_cached.set(stats.cached_tokens)
+        self.decode_first.set(stats.decode_first_requests)
+        for client in cluster.clients.values():
+            self.prefix_index_blocks.labels(client.worker_id, client.info.role).set(
+                cluster.prefix_index.num_blocks(client.worker_id))
+        for reason, count in cluster.event_stats.resets.items():
+            self.kv_event_resets.labels(reason).set(count)
 
     def observe_workers(self, clients) -> None:
         for client in clients:
@@ -47,6 +66,8 @@ class RouterMetrics:
             self.worker_inflight.labels(*labels).set(load.num_inflight)
             self.worker_waiting.labels(*labels).set(load.num_waiting)
             self.worker_kv_usage.labels(*labels).set(load.kv_cache_usage)
+            self.prefix_queries.labels(*labels).set(load.prefix_cache_queries)
+            self.prefix_hits.labels(*labels).set(load.prefix_cache_hits)
             for stat, value in load.kv_stats.items():
                 self.kv_stat.labels(client.worker_id, stat).set(value)
 

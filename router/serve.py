@@ -27,6 +27,7 @@ from pathlib import Path
 import uvicorn
 
 from common.aio import run_event_loop
+from common.cache_routing import DEFAULT_DECODE_FIRST_MAX_TOKENS, DEFAULT_ROUTING, DEFAULT_SHARE_SLACK_REQUESTS
 from router.admission import Admission
 from router.app import create_app
 from router.cluster import Cluster
@@ -69,6 +70,9 @@ class ServeOptions:
     worker_link: str = "ipc"  # local workers: control and KV over Unix sockets (ipc) or TCP on worker_host
     restart_workers: bool = True
     restart_check_s: float = 2.0
+    routing: str = DEFAULT_ROUTING  # common.cache_routing.ROUTING_POLICIES
+    share_slack_requests: float = DEFAULT_SHARE_SLACK_REQUESTS
+    decode_first_max_tokens: int = DEFAULT_DECODE_FIRST_MAX_TOKENS
 
 
 def build_deployment(options: ServeOptions) -> Deployment:
@@ -82,6 +86,14 @@ def build_deployment(options: ServeOptions) -> Deployment:
                                 served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
                                 host=options.worker_host, worker_link=options.worker_link)
+
+
+def policy_options(options: ServeOptions) -> dict:
+    """The cache-aware policy's settings (the other policies take none)."""
+    if options.routing != "cache-aware":
+        return {}
+    return dict(share_slack_requests=options.share_slack_requests,
+                decode_first_max_tokens=options.decode_first_max_tokens)
 
 
 def load_tokenizer(model_path: str):
@@ -107,7 +119,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     _say_starting(deployment, launcher)
     started_at = time.monotonic()
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
-    cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector)
+    cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector,
+                      routing=options.routing, policy_options=policy_options(options))
     supervisor = None
     try:
         await cluster.start(process_alive=launcher.alive_checks())

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from common.block_hash import block_hashes
+from common.block_hash import block_hashes, block_keys
 from common.cache_routing import CacheAwarePolicy, cache_aware_pick, make_policy
 from common.prefix_index import PrefixIndex
 from common.routing import NoRouteAvailable, RoundRobinPolicy, Route, RoutePolicy
@@ -85,11 +85,11 @@ def test_pick_is_bounded_on_both_sides_generic_keys():
 
 def test_index_follows_stored_removed_and_worker_drop():
     tokens = list(range(64))
-    chain = block_hashes(tokens, 16)
+    chain = block_keys(tokens, 16)
     index = PrefixIndex()
     index.stored("w1", chain[:3], block_size=16)
     index.stored("w2", chain[:1], block_size=16)
-    assert index.cached_tokens(["w1", "w2", "w3"], tokens, block_hashes) == {"w1": 48, "w2": 16, "w3": 0}
+    assert index.cached_tokens(["w1", "w2", "w3"], tokens, block_keys) == {"w1": 48, "w2": 16, "w3": 0}
     index.removed("w1", [chain[1]])  # a hole: the prefix stops there, as in vLLM's lookup
     assert index.cached_blocks("w1", chain) == 1
     index.drop_worker("w1")
@@ -99,7 +99,7 @@ def test_index_follows_stored_removed_and_worker_drop():
 
 def test_index_memory_is_bounded_per_worker():
     index = PrefixIndex(max_blocks_per_worker=4)
-    chain = block_hashes(list(range(160)), 16)
+    chain = block_keys(list(range(160)), 16)
     index.stored("w", chain, block_size=16)
     assert index.num_blocks("w") == 4 and index.cached_blocks("w", chain) == 0  # the oldest went first
     index.drop_worker("w")
@@ -117,3 +117,4 @@ def test_block_hashes_match_vllms_function():
         parent = kv_cache_utils.hash_block_tokens(sha256, parent, tokens[start:start + 16])
         expected.append(parent)
     assert block_hashes(tokens, 16) == expected
+    assert block_keys(tokens, 16) == [kv_cache_utils.maybe_convert_block_hash(h) for h in expected]

@@ -58,7 +58,8 @@ def ray_cluster():
 def ray_router(ray_cluster, tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("ray-router")
     _plan().write(folder / "plan.json")
-    router = start_router(folder, "--plan", str(folder / "plan.json"), "--ray", "auto")
+    # The plan policy: this module checks that requests follow the plan's flows exactly.
+    router = start_router(folder, "--plan", str(folder / "plan.json"), "--ray", "auto", "--routing", "plan")
     yield router
     router.stop()
 
