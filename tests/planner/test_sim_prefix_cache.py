@@ -1,9 +1,14 @@
 """Prefix caches and cache-aware routing in the simulator, on small hand-built fleets and traces."""
 
+import random
+
 import pytest
 
+from common.cache_routing import make_policy
+from common.routing import Route
 from loadtest.workload import PlannedRequest
 from planner.core.costmodel import Stage
+from planner.sim.routing import RoutePicker
 from planner.spec.prefix_reuse import PrefixCache, cached_tokens, prompt_blocks
 from planner.sim.simulator import SimConfig, simulate, simulate_with_counters
 from planner.sim.types import SimFleet, SimGroup, SimRoute
@@ -167,3 +172,23 @@ def test_decode_first_only_within_the_threshold(suffix_blocks, threshold, expect
 def test_unknown_block_size_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="prefix_block_tokens=0 must be >= 1"):
         SimConfig(prefix_block_tokens=0)
+
+
+@pytest.mark.parametrize("routing", ["plan", "round-robin", "cache-aware"])
+def test_the_picker_is_the_routers_policy(routing):
+    """Given the same backlogs and cached prefixes, the simulator's picker and the router's policy
+    (common.cache_routing.make_policy) choose the same routes and the same decode-first flags."""
+    sim_routes = [SimRoute(p, d, w, 0.0) for p, d, w in
+                  [("p0", "d0", 3.0), ("p0", "d1", 1.0), ("p1", "d0", 1.0), ("p1", "d1", 2.0)]]
+    picker = RoutePicker(sim_routes, routing, 4096.0, 2.0, 64)
+    policy = make_policy(routing, [Route(r.prefill, r.decode, r.weight) for r in sim_routes],
+                         share_slack_requests=2.0, decode_first_max_tokens=64)
+    rng = random.Random(7)
+    for _ in range(200):
+        outstanding = {g: rng.choice([0, 500, 5000, 20000]) for g in ("p0", "p1", "d0", "d1")}
+        prompt = rng.choice([100, 1000, 4000])
+        cached = {g: rng.choice([0, prompt // 2, prompt - 32, prompt - 200]) for g in outstanding}
+        mine = picker.pick(outstanding, prompt, cached)
+        theirs = policy.pick(lambda w: True, outstanding.__getitem__, num_prompt_tokens=prompt, cached_tokens=cached)
+        assert (mine.route.prefill, mine.route.decode, mine.decode_first) == \
+            (theirs.route.prefill_worker, theirs.route.decode_worker, theirs.decode_first)
