@@ -70,6 +70,16 @@ METRICS = (("prompt_tokens_computed", "prompt tokens computed"), ("prompt_cache_
            ("mean_tpot_ms", "TPOT mean ms"), ("request_throughput", "req/s"))
 
 
+NOTES = """meas: benchmarks/results/prefix_routing.json (the engines' own counts over every worker, decode-first
+included); sim: the simulator on the trace's hash ids; sim-eb: on the engine's full-block keys of the token
+ids sent (module docstring). Errors are (sim - meas) / meas. The simulator's view of every cache is instant and
+exact; the router routes on its index of the engines' KV events (asynchronous, whole 32-token blocks). The
+decode step's context term comes from a profile measured at one context length (48 tokens), so the fit cannot
+tell per-request from per-context-token cost and TPOT at ~500-token contexts is extrapolated (see the
+diagnostic). The simulated groups never share a CPU; the three real engines, the router and the load client
+share this machine's 2 cores, which the TTFT tails show. Throughput is the arrival rate (open loop, all done)."""
+
+
 def kv_capacity_tokens() -> int:
     """Tokens of the tiny model's KV cache in a worker's 1 GiB (K and V, every layer, float32)."""
     return (WORKER_KV_GIB << 30) // model_preset("hexserve-tiny-llama").kv_bytes_per_token
@@ -121,13 +131,28 @@ def router_profile_costs(path: Path) -> ProfileCosts:
     return _costs("router", {"prefill": doc["prefill"], "decode": doc["decode"]})
 
 
+def context_free_costs(costs: ProfileCosts, path: Path) -> ProfileCosts | None:
+    """A diagnostic, not the result: when every decode point of the profile has one context length, the
+    fit cannot tell a step's per-request cost from its per-context-token cost (the two columns are
+    proportional) and least squares splits the slope between them; this puts it all on the batch size.
+    None when the profile has several context lengths (the split is then measured)."""
+    contexts = {d["context_tokens"] for d in json.loads(path.read_text())["decode"]}
+    if len(contexts) != 1:
+        return None
+    a, per_request_s, per_context_token_s = costs.decode_coef
+    return replace(costs, decode_coef=[a, per_request_s + per_context_token_s * contexts.pop(), 0.0])
+
+
 def simulate_run(requests: list[PlannedRequest], policy: str, costs: ProfileCosts, kv_tokens: int,
                  slo: SLO) -> dict:
     cfg = SimConfig(routing=policy, prefix_block_tokens=BLOCK_TOKENS, decode_first_max_tokens=64,
                     share_slack_requests=8)
     records, counters = simulate_with_counters(build_fleet(kv_tokens), requests, costs, cfg)
     summary = build_result(records, slo, {}, per_request=False)
-    return {"prompt_tokens_computed": counters.computed_tokens,
+    side = counters.to_json()
+    return {"prefill_tokens_computed": side["prefill_tokens_computed"],
+            "prefill_prompt_tokens": side["prefix_cache"].get("prefill", {}).get("queries", 0),
+            "prompt_tokens_computed": counters.computed_tokens,
             "prompt_tokens_cached": counters.prompt_tokens - counters.computed_tokens,
             "prompt_cache_hit_rate": counters.hit_rate, "decode_first_requests": counters.decode_first_requests,
             "requests_per_route": dict(sorted(Counter(r.route for r in records).items())),
@@ -142,6 +167,8 @@ def _relerr(sim, meas):
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and value.is_integer():  # the measured counts are floats from /metrics
+        value = int(value)
     if isinstance(value, float) and abs(value) < 10:
         return f"{value:.3f}"
     return f"{value:,.0f}"
@@ -157,7 +184,26 @@ def table(rows: list[dict]) -> str:
             errs = " ".join(f"{e:+.0%}" if e is not None else "-" for e in (_relerr(s, meas) for s in sims))
             cells.append(f"{_fmt(meas)} / {_fmt(sims[0])} / {_fmt(sims[1])} ({errs})")
         lines.append(f"| {row['trace']} | {row['policy']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "| trace | routing | sim requests per route, decode-first included (trace ids) | "
+              "prefill workers' tokens computed meas / sim / sim-eb | TTFT p99 ms meas / sim |",
+              "|---|---|---|---|---|"]
+    for row in rows:
+        routes = ", ".join(f"{k} {v}" for k, v in row["trace ids"]["requests_per_route"].items())
+        meas = row["measured"] or {}
+        prefill = " / ".join(_fmt(x) for x in (meas.get("prefill_tokens_computed"),
+                                                *(row[v]["prefill_tokens_computed"] for v in VIEWS)))
+        lines.append(f"| {row['trace']} | {row['policy']} | {routes} | {prefill} | "
+                     f"{_fmt(meas.get('p99_ttft_ms'))} / {_fmt(row['trace ids']['p99_ttft_ms'])} |")
+    diag = [r for r in rows if "diagnostic_context_free_decode" in r]
+    if diag:
+        lines += ["", "Diagnostic (engine blocks): the decode fit's slope all on the batch size, none on context "
+                  "(the profile's decode points share one context length, so it cannot tell them apart):", "",
+                  "| trace | routing | TPOT mean ms meas / sim | TTFT p50 ms meas / sim |", "|---|---|---|---|"]
+        for r in diag:
+            meas, d = r["measured"] or {}, r["diagnostic_context_free_decode"]
+            lines.append(f"| {r['trace']} | {r['policy']} | {_fmt(meas.get('mean_tpot_ms'))} / "
+                         f"{_fmt(d['mean_tpot_ms'])} | {_fmt(meas.get('p50_ttft_ms'))} / {_fmt(d['p50_ttft_ms'])} |")
+    return "\n".join(lines + ["", NOTES]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -174,7 +220,8 @@ def main(argv=None) -> int:
     measured = {}
     if measured_path.exists():
         doc = json.loads(measured_path.read_text())
-        keep = [k for k, _ in METRICS] + ["prompt_tokens_cached", "completed", "failed", "p99_ttft_ms"]
+        keep = [k for k, _ in METRICS] + ["prompt_tokens_cached", "completed", "failed", "p99_ttft_ms",
+                                                   "prefill_tokens_computed", "prefix_cache"]
         measured = {(r["trace"], r["policy"]): {k: r.get(k) for k in keep} for r in doc["runs"]}
         # Simulate what was measured: the measured run's own flags win over the defaults.
         for key in ("requests", "rate_scale", "start_s", "output_tokens"):
@@ -183,6 +230,7 @@ def main(argv=None) -> int:
         print(f"{measured_path} not found: simulating only (run benchmarks.prefix_routing to measure)")
     costs, kv_tokens = router_profile_costs(Path(args.profile)), kv_capacity_tokens()
     slo = SLO(ttft_ms=2000.0, tpot_ms=200.0)  # benchmarks.prefix_routing's defaults
+    flat_costs = context_free_costs(costs, Path(args.profile))
     rows, workloads = [], {}
     for trace, policy in RUNS:
         if trace not in workloads:
@@ -191,6 +239,9 @@ def main(argv=None) -> int:
         row = {"trace": trace, "policy": policy, "measured": measured.get((trace, policy))}
         for view in VIEWS:
             row[view] = simulate_run(workloads[trace][view], policy, costs, kv_tokens, slo)
+        if flat_costs is not None:
+            diag = simulate_run(workloads[trace]["engine blocks"], policy, flat_costs, kv_tokens, slo)
+            row["diagnostic_context_free_decode"] = {k: diag[k] for k in ("p50_ttft_ms", "mean_tpot_ms")}
         rows.append(row)
     text = table(rows)
     meta = {"kv_capacity_tokens_per_group": kv_tokens, "args": vars(args), "profile": str(args.profile),
