@@ -76,6 +76,7 @@ def vllm_server(port: int = 8100, max_model_len: int = 1024, log: Path | None = 
     return _server(cmd, port, log or Path("/tmp/hexserve_bench_vllm.log"), {"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout_s)
 
 
-def router_server(port: int = 8000, log: Path | None = None, timeout_s: float = 300):
-    cmd = [sys.executable, "-m", "router", "serve", "--port", str(port)]
+def router_server(port: int = 8000, log: Path | None = None, timeout_s: float = 300, extra_args: tuple[str, ...] = ()):
+    """`python -m router serve` (the embedded default unless `extra_args` name a plan)."""
+    cmd = [sys.executable, "-m", "router", "serve", "--port", str(port), *extra_args]
     return _server(cmd, port, log or Path("/tmp/hexserve_bench_router.log"), {}, timeout_s)

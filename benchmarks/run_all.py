@@ -42,6 +42,8 @@ BENCHMARKS = (
     Benchmark("router_overhead", (), ("--requests", "100"), "router_overhead.md"),
     Benchmark("loadtest_replay", (), ("--max-requests", "40", "--duration", "20"), "loadtest_replay.md"),
     Benchmark("sim_validate", (), ("--rate-scales", "1", "--max-requests", "50", "--duration", "20"), "sim_validate_vllm.md"),
+    Benchmark("prefix_reuse_sim", (), ("--quick",), "prefix_reuse_sim.md"),
+    Benchmark("prefix_routing", (), ("--requests", "80"), "prefix_routing.md"),
 )
 
 

@@ -42,6 +42,7 @@ class WorkerSpec:
     # Layers per pipeline stage (the plan's uneven split); () with one stage.
     layer_partition: tuple[int, ...] = ()
     cpu_kvcache_gib: int = 1
+    block_size: int | None = None  # tokens per KV-cache block; None: vLLM's default for the platform
     env: tuple[tuple[str, str], ...] = ()  # e.g. CUDA_VISIBLE_DEVICES for the group's GPUs
     group_id: str | None = None
 
@@ -93,6 +94,8 @@ class WorkerSpec:
             cmd += ["--kv-endpoint", self.kv_endpoint]
         if self.kv_events_endpoint:
             cmd += ["--kv-events-endpoint", self.kv_events_endpoint]
+        if self.block_size is not None:
+            cmd += ["--block-size", str(self.block_size)]
         if self.model:
             cmd += ["--model", self.model]
         if self.served_model_name:

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-link", default="ipc", choices=["ipc", "tcp"],
                    help="how the router and local workers talk and move KV: Unix sockets (default: less CPU, "
                         "no port races) or TCP on --worker-host; workers placed by --ray use TCP on their node")
+    s.add_argument("--block-size", type=_positive_int, default=None,
+                   help="tokens per KV-cache block in every worker (default: vLLM's; on CPU a multiple of 32)")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
     r = s.add_argument_group("routing")
     r.add_argument("--routing", default=DEFAULT_ROUTING, choices=ROUTING_POLICIES,
@@ -75,6 +77,13 @@ def _non_negative(kind):
     return parse
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative(int)(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.routing != "cache-aware":
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
             max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
             log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
-            routing=args.routing, share_slack_requests=args.share_slack_requests,
+            block_size=args.block_size, routing=args.routing, share_slack_requests=args.share_slack_requests,
             decode_first_max_tokens=args.decode_first_max_tokens,
         ))
     except StartupError as exc:  # the reason and the log to read, not a traceback

@@ -40,13 +40,15 @@ def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[st
 
 
 def embedded_default(model: str | None = None, served_model_name: str | None = None, max_model_len: int = 1024,
-                     kv_connector: str = "zmq", host: str = "127.0.0.1", worker_link: str = "ipc") -> Deployment:
+                     kv_connector: str = "zmq", host: str = "127.0.0.1", worker_link: str = "ipc",
+                     block_size: int | None = None) -> Deployment:
     """One prefill and one decode worker on this machine, one route.
 
     worker_link: how the router and the workers reach each other (control and
     KV endpoints), "ipc" (Unix sockets) or "tcp" on `host`."""
     model_path, served = _resolve_model(model, served_model_name)
-    shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector)
+    shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector,
+                  block_size=block_size)
     workers = [
         # (Prefill listens for no KV: its kv_endpoint is never bound, see prefill.worker.)
         WorkerSpec(worker_id=worker_id, role=role, control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
@@ -61,7 +63,7 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
 
 def deployment_from_plan(plan, model: str | None = None, served_model_name: str | None = None,
                          max_model_len: int = 1024, kv_connector: str = "zmq", host: str = "127.0.0.1",
-                         cpu_kvcache_gib: int = 1, worker_link: str = "ipc") -> Deployment:
+                         cpu_kvcache_gib: int = 1, worker_link: str = "ipc", block_size: int | None = None) -> Deployment:
     """One worker per plan group; routes weighted by the plan's max-flow.
 
     A route's weight is its flow (`rate_rps`, requests/s the plan sends along
@@ -75,7 +77,7 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     if not rehearsal and kv_connector != "none":
         check_kv_layouts(plan)
     shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len,
-                  cpu_kvcache_gib=cpu_kvcache_gib)
+                  cpu_kvcache_gib=cpu_kvcache_gib, block_size=block_size)
     workers: list[WorkerSpec] = []
     placement: dict[str, dict] = {}
     worker_of_group: dict[str, str] = {}

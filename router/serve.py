@@ -70,6 +70,7 @@ class ServeOptions:
     worker_link: str = "ipc"  # local workers: control and KV over Unix sockets (ipc) or TCP on worker_host
     restart_workers: bool = True
     restart_check_s: float = 2.0
+    block_size: int | None = None  # workers' KV-cache block tokens; None: vLLM's default
     routing: str = DEFAULT_ROUTING  # common.cache_routing.ROUTING_POLICIES
     share_slack_requests: float = DEFAULT_SHARE_SLACK_REQUESTS
     decode_first_max_tokens: int = DEFAULT_DECODE_FIRST_MAX_TOKENS
@@ -79,13 +80,15 @@ def build_deployment(options: ServeOptions) -> Deployment:
     if options.plan is None:
         return embedded_default(model=options.model, served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
-                                host=options.worker_host, worker_link=options.worker_link)
+                                host=options.worker_host, worker_link=options.worker_link,
+                                block_size=options.block_size)
     from common.plan import load_plan
 
     return deployment_from_plan(load_plan(options.plan), model=options.model,
                                 served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
-                                host=options.worker_host, worker_link=options.worker_link)
+                                host=options.worker_host, worker_link=options.worker_link,
+                                block_size=options.block_size)
 
 
 def policy_options(options: ServeOptions) -> dict:
