@@ -23,6 +23,8 @@ worker for decode-first requests); the load test's `prefill_tokens_computed`
 covers the prefill workers only.
 
     .venv/bin/python -m benchmarks.prefix_routing [--requests 300] [--rate-scale 0.5] [--start-s 900]
+    .venv/bin/python -m benchmarks.prefix_routing --prefill-workers 4 --name prefix_routing_4p \
+        --runs mooncake:plan,mooncake:cache-aware
 
 Writes benchmarks/results/prefix_routing.{json,md} and each run's load-test
 result as benchmarks/results/prefix_routing_<trace>_<policy>.json.
@@ -78,7 +80,7 @@ def _run_key(trace: str, policy: str, decode_first: int | None) -> str:
 
 def run_one(trace: str, policy: str, decode_first: int | None, plan: Path, args) -> dict:
     label = _run_key(trace, policy, decode_first)
-    out = RESULTS / f"prefix_routing_{label}.json"
+    out = RESULTS / f"{args.name}_{label}.json"
     router_args = ("--plan", str(plan), "--model", str(tiny_model_dir()), "--block-size", str(BLOCK_TOKENS),
                    "--routing", policy)
     if decode_first is not None:
@@ -146,24 +148,28 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=200.0)
     ap.add_argument("--runs", default=None,
                     help="trace:policy[:decode-first max tokens],... to run (default: all of RUNS)")
+    ap.add_argument("--prefill-workers", type=int, default=2)
+    ap.add_argument("--name", default="prefix_routing", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other runs already in prefix_routing.json (replace only these)")
     args = ap.parse_args(argv)
     runs = RUNS if args.runs is None else [_parse_run(item) for item in args.runs.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plan = write_local_plan(Path(tempfile.mkdtemp(prefix="hexserve-prefix-")), num_prefill=2, num_decode=1)
+    plan = write_local_plan(Path(tempfile.mkdtemp(prefix="hexserve-prefix-")), num_prefill=args.prefill_workers,
+                            num_decode=1)
     results = [run_one(trace, policy, decode_first, plan, args) for trace, policy, decode_first in runs]
-    if args.merge and (RESULTS / "prefix_routing.json").exists():
+    summary = RESULTS / f"{args.name}.json"
+    if args.merge and summary.exists():
         fresh = {r["run"] for r in results}
-        kept = [r for r in json.loads((RESULTS / "prefix_routing.json").read_text())["runs"]
+        kept = [r for r in json.loads(summary.read_text())["runs"]
                 if r.setdefault("run", f"{r['trace']}_{r['policy']}") not in fresh]
         order = [_run_key(*run) for run in RUNS]
         results = sorted(kept + results, key=lambda r: order.index(r["run"]) if r.get("run") in order else len(order))
-    meta = {"setup": "2 prefill + 1 decode workers, tiny model, CPU (2 cores), KV blocks of 32 tokens",
-            "args": vars(args)}
-    (RESULTS / "prefix_routing.json").write_text(json.dumps({**meta, "runs": results}, indent=1, default=str))
+    meta = {"setup": f"{args.prefill_workers} prefill + 1 decode workers, tiny model, CPU (2 cores), "
+                     f"KV blocks of {BLOCK_TOKENS} tokens", "args": vars(args)}
+    summary.write_text(json.dumps({**meta, "runs": results}, indent=1, default=str))
     text = table(results)
-    (RESULTS / "prefix_routing.md").write_text(text)
+    summary.with_suffix(".md").write_text(text)
     print(text)
     return 0
 
