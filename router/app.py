@@ -83,13 +83,19 @@ async def models(request: Request) -> dict:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Each worker's role (prefill, decode or colocated), health and the router's outstanding tokens on it."""
+    """Each worker's role (prefill, decode or colocated), health and the router's outstanding tokens on it;
+    200 while requests can be served (status "ok", or "degraded" when only single workers can), else 503."""
     cluster = _state(request).cluster
     workers = {c.worker_id: {"role": c.info.role.value, "healthy": c.healthy,
                              "outstanding_tokens": c.outstanding_tokens} for c in cluster.clients.values()}
-    ok = cluster.any_route_healthy()
-    return JSONResponse({"status": "ok" if ok else "unavailable", "workers": workers},
-                        status_code=200 if ok else 503)
+    # "degraded": no prefill->decode route, but workers that can serve requests alone.
+    if cluster.any_route_healthy():
+        status = "ok"
+    elif any(c.healthy for c in cluster.clients.values()):
+        status = "degraded"
+    else:
+        status = "unavailable"
+    return JSONResponse({"status": status, "workers": workers}, status_code=503 if status == "unavailable" else 200)
 
 
 async def prometheus_metrics(request: Request) -> Response:

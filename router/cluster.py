@@ -13,7 +13,11 @@ of the prompt in D's prefix cache) also goes to D directly: D computes the
 suffix itself and the prefill hop is skipped.
 
 A worker failure before the client has seen a token is retried once on
-another route; after that, the request fails at once with a clear error. The
+another route; after that, the request fails at once with a clear error.
+With no healthy prefill->decode route left (the only prefill or decode
+worker died), any healthy worker serves the request alone (degraded: it
+computes the prompt and decodes, decode workers first); disaggregation
+resumes with the next request once a route is healthy again. The
 router's per-worker `outstanding_tokens` (prompt tokens queued on P; prompt
 plus output budget on D) is the live-load signal the routing policy reads;
 the prefix index (fed by the workers' KV-cache events, router.kv_events)
@@ -34,6 +38,7 @@ import zmq.asyncio
 from common.block_hash import block_keys
 from common.cache_routing import DEFAULT_ROUTING, make_policy
 from common.prefix_index import PrefixIndex
+from common.roles import Role
 from common.routing import NoRouteAvailable, Route, RouteChoice, RoutePolicy
 from decode import decode_kv_params
 from engine import control_protocol as proto
@@ -45,6 +50,7 @@ from router.worker_client import WorkerClient, WorkerUnavailable
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first try and one retry on another route
+_DEGRADED_PREFERENCE = {Role.DECODE: 0, Role.COLOCATED: 1, Role.PREFILL: 2}
 
 
 @dataclass(slots=True)
@@ -55,6 +61,7 @@ class PromptStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     decode_first_requests: int = 0
+    degraded_requests: int = 0  # served by one worker alone: no healthy route
 
     def count(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         self.prompt_tokens += num_prompt_tokens
@@ -146,6 +153,26 @@ class Cluster:
         # The last prompt token is always computed (its logits give the first output token).
         return self.prefix_index.cached_tokens(self.clients, prompt_token_ids[:-1], chain)
 
+    def _choose(self, prompt_token_ids: list[int], tried: set[Route]) -> RouteChoice:
+        try:
+            return self.choose_route(prompt_token_ids, frozenset(tried))
+        except NoRouteAvailable:
+            if tried and self.any_route_healthy():
+                return self.choose_route(prompt_token_ids)  # only the failed route is left and it recovered
+            return self.degraded_choice(tried)
+
+    def degraded_choice(self, tried: set[Route] = frozenset()) -> RouteChoice:
+        """No healthy prefill->decode route: the least loaded healthy worker serves alone,
+        a decode worker first (it is sized for generation), then colocated, then prefill."""
+        failed_alone = {r.decode_worker for r in tried if r.prefill_worker == r.decode_worker}
+        candidates = [c for c in self.clients.values() if c.healthy and c.worker_id not in failed_alone]
+        if not candidates:
+            raise NoRouteAvailable("no healthy worker is available: every prefill->decode route and every worker is down")
+        best = min(candidates, key=lambda c: (_DEGRADED_PREFERENCE[c.info.role], c.outstanding_tokens))
+        self.prompt_stats.degraded_requests += 1
+        log.info("no healthy route: worker %s serves a request alone (degraded)", best.worker_id)
+        return RouteChoice(Route(best.worker_id, best.worker_id, 1.0))
+
     async def generate(
         self, prompt_token_ids: list[int], sampling: proto.SamplingSpec, on_retry=None,
     ) -> AsyncIterator[tuple[Route, proto.Output]]:
@@ -153,12 +180,7 @@ class Cluster:
         tried: set[Route] = set()
         base_id = uuid.uuid4().hex[:16]
         for attempt in range(MAX_ATTEMPTS):
-            try:
-                choice = self.choose_route(prompt_token_ids, frozenset(tried))
-            except NoRouteAvailable:
-                if attempt == 0 or not self.any_route_healthy():
-                    raise
-                choice = self.choose_route(prompt_token_ids)  # only the failed route is left and it recovered
+            choice = self._choose(prompt_token_ids, tried)
             route = choice.route
             tried.add(route)
             yielded = False

@@ -34,6 +34,7 @@ class StandInWorker:
         self.calls.append(Call(request_id, list(prompt_token_ids), sampling, kv_transfer_params))
         for i in range(sampling.max_tokens):
             if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
+                self.healthy = False  # as the router's health check would soon say
                 raise WorkerUnavailable(f"{self.worker_id} died")
             await asyncio.sleep(0)
             last = i == sampling.max_tokens - 1
@@ -136,4 +137,43 @@ def test_without_a_connector_decode_recomputes():
 def test_both_routes_failing_surfaces_the_error():
     cluster = _cluster({"d0": 0, "d1": 0})
     with pytest.raises(WorkerUnavailable):
+        asyncio.run(_collect(cluster))
+
+
+def test_without_a_healthy_route_a_decode_worker_serves_alone():
+    cluster = _cluster({})
+    cluster.clients["p0"].healthy = cluster.clients["p1"].healthy = False
+    outputs = asyncio.run(_collect(cluster, max_tokens=3))
+    route = outputs[0][0]
+    assert route.prefill_worker == route.decode_worker == "d0"  # least loaded decode worker, alone
+    (call,) = cluster.clients["d0"].calls
+    assert call.sampling.max_tokens == 3 and call.kv_transfer_params is None  # the client's request, no KV
+    assert [t for _, o in outputs for t in o.token_ids] == [100, 101, 102]
+    assert cluster.prompt_stats.degraded_requests == 1
+
+
+def test_without_decode_workers_a_prefill_worker_decodes():
+    cluster = _cluster({})
+    cluster.clients["d0"].healthy = cluster.clients["d1"].healthy = False
+    cluster.clients["p0"].outstanding_tokens = 50
+    route = asyncio.run(_collect(cluster, max_tokens=2))[0][0]
+    assert route == Route("p1", "p1", 1.0)
+    assert cluster.clients["p1"].calls[0].sampling.max_tokens == 2
+
+
+def test_a_failed_route_with_no_other_left_falls_back_to_one_worker():
+    cluster = _cluster({"d0": 0})
+    cluster.clients["p1"].healthy = False  # only p0->d0 is left, and d0 fails before its first token
+    outputs = asyncio.run(_collect(cluster, max_tokens=2))
+    assert outputs[-1][1].finished and outputs[0][0] == Route("d1", "d1", 1.0)  # d1 has no prefill left: alone
+    assert cluster.prompt_stats.degraded_requests == 1
+
+
+def test_no_healthy_worker_at_all_is_unavailable():
+    from common.routing import NoRouteAvailable
+
+    cluster = _cluster({})
+    for client in cluster.clients.values():
+        client.healthy = False
+    with pytest.raises(NoRouteAvailable, match="every worker is down"):
         asyncio.run(_collect(cluster))
