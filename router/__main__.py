@@ -14,6 +14,7 @@ from common.cache_routing import (
     DEFAULT_SHARE_SLACK_REQUESTS,
     ROUTING_POLICIES,
 )
+from router.cluster import DEFAULT_MAX_MIGRATIONS
 from router.serve import ServeOptions, StartupError, run
 
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=_positive_int, default=None,
                    help="tokens per KV-cache block in every worker (default: vLLM's; on CPU a multiple of 32)")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
+    s.add_argument("--max-migrations", type=_non_negative(int), default=DEFAULT_MAX_MIGRATIONS,
+                   help="times a stream whose decode worker dies moves to another route, its tokens so far "
+                        f"joining the prompt (default {DEFAULT_MAX_MIGRATIONS}; 0: the stream ends with an error)")
     r = s.add_argument_group("routing")
     r.add_argument("--routing", default=DEFAULT_ROUTING, choices=ROUTING_POLICIES,
                    help="cache-aware (default): send each request where its prefix is cached, within "
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
             max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
             log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
-            block_size=args.block_size, routing=args.routing, share_slack_requests=args.share_slack_requests,
+            block_size=args.block_size, routing=args.routing, max_migrations=args.max_migrations, share_slack_requests=args.share_slack_requests,
             decode_first_max_tokens=args.decode_first_max_tokens,
         ))
     except StartupError as exc:  # the reason and the log to read, not a traceback

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq.asyncio
 
 from common.block_hash import block_keys
@@ -50,7 +51,20 @@ from router.worker_client import WorkerClient, WorkerUnavailable
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first try and one retry on another route
+DEFAULT_MAX_MIGRATIONS = 1  # times one stream may move to another route after its decode worker failed
 _DEGRADED_PREFERENCE = {Role.DECODE: 0, Role.COLOCATED: 1, Role.PREFILL: 2}
+
+
+def _continued(sampling: proto.SamplingSpec, num_generated: int) -> proto.SamplingSpec:
+    """The client's sampling for the rest of a stream that already produced `num_generated` tokens."""
+    if not num_generated:
+        return sampling
+    return msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - num_generated,
+                                   min_tokens=max(0, sampling.min_tokens - num_generated))
+
+
+def _finished_by_length(request_id: str) -> proto.Output:
+    return proto.Output(version=proto.PROTOCOL_VERSION, request_id=request_id, finished=True, finish_reason="length")
 
 
 @dataclass(slots=True)
@@ -62,6 +76,7 @@ class PromptStats:
     cached_tokens: int = 0
     decode_first_requests: int = 0
     degraded_requests: int = 0  # served by one worker alone: no healthy route
+    migrated_requests: int = 0  # streams moved to another route after their decode worker failed
 
     def count(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         self.prompt_tokens += num_prompt_tokens
@@ -83,6 +98,7 @@ class Cluster:
     routing: str = DEFAULT_ROUTING  # a name from common.cache_routing.ROUTING_POLICIES
     policy_options: dict = field(default_factory=dict)  # share_slack_requests, decode_first_max_tokens
     policy: RoutePolicy | None = None
+    max_migrations: int = DEFAULT_MAX_MIGRATIONS
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     event_stats: EventStats = field(default_factory=EventStats)
     prompt_stats: PromptStats = field(default_factory=lambda: PromptStats())
@@ -176,25 +192,47 @@ class Cluster:
     async def generate(
         self, prompt_token_ids: list[int], sampling: proto.SamplingSpec, on_retry=None,
     ) -> AsyncIterator[tuple[Route, proto.Output]]:
-        """Yield (route, Output delta) until finished; retry once if no token was yielded yet."""
+        """Yield (route, Output delta) until finished.
+
+        A worker failure before any token is retried once on another route. A
+        failure after tokens reached the client migrates the stream (up to
+        `max_migrations` times): the tokens so far join the prompt, another
+        route rebuilds the KV (prefill, or the decode worker itself) and the
+        stream goes on where it stopped. Greedy output is then token-equal to an
+        uninterrupted run; a sampled one continues with its seed on new state,
+        and presence/frequency penalties count the earlier tokens as prompt.
+        """
         tried: set[Route] = set()
         base_id = uuid.uuid4().hex[:16]
-        for attempt in range(MAX_ATTEMPTS):
-            choice = self._choose(prompt_token_ids, tried)
-            route = choice.route
-            tried.add(route)
-            yielded = False
+        generated: list[int] = []
+        failures = migrations = 0
+        while True:
+            choice = self._choose(prompt_token_ids + generated, tried)
+            tried.add(choice.route)
+            request_id = f"{base_id}-{failures}" + (f"-m{migrations}" if migrations else "")
             try:
-                async for output in self._run_on_route(choice, f"{base_id}-{attempt}", prompt_token_ids, sampling):
-                    yielded = yielded or bool(output.token_ids) or output.finished
-                    yield route, output
+                async for output in self._run_on_route(choice, request_id, prompt_token_ids + generated,
+                                                       _continued(sampling, len(generated))):
+                    generated += output.token_ids
+                    yield choice.route, output
                 return
             except WorkerUnavailable as exc:
-                if yielded or attempt + 1 == MAX_ATTEMPTS:
+                if not generated:
+                    failures += 1
+                    if failures == MAX_ATTEMPTS:
+                        raise
+                    log.warning("retrying request on another route after: %s", exc)
+                    if on_retry is not None:
+                        on_retry()
+                    continue
+                if migrations == self.max_migrations:
                     raise
-                log.warning("retrying request on another route after: %s", exc)
-                if on_retry is not None:
-                    on_retry()
+                migrations += 1
+                self.prompt_stats.migrated_requests += 1
+                log.warning("migrating a stream after %d tokens to another route after: %s", len(generated), exc)
+                if len(generated) >= sampling.max_tokens:  # every token is out; only the finish was lost
+                    yield choice.route, _finished_by_length(request_id)
+                    return
 
     async def _run_on_route(
         self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,

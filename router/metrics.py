@@ -39,6 +39,7 @@ class RouterMetrics:
         self.prompt_cached = Gauge("hexserve_prompt_cached_tokens", "Prompt tokens the engines' prefix caches supplied, over the same runs", registry=r)
         self.decode_first = Gauge("hexserve_decode_first_requests", "Requests the decode worker computed itself (its cache held all but a short suffix): no prefill hop", registry=r)
         self.degraded = Gauge("hexserve_degraded_requests", "Requests one worker served alone because no prefill->decode route was healthy", registry=r)
+        self.migrated = Gauge("hexserve_migrated_requests", "Streams moved to another route after their decode worker failed mid-stream", registry=r)
         self.prefix_index_blocks = Gauge("hexserve_prefix_index_blocks", "Blocks the router's prefix index holds for the worker (from its KV-cache events)", labels, registry=r)
         self.kv_event_resets = Gauge("hexserve_kv_event_resets", "Times a worker's prefix-index entries were dropped, by reason", ["reason"], registry=r)
         self.kv_stat = Gauge("hexserve_kv_transfer", "KV transfer counters reported by the worker's connector (bytes, transfers, failures)", ["worker", "stat"], registry=r)
@@ -50,6 +51,7 @@ class RouterMetrics:
         self.prompt_cached.set(stats.cached_tokens)
         self.decode_first.set(stats.decode_first_requests)
         self.degraded.set(stats.degraded_requests)
+        self.migrated.set(stats.migrated_requests)
         for client in cluster.clients.values():
             self.prefix_index_blocks.labels(client.worker_id, client.info.role).set(
                 cluster.prefix_index.num_blocks(client.worker_id))

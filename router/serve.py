@@ -30,7 +30,7 @@ from common.aio import run_event_loop
 from common.cache_routing import DEFAULT_DECODE_FIRST_MAX_TOKENS, DEFAULT_ROUTING, DEFAULT_SHARE_SLACK_REQUESTS
 from router.admission import Admission
 from router.app import create_app
-from router.cluster import Cluster
+from router.cluster import DEFAULT_MAX_MIGRATIONS, Cluster
 from router.deployment import Deployment, deployment_from_plan, embedded_default
 from router.launch_local import LocalLauncher, default_log_dir
 from router.prepare import RouterSettings
@@ -71,6 +71,7 @@ class ServeOptions:
     restart_workers: bool = True
     restart_check_s: float = 2.0
     block_size: int | None = None  # workers' KV-cache block tokens; None: vLLM's default
+    max_migrations: int = DEFAULT_MAX_MIGRATIONS  # times a stream may move after its decode worker died
     routing: str = DEFAULT_ROUTING  # common.cache_routing.ROUTING_POLICIES
     share_slack_requests: float = DEFAULT_SHARE_SLACK_REQUESTS
     decode_first_max_tokens: int = DEFAULT_DECODE_FIRST_MAX_TOKENS
@@ -123,7 +124,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     started_at = time.monotonic()
     deployment.workers = [launcher.start(spec) for spec in deployment.workers]
     cluster = Cluster(workers=deployment.workers, routes=deployment.routes, kv_connector=options.kv_connector,
-                      routing=options.routing, policy_options=policy_options(options))
+                      routing=options.routing, policy_options=policy_options(options),
+                      max_migrations=options.max_migrations)
     supervisor = None
     try:
         await cluster.start(process_alive=launcher.alive_checks())

@@ -90,11 +90,31 @@ async def _run_with_retry_counter(cluster, retries):
                                                        on_retry=lambda: retries.append(1))]
 
 
-def test_failure_after_tokens_reached_the_client_is_not_retried():
+def test_failure_after_tokens_reached_the_client_is_not_retried_when_migration_is_off():
     cluster = _cluster({"d0": 2})
+    cluster.max_migrations = 0
     with pytest.raises(WorkerUnavailable, match="d0 died"):
         asyncio.run(_collect(cluster))
     assert cluster.clients["d1"].calls == []
+
+
+def test_a_stream_whose_decode_worker_dies_migrates_with_its_tokens_as_prompt():
+    cluster = _cluster({"d0": 2})  # d0 streams 100, 101, then dies
+    outputs = asyncio.run(_collect(cluster, sampling=proto.SamplingSpec(max_tokens=4, min_tokens=3)))
+    assert [route.decode_worker for route, _ in outputs] == ["d0", "d0", "d1", "d1"]
+    (prefill_call,) = cluster.clients["p1"].calls  # a new prefill rebuilds the KV of prompt + tokens so far
+    (decode_call,) = cluster.clients["d1"].calls
+    assert prefill_call.prompt_token_ids == decode_call.prompt_token_ids == [1, 2, 3, 100, 101]
+    assert (decode_call.sampling.max_tokens, decode_call.sampling.min_tokens) == (2, 1)
+    assert outputs[-1][1].finished and cluster.prompt_stats.migrated_requests == 1
+    assert all(w.outstanding_tokens == 0 for w in cluster.clients.values())
+
+
+def test_a_second_failure_after_the_migration_ends_the_stream():
+    cluster = _cluster({"d0": 1, "d1": 1})
+    with pytest.raises(WorkerUnavailable, match="d1 died"):
+        asyncio.run(_collect(cluster))
+    assert cluster.prompt_stats.migrated_requests == 1
 
 
 def test_prefill_runs_one_token_and_decode_gets_its_handoff():
