@@ -1,8 +1,12 @@
 """The OpenAI API surface the router accepts, validated at the edge.
 
-Unknown fields are ignored (clients send many we do not act on); fields we
-cannot honour (n > 1, logprobs, tools, ...) are refused with a 400 that names
-them, rather than silently dropped.
+Fields we cannot honour (n > 1, logprobs, tools, structured outputs,
+logit_bias, ...) are refused with a 400 that names them, rather than silently
+dropped: every field of vLLM's completion and chat request schemas is either
+honoured here or listed in NOT_HONOURED with the values that leave the output
+unchanged (a client sending `repetition_penalty: 1.0`, as `vllm bench serve`
+does, is served; `repetition_penalty: 1.2` is refused). A test walks vLLM's
+schemas to keep the list complete. Fields in no schema we know are ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +32,54 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
+_NEUTRAL_TOOL_CHOICE = (None, "none", "auto")  # without tools these change nothing
+
+# vLLM request fields we do not honour -> the values that change nothing (accepted).
+NOT_HONOURED: dict[str, tuple] = {
+    "logit_bias": (None, {}), "repetition_penalty": (None, 1.0), "length_penalty": (None, 1.0),
+    "min_p": (None, 0.0), "response_format": (None, {"type": "text"}), "structured_outputs": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "prompt_logprobs": (None,), "top_logprobs": (None, 0),
+    "logprob_token_ids": (None,), "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "truncation_side": (None,),
+    "return_tokens_as_token_ids": (None, False), "return_token_offsets": (None, False), "cache_salt": (None,),
+    "priority": (None, 0), "prompt_embeds": (None,), "kv_transfer_params": (None,), "ec_transfer_params": (None,),
+    "vllm_xargs": (None,), "watermarking": (None,), "thinking_token_budget": (None,), "repetition_detection": (None,),
+    "stream_interval": (None, 1), "session_id": (None,), "mm_payload": (None, "tensors"),
+    "return_mm_kwargs": (None, False), "routed_experts_prompt_start": (None, 0), "request_id": (None,),
+    "functions": (None,), "function_call": (None,), "echo": (None, False),
+    # chat only
+    "chat_template": (None,), "chat_template_kwargs": (None,), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "documents": (None,), "mm_processor_kwargs": (None,),
+    "media_io_kwargs": (None,), "tool_choice": _NEUTRAL_TOOL_CHOICE, "parallel_tool_calls": (None, True, False),
+    "reasoning_effort": (None,), "include_reasoning": (None, True), "return_prompt_text": (None, False),
+}
+# Which add_special_tokens each endpoint tokenizes with (vLLM's defaults).
+_ADD_SPECIAL_TOKENS = {"completion": (None, True), "chat": (None, False)}
+
+
+def refuse_not_honoured(body: dict, kind: str) -> None:
+    """400 naming the first field we cannot honour at the value sent."""
+    for name, value in body.items():
+        neutral = _ADD_SPECIAL_TOKENS[kind] if name == "add_special_tokens" else NOT_HONOURED.get(name)
+        if neutral is not None and not any(_same(value, v) for v in neutral):
+            raise ApiError(400, f"{name} is not supported by this server (send it unset, or "
+                                f"{_neutral_text(neutral)})", param=name)
+
+
+def _same(value, neutral) -> bool:
+    """JSON equality: 1 equals 1.0, but true is not 1."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or value is None or neutral is None:
+        return value is neutral
+    return value == neutral
+
+
+def _neutral_text(values: tuple) -> str:
+    shown = [repr(v) if not isinstance(v, dict) else str(v) for v in values if v is not None]
+    return " or ".join(shown) if shown else "null"
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -43,6 +95,7 @@ class _SamplingFields(BaseModel):
     top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM extension
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1

@@ -20,7 +20,13 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from engine.control_protocol import SamplingSpec
-from router.openai_schema import ApiError, ChatCompletionRequest, CompletionRequest, format_validation_error
+from router.openai_schema import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    format_validation_error,
+    refuse_not_honoured,
+)
 
 # Prompts shorter than this are tokenized on the event loop: a thread hop costs more.
 INLINE_TOKENIZE_MAX_CHARS = 4096
@@ -96,6 +102,7 @@ def validate_body(kind: ApiKind, data: dict, served_model_name: str) -> Completi
     except ValidationError as exc:
         raise format_validation_error(exc) from None
     req.check_unsupported()
+    refuse_not_honoured(data, "completion" if kind is ApiKind.COMPLETION else "chat")
     if req.model != served_model_name:
         raise ApiError(404, f"model {req.model!r} does not exist; this server serves {served_model_name!r}",
                        param="model", code="model_not_found")
@@ -129,7 +136,8 @@ def sampling_spec(req: CompletionRequest | ChatCompletionRequest, max_tokens: in
     """The client's sampling options, in the worker's terms."""
     return SamplingSpec(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0,
-        seed=req.seed, stop=req.stop or [], ignore_eos=req.ignore_eos, min_tokens=min(req.min_tokens, max_tokens),
+        seed=req.seed, stop=req.stop or [], stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos, min_tokens=min(req.min_tokens, max_tokens),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
     )
 
