@@ -27,6 +27,7 @@ from router.metrics import RouterMetrics
 from router.openai_schema import ApiError
 from router.prepare import ApiKind, RouterSettings, check_auth, prepare_request, read_json_body
 from router.responses import ResponseHeader, completion_body, stream_events
+from router import tokenization
 from router.runner import RequestRunner
 
 
@@ -55,6 +56,9 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize_endpoint, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize_endpoint, methods=["POST"])
+    app.add_api_route("/version", version, methods=["GET"])
     return app
 
 
@@ -96,6 +100,24 @@ async def health(request: Request) -> JSONResponse:
     else:
         status = "unavailable"
     return JSONResponse({"status": status, "workers": workers}, status_code=503 if status == "unavailable" else 200)
+
+
+async def tokenize_endpoint(request: Request) -> JSONResponse:
+    state = _state(request)
+    check_auth(request.headers.get("authorization"), state.settings.api_key)
+    data = await read_json_body(request, state.settings.max_body_bytes)
+    return JSONResponse(await asyncio.to_thread(tokenization.tokenize, data, state.settings, state.tokenizer))
+
+
+async def detokenize_endpoint(request: Request) -> JSONResponse:
+    state = _state(request)
+    check_auth(request.headers.get("authorization"), state.settings.api_key)
+    data = await read_json_body(request, state.settings.max_body_bytes)
+    return JSONResponse(await asyncio.to_thread(tokenization.detokenize, data, state.settings, state.tokenizer))
+
+
+async def version(_request: Request) -> JSONResponse:
+    return JSONResponse(tokenization.versions())
 
 
 async def prometheus_metrics(request: Request) -> Response:
