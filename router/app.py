@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.admission import Admission
 from router.cluster import Cluster
+from router.live_plan import LivePlan
 from router.metrics import RouterMetrics
 from router.openai_schema import ApiError
 from router.prepare import ApiKind, RouterSettings, check_auth, prepare_request, read_json_body
@@ -41,15 +42,16 @@ class RouterState:
     admission: Admission
     metrics: RouterMetrics
     runner: RequestRunner
+    live_plan: LivePlan
 
 
 def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission: Admission | None = None,
-               metrics: RouterMetrics | None = None) -> FastAPI:
+               metrics: RouterMetrics | None = None, plan_source: str = "embedded default") -> FastAPI:
     app = FastAPI(title="hexserve router", docs_url=None, redoc_url=None)
     admission = admission or Admission()
     metrics = metrics or RouterMetrics()
     app.state.router = RouterState(settings, tokenizer, cluster, admission, metrics,
-                                   RequestRunner(cluster, admission, metrics))
+                                   RequestRunner(cluster, admission, metrics), LivePlan(cluster, plan_source))
     app.add_exception_handler(ApiError, api_error)
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
@@ -59,6 +61,8 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
     app.add_api_route("/tokenize", tokenize_endpoint, methods=["POST"])
     app.add_api_route("/detokenize", detokenize_endpoint, methods=["POST"])
     app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/plan", get_plan, methods=["GET"])
+    app.add_api_route("/plan", post_plan, methods=["POST"])
     return app
 
 
@@ -114,6 +118,23 @@ async def detokenize_endpoint(request: Request) -> JSONResponse:
     check_auth(request.headers.get("authorization"), state.settings.api_key)
     data = await read_json_body(request, state.settings.max_body_bytes)
     return JSONResponse(await asyncio.to_thread(tokenization.detokenize, data, state.settings, state.tokenizer))
+
+
+async def get_plan(request: Request) -> JSONResponse:
+    state = _state(request)
+    check_auth(request.headers.get("authorization"), state.settings.api_key)
+    return JSONResponse(state.live_plan.view())
+
+
+async def post_plan(request: Request) -> JSONResponse:
+    """Apply an operator's plan (route weights among the running workers); ?dry_run=true only reports."""
+    state = _state(request)
+    check_auth(request.headers.get("authorization"), state.settings.api_key)
+    dry_run = request.query_params.get("dry_run", "false").lower()
+    if dry_run not in ("true", "false"):
+        raise ApiError(400, f"dry_run={dry_run!r}; use true or false", param="dry_run")
+    data = await read_json_body(request, state.settings.max_body_bytes)
+    return JSONResponse(state.live_plan.apply(data, dry_run=dry_run == "true"))
 
 
 async def version(_request: Request) -> JSONResponse:

@@ -144,6 +144,15 @@ class Cluster:
         if self._ctx is not None:
             self._ctx.term()
 
+    def set_routes(self, routes: list[Route]) -> None:
+        """New routes and weights among the running workers (a live plan change): the
+        policy is rebuilt, the next request uses them, requests in flight finish where they are."""
+        unknown = {w for r in routes for w in (r.prefill_worker, r.decode_worker)} - set(self.clients)
+        if unknown or not routes:
+            raise ValueError(f"routes must be non-empty and name running workers; unknown: {sorted(unknown)}")
+        self.policy = make_policy(self.routing, routes, **self.policy_options)
+        self.routes = list(routes)
+
     def is_healthy(self, worker_id: str) -> bool:
         return self.clients[worker_id].healthy
 

@@ -99,14 +99,14 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
             group_id=group.id, **shared))
         placement[worker_id] = {"nodes": list(group.nodes), "gpu_types": dict(group.gpu_types),
                                 "num_gpus": len(group.gpus)}
-    routes = _plan_routes(plan, worker_of_group)
+    routes = plan_routes(plan, worker_of_group)
     if not routes:
         raise ValueError("the plan has no route with positive flow; re-solve it (is any group able to serve?)")
     return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
                       max_model_len=max_model_len, placement=placement)
 
 
-def _plan_routes(plan, worker_of_group: dict[str, str]) -> list[Route]:
+def plan_routes(plan, worker_of_group: dict[str, str]) -> list[Route]:
     """The plan's prefill->decode routes by their flow, and each serving colocated group to itself."""
     routes = []
     for r in plan.routes:

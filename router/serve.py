@@ -137,6 +137,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                            api_key=options.api_key),
             tokenizer,
             admission=Admission(max_running=options.max_running, max_waiting=options.max_waiting),
+            plan_source=str(options.plan) if options.plan else "embedded default",
         )
         if options.restart_workers:
             supervisor = asyncio.ensure_future(_supervise(launcher, options.restart_check_s))

@@ -47,6 +47,7 @@ class _BlockedCluster:
     def __init__(self):
         self.release = asyncio.Event()
         self.clients = {}
+        self.routes = [Route("p", "d", 1.0)]
 
     def any_route_healthy(self):
         return True

@@ -110,3 +110,18 @@ def test_decode_first_skips_the_prefill_hop_and_is_token_equal(two_prefill_route
     reference = reference_llm.generate([{"prompt_token_ids": follow_up}],
                                        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert tokens == list(reference[0].outputs[0].token_ids)
+
+
+def test_the_live_plan_can_be_read_and_reweighted(two_prefill_router, tmp_path):
+    from benchmarks.local_plans import local_plan
+
+    router = two_prefill_router
+    view = httpx.get(f"{router.base_url}/plan").json()
+    assert view["routing"] == "cache-aware" and view["history"][0]["source"].endswith("plan_2p1d.json")
+    plan = local_plan(2, 1).to_json()
+    plan["routes"][1]["rate_rps"] = 2.0
+    answer = httpx.post(f"{router.base_url}/plan", json=plan)
+    assert answer.status_code == 200, answer.text
+    assert {(r["prefill"], r["weight"]) for r in httpx.get(f"{router.base_url}/plan").json()["routes"]} == {
+        ("prefill-p0", 1.0), ("prefill-p1", 2.0)}
+    assert _complete(router, [11, 12, 13]) is not None  # still serving on the new weights
