@@ -213,10 +213,11 @@ class Assembler:
             return f"{_where(chunk)}: dtype/encoding {chunk.dtype}/{chunk.encoding} differ from Begin's {begin.dtype}/{begin.encoding}"
         if tuple(chunk.shape[1:]) != tuple(begin.block_shape):
             return f"{_where(chunk)}: block shape {chunk.shape[1:]} differs from Begin's {begin.block_shape}"
-        if not (0 <= layer and layer + chunk.num_layers <= begin.num_layers) or chunk.first_block + chunk.num_blocks > begin.num_blocks:
+        if (not (0 <= layer and layer + chunk.num_layers <= begin.num_layers)
+                or chunk.first_block < begin.first_block or chunk.first_block + chunk.num_blocks > begin.num_blocks):
             return (
                 f"{_where(chunk)}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
-                f"x {begin.num_blocks} blocks that Begin declared"
+                f"x blocks {begin.first_block}..{begin.num_blocks - 1} that Begin declared"
             )
         for payload in payloads:
             if len(payload) != chunk.payload_bytes:
@@ -235,7 +236,7 @@ class Assembler:
         if transfer is None:
             return None
         begin = transfer.begin
-        missing = begin.num_layers * begin.num_blocks - transfer.covered_count
+        missing = begin.num_layers * (begin.num_blocks - begin.first_block) - transfer.covered_count
         if missing:
             self._fail(end.transfer_id, f"End arrived with {missing} (layer, block) pairs missing")
         if end.num_chunks != transfer.num_messages or end.total_payload_bytes != transfer.received_bytes:

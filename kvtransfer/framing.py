@@ -37,13 +37,14 @@ def begin_message(
     dtype: str,
     block_shape: tuple[int, ...],
     encoding: str = "raw",
+    first_block: int = 0,
 ) -> list:
     """[header] opening a transfer of layers [first_layer, first_layer + num_layers)
-    x num_blocks blocks; it reserves their raw size at the receiver."""
-    reserve_bytes = protocol.raw_bytes(dtype, (num_layers, num_blocks, *block_shape))
+    x blocks [first_block, num_blocks); it reserves their raw size at the receiver."""
+    reserve_bytes = protocol.raw_bytes(dtype, (num_layers, num_blocks - first_block, *block_shape))
     begin = Begin(
         protocol.PROTOCOL_VERSION, transfer_id, request_id, prompt_hash, num_tokens, num_layers, num_blocks,
-        dtype, tuple(block_shape), encoding, reserve_bytes, first_layer,
+        dtype, tuple(block_shape), encoding, reserve_bytes, first_layer, first_block,
     )
     return [protocol.encode(begin)]
 

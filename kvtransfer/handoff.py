@@ -68,6 +68,9 @@ class PrefillParams:
     transfer_id: str
     decode_tp: int = 1  # decode's tensor_parallel_size: where each slice of heads goes
     decode_layers: tuple[int, ...] | None = None  # decode's layers per pipeline stage; None: one stage
+    # The prompt's first blocks decode already holds in its prefix cache (the router's
+    # prefix index says so): they are not sent. Prefill always sends the last token's block.
+    skip_blocks: int = 0
 
     def to_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -78,6 +81,8 @@ class PrefillParams:
         }
         if self.decode_layers is not None and len(self.decode_layers) > 1:
             params["decode_layers"] = list(self.decode_layers)
+        if self.skip_blocks:
+            params["skip_blocks"] = self.skip_blocks
         return params
 
     @classmethod
@@ -95,7 +100,11 @@ class PrefillParams:
         if not _is_positive_int(decode_tp):
             logger.warning("kvtransfer: ignoring tensor-parallel size %r in kv_transfer_params; using 1", decode_tp)
             decode_tp = 1
-        return cls(str(endpoint), str(transfer_id), decode_tp, decode_layers)
+        skip_blocks = params.get("skip_blocks", 0)
+        if not (skip_blocks == 0 or _is_positive_int(skip_blocks)):
+            logger.warning("kvtransfer: ignoring skip_blocks=%r in kv_transfer_params; sending every block", skip_blocks)
+            skip_blocks = 0
+        return cls(str(endpoint), str(transfer_id), decode_tp, decode_layers, skip_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +184,8 @@ def new_transfer_id() -> str:
 
 
 def prefill_params(
-    decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1, decode_layers: Sequence[int] | None = None
+    decode_endpoint: str, transfer_id: str | None = None, decode_tp: int = 1, decode_layers: Sequence[int] | None = None,
+    skip_blocks: int = 0,
 ) -> dict[str, Any]:
     """kv_transfer_params for the prefill request (put in SamplingParams.extra_args).
 
@@ -191,7 +201,10 @@ def prefill_params(
     layers = None
     if decode_layers is not None and len(decode_layers) > 1:
         layers = layer_partition(decode_layers, name="decode_layers")
-    return PrefillParams(check_endpoint(decode_endpoint), transfer_id or new_transfer_id(), decode_tp, layers).to_params()
+    if not (skip_blocks == 0 or _is_positive_int(skip_blocks)):
+        raise ValueError(f"skip_blocks={skip_blocks!r} must be an int >= 0")
+    return PrefillParams(check_endpoint(decode_endpoint), transfer_id or new_transfer_id(), decode_tp, layers,
+                         skip_blocks).to_params()
 
 
 def decode_params_from(prefill_output_params: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -200,6 +200,12 @@ class LoadPath:
             )
         layout = self.layout
         start, stop = spec.first_block, spec.first_block + len(spec.block_ids)
+        if start < begin.first_block:
+            # Prefill skipped blocks the router saw in this worker's cache, and they
+            # were evicted before the request came: recompute rather than read holes.
+            self.stats.add("transfers_missing_prefix")
+            return (f"transfer {spec.transfer_id} starts at block {begin.first_block} (decode was to hold the ones "
+                    f"before) but this request found only {start} blocks in the local prefix cache")
         indexes: dict[tuple[int, int], torch.Tensor] = {}  # every layer of a block range goes to the same blocks
         try:
             for chunk in transfer.chunks:

@@ -41,7 +41,7 @@ from common.wire import ProtocolError
 # 3: Chunk.num_layers: one message may carry several consecutive layers (one
 # payload frame each), so short prompts move in fewer, larger messages. A
 # version-2 peer refuses version-3 messages by version (decode recomputes).
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: Begin.first_block (blocks decode already holds are not sent)
 
 # dtypes a payload may carry, with their element size in bytes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
@@ -106,6 +106,9 @@ class Begin(msgspec.Struct, tag="begin", array_like=True, frozen=True):
     # The transfer holds the model's layers [first_layer, first_layer + num_layers);
     # a pipeline stage's part starts past 0 (Chunk.layer is in that range).
     first_layer: int = 0
+    # and the prompt's blocks [first_block, num_blocks): the router saw the decode
+    # worker's prefix cache hold the blocks before, so they do not travel.
+    first_block: int = 0
 
 
 class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):

@@ -47,7 +47,8 @@ class _Sending:
     num_tokens: int
     decode_tp: int = 1
     decode_layers: tuple[int, ...] | None = None
-    blocks_sent: int = 0
+    blocks_sent: int = 0  # starts past the blocks decode already holds (skip_blocks)
+    begun: bool = False
 
 
 class SchedulerSide:
@@ -193,8 +194,11 @@ class SchedulerSide:
             logger.warning("kvtransfer: request %s: not sending its KV: %s", request.request_id, exc)
             return
         prompt = request.prompt_token_ids or ()
+        # The block holding the last prompt token always goes: decode recomputes that token.
+        skip = min(target.skip_blocks, (len(prompt) - 1) // self.block_size)
         self._sending[request.request_id] = _Sending(
-            request, target.transfer_id, target.decode_endpoint, prompt_hash(prompt), len(prompt), target.decode_tp, target.decode_layers
+            request, target.transfer_id, target.decode_endpoint, prompt_hash(prompt), len(prompt), target.decode_tp,
+            target.decode_layers, blocks_sent=skip,
         )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> HexConnectorMetadata:
@@ -222,13 +226,14 @@ class SchedulerSide:
                     num_blocks=self._num_blocks(state.num_tokens),
                     first_block=state.blocks_sent,
                     block_ids=list(all_ids[state.blocks_sent : upto]),
-                    is_first=state.blocks_sent == 0,
+                    is_first=not state.begun,
                     is_last=is_last,
                     decode_tp=state.decode_tp,
                     decode_layers=state.decode_layers,
                 )
             )
             state.blocks_sent = upto
+            state.begun = True
             if is_last:
                 self._sent[request_id] = self._sending.pop(request_id)
         return meta
@@ -240,7 +245,7 @@ class SchedulerSide:
         unfinished = self._sending.pop(request.request_id, None)
         if unfinished is not None:
             # Finished (aborted) before its whole prompt was computed: nothing to decode from.
-            if unfinished.blocks_sent:
+            if unfinished.begun:
                 self._drops.append(
                     DropSpec(unfinished.endpoint, unfinished.transfer_id, unfinished.decode_tp, unfinished.decode_layers)
                 )

@@ -180,6 +180,7 @@ class SendPath:
             transfer_id, spec.request_id, prompt_hash=spec.prompt_hash, num_tokens=spec.num_tokens,
             first_layer=part.first_layer, num_layers=part.num_layers, num_blocks=spec.num_blocks,
             dtype=self.layout.dtype, block_shape=block_shape, encoding=self.options.encoding,
+            first_block=spec.first_block,  # the first send starts past the blocks decode holds
         )
         if not self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, frames, 0):
             progress.failed = True

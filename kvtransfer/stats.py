@@ -61,6 +61,7 @@ COUNTER_NAMES = (
     "transfers_received_failed",
     "transfers_refused_version",  # decode: the handoff's kv_protocol_version is not ours (scheduler side)
     "transfers_refused_prompt_hash",  # decode: the handoff names another prompt (scheduler side)
+    "transfers_missing_prefix",  # decode: prefill skipped blocks decode no longer held (evicted): recomputed
     "frames_refused",
     "lease_expiries",
     "load_timeouts",

@@ -13,12 +13,15 @@ from engine.worker_spec import WorkerSpec
 PREFILL_SAMPLING = SamplingSpec(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
-def prefill_kv_params(decode: WorkerSpec, transfer_id: str, kv_connector: str) -> dict[str, Any] | None:
+def prefill_kv_params(decode: WorkerSpec, transfer_id: str, kv_connector: str,
+                      skip_blocks: int = 0) -> dict[str, Any] | None:
     """What the prefill request carries so its connector ships the KV to `decode`
-    (split to decode's TP and pipeline stages); None with no connector."""
+    (split to decode's TP and pipeline stages), past the `skip_blocks` first
+    blocks decode already holds; None with no connector."""
     if kv_connector == "none":
         return None
     from kvtransfer import prefill_params
 
     return prefill_params(decode_endpoint=decode.kv_endpoint, transfer_id=transfer_id,
-                          decode_tp=decode.tensor_parallel_size, decode_layers=decode.layers_per_stage)
+                          decode_tp=decode.tensor_parallel_size, decode_layers=decode.layers_per_stage,
+                          skip_blocks=skip_blocks)

@@ -253,7 +253,7 @@ class Cluster:
         if choice.decode_first:
             self.prompt_stats.decode_first_requests += 1
         if not prompt_on_decode:
-            prefill_final = await self._prefill(route, request_id, prompt_token_ids)
+            prefill_final = await self._prefill(route, request_id, prompt_token_ids, self._decode_holds(choice))
             kv_params = decode_kv_params(prefill_final, self.kv_connector)
         decode = self.clients[route.decode_worker]
         budget = len(prompt_token_ids) + sampling.max_tokens
@@ -268,12 +268,24 @@ class Cluster:
         finally:
             decode.outstanding_tokens -= budget
 
-    async def _prefill(self, route: Route, request_id: str, prompt_token_ids: list[int]) -> proto.Output | None:
+    def _decode_holds(self, choice: RouteChoice) -> int:
+        """Leading prompt blocks the decode worker already holds (the prefix index's view when
+        the route was chosen): prefill does not send them. Only with one block size on both
+        ends, as the KV connector requires; if decode evicts them meanwhile it recomputes."""
+        block_size = self.prefix_index.block_size(choice.route.decode_worker)
+        if not choice.decode_cached_tokens or block_size is None:
+            return 0
+        if self.prefix_index.block_size(choice.route.prefill_worker) not in (None, block_size):
+            return 0
+        return choice.decode_cached_tokens // block_size
+
+    async def _prefill(self, route: Route, request_id: str, prompt_token_ids: list[int],
+                       skip_blocks: int = 0) -> proto.Output | None:
         """Run the prompt on the route's prefill worker, its KV shipped to the
-        route's decode worker; the prefill's final output (the handoff)."""
+        route's decode worker (past the blocks it holds); the prefill's final output (the handoff)."""
         prefill = self.clients[route.prefill_worker]
         decode_spec = self.clients[route.decode_worker].info
-        kv_params = prefill_kv_params(decode_spec, f"{request_id}-kv", self.kv_connector)
+        kv_params = prefill_kv_params(decode_spec, f"{request_id}-kv", self.kv_connector, skip_blocks)
         num_prompt = len(prompt_token_ids)
         prefill.outstanding_tokens += num_prompt
         final = None

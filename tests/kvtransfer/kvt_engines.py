@@ -97,7 +97,8 @@ def greedy(max_tokens: int = DECODE_TOKENS, **kwargs):
 
 
 def run_prefill(
-    cluster: Cluster, prompts: list[list[int]], *, decode_tp: int = 1, decode_layers: list[int] | None = None, **sampling
+    cluster: Cluster, prompts: list[list[int]], *, decode_tp: int = 1, decode_layers: list[int] | None = None,
+    skip_blocks: int = 0, **sampling
 ) -> list[dict | None]:
     """Prefill on P (max_tokens=1) and return each request's kv_transfer_params."""
     from vllm import SamplingParams
@@ -106,7 +107,8 @@ def run_prefill(
         SamplingParams(
             max_tokens=1,
             temperature=0.0,
-            extra_args={"kv_transfer_params": prefill_params(cluster.decode_endpoint, decode_tp=decode_tp, decode_layers=decode_layers)},
+            extra_args={"kv_transfer_params": prefill_params(cluster.decode_endpoint, decode_tp=decode_tp,
+                                                             decode_layers=decode_layers, skip_blocks=skip_blocks)},
             **sampling,
         )
         for _ in prompts

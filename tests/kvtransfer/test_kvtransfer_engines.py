@@ -7,6 +7,7 @@ so that "equal output" cannot come from decode silently recomputing.
 
 from __future__ import annotations
 
+import math
 import signal
 import textwrap
 
@@ -175,6 +176,30 @@ def test_decode_prefix_cache_hit_loads_only_the_tail(cluster):
         assert run_decode(cluster, [prompt], handoffs) == expected
         d = wait_delta(before, cluster.decode_stats, "transfers_loaded_ok")
         assert d["transfers_loaded_ok"] == 1 and d["transfers_loaded_failed"] == 0
+
+
+def test_blocks_decode_already_holds_do_not_travel(cluster):
+    """The router saw decode hold the prompt's first blocks: prefill sends only the rest."""
+    conversation = random_prompt(300, seed=3100)  # 2 full blocks of 128 and a partial one
+    run_decode(cluster, [conversation], run_prefill(cluster, [conversation]))  # decode now holds 2 blocks
+    follow_up = conversation + random_prompt(100, seed=3101)  # 400 tokens: 4 blocks, the first 2 held
+    before = settled(cluster.decode_stats)
+    handoffs = run_prefill(cluster, [follow_up], skip_blocks=2)
+    assert run_decode(cluster, [follow_up], handoffs) == run_reference(cluster, [follow_up])
+    d = wait_delta(before, cluster.decode_stats, "transfers_loaded_ok")
+    block_bytes = math.prod(tiny_block_shape()) * 4  # float32
+    assert d["bytes_received"] == (4 - 2) * num_kv_layers() * block_bytes
+    assert d["transfers_loaded_failed"] == 0 and d["transfers_missing_prefix"] == 0
+
+
+def test_skipped_blocks_decode_no_longer_holds_are_recomputed(cluster):
+    """The router's view was stale (decode evicted the blocks): decode recomputes, still token-equal."""
+    prompt = random_prompt(400, seed=3200)  # decode has never seen it
+    before = settled(cluster.decode_stats)
+    handoffs = run_prefill(cluster, [prompt], skip_blocks=2)
+    assert run_decode(cluster, [prompt], handoffs) == run_reference(cluster, [prompt])
+    d = wait_delta(before, cluster.decode_stats, "transfers_missing_prefix")
+    assert d["transfers_missing_prefix"] == 1 and d["transfers_loaded_failed"] == 1
 
 
 def test_parallel_sampling_children_share_one_transfer(cluster):

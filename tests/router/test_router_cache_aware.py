@@ -44,6 +44,11 @@ def _prefill_queries(router) -> dict[str, float]:
             _series(_metrics(router), "hexserve_worker_prefix_cache_queries_tokens").items() if "prefill" in k}
 
 
+def _decode_bytes_received(router) -> float:
+    found = re.search(r'hexserve_kv_transfer\{stat="bytes_received",worker="decode-d0"\} ([\d.e+]+)', _metrics(router))
+    return float(found.group(1)) if found else 0.0
+
+
 def _complete(router, prompt: list[int], max_tokens: int = 4) -> list[int]:
     response = httpx.post(f"{router.base_url}/v1/completions", timeout=120, json={
         "model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -78,14 +83,18 @@ def test_requests_sharing_a_prefix_land_on_the_prefill_worker_that_holds_it(two_
     homes = []
     for _pair in range(3):
         shared = [rng.randrange(10, 500) for _ in range(400)]
-        before = _prefill_queries(router)
+        before, received = _prefill_queries(router), _decode_bytes_received(router)
         _complete(router, shared + [rng.randrange(10, 500) for _ in range(200)])
         first = _worker_that_computed(router, before)
+        first_bytes = _decode_bytes_received(router) - received
         _indexed(router, first, 1)
-        before = _prefill_queries(router)
+        _indexed(router, "decode-d0", 1)
+        before, received = _prefill_queries(router), _decode_bytes_received(router)
         # 200 new tokens: far more than decode-first's 64, so a prefill worker computes them.
         _complete(router, shared + [rng.randrange(10, 500) for _ in range(200)])
         assert _worker_that_computed(router, before) == first
+        # Decode held the shared 128-token blocks (3 of the 5): only the other 2 travelled.
+        assert 0 < _decode_bytes_received(router) - received <= 0.5 * first_bytes
         homes.append(first)
     # With equal loads the first request of each prefix follows the plan's alternation.
     assert len(set(homes)) == 2, homes
