@@ -3,12 +3,11 @@ else (malformed, or needing workers started) refused naming the field, the runni
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from dataclasses import dataclass
 
-import httpx
 import pytest
+from asgi_client import caller
 
 from benchmarks.local_plans import local_plan
 
@@ -39,14 +38,7 @@ def served(tiny_model_dir):
     cluster.clients = {w.worker_id: _Worker(w) for w in deployment.workers}
     app = create_app(cluster, RouterSettings(TINY_MODEL_NAME, 1024, api_key="k"),
                      AutoTokenizer.from_pretrained(tiny_model_dir), plan_source="plan.json")
-
-    def call(method: str, path: str, body=None, key="k"):
-        async def go():
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
-                return await client.request(method, path, json=body, headers=headers)
-        return asyncio.run(go())
-    return cluster, call
+    return cluster, caller(app)
 
 
 def _reweighted(p0_rate: float) -> dict:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 
-import httpx
 import pytest
+from asgi_client import caller
 
 from common.roles import Role
 from common.routing import Route
@@ -24,14 +23,7 @@ def call(tiny_model_dir):
     spec = WorkerSpec("w", Role.COLOCATED, "ipc:///tmp/hexserve-unused.sock")
     cluster = Cluster(workers=[spec], routes=[Route("w", "w", 1.0)], kv_connector="none")
     app = create_app(cluster, RouterSettings(TINY_MODEL_NAME, 1024, api_key="k"), AutoTokenizer.from_pretrained(tiny_model_dir))
-
-    def request(method: str, path: str, body=None, key="k"):
-        async def go():
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
-                return await client.request(method, path, json=body, headers=headers)
-        return asyncio.run(go())
-    return request
+    return caller(app)
 
 
 def test_tokenize_detokenize_round_trip(call, tiny_model_dir):
