@@ -50,8 +50,9 @@ def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission:
     app = FastAPI(title="hexserve router", docs_url=None, redoc_url=None)
     admission = admission or Admission()
     metrics = metrics or RouterMetrics()
-    app.state.router = RouterState(settings, tokenizer, cluster, admission, metrics,
-                                   RequestRunner(cluster, admission, metrics), LivePlan(cluster, plan_source))
+    runner = RequestRunner(cluster, admission, metrics)
+    app.state.router = RouterState(settings, tokenizer, cluster, admission, metrics, runner,
+                                   LivePlan(cluster, plan_source, runner.window))
     app.add_exception_handler(ApiError, api_error)
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
@@ -144,6 +145,7 @@ async def version(_request: Request) -> JSONResponse:
 async def prometheus_metrics(request: Request) -> Response:
     state = _state(request)
     state.metrics.observe_cluster(state.cluster)
+    state.metrics.observe_window(state.runner.window.summary())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

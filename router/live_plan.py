@@ -26,6 +26,7 @@ from common.routing import Route
 from router.cluster import Cluster
 from router.deployment import plan_routes
 from router.openai_schema import ApiError
+from router.workload_window import WorkloadWindow
 
 HISTORY_LIMIT = 100
 
@@ -34,6 +35,7 @@ HISTORY_LIMIT = 100
 class LivePlan:
     cluster: Cluster
     source: str  # where the plan at start came from: a path, or "embedded default"
+    window: WorkloadWindow | None = None  # the live workload, shown beside the plan
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -52,6 +54,7 @@ class LivePlan:
         return {"routing": cluster.routing, "routes": _routes_json(cluster.routes),
                 "workers": {c.worker_id: {"role": c.info.role.value, "healthy": c.healthy, "group": c.info.group_id}
                             for c in cluster.clients.values()},
+                "observed": self.window.summary() if self.window is not None else None,
                 "history": self.history}
 
     def apply(self, data: Any, dry_run: bool = False) -> dict[str, Any]:

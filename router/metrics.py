@@ -42,6 +42,8 @@ class RouterMetrics:
         self.migrated = Gauge("hexserve_migrated_requests", "Streams moved to another route after their decode worker failed mid-stream", registry=r)
         self.prefix_index_blocks = Gauge("hexserve_prefix_index_blocks", "Blocks the router's prefix index holds for the worker (from its KV-cache events)", labels, registry=r)
         self.kv_event_resets = Gauge("hexserve_kv_event_resets", "Times a worker's prefix-index entries were dropped, by reason", ["reason"], registry=r)
+        self.observed = Gauge("hexserve_observed", "The live workload over the router's sliding window (GET /plan 'observed'): "
+                              "requests/s, prompt and output token percentiles, TTFT/TPOT ms percentiles", ["figure"], registry=r)
         self.kv_stat = Gauge("hexserve_kv_transfer", "KV transfer counters reported by the worker's connector (bytes, transfers, failures)", ["worker", "stat"], registry=r)
 
     def observe_cluster(self, cluster) -> None:
@@ -57,6 +59,11 @@ class RouterMetrics:
                 cluster.prefix_index.num_blocks(client.worker_id))
         for reason, count in cluster.event_stats.resets.items():
             self.kv_event_resets.labels(reason).set(count)
+
+    def observe_window(self, summary: dict) -> None:
+        for figure, value in summary.items():
+            if value is not None:
+                self.observed.labels(figure).set(value)
 
     def observe_workers(self, clients) -> None:
         for client in clients:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.routing import NoRouteAvailable
 from engine import control_protocol as proto
@@ -16,6 +16,7 @@ from router.metrics import RouterMetrics
 from router.openai_schema import ApiError
 from router.prepare import PreparedRequest
 from router.worker_client import WorkerUnavailable
+from router.workload_window import WorkloadWindow
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class RequestRunner:
     cluster: Cluster
     admission: Admission
     metrics: RouterMetrics
+    window: WorkloadWindow = field(default_factory=WorkloadWindow)
 
     async def outputs(self, prep: PreparedRequest) -> AsyncIterator[proto.Output]:
         """The cluster's output deltas, with metrics; maps worker failures to API errors
@@ -83,8 +85,12 @@ class RequestRunner:
         if status == "ok":
             finished_at = time.perf_counter()
             metrics.e2e.observe(finished_at - timing.started)
+            tpot_s = None
             if timing.first_token_at is not None and timing.num_tokens > 1:
-                metrics.tpot.observe((finished_at - timing.first_token_at) / (timing.num_tokens - 1))
+                tpot_s = (finished_at - timing.first_token_at) / (timing.num_tokens - 1)
+                metrics.tpot.observe(tpot_s)
+            ttft_s = None if timing.first_token_at is None else timing.first_token_at - timing.started
+            self.window.record(len(prep.prompt_token_ids), timing.num_tokens, ttft_s, tpot_s)
 
     async def collect(self, prep: PreparedRequest) -> Completed:
         """The whole answer. Nothing reached the client yet, so a worker failing

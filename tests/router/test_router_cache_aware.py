@@ -127,6 +127,8 @@ def test_the_live_plan_can_be_read_and_reweighted(two_prefill_router, tmp_path):
     router = two_prefill_router
     view = httpx.get(f"{router.base_url}/plan").json()
     assert view["routing"] == "cache-aware" and view["history"][0]["source"].endswith("plan_2p1d.json")
+    observed = view["observed"]  # the earlier tests' requests, in the last 60 s
+    assert observed["requests"] >= 1 and observed["prompt_tokens_p50"] > 0 and observed["ttft_ms_p50"] > 0
     plan = local_plan(2, 1).to_json()
     plan["routes"][1]["rate_rps"] = 2.0
     answer = httpx.post(f"{router.base_url}/plan", json=plan)

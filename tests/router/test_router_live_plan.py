@@ -56,6 +56,7 @@ def test_get_plan_shows_routes_workers_and_history(served):
         ("prefill-p0", "decode-d0", 1.0), ("prefill-p1", "decode-d0", 1.0)}
     assert view["workers"]["prefill-p1"] == {"role": "prefill", "healthy": True, "group": "p1"}
     assert [h["action"] for h in view["history"]] == ["start"] and view["history"][0]["source"] == "plan.json"
+    assert view["observed"]["requests"] == 0 and view["observed"]["window_s"] == 60.0
 
 
 def test_post_plan_changes_the_weights_live(served):

@@ -1,0 +1,74 @@
+"""The live workload over a sliding window: what the plan was made for, as it is now.
+
+The plan was solved for one workload (arrival rate, prompt and output
+lengths); real traffic drifts (the Azure code trace has 13x the prompt-to-output
+ratio of the conversation trace). The runner records each finished request
+here, and `GET /plan` and `/metrics` show the window: arrivals per second,
+prompt and output length percentiles, the share of prompt tokens the
+engines' prefix caches supplied, and TTFT/TPOT percentiles. This is the
+"watch" half of re-planning; nothing here changes the plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+DEFAULT_WINDOW_S = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class _Finished:
+    at_s: float  # monotonic
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float | None
+    tpot_s: float | None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * (len(ordered) - 1) + 0.5))]
+
+
+@dataclass(slots=True)
+class WorkloadWindow:
+    window_s: float = DEFAULT_WINDOW_S
+    _finished: deque[_Finished] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if not self.window_s > 0:
+            raise ValueError(f"window_s={self.window_s} must be > 0")
+
+    def record(self, prompt_tokens: int, output_tokens: int, ttft_s: float | None, tpot_s: float | None,
+               now_s: float | None = None) -> None:
+        self._finished.append(_Finished(time.monotonic() if now_s is None else now_s, prompt_tokens, output_tokens,
+                                        ttft_s, tpot_s))
+
+    def _trim(self, now_s: float) -> None:
+        while self._finished and self._finished[0].at_s < now_s - self.window_s:
+            self._finished.popleft()
+
+    def summary(self, now_s: float | None = None) -> dict:
+        """The window's figures (None where no request finished in it)."""
+        now_s = time.monotonic() if now_s is None else now_s
+        self._trim(now_s)
+        done = list(self._finished)
+        prompts = [float(r.prompt_tokens) for r in done]
+        outputs = [float(r.output_tokens) for r in done]
+        ttfts = [r.ttft_s * 1e3 for r in done if r.ttft_s is not None]
+        tpots = [r.tpot_s * 1e3 for r in done if r.tpot_s is not None]
+        return {
+            "window_s": self.window_s,
+            "requests": len(done),
+            "requests_per_s": len(done) / self.window_s,
+            "prompt_tokens_mean": sum(prompts) / len(prompts) if prompts else None,
+            "prompt_tokens_p50": _percentile(prompts, 50), "prompt_tokens_p90": _percentile(prompts, 90),
+            "output_tokens_mean": sum(outputs) / len(outputs) if outputs else None,
+            "output_tokens_p50": _percentile(outputs, 50), "output_tokens_p90": _percentile(outputs, 90),
+            "ttft_ms_p50": _percentile(ttfts, 50), "ttft_ms_p90": _percentile(ttfts, 90),
+            "tpot_ms_p50": _percentile(tpots, 50), "tpot_ms_p90": _percentile(tpots, 90),
+        }

@@ -1,0 +1,26 @@
+"""The sliding window of the live workload (the 'watch' half of re-planning)."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.workload_window import WorkloadWindow
+
+
+def test_window_figures_and_sliding():
+    window = WorkloadWindow(window_s=10.0)
+    for i in range(20):  # 2 requests/s for 10 s: prompts 100..1900, outputs 10
+        window.record(100 * (i + 1), 10, ttft_s=0.05, tpot_s=0.01, now_s=i * 0.5)
+    summary = window.summary(now_s=10.0)
+    assert summary["requests"] == 20 and summary["requests_per_s"] == 2.0
+    assert summary["prompt_tokens_p50"] == 1100 and summary["prompt_tokens_p90"] == 1800
+    assert summary["output_tokens_mean"] == 10 and summary["ttft_ms_p50"] == pytest.approx(50)
+    later = window.summary(now_s=15.0)  # the first half slid out
+    assert later["requests"] == 10 and later["prompt_tokens_mean"] == 1550
+
+
+def test_empty_window_and_bad_size():
+    summary = WorkloadWindow().summary(now_s=0.0)
+    assert summary["requests"] == 0 and summary["prompt_tokens_p50"] is None and summary["tpot_ms_p90"] is None
+    with pytest.raises(ValueError, match="window_s=0"):
+        WorkloadWindow(window_s=0)
