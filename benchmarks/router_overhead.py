@@ -46,7 +46,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) -> None:
+def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int, routing: str) -> None:
     """Child process: the router app in front of the stand-in workers."""
     import uvicorn
 
@@ -60,7 +60,7 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int) ->
 
     async def main():
         cluster = Cluster(workers=[WorkerSpec("p", Role.PREFILL, prefill_ep), WorkerSpec("d", Role.DECODE, decode_ep, decode_kv)],
-                          routes=[Route("p", "d", 1.0)], kv_connector="none")
+                          routes=[Route("p", "d", 1.0)], kv_connector="none", routing=routing)
         await cluster.start()
         await cluster.wait_ready(300)
         app = create_app(cluster, RouterSettings(TINY_MODEL_NAME, 1024), load_tokenizer(str(build_tiny_model())))
@@ -128,13 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--serve-router", nargs=4, metavar=("PREFILL", "DECODE", "DECODE_KV", "PORT"),
+    parser.add_argument("--routings", default="cache-aware,plan",
+                        help="routing policies to measure, one router each (cache-aware hashes every prompt's blocks)")
+    parser.add_argument("--serve-router", nargs=5, metavar=("PREFILL", "DECODE", "DECODE_KV", "PORT", "ROUTING"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_router:
-        p, d, kv, port = args.serve_router
-        _serve_router(p, d, kv, int(port))
+        p, d, kv, port, routing = args.serve_router
+        _serve_router(p, d, kv, int(port), routing)
         return
+    rows = [row for routing in args.routings.split(",") for row in _measure_routing(routing, args)]
+    _write(rows)
+
+
+def _measure_routing(routing: str, args) -> list[dict]:
 
     prefill_ep, decode_ep, decode_kv, port = local_endpoint(), local_endpoint(), local_endpoint(), free_tcp_port()
     env = dict(os.environ, HEXSERVE_LOG_LEVEL="WARNING")
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", Role.PREFILL.value, "--control-endpoint", prefill_ep], env=env),
         subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", Role.DECODE.value, "--control-endpoint", decode_ep], env=env),
         subprocess.Popen([sys.executable, "-m", "benchmarks.router_overhead", "--serve-router", prefill_ep, decode_ep,
-                          decode_kv, str(port)], env=env),
+                          decode_kv, str(port), routing], env=env),
     ]
     try:
         # The router's stdout is this process's; its own log is what to read if it dies.
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             direct, direct_wall = asyncio.run(_direct(prefill_ep, decode_ep, n, concurrency))
             routed, routed_wall = asyncio.run(_via_router(port, n, concurrency))
             rows.append({
-                "mode": mode, "concurrency": concurrency, "requests": n, "max_tokens": MAX_TOKENS,
+                "routing": routing, "mode": mode, "concurrency": concurrency, "requests": n, "max_tokens": MAX_TOKENS,
                 "direct_p50_ms": 1000 * statistics.median(direct), "direct_p99_ms": 1000 * _percentile(direct, 99),
                 "router_p50_ms": 1000 * statistics.median(routed), "router_p99_ms": 1000 * _percentile(routed, 99),
                 "added_p50_ms": 1000 * (statistics.median(routed) - statistics.median(direct)),
@@ -167,13 +174,16 @@ def main(argv: list[str] | None = None) -> None:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+    return rows
 
+
+def _write(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "router_overhead.json").write_text(json.dumps({"rows": rows, "machine_cores": os.cpu_count()}, indent=2))
-    lines = ["| mode | conc. | direct p50 / p99 ms | router p50 / p99 ms | added p50 / p99 ms | direct req/s | router req/s | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| routing | mode | conc. | direct p50 / p99 ms | router p50 / p99 ms | added p50 / p99 ms | direct req/s | router req/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | "
+        lines.append(f"| {r['routing']} | {r['mode']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | "
                      f"{r['router_p50_ms']:.2f} / {r['router_p99_ms']:.2f} | {r['added_p50_ms']:.2f} / {r['added_p99_ms']:.2f} | "
                      f"{r['direct_rps']:.0f} | {r['router_rps']:.0f} | {r['router_over_direct_rps']:.2f} |")
     table = "\n".join(lines)
