@@ -108,15 +108,15 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def tokenize_endpoint(request: Request) -> JSONResponse:
+    # Open like vLLM's: its API key guards /v1/... only (vllm/entrypoints/serve/middleware/
+    # authenticate.py, GUARDED_PREFIX), and `vllm bench serve` calls /tokenize without one.
     state = _state(request)
-    check_auth(request.headers.get("authorization"), state.settings.api_key)
     data = await read_json_body(request, state.settings.max_body_bytes)
     return JSONResponse(await asyncio.to_thread(tokenization.tokenize, data, state.settings, state.tokenizer))
 
 
 async def detokenize_endpoint(request: Request) -> JSONResponse:
-    state = _state(request)
-    check_auth(request.headers.get("authorization"), state.settings.api_key)
+    state = _state(request)  # open, as /tokenize
     data = await read_json_body(request, state.settings.max_body_bytes)
     return JSONResponse(await asyncio.to_thread(tokenization.detokenize, data, state.settings, state.tokenizer))
 

@@ -64,7 +64,9 @@ def test_bad_input_is_refused_naming_the_field(call, path, body, status, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_auth_and_version(call):
-    assert call("POST", "/tokenize", {"prompt": "x"}, key=None).status_code == 401
+def test_open_like_vllms_and_version(call):
+    # vLLM's API key guards /v1/... only; `vllm bench serve` tokenizes without one.
+    assert call("POST", "/tokenize", {"prompt": "x"}, key=None).status_code == 200
+    assert call("POST", "/v1/completions", {"model": "m", "prompt": "x"}, key=None).status_code == 401
     version = call("GET", "/version").json()
     assert version["version"] and version["hexserve"]
