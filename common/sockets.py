@@ -32,6 +32,12 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
+def prepare_bind(endpoint: str) -> None:
+    """Make an ipc endpoint's folder: ZeroMQ makes the socket file, not its folder."""
+    if (path := ipc_path(endpoint)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_socket(
     ctx: zmq.Context,
     socket_type: int,
@@ -68,8 +74,7 @@ def make_socket(
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
         if bind:
-            if (path := ipc_path(endpoint)) is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)  # ZeroMQ makes the file, not its folder
+            prepare_bind(endpoint)
             sock.bind(endpoint)
         else:
             sock.connect(endpoint)

@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from common.aio import run_event_loop
 from common.roles import Role
-from common.sockets import ipc_path, make_socket
+from common.sockets import make_socket, prepare_bind
 from common.wire import ProtocolError
 from engine import control_protocol as proto
 from engine.config import EngineSettings
@@ -124,8 +124,8 @@ class WorkerServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.settings.apply_process_env()
-        if self.settings.kv_events_endpoint and (path := ipc_path(self.settings.kv_events_endpoint)) is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)  # vLLM's publisher binds before our sockets make it
+        if self.settings.kv_events_endpoint:
+            prepare_bind(self.settings.kv_events_endpoint)  # vLLM's publisher binds it, before our sockets exist
         return AsyncLLM.from_engine_args(
             AsyncEngineArgs(**self.settings.engine_kwargs()),
             stat_loggers=[_make_stat_logger_factory(self._load)],

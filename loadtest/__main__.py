@@ -29,9 +29,7 @@ from pathlib import Path
 from common.traces import MOONCAKE_BLOCK_TOKENS, TRACE_FORMATS, TraceError, load_trace
 from loadtest.metrics import SLO
 from loadtest.plots import plot_result
-from loadtest.prefix_cache import prefix_cache_report, scrape_prefix_cache
-
-PREFIX_COUNTS_SETTLE_S = 1.5
+from loadtest.prefix_cache import PREFIX_COUNTS_SETTLE_S, prefix_cache_report, scrape_prefix_cache
 from loadtest.prompts import PROMPT_FORMATS, PromptBuilder, PromptError, load_tokenizer
 from loadtest.report import build_result, compare_ratios, compare_table, output_prefix, summary_table, write_result
 from loadtest.runner import RunConfig, build_prompts, run
@@ -124,9 +122,7 @@ def _run_one(args, endpoint, model, label, workload, prompts, slo, meta) -> dict
     cache_before = scrape_prefix_cache(rcfg.endpoint)
     outcome = run(rcfg, workload, prompts)
     if cache_before.source is not None:
-        # A router refreshes its workers' counts with each health ping (0.5 s), vLLM's
-        # stat logger each engine step: let the last requests' counts land first.
-        time.sleep(PREFIX_COUNTS_SETTLE_S)
+        time.sleep(PREFIX_COUNTS_SETTLE_S)  # let the last requests' counts land first
     cache = prefix_cache_report(cache_before, scrape_prefix_cache(rcfg.endpoint))
     meta = {**meta, "label": label, "endpoint": outcome.endpoint, "model_id": outcome.model,
             "not_sent": outcome.not_sent, "wall_s": outcome.wall_s, **cache}

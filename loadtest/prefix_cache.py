@@ -33,6 +33,9 @@ VLLM_QUERIES = "vllm:prefix_cache_queries_total"
 VLLM_HITS = "vllm:prefix_cache_hits_total"
 SOURCES = {"hexserve": (HEXSERVE_QUERIES, HEXSERVE_HITS), "vllm": (VLLM_QUERIES, VLLM_HITS)}
 PREFILL_SIDE_ROLES = ("prefill", "colocated")  # the roles that compute prompts
+# A router refreshes its workers' counts with each health ping (0.5 s), vLLM's stat
+# logger each engine step: wait this long after a run before the last scrape.
+PREFIX_COUNTS_SETTLE_S = 1.5
 
 
 @dataclass(slots=True)

@@ -53,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache-aware (default): send each request where its prefix is cached, within "
                         "--share-slack-requests of the plan's shares; plan: the plan's weights and live load; "
                         "round-robin: every route in turn")
-    r.add_argument("--share-slack-requests", type=_non_negative(float), default=DEFAULT_SHARE_SLACK_REQUESTS,
+    # Default None: set only with cache-aware routing, so that main() can refuse either with another policy.
+    r.add_argument("--share-slack-requests", type=_non_negative(float), default=None,
                    help="cache-aware: how many requests a route may run ahead of or behind its plan share "
                         f"(default {DEFAULT_SHARE_SLACK_REQUESTS:g}; 0 = the plan's split exactly)")
-    r.add_argument("--decode-first-max-tokens", type=_non_negative(int), default=DEFAULT_DECODE_FIRST_MAX_TOKENS,
+    r.add_argument("--decode-first-max-tokens", type=_non_negative(int), default=None,
                    help="cache-aware: a decode worker whose cache holds all but at most this many prompt tokens "
                         f"computes them itself, skipping the prefill hop (default {DEFAULT_DECODE_FIRST_MAX_TOKENS}; 0: off)")
     logs = s.add_mutually_exclusive_group()
@@ -81,6 +82,10 @@ def _non_negative(kind):
     return parse
 
 
+def _or_default(value, default):
+    return default if value is None else value
+
+
 def _positive_int(text: str) -> int:
     value = _non_negative(int)(text)
     if value < 1:
@@ -90,12 +95,10 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.routing != "cache-aware":
-        for flag, value, default in (("--share-slack-requests", args.share_slack_requests, DEFAULT_SHARE_SLACK_REQUESTS),
-                                     ("--decode-first-max-tokens", args.decode_first_max_tokens,
-                                      DEFAULT_DECODE_FIRST_MAX_TOKENS)):
-            if value != default:  # refused, never silently ignored
-                build_parser().error(f"{flag} applies to --routing cache-aware only (got --routing {args.routing})")
+    for flag, value in (("--share-slack-requests", args.share_slack_requests),
+                        ("--decode-first-max-tokens", args.decode_first_max_tokens)):
+        if value is not None and args.routing != "cache-aware":  # refused, never silently ignored
+            build_parser().error(f"{flag} applies to --routing cache-aware only (got --routing {args.routing})")
     # Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
     level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
             kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
             max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
             log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
-            block_size=args.block_size, routing=args.routing, max_migrations=args.max_migrations, share_slack_requests=args.share_slack_requests,
-            decode_first_max_tokens=args.decode_first_max_tokens,
+            block_size=args.block_size, routing=args.routing, max_migrations=args.max_migrations,
+            share_slack_requests=_or_default(args.share_slack_requests, DEFAULT_SHARE_SLACK_REQUESTS),
+            decode_first_max_tokens=_or_default(args.decode_first_max_tokens, DEFAULT_DECODE_FIRST_MAX_TOKENS),
         ))
     except StartupError as exc:  # the reason and the log to read, not a traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -27,7 +27,6 @@ tells the cache-aware policy how much of each prompt each worker holds.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -101,18 +100,12 @@ class Cluster:
     max_migrations: int = DEFAULT_MAX_MIGRATIONS
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     event_stats: EventStats = field(default_factory=EventStats)
-    prompt_stats: PromptStats = field(default_factory=lambda: PromptStats())
+    prompt_stats: PromptStats = field(default_factory=PromptStats)
     _ctx: zmq.asyncio.Context | None = None
     _event_tasks: list[asyncio.Task] = field(default_factory=list)
-    _ids: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
-        known = {w.worker_id for w in self.workers}
-        for route in self.routes:
-            for worker_id in (route.prefill_worker, route.decode_worker):
-                if worker_id not in known:
-                    raise ValueError(f"route {route.prefill_worker}->{route.decode_worker} names unknown worker {worker_id!r}")
-        self.policy = make_policy(self.routing, self.routes, **self.policy_options)
+        self.set_routes(self.routes)
 
     async def start(self, process_alive: dict | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -145,11 +138,14 @@ class Cluster:
             self._ctx.term()
 
     def set_routes(self, routes: list[Route]) -> None:
-        """New routes and weights among the running workers (a live plan change): the
-        policy is rebuilt, the next request uses them, requests in flight finish where they are."""
-        unknown = {w for r in routes for w in (r.prefill_worker, r.decode_worker)} - set(self.clients)
-        if unknown or not routes:
-            raise ValueError(f"routes must be non-empty and name running workers; unknown: {sorted(unknown)}")
+        """The routes and weights among this cluster's workers (at start, and for a live plan
+        change): the policy is rebuilt, the next request uses them, requests in flight finish
+        where they are."""
+        known = {w.worker_id for w in self.workers}
+        for route in routes:
+            for worker_id in (route.prefill_worker, route.decode_worker):
+                if worker_id not in known:
+                    raise ValueError(f"route {route.prefill_worker}->{route.decode_worker} names unknown worker {worker_id!r}")
         self.policy = make_policy(self.routing, routes, **self.policy_options)
         self.routes = list(routes)
 

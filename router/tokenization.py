@@ -13,7 +13,7 @@ from importlib import metadata
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from router.openai_schema import ApiError, ChatMessage, format_validation_error
+from router.openai_schema import ApiError, ChatCompletionRequest, ChatMessage, format_validation_error
 from router.prepare import RouterSettings, tokenize_chat, tokenize_prompt
 
 
@@ -55,8 +55,6 @@ def tokenize(data: dict, settings: RouterSettings, tokenizer) -> dict:
             field = "add_special_tokens" if req.add_special_tokens else "add_generation_prompt"
             raise ApiError(400, f"{field} is not supported with messages: they are rendered as chat requests are "
                                 "(chat template, generation prompt, no added special tokens)", param=field)
-        from router.openai_schema import ChatCompletionRequest
-
         ids = tokenize_chat(tokenizer, ChatCompletionRequest(model=settings.served_model_name, messages=req.messages))
     elif isinstance(req.prompt, str):
         ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
