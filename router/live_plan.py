@@ -98,6 +98,9 @@ def parse_plan(data: Any) -> Plan:
     """The plan document, or an ApiError naming the field that is wrong."""
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a plan document (a JSON object, as `python -m planner solve` writes)")
+    unknown = sorted(set(data) - {f.name for f in fields(Plan)} - {"schema", "schema_version"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unknown field of a plan document", param=unknown[0])
     for name, kind in (("groups", list), ("routes", list)):
         if not isinstance(data.get(name), kind):
             raise ApiError(400, f"{name}: expected a list, got {type(data.get(name)).__name__}", param=name)

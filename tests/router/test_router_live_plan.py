@@ -93,6 +93,7 @@ def _without(doc: dict, path: tuple) -> dict:
     (lambda d: {**d, "groups": d["groups"] + [{**d["groups"][0], "id": "p9"}]}, "groups[3]"),
     (lambda d: {**d, "routes": d["routes"] + [{**d["routes"][0], "decode": "d7"}]}, "routes[2].decode"),
     (lambda d: [d], None),
+    (lambda d: {**d, "weights": {"p0": 3}}, "weights"),
 ])
 def test_a_malformed_or_unservable_plan_is_refused_and_the_running_plan_untouched(served, mutate, param):
     cluster, call = served
