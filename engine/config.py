@@ -15,6 +15,8 @@ from typing import Any
 # vLLM's CPU backend sizes its KV cache from this variable (GiB), not from
 # gpu_memory_utilization. 1 GiB holds thousands of tokens of the tiny model.
 DEFAULT_CPU_KVCACHE_GIB = 1
+# Tokens per KV-cache block when none is given: vLLM's default on CPU.
+CPU_DEFAULT_BLOCK_SIZE = 128
 
 
 @dataclass(slots=True)
@@ -31,6 +33,8 @@ class EngineSettings:
     dtype: str = "auto"
     seed: int = 0
     block_size: int | None = None
+    # KV-cache blocks the engine may use (an emulated device's KV memory); None: what memory allows.
+    num_kv_cache_blocks: int | None = None
     max_num_seqs: int = 64
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
@@ -48,6 +52,8 @@ class EngineSettings:
             raise ValueError(f"max_model_len={self.max_model_len} is too small; use at least 16")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.num_kv_cache_blocks is not None and self.num_kv_cache_blocks < 1:
+            raise ValueError(f"--kv-cache-blocks={self.num_kv_cache_blocks} must be >= 1")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `vllm.LLM(...)` or `vllm.AsyncEngineArgs(...)`."""
@@ -65,6 +71,8 @@ class EngineSettings:
         )
         if self.block_size is not None:
             kwargs["block_size"] = self.block_size
+        if self.num_kv_cache_blocks is not None:
+            kwargs["num_gpu_blocks_override"] = self.num_kv_cache_blocks
         if self.kv_transfer_config is not None:
             kwargs["kv_transfer_config"] = self.kv_transfer_config
         if self.kv_events_endpoint is not None:

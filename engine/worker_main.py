@@ -85,6 +85,8 @@ def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=None,
                         help="tokens per KV-cache block (default: vLLM's for the platform; CPU needs a multiple of 32)")
     parser.add_argument("--cpu-kvcache-gib", type=int, default=DEFAULT_CPU_KVCACHE_GIB)
+    parser.add_argument("--kv-cache-blocks", type=int, default=None,
+                        help="KV-cache blocks the engine may use (vLLM's num_gpu_blocks_override; default: what memory allows)")
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when the starting process dies")
     return parser
 
@@ -114,6 +116,7 @@ def settings_from_args(command_line: WorkerCommandLine, args: argparse.Namespace
         pipeline_parallel_size=args.pipeline_parallel_size,
         cpu_kvcache_gib=args.cpu_kvcache_gib,
         block_size=args.block_size,
+        num_kv_cache_blocks=args.kv_cache_blocks,
         kv_transfer_config=kv_config,
         kv_events_endpoint=args.kv_events_endpoint,
     )

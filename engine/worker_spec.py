@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from common.cpu_cgroup import join_command
 from common.roles import Role
 
 # The module each role's worker runs as (`python -m <module>`): a colocated
@@ -44,6 +46,9 @@ class WorkerSpec:
     cpu_kvcache_gib: int = 1
     block_size: int | None = None  # tokens per KV-cache block; None: vLLM's default for the platform
     env: tuple[tuple[str, str], ...] = ()  # e.g. CUDA_VISIBLE_DEVICES for the group's GPUs
+    # An emulated device (common.emulated_device): the cgroup the worker runs in, and its KV blocks.
+    cpu_cgroup: str | None = None
+    kv_cache_blocks: int | None = None
     group_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +83,12 @@ class WorkerSpec:
             env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in self.layer_partition)
         return env
 
+    def launch_command(self) -> list[str]:
+        """What a launcher runs: the command, inside the worker's cgroup when it has one."""
+        if self.cpu_cgroup is None:
+            return self.command()
+        return join_command(self.command(), Path(self.cpu_cgroup))
+
     def command(self) -> list[str]:
         """The worker's command line (the same locally and inside a Ray actor)."""
         cmd = [sys.executable, "-m", WORKER_MODULES[self.role],
@@ -96,6 +107,8 @@ class WorkerSpec:
             cmd += ["--kv-events-endpoint", self.kv_events_endpoint]
         if self.block_size is not None:
             cmd += ["--block-size", str(self.block_size)]
+        if self.kv_cache_blocks is not None:
+            cmd += ["--kv-cache-blocks", str(self.kv_cache_blocks)]
         if self.model:
             cmd += ["--model", self.model]
         if self.served_model_name:

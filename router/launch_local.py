@@ -150,7 +150,7 @@ class LocalLauncher:
             self._logs.append(stdout)
         env = dict(os.environ, **spec.process_env())
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.Popen(spec.command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+        proc = subprocess.Popen(spec.launch_command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
                                 start_new_session=True)
         self.processes[spec.worker_id] = proc
         return proc

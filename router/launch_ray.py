@@ -19,8 +19,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.cpu_cgroup import make_cgroup, remove_cgroup
+from common.emulated_device import EmulatedDevices, emulated_devices_from_env
 
 from router.deployment import Deployment
+from engine.config import CPU_DEFAULT_BLOCK_SIZE
 from engine.worker_spec import WorkerSpec
 from router.launch_local import LocalLauncher, local_endpoint
 
@@ -47,10 +52,23 @@ def placement_bundles(placement: dict, use_gpus: bool) -> tuple[list[dict[str, f
     return bundles, strategy
 
 
+def on_emulated_devices(spec: WorkerSpec, devices: EmulatedDevices | None, num_devices: int) -> WorkerSpec:
+    """The spec for a node whose devices are emulated: the worker runs in a cgroup of
+    its devices' CPU time and gets their KV blocks. Unchanged on a node with real devices."""
+    if devices is None:
+        return spec
+    if num_devices > devices.num_devices:
+        raise RuntimeError(f"worker {spec.worker_id} needs {num_devices} devices; this node emulates "
+                           f"{devices.num_devices} of type {devices.gpu_type}")
+    cgroup = make_cgroup(devices.worker_cgroup(spec.worker_id), devices.quota(num_devices))
+    return dataclasses.replace(spec, cpu_cgroup=str(cgroup), kv_cache_blocks=devices.kv_cache_blocks(
+        num_devices, spec.block_size or CPU_DEFAULT_BLOCK_SIZE))
+
+
 class _WorkerActor:
     """Runs one worker process on the actor's node and reports where it listens."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, num_devices: int = 1):
         import ray
 
         node_ip = ray.util.get_node_ip_address()
@@ -60,6 +78,7 @@ class _WorkerActor:
             kv_endpoint=local_endpoint(node_ip, spec.num_ranks) if spec.kv_endpoint else None,
             kv_events_endpoint=local_endpoint(node_ip) if spec.kv_events_endpoint else None,
         )
+        self.spec = on_emulated_devices(self.spec, emulated_devices_from_env(), num_devices)
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:
             self.spec = dataclasses.replace(
@@ -81,6 +100,8 @@ class _WorkerActor:
 
     def stop(self) -> None:
         self.launcher.stop()
+        if self.spec.cpu_cgroup is not None:
+            remove_cgroup(Path(self.spec.cpu_cgroup))
 
 
 @dataclass
@@ -131,7 +152,7 @@ class RayLauncher:
             name=f"hexserve-{spec.worker_id}",
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
                                                                  placement_group_bundle_index=0),
-        ).remote(spec)
+        ).remote(spec, max(1, int(placement.get("num_gpus", 1))))
         actual = ray.get(actor.spec_.remote(), timeout=timeout_s)
         self.actors[spec.worker_id] = actor
         self.placement_groups[spec.worker_id] = group

@@ -1,0 +1,53 @@
+"""A node's emulated devices: what a worker placed there gets instead of a GPU.
+
+The lab (lab/) starts each emulated host's Ray node with
+`$HEXSERVE_EMULATED_DEVICES` naming a JSON file that says what one device of
+the host is: CPU time (a cgroup quota) and KV-cache memory (tokens). A worker the Ray
+launcher places on that node for `n` devices runs in its own cgroup under the
+host's, with `n` devices' CPU time, and an engine with `n` devices' KV blocks.
+Nodes without the variable (real GPU nodes) are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.cpu_cgroup import DEFAULT_CFS_PERIOD_US, CpuQuota
+
+EMULATED_DEVICES_ENV = "HEXSERVE_EMULATED_DEVICES"
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatedDevices:
+    gpu_type: str
+    num_devices: int
+    cpu_cores_per_device: float
+    kv_cache_tokens_per_device: int
+    cgroup_parent: str  # the host's cgroup; each worker gets a child cgroup
+    cfs_period_us: int = DEFAULT_CFS_PERIOD_US
+
+    def quota(self, devices: int) -> CpuQuota:
+        return CpuQuota(self.cpu_cores_per_device * devices, self.cfs_period_us)
+
+    def kv_cache_blocks(self, devices: int, block_size: int) -> int:
+        """Blocks of the engine's size that hold `devices` devices' KV tokens."""
+        return -(-self.kv_cache_tokens_per_device * devices // block_size)
+
+    def worker_cgroup(self, worker_id: str) -> Path:
+        return Path(self.cgroup_parent) / worker_id
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> "EmulatedDevices":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def emulated_devices_from_env() -> EmulatedDevices | None:
+    """This node's emulated devices, or None on a node that has real ones."""
+    path = os.environ.get(EMULATED_DEVICES_ENV)
+    return EmulatedDevices.read(Path(path)) if path else None
