@@ -1,16 +1,19 @@
-"""`python -m lab up|down|status|exec`: run the serving stack on an emulated heterogeneous fleet (as root)."""
+"""`python -m lab up|down|status|profile|exec`: run the serving stack on an emulated heterogeneous fleet (as root)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from common.cpu_cgroup import CgroupError
+from lab.cluster_file import write_cluster_file
 from lab.launcher import LabError, down, lab_state, status, up
 from lab.network import LabNetworkError, exec_in
+from lab.profile import profile_device_types
 from lab.ray_nodes import RayStartError
 from lab.spec import LAB_NAME_RE, load_lab
 from planner.spec.errors import PlanInputError
@@ -36,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lab", help="lab.json or the lab's name")
     p = sub.add_parser("status", help="what of the lab is running")
     p.add_argument("lab", help="lab.json or the lab's name")
+    p = sub.add_parser("profile", help="measure each device type (planner profile, in its cgroup, through the router)")
+    p.add_argument("lab", help="lab.json (the lab must be up)")
+    p.add_argument("--out-dir", default=None, help="where the profiles go (default: <lab>-profiles/ beside the lab file)")
     p = sub.add_parser("exec", help="run a command on a lab host (inside its namespace)")
     p.add_argument("lab", help="lab.json or the lab's name")
     p.add_argument("host", help="host name, e.g. h0 (the head: router and load generator run there)")
@@ -72,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             removed = down(_lab_name(args.lab))
             print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
+        elif args.command == "profile":
+            lab = load_lab(args.lab)
+            out_dir = Path(args.out_dir) if args.out_dir else Path(args.lab).with_name(f"{lab.name}-profiles")
+            state = lab_state(lab.name)
+            profiles = profile_device_types(lab, state, out_dir)
+            names = {t: str(p.resolve()) for t, p in profiles.items()}
+            if state.get("cluster_file"):  # the running lab's cluster file now plans on the measurements
+                write_cluster_file(dataclasses.replace(lab, profiles=profiles), Path(state["cluster_file"]))
+            print(f"profiles written and applied to {state.get('cluster_file')}; to keep them, add to {args.lab}:\n"
+                  f'  "profiles": {json.dumps(names)}')
         elif args.command == "status":
             print(json.dumps(status(_lab_name(args.lab)), indent=1))
         else:

@@ -1,7 +1,8 @@
 """A real Ray node in each lab host: the head in the first, the others joining it.
 
 Each node advertises its devices as the custom resource `gpu_type:<T>` (what
-the Ray launcher asks for when it places a plan's group) and is started with
+the Ray launcher asks for when it places a plan's group) and its name as
+`hexserve_node:<host>` (so a group lands on the host the plan chose) and is started with
 `$HEXSERVE_EMULATED_DEVICES` naming the host's device file, which every Ray
 worker process on the node inherits: a group's actor reads it to put its
 worker in a cgroup of its devices' CPU time (common.emulated_device).
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from common.emulated_device import EMULATED_DEVICES_ENV
+from common.ray_resources import NODE_RESOURCE_AMOUNT, gpu_type_resource, node_resource
 from lab.network import exec_in, host_namespace
 from lab.spec import Host, LabSpec
 
@@ -40,7 +42,7 @@ def _ray_executable() -> str:
 
 
 def node_resources(lab: LabSpec, host: Host) -> dict[str, float]:
-    return {f"gpu_type:{host.gpu_type}": float(host.num_devices)}
+    return {gpu_type_resource(host.gpu_type): float(host.num_devices), node_resource(host.name): NODE_RESOURCE_AMOUNT}
 
 
 def start_node(lab: LabSpec, host: Host, devices_file: Path, temp_dir: Path, log_file: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common.cpu_cgroup import make_cgroup, remove_cgroup
 from common.emulated_device import EmulatedDevices, emulated_devices_from_env
+from common.ray_resources import NODE_RESOURCE_PREFIX, NODE_RESOURCE_SHARE, gpu_type_resource, node_resource
 
 from router.deployment import Deployment
 from engine.config import CPU_DEFAULT_BLOCK_SIZE
@@ -31,20 +32,19 @@ from router.launch_local import LocalLauncher, local_endpoint
 
 log = logging.getLogger(__name__)
 
-GPU_TYPE_RESOURCE_PREFIX = "gpu_type:"
-
-
-def gpu_type_resource(gpu_type: str) -> str:
-    return f"{GPU_TYPE_RESOURCE_PREFIX}{gpu_type}"
-
-
-def placement_bundles(placement: dict, use_gpus: bool) -> tuple[list[dict[str, float]], str]:
-    """Bundles and strategy for one group: a bundle per GPU type, packed onto one node if the plan did."""
+def placement_bundles(placement: dict, use_gpus: bool,
+                      named_nodes: frozenset[str] = frozenset()) -> tuple[list[dict[str, float]], str]:
+    """Bundles and strategy for one group: a bundle per GPU type, packed onto one node if the plan did,
+    and onto the plan's node itself when the cluster names its nodes (`named_nodes`)."""
+    nodes = placement.get("nodes", [])
+    pinned = nodes[0] if len(nodes) == 1 and nodes[0] in named_nodes else None
     bundles = []
     for gpu_type, count in sorted(placement.get("gpu_types", {}).items()):
         bundle = {gpu_type_resource(gpu_type): float(count), "CPU": 1.0}
         if use_gpus:
             bundle["GPU"] = float(count)
+        if pinned is not None:
+            bundle[node_resource(pinned)] = NODE_RESOURCE_SHARE
         bundles.append(bundle)
     if not bundles:
         bundles = [{"CPU": 1.0}]
@@ -137,7 +137,9 @@ class RayLauncher:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         placement = (self.deployment.placement or {}).get(spec.worker_id, {})
-        bundles, strategy = placement_bundles(placement, self.use_gpus)
+        named_nodes = frozenset(key[len(NODE_RESOURCE_PREFIX):] for key in ray.cluster_resources()
+                                if key.startswith(NODE_RESOURCE_PREFIX))
+        bundles, strategy = placement_bundles(placement, self.use_gpus, named_nodes)
         group = placement_group(bundles, strategy=strategy, name=f"hexserve-{spec.worker_id}")
         try:
             ray.get(group.ready(), timeout=timeout_s)

@@ -15,8 +15,9 @@ from planner.adapters.profiler import ProfileSettings, run_profile
 from planner.adapters.simulate_cli import add_simulate_parser
 from planner.core.solver import DEFAULT_TIME_LIMIT_S, MODES, solve, solve_exact_plan
 from planner.spec.calibration import fit_profile
-from planner.spec.catalog import default_catalog
+from planner.spec.catalog import Catalog, default_catalog
 from planner.spec.cluster import load_cluster
+from planner.spec.fields import Fields, read_json_file
 from planner.spec.model import model_preset, preset_names
 from planner.spec.profile import Profile, load_profile
 
@@ -60,11 +61,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     profile = run_profile(settings, hf_config=args.hf_config, preset=args.preset)
     Path(args.out).write_text(json.dumps(profile.to_json(), indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}: {len(profile.prefill)} prefill and {len(profile.decode)} decode samples")
-    return print_fit(profile)
+    return print_fit(profile, args.cluster)
 
 
-def print_fit(profile: Profile) -> int:
-    spec = default_catalog().resolve(profile.gpu_type, "gpu_type")
+def cluster_catalog(cluster_path: str | None) -> Catalog:
+    """The default catalog, with a cluster file's own types and overrides when one is given."""
+    catalog = default_catalog()
+    if cluster_path:
+        data = read_json_file(Path(cluster_path), "--cluster", what="cluster file")
+        f = Fields(data, "")
+        if f.has("catalog"):
+            catalog = catalog.with_overrides(f.obj("catalog"))
+    return catalog
+
+
+def print_fit(profile: Profile, cluster_path: str | None = None) -> int:
+    spec = cluster_catalog(cluster_path).resolve(profile.gpu_type, "gpu_type")
     fit = fit_profile(profile, spec)
     print(f"fitted for {spec.name}: mfu {fit.mfu:.4f}, mbu {fit.mbu:.4f}, prefill overhead "
           f"{fit.prefill_overhead_ms:.2f} ms (R^2 {fit.prefill_r2:.3f}), decode overhead "
@@ -74,7 +86,7 @@ def print_fit(profile: Profile) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    return print_fit(load_profile(Path(args.profile), field=args.profile))
+    return print_fit(load_profile(Path(args.profile), field=args.profile), args.cluster)
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -124,6 +136,7 @@ def _add_profile_parser(sub) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--out", default="profile.json")
+    p.add_argument("--cluster", default=None, help="a cluster file whose catalog defines --gpu-type (e.g. a lab's)")
     p.set_defaults(func=cmd_profile)
 
 
@@ -134,6 +147,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _add_profile_parser(sub)
     p = sub.add_parser("calibrate", help="fit cost-model coefficients to a profile file and print them")
     p.add_argument("profile")
+    p.add_argument("--cluster", default=None, help="a cluster file whose catalog defines the profile's GPU type")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("catalog", help="list GPU types and model presets")
     p.set_defaults(func=cmd_catalog)

@@ -151,3 +151,13 @@ def test_failed_start_removes_what_it_built_and_a_taken_name_is_refused(monkeypa
             up(lab)
     finally:
         assert down(lab.name) == ["hxu-h0"]
+
+
+def test_a_group_is_pinned_to_its_plan_node_when_the_cluster_names_nodes():
+    from router.launch_ray import placement_bundles
+
+    placement = {"nodes": ["h2"], "gpu_types": {"SLOW": 1}}
+    bundles, strategy = placement_bundles(placement, use_gpus=False, named_nodes=frozenset({"h1", "h2"}))
+    assert bundles == [{"gpu_type:SLOW": 1.0, "CPU": 1.0, "hexserve_node:h2": 0.001}] and strategy == "STRICT_PACK"
+    # A cluster that does not name its nodes: any node of the type will do.
+    assert placement_bundles(placement, use_gpus=False)[0] == [{"gpu_type:SLOW": 1.0, "CPU": 1.0}]

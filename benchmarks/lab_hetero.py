@@ -1,0 +1,172 @@
+"""The heterogeneous claim, measured: our plan against three baselines on the lab (as root).
+
+    .venv/bin/python -m benchmarks.lab_hetero                     # configs/lab/hetero4.json
+    .venv/bin/python -m benchmarks.lab_hetero --rate-scales 0.05,0.1,0.15 --requests 60
+
+1. Bring the lab up (`lab.launcher.up`): one FAST and three SLOW emulated
+   devices, one SLOW host behind a slow link; each a Ray node in its own
+   namespace, each device a CPU-quota cgroup with its KV size.
+2. Profile each device type on the lab (`lab.profile`: `planner profile`
+   through the router against one worker in its cgroup) unless `--profiles`
+   names a folder of earlier ones; the cluster file is calibrated on them.
+3. Plan: ours and the baselines of `benchmarks.lab_plans`.
+4. For each plan: a fresh router (`router serve --plan --ray`, default
+   routing) in the head host, the Azure conversation trace replayed from the
+   head host at each rate scale (the same requests for every plan), then
+   `planner simulate` of the same plan and requests on the same cluster file.
+5. Report, per plan and rate: throughput, goodput, SLO attainment, TTFT and
+   TPOT; per plan the throughput at SLO (the highest measured throughput at a
+   rate where >= 90 % of requests met both SLOs); the ratios to the best
+   baseline; and the simulator's error against each measurement.
+
+Writes benchmarks/results/NAME.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.lab_plans import write_plans
+from common.ports import free_tcp_port
+from common.traces import load_trace
+from lab.cluster_file import write_cluster_file
+from lab.launcher import down, up
+from lab.profile import profile_device_types
+from lab.serving import run_in_head, serve_plan
+from lab.spec import load_lab
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+ATTAINMENT_TARGET = 0.9
+METRICS = ("request_throughput", "request_goodput", "slo_attainment", "mean_ttft_ms", "p90_ttft_ms",
+           "mean_tpot_ms", "p90_tpot_ms", "completed", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    trace: str = "azure-conv"
+    start_s: float = 0.0
+    requests: int = 60
+    max_input_tokens: int = 768
+    max_output_tokens: int = 128
+    slo_ttft_ms: float = 3000.0
+    slo_tpot_ms: float = 80.0
+
+    def args(self, rate_scale: float) -> list[str]:
+        return ["--trace", self.trace, "--start-s", str(self.start_s), "--max-requests", str(self.requests),
+                "--rate-scale", str(rate_scale), "--max-input-tokens", str(self.max_input_tokens),
+                "--max-output-tokens", str(self.max_output_tokens), "--slo-ttft-ms", str(self.slo_ttft_ms),
+                "--slo-tpot-ms", str(self.slo_tpot_ms), "--no-plots"]
+
+    def cluster_workload(self) -> dict:
+        """The planner's workload: the lengths of the requests replayed (clipped as the load test clips them)."""
+        requests = [r for r in load_trace(self.trace) if r.arrival_s >= self.start_s][:self.requests]
+        inputs = [min(r.input_tokens, self.max_input_tokens) for r in requests]
+        outputs = [min(r.output_tokens, self.max_output_tokens) for r in requests]
+        return {"input_tokens_mean": statistics.mean(inputs), "input_tokens_std": statistics.pstdev(inputs),
+                "output_tokens_mean": statistics.mean(outputs),
+                "slo": {"ttft_ms": self.slo_ttft_ms, "tpot_ms": self.slo_tpot_ms}}
+
+
+def _summary(path: Path) -> dict:
+    summary = json.loads(path.read_text())["summary"]
+    return {k: summary.get(k) for k in METRICS}
+
+
+def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float], out_dir: Path, name: str) -> dict:
+    from engine.tiny_model import build_tiny_model
+
+    results = {}
+    with serve_plan(state, plan, free_tcp_port(), out_dir / f"{name}.router.log") as url:
+        for scale in rate_scales:
+            prefix = out_dir / f"{name}.measured.{scale:g}"
+            run_in_head(state, [sys.executable, "-m", "loadtest", "run", "--endpoint", url, "--label", name,
+                                "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
+                                *workload.args(scale)], log=out_dir / f"{name}.loadtest.log", timeout_s=1800)
+            results[f"{scale:g}"] = _summary(prefix.with_suffix(".json"))
+            print(f"  {name} x{scale:g}: {results[f'{scale:g}']}", flush=True)
+    return results
+
+
+def simulate(plan: Path, cluster: Path, workload: Workload, rate_scales: list[float], out_dir: Path, name: str) -> dict:
+    import subprocess
+
+    results = {}
+    for scale in rate_scales:
+        prefix = out_dir / f"{name}.simulated.{scale:g}"
+        subprocess.run([sys.executable, "-m", "planner", "simulate", str(plan), "--cluster", str(cluster),
+                        *workload.args(scale), "--out", str(prefix)], check=True, timeout=900,
+                       stdout=subprocess.DEVNULL)
+        results[f"{scale:g}"] = _summary(prefix.with_suffix(".json"))
+    return results
+
+
+def throughput_at_slo(runs: dict) -> float:
+    met = [r["request_throughput"] for r in runs.values() if (r.get("slo_attainment") or 0) >= ATTAINMENT_TARGET]
+    return max(met, default=0.0)
+
+
+def relative_error(sim: float | None, measured: float | None) -> float | None:
+    if sim is None or not measured:
+        return None
+    return (sim - measured) / measured
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lab", default=str(REPO / "configs" / "lab" / "hetero4.json"))
+    ap.add_argument("--profiles", default=None, help="folder with <TYPE>.json profiles (default: measure them)")
+    ap.add_argument("--rate-scales", default="0.3,0.6,0.9,1.2,1.5")
+    ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--plans", default="hexserve,hexgen-like,distserve-like,vllm-like")
+    ap.add_argument("--name", default="lab_hetero")
+    ap.add_argument("--keep-up", action="store_true", help="leave the lab up afterwards")
+    args = ap.parse_args(argv)
+    workload = Workload(requests=args.requests)
+    rate_scales = [float(x) for x in args.rate_scales.split(",")]
+    lab = load_lab(args.lab)
+    work = Path(f"/tmp/hexserve-{args.name}")
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    state = up(lab, cluster_out=work / "cluster.json")
+    try:
+        if args.profiles:
+            profiles = {t: Path(args.profiles) / f"{t}.json" for t in lab.device_types}
+        else:
+            profiles = profile_device_types(lab, state, work / "profiles")
+        lab = dataclasses.replace(lab, profiles=profiles)
+        cluster = write_cluster_file(lab, work / "cluster.json", workload.cluster_workload())
+        plans = write_plans(lab, cluster, workload.cluster_workload(), work / "plans")
+        runs = {}
+        for name in args.plans.split(","):
+            print(f"plan {name}", flush=True)
+            runs[name] = {"plan": json.loads(plans[name].read_text()),
+                          "measured": measure(state, plans[name], workload, rate_scales, work, name),
+                          "simulated": simulate(plans[name], cluster, workload, rate_scales, work, name)}
+    finally:
+        if not args.keep_up:
+            down(lab.name)
+    result = {"lab": json.loads(Path(args.lab).read_text()), "workload": dataclasses.asdict(workload),
+              "rate_scales": rate_scales, "profiles": {t: json.loads(p.read_text()) for t, p in profiles.items()},
+              "runs": runs, "wall_s": round(time.time() - started)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(report(result) + "\n")
+    print(report(result))
+    return 0
+
+
+def report(result: dict) -> str:
+    from benchmarks.lab_report import report_markdown
+
+    return report_markdown(result, ATTAINMENT_TARGET, throughput_at_slo, relative_error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

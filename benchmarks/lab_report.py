@@ -1,0 +1,55 @@
+"""The lab benchmark's tables: throughput at SLO per plan, and the simulator against each measurement."""
+
+from __future__ import annotations
+
+OURS = "hexserve"
+
+
+def _layout(plan: dict) -> str:
+    return ", ".join(f"{g['role'][0].upper()}@{'+'.join(g['nodes'])}" for g in plan["groups"])
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value * 100:+.0f} %"
+
+
+def report_markdown(result: dict, target: float, throughput_at_slo, relative_error) -> str:
+    runs = result["runs"]
+    w = result["workload"]
+    at_slo = {name: throughput_at_slo(run["measured"]) for name, run in runs.items()}
+    baselines = {n: v for n, v in at_slo.items() if n != OURS}
+    best_name = max(baselines, key=baselines.get) if baselines else None
+    lines = [
+        f"Lab `{result['lab']['name']}`: {len(result['lab']['hosts'])} hosts; Azure conversation trace, "
+        f"{w['requests']} requests per rate from {w['start_s']:g} s, prompts <= {w['max_input_tokens']} and outputs "
+        f"<= {w['max_output_tokens']} tokens; SLO TTFT {w['slo_ttft_ms']:g} ms, TPOT {w['slo_tpot_ms']:g} ms; "
+        f"throughput at SLO = highest measured req/s at a rate with >= {target:.0%} attainment "
+        f"(rate scales {', '.join(f'{r:g}' for r in result['rate_scales'])}).",
+        "",
+        "| plan | groups (P/D/C @ host) | throughput at SLO (req/s) | vs best baseline | best goodput (req/s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        ratio = at_slo[name] / at_slo[best_name] if best_name and at_slo[best_name] else None
+        goodput = max((r.get("request_goodput") or 0 for r in run["measured"].values()), default=0)
+        lines.append(f"| {name} | {_layout(run['plan'])} | {at_slo[name]:.2f} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | {goodput:.2f} |")
+    lines += ["", "Per rate, measured (simulated) and the simulator's error:", "",
+              "| plan | rate scale | req/s | attainment | mean TTFT ms | mean TPOT ms | err req/s | err TTFT | err TPOT |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        for scale, m in run["measured"].items():
+            s = run["simulated"].get(scale, {})
+            lines.append(
+                f"| {name} | {scale} | {_fmt(m['request_throughput'])} ({_fmt(s.get('request_throughput'))}) | "
+                f"{_fmt(m['slo_attainment'])} ({_fmt(s.get('slo_attainment'))}) | "
+                f"{_fmt(m['mean_ttft_ms'], '.0f')} ({_fmt(s.get('mean_ttft_ms'), '.0f')}) | "
+                f"{_fmt(m['mean_tpot_ms'], '.1f')} ({_fmt(s.get('mean_tpot_ms'), '.1f')}) | "
+                f"{_pct(relative_error(s.get('request_throughput'), m['request_throughput']))} | "
+                f"{_pct(relative_error(s.get('mean_ttft_ms'), m['mean_ttft_ms']))} | "
+                f"{_pct(relative_error(s.get('mean_tpot_ms'), m['mean_tpot_ms']))} |")
+    return "\n".join(lines)
