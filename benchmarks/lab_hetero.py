@@ -75,7 +75,7 @@ class Workload:
 
 
 def _summary(path: Path) -> dict:
-    summary = json.loads(path.read_text())["summary"]
+    summary = json.loads(path.read_text())
     return {k: summary.get(k) for k in METRICS}
 
 
@@ -89,7 +89,7 @@ def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float
             run_in_head(state, [sys.executable, "-m", "loadtest", "run", "--endpoint", url, "--label", name,
                                 "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
                                 *workload.args(scale)], log=out_dir / f"{name}.loadtest.log", timeout_s=1800)
-            results[f"{scale:g}"] = _summary(prefix.with_suffix(".json"))
+            results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
             print(f"  {name} x{scale:g}: {results[f'{scale:g}']}", flush=True)
     return results
 
@@ -103,7 +103,7 @@ def simulate(plan: Path, cluster: Path, workload: Workload, rate_scales: list[fl
         subprocess.run([sys.executable, "-m", "planner", "simulate", str(plan), "--cluster", str(cluster),
                         *workload.args(scale), "--out", str(prefix)], check=True, timeout=900,
                        stdout=subprocess.DEVNULL)
-        results[f"{scale:g}"] = _summary(prefix.with_suffix(".json"))
+        results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
     return results
 
 

@@ -14,10 +14,10 @@ A process joins a cgroup by writing its pid to `cgroup.procs`; its children
 from __future__ import annotations
 
 import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.stop_processes import stop_all
 
 CPU_CONTROLLER_ROOT = Path("/sys/fs/cgroup/cpu")
 DEFAULT_CFS_PERIOD_US = 10_000
@@ -102,19 +102,9 @@ def remove_cgroup(path: Path, kill_timeout_s: float = 10.0) -> None:
     """Kill whatever still runs in the cgroup tree, then remove it, deepest first. Idempotent."""
     if not path.exists():
         return
-    deadline = time.monotonic() + kill_timeout_s
-    sig = signal.SIGTERM
-    while (pids := cgroup_pids(path)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-        if time.monotonic() > deadline - kill_timeout_s / 2:
-            sig = signal.SIGKILL
-    if cgroup_pids(path):
-        raise CgroupError(f"processes {cgroup_pids(path)} in {path} did not exit; kill them and run again")
+    left = stop_all(lambda: cgroup_pids(path), kill_timeout_s)
+    if left:
+        raise CgroupError(f"processes {left} in {path} did not exit; kill them and run again")
     for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         child.rmdir()
     path.rmdir()

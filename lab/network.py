@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 
+from common.stop_processes import stop_all
 from lab.spec import Host, LabSpec
 
 HOST_INTERFACE = "eth0"
@@ -101,19 +100,9 @@ def namespace_pids(namespace: str) -> list[int]:
 
 def kill_namespace_processes(namespace: str, timeout_s: float = 15.0) -> None:
     """Every process in the namespace (Ray's daemons, workers, a router), TERM then KILL."""
-    deadline = time.monotonic() + timeout_s
-    sig = signal.SIGTERM
-    while pids := namespace_pids(namespace):
-        if time.monotonic() > deadline:
-            raise LabNetworkError(f"processes {pids} in namespace {namespace} did not exit")
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-        if time.monotonic() > deadline - timeout_s / 2:
-            sig = signal.SIGKILL
+    left = stop_all(lambda: namespace_pids(namespace), timeout_s, poll_s=0.3)
+    if left:
+        raise LabNetworkError(f"processes {left} in namespace {namespace} did not exit")
 
 
 def remove_network(lab_name: str, num_hosts_hint: int = 64) -> list[str]:

@@ -62,7 +62,7 @@ def on_emulated_devices(spec: WorkerSpec, devices: EmulatedDevices | None, num_d
                            f"{devices.num_devices} of type {devices.gpu_type}")
     cgroup = make_cgroup(devices.worker_cgroup(spec.worker_id), devices.quota(num_devices))
     return dataclasses.replace(spec, cpu_cgroup=str(cgroup), kv_cache_blocks=devices.kv_cache_blocks(
-        num_devices, spec.block_size or CPU_DEFAULT_BLOCK_SIZE))
+        num_devices, spec.block_size or CPU_DEFAULT_BLOCK_SIZE), env=spec.env + devices.engine_env(num_devices))
 
 
 class _WorkerActor:
