@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,31 +80,38 @@ def _summary(path: Path) -> dict:
     return {k: summary.get(k) for k in METRICS}
 
 
-def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float], out_dir: Path, name: str) -> dict:
+def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float], out_dir: Path, name: str,
+            reuse: bool = False) -> dict:
+    """Each rate against a fresh router serving `plan`. With `reuse`, a rate with a result file from
+    an earlier run of the same plan is read back; only the others are served."""
     from engine.tiny_model import build_tiny_model
 
-    results = {}
-    with serve_plan(state, plan, free_tcp_port(), out_dir / f"{name}.router.log") as url:
-        for scale in rate_scales:
-            prefix = out_dir / f"{name}.measured.{scale:g}"
-            run_in_head(state, [sys.executable, "-m", "loadtest", "run", "--endpoint", url, "--label", name,
-                                "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
-                                *workload.args(scale)], log=out_dir / f"{name}.loadtest.log", timeout_s=1800)
-            results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
-            print(f"  {name} x{scale:g}: {results[f'{scale:g}']}", flush=True)
-    return results
+    prefixes = {f"{scale:g}": out_dir / f"{name}.measured.{scale:g}" for scale in rate_scales}
+    results = {key: _summary(Path(f"{prefix}.json")) for key, prefix in prefixes.items()
+               if reuse and Path(f"{prefix}.json").exists()}
+    missing = [scale for scale in rate_scales if f"{scale:g}" not in results]
+    if missing:
+        with serve_plan(state, plan, free_tcp_port(), out_dir / f"{name}.router.log") as url:
+            for scale in missing:
+                prefix = prefixes[f"{scale:g}"]
+                run_in_head(state, [sys.executable, "-m", "loadtest", "run", "--endpoint", url, "--label", name,
+                                    "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
+                                    *workload.args(scale)], log=out_dir / f"{name}.loadtest.log", timeout_s=1800)
+                results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
+                print(f"  {name} x{scale:g}: {results[f'{scale:g}']}", flush=True)
+    return {f"{scale:g}": results[f"{scale:g}"] for scale in rate_scales}
 
 
 def simulate(plan: Path, cluster: Path, workload: Workload, rate_scales: list[float], out_dir: Path, name: str) -> dict:
-    import subprocess
-
+    """`planner simulate` of the same plan and requests; a rate it cannot simulate records why."""
     results = {}
     for scale in rate_scales:
         prefix = out_dir / f"{name}.simulated.{scale:g}"
-        subprocess.run([sys.executable, "-m", "planner", "simulate", str(plan), "--cluster", str(cluster),
-                        *workload.args(scale), "--out", str(prefix)], check=True, timeout=900,
-                       stdout=subprocess.DEVNULL)
-        results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
+        proc = subprocess.run([sys.executable, "-m", "planner", "simulate", str(plan), "--cluster", str(cluster),
+                               *workload.args(scale), "--out", str(prefix)], timeout=900,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        results[f"{scale:g}"] = _summary(Path(f"{prefix}.json")) if proc.returncode == 0 else {
+            "error": proc.stderr.strip()[-300:]}
     return results
 
 
@@ -127,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans", default="hexserve,hexgen-like,distserve-like,vllm-like")
     ap.add_argument("--name", default="lab_hetero")
     ap.add_argument("--keep-up", action="store_true", help="leave the lab up afterwards")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back each rate measured by an earlier run of the same plan (from its files) "
+                         "instead of serving it again")
     args = ap.parse_args(argv)
     workload = Workload(requests=args.requests)
     rate_scales = [float(x) for x in args.rate_scales.split(",")]
@@ -147,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.plans.split(","):
             print(f"plan {name}", flush=True)
             runs[name] = {"plan": json.loads(plans[name].read_text()),
-                          "measured": measure(state, plans[name], workload, rate_scales, work, name),
-                          "simulated": simulate(plans[name], cluster, workload, rate_scales, work, name)}
+                          "measured": measure(state, plans[name], workload, rate_scales, work, name, args.reuse)}
+        for name in runs:  # after every measurement: a simulator error cannot cost one
+            runs[name]["simulated"] = simulate(plans[name], cluster, workload, rate_scales, work, name)
     finally:
         if not args.keep_up:
             down(lab.name)

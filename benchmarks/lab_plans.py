@@ -63,7 +63,7 @@ def on_real_devices(plan: dict, lab: LabSpec) -> dict:
     return plan
 
 
-def replica_per_device(lab: LabSpec) -> Plan:
+def replica_per_device(lab: LabSpec, model: dict | None = None, workload: dict | None = None) -> Plan:
     groups = []
     for host in lab.hosts:
         for index in range(host.num_devices):
@@ -73,7 +73,8 @@ def replica_per_device(lab: LabSpec) -> Plan:
                 region="default", tp=1, pp=1, layer_partition=[TINY_LAYERS],
                 stages=[StagePlan(node=host.name, gpu_type=host.gpu_type, gpus=[gpu], tp=1, layers=[0, TINY_LAYERS])],
                 capacity_rps=1.0, load_rps=1.0, batch=8, latency_ms=0.0, service_ms=0.0, kv_budget_ms=0.0))
-    return Plan(mode="colocated", cluster=f"lab-{lab.name}", model={"name": "hexserve-tiny-llama"}, workload={},
+    return Plan(mode="colocated", cluster=f"lab-{lab.name}", model=model or {"name": "hexserve-tiny-llama"},
+                workload=workload or {},
                 groups=groups, routes=[], unused_gpus=[],
                 predicted=Predicted(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None),
                 solver={"name": "vllm-like: one colocated replica per device, equal weights"})
@@ -92,5 +93,6 @@ def write_plans(lab: LabSpec, cluster: Path, workload: dict, out_dir: Path) -> d
     plans["distserve-like"] = out_dir / "distserve-like.plan.json"
     plans["distserve-like"].write_text(json.dumps(on_real_devices(json.loads(assumed.read_text()), lab), indent=2) + "\n")
     plans["vllm-like"] = out_dir / "vllm-like.plan.json"
-    replica_per_device(lab).write(plans["vllm-like"])
+    hexgen = json.loads(plans["hexgen-like"].read_text())  # the same model and workload, for the simulator
+    replica_per_device(lab, hexgen["model"], hexgen["workload"]).write(plans["vllm-like"])
     return plans
