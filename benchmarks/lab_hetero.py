@@ -37,7 +37,7 @@ from benchmarks.lab_plans import write_plans
 from common.ports import free_tcp_port
 from common.traces import load_trace
 from lab.cluster_file import write_cluster_file
-from lab.launcher import down, up
+from lab.launcher import LabError, down, up
 from lab.profile import profile_device_types
 from lab.serving import run_in_head, serve_plan
 from lab.spec import load_lab
@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(f"/tmp/hexserve-{args.name}")
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    state = up(lab, cluster_out=work / "cluster.json")
+    try:
+        state = up(lab, cluster_out=work / "cluster.json")
+    except LabError as exc:  # not root, or the lab's name or subnet taken: say so, nothing was left behind
+        print(f"benchmarks.lab_hetero: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.profiles:
             profiles = {t: Path(args.profiles) / f"{t}.json" for t in lab.device_types}
