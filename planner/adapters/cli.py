@@ -15,9 +15,8 @@ from planner.adapters.profiler import ProfileSettings, run_profile
 from planner.adapters.simulate_cli import add_simulate_parser
 from planner.core.solver import DEFAULT_TIME_LIMIT_S, MODES, solve, solve_exact_plan
 from planner.spec.calibration import fit_profile
-from planner.spec.catalog import Catalog, default_catalog
+from planner.spec.catalog import default_catalog
 from planner.spec.cluster import load_cluster
-from planner.spec.fields import Fields, read_json_file
 from planner.spec.model import model_preset, preset_names
 from planner.spec.profile import Profile, load_profile
 
@@ -64,19 +63,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return print_fit(profile, args.cluster)
 
 
-def cluster_catalog(cluster_path: str | None) -> Catalog:
-    """The default catalog, with a cluster file's own types and overrides when one is given."""
-    catalog = default_catalog()
-    if cluster_path:
-        data = read_json_file(Path(cluster_path), "--cluster", what="cluster file")
-        f = Fields(data, "")
-        if f.has("catalog"):
-            catalog = catalog.with_overrides(f.obj("catalog"))
-    return catalog
-
-
 def print_fit(profile: Profile, cluster_path: str | None = None) -> int:
-    spec = cluster_catalog(cluster_path).resolve(profile.gpu_type, "gpu_type")
+    """The profile's fitted coefficients; its GPU type from the catalog, or from a cluster file's own types."""
+    catalog = (load_cluster(cluster_path).catalog if cluster_path else None) or default_catalog()
+    spec = catalog.resolve(profile.gpu_type, "gpu_type")
     fit = fit_profile(profile, spec)
     print(f"fitted for {spec.name}: mfu {fit.mfu:.4f}, mbu {fit.mbu:.4f}, prefill overhead "
           f"{fit.prefill_overhead_ms:.2f} ms (R^2 {fit.prefill_r2:.3f}), decode overhead "

@@ -60,20 +60,11 @@ def _stage_link(cluster: Cluster | None, a, b, catalog: Catalog) -> tuple[float,
     return gpu.intra_node_bandwidth_gb_per_s, gpu.intra_node_latency_us
 
 
-def cluster_catalog(cluster: Cluster | None) -> Catalog:
-    """The catalog a plan of `cluster` was solved on: the default one, with the cluster's own
-    types and its overrides and calibration as its nodes carry them."""
-    base = default_catalog()
-    if cluster is None:
-        return base
-    return Catalog({**base.gpus, **{node.spec.name: node.spec for node in cluster.nodes}}, base.aliases)
-
-
 def fleet_from_plan(plan: Plan, cluster: Cluster | None = None, catalog: Catalog | None = None,
                     options: Options | None = None) -> SimFleet:
     """The simulator's view of `plan`; `cluster` (the file it was solved from) gives links and options."""
     model = model_from_fields(plan.model, "plan.model")
-    catalog = catalog or cluster_catalog(cluster)
+    catalog = catalog or (cluster.catalog if cluster is not None and cluster.catalog else default_catalog())
     options = options or (cluster.options if cluster is not None else Options())
     groups = [_group(g, model, catalog, options, cluster) for g in plan.groups]
     by_id = {g.id: g for g in plan.groups}

@@ -63,6 +63,9 @@ class Cluster:
     latency: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     # Links between regions are shared pipes: (region a, region b) -> bytes/s each way, both orders present.
     region_bandwidth: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
+    # The catalog the file was read with (its own types, overrides and calibration applied):
+    # what a plan of this cluster is simulated and estimated on. None: the default catalog.
+    catalog: Catalog | None = field(default=None, repr=False)
 
     @property
     def num_gpus(self) -> int:
@@ -90,7 +93,7 @@ class Cluster:
         return Cluster(
             nodes=nodes, model=self.model, workload=self.workload, options=self.options,
             name=name or self.name, bandwidth=self.bandwidth[np.ix_(idx, idx)], latency=self.latency[np.ix_(idx, idx)],
-            region_bandwidth=self.region_bandwidth,
+            region_bandwidth=self.region_bandwidth, catalog=self.catalog,
         )
 
 
@@ -254,7 +257,7 @@ def parse_cluster(data: Any, base_dir: Path | str = ".", catalog: Catalog | None
     bw, lat, shared = _link_matrices(nodes, f.obj("network", {}))
     return Cluster(
         nodes=tuple(nodes), model=model, workload=workload, options=_parse_options(f.obj("options", {})),
-        name=f.string("name", "cluster"), bandwidth=bw, latency=lat, region_bandwidth=shared,
+        name=f.string("name", "cluster"), bandwidth=bw, latency=lat, region_bandwidth=shared, catalog=catalog,
     )
 
 

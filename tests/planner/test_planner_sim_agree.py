@@ -36,8 +36,6 @@ def test_solve_and_simulate_agree_at_low_load(nodes):
 
 def test_a_cluster_of_its_own_gpu_types_and_overrides_is_simulated_on_them():
     """A lab's types (or a catalog override) exist only in the cluster file: the simulator must use them."""
-    from planner.sim.from_plan import cluster_catalog
-
     cluster = make_cluster(
         nodes=[{"name": "a", "gpu_type": "MINE", "num_gpus": 2}, {"name": "b", "gpu_type": "H100", "num_gpus": 8}],
         model="Llama-2-13B",
@@ -45,7 +43,7 @@ def test_a_cluster_of_its_own_gpu_types_and_overrides_is_simulated_on_them():
                           "price_per_hour": 1, "intra_node_bandwidth_gb_per_s": 50},
                  "H100": {"mfu": 0.2}},
         workload={"input_tokens_mean": PROMPT, "output_tokens_mean": OUTPUT, "slo": {"ttft_ms": 2000, "tpot_ms": 100}})
-    catalog = cluster_catalog(cluster)
+    catalog = cluster.catalog
     assert catalog.resolve("MINE", "t").peak_bf16_tflops == 100 and catalog.resolve("H100", "t").mfu == 0.2
     plan = solve(cluster, mode="disaggregated", time_limit_s=3)
     fleet_from_plan(plan, cluster)  # resolves every stage's type
