@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 GPU_TYPE_RESOURCE_PREFIX = "gpu_type:"
 NODE_RESOURCE_PREFIX = "hexserve_node:"
 NODE_RESOURCE_SHARE = 0.001
@@ -21,3 +23,9 @@ def gpu_type_resource(gpu_type: str) -> str:
 
 def node_resource(node: str) -> str:
     return f"{NODE_RESOURCE_PREFIX}{node}"
+
+
+def named_nodes(resource_names: Iterable[str]) -> frozenset[str]:
+    """The plan node names a cluster's nodes advertise (from `ray.cluster_resources()`'s keys)."""
+    return frozenset(name[len(NODE_RESOURCE_PREFIX):] for name in resource_names
+                     if name.startswith(NODE_RESOURCE_PREFIX))

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from common.cpu_cgroup import make_cgroup, remove_cgroup
 from common.emulated_device import EmulatedDevices, emulated_devices_from_env
-from common.ray_resources import NODE_RESOURCE_PREFIX, NODE_RESOURCE_SHARE, gpu_type_resource, node_resource
-
-from router.deployment import Deployment
+from common.ray_resources import NODE_RESOURCE_SHARE, gpu_type_resource, named_nodes, node_resource
 from engine.config import CPU_DEFAULT_BLOCK_SIZE
 from engine.worker_spec import WorkerSpec
+from router.deployment import Deployment
 from router.launch_local import LocalLauncher, local_endpoint
 
 log = logging.getLogger(__name__)
@@ -137,9 +136,7 @@ class RayLauncher:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         placement = (self.deployment.placement or {}).get(spec.worker_id, {})
-        named_nodes = frozenset(key[len(NODE_RESOURCE_PREFIX):] for key in ray.cluster_resources()
-                                if key.startswith(NODE_RESOURCE_PREFIX))
-        bundles, strategy = placement_bundles(placement, self.use_gpus, named_nodes)
+        bundles, strategy = placement_bundles(placement, self.use_gpus, named_nodes(ray.cluster_resources()))
         group = placement_group(bundles, strategy=strategy, name=f"hexserve-{spec.worker_id}")
         try:
             ray.get(group.ready(), timeout=timeout_s)

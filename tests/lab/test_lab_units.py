@@ -14,6 +14,7 @@ import pytest
 
 from common.cpu_cgroup import CpuQuota, cgroup_pids, join_command, make_cgroup, read_quota, remove_cgroup
 from common.emulated_device import EmulatedDevices
+from common.ray_resources import named_nodes
 from engine.config import tiny_model_settings
 from engine.worker_spec import WorkerSpec
 from lab import launcher
@@ -165,3 +166,4 @@ def test_a_group_is_pinned_to_its_plan_node_when_the_cluster_names_nodes():
     assert bundles == [{"gpu_type:SLOW": 1.0, "CPU": 1.0, "hexserve_node:h2": 0.001}] and strategy == "STRICT_PACK"
     # A cluster that does not name its nodes: any node of the type will do.
     assert placement_bundles(placement, use_gpus=False)[0] == [{"gpu_type:SLOW": 1.0, "CPU": 1.0}]
+    assert named_nodes({"CPU": 2, "gpu_type:SLOW": 1, "hexserve_node:h2": 1000}) == {"h2"}
