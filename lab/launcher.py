@@ -1,7 +1,9 @@
 """Bringing a lab up and down: network, device cgroups, Ray nodes, and the state that ties them.
 
 `up` builds everything or, on any failure or Ctrl-C, tears down what it built
-before re-raising. `down` needs nothing but the lab's name: it removes every
+before re-raising; run again on a lab that is up as described, it only
+writes the cluster file, and it refuses a lab of that name described
+otherwise. `down` needs nothing but the lab's name: it removes every
 namespace `<name>-*` (killing what runs there), the cgroup tree
 `hexserve-lab-<name>`, and the lab's folders, so it also cleans a lab whose
 launcher was killed. Both are idempotent.
@@ -15,7 +17,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.cpu_cgroup import CpuQuota, cgroup_pids, controller_root, make_cgroup, remove_cgroup, throttled_s
@@ -86,16 +88,14 @@ def _start_devices(lab: LabSpec, paths: LabPaths) -> None:
                         cgroup_parent=str(cgroup)).write(paths.devices_file(host))
 
 
-def up(lab: LabSpec, cluster_out: Path | None = None) -> dict:
-    """Build the lab; returns its state. Already up with this name: returns the state as it is."""
-    require_root()
-    paths = LabPaths(lab.name)
-    if paths.state_file.exists() and lab_namespaces(lab.name):
-        return json.loads(paths.state_file.read_text())
-    if lab_namespaces(lab.name) or paths.cgroup.exists():
-        raise LabError(f"name: {lab.name!r} is taken (namespaces {', '.join(lab_namespaces(lab.name)) or 'none'}, "
-                       f"cgroup {paths.cgroup}) but no lab of that name is recorded; `python -m lab down "
-                       f"{lab.name}` removes them, or give the lab another name")
+def _description(lab: LabSpec) -> dict:
+    """What a running lab is made of (not its profiles, which only change the cluster file)."""
+    return {"subnet": str(lab.subnet), "device_types": {n: asdict(d) for n, d in lab.device_types.items()},
+            "hosts": [asdict(h) for h in lab.hosts]}
+
+
+def _build(lab: LabSpec, paths: LabPaths) -> dict:
+    """Network, device cgroups and Ray nodes; on any failure or Ctrl-C, removes what it built."""
     _check_subnet_free(lab)
     try:
         paths.state_dir.mkdir(parents=True, exist_ok=True)
@@ -103,19 +103,37 @@ def up(lab: LabSpec, cluster_out: Path | None = None) -> dict:
         _start_devices(lab, paths)
         for host in lab.hosts:  # the head first: the others join it
             start_node(lab, host, paths.devices_file(host), paths.ray_temp_dir, paths.log_file(host))
-        state = {"name": lab.name, "lab_file": str(lab.source or ""), "ray_address": ray_address(lab),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "hosts": [{"name": h.name, "namespace": host_namespace(lab, h), "address": h.address,
-                            "gpu_type": h.gpu_type, "num_devices": h.num_devices,
-                            "link_mbit_per_s": h.link_mbit_per_s, "cgroup": str(paths.host_cgroup(h))}
-                           for h in lab.hosts]}
-        if cluster_out is not None:
-            state["cluster_file"] = str(write_cluster_file(lab, cluster_out).resolve())
-        paths.state_file.write_text(json.dumps(state, indent=1) + "\n")
-        return state
     except BaseException:
         down(lab.name)
         raise
+    return {"name": lab.name, "lab_file": str(lab.source or ""), "ray_address": ray_address(lab),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "spec": _description(lab),
+            "hosts": [{"name": h.name, "namespace": host_namespace(lab, h), "address": h.address,
+                       "gpu_type": h.gpu_type, "num_devices": h.num_devices,
+                       "link_mbit_per_s": h.link_mbit_per_s, "cgroup": str(paths.host_cgroup(h))}
+                      for h in lab.hosts]}
+
+
+def up(lab: LabSpec, cluster_out: Path | None = None) -> dict:
+    """Build the lab and write its cluster file; returns its state. Already up as described: the
+    running lab's state (and the cluster file written); up with another description: refused."""
+    require_root()
+    paths = LabPaths(lab.name)
+    if paths.state_file.exists() and lab_namespaces(lab.name):
+        state = json.loads(paths.state_file.read_text())
+        if state.get("spec") != _description(lab):
+            raise LabError(f"name: lab {lab.name!r} is up with another description (from "
+                           f"{state.get('lab_file') or 'another lab file'}); `python -m lab down {lab.name}` first")
+    elif lab_namespaces(lab.name) or paths.cgroup.exists():
+        raise LabError(f"name: {lab.name!r} is taken (namespaces {', '.join(lab_namespaces(lab.name)) or 'none'}, "
+                       f"cgroup {paths.cgroup}) but no lab of that name is recorded; `python -m lab down "
+                       f"{lab.name}` removes them, or give the lab another name")
+    else:
+        state = _build(lab, paths)
+    if cluster_out is not None:
+        state["cluster_file"] = str(write_cluster_file(lab, cluster_out).resolve())
+    paths.state_file.write_text(json.dumps(state, indent=1) + "\n")
+    return state
 
 
 def down(name: str) -> list[str]:

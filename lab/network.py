@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 from common.stop_processes import stop_all
@@ -105,17 +106,18 @@ def kill_namespace_processes(namespace: str, timeout_s: float = 15.0) -> None:
         raise LabNetworkError(f"processes {left} in namespace {namespace} did not exit")
 
 
-def remove_network(lab_name: str, num_hosts_hint: int = 64) -> list[str]:
+def remove_network(lab_name: str) -> list[str]:
     """Kill what runs in the lab's namespaces and delete them (their veths go with them). Idempotent."""
     removed = []
     for namespace in lab_namespaces(lab_name):
         kill_namespace_processes(namespace)
         run_ip("netns", "del", namespace)
         removed.append(namespace)
-    for i in range(num_hosts_hint):  # a veth left in this namespace by a start that failed half-way
-        for end in (f"{lab_name}h{i}", f"{lab_name}s{i}"):
-            if os.path.exists(f"/sys/class/net/{end}"):
-                run_ip("link", "del", end, check=False)
+    # A veth left in this namespace by a start that failed before moving it: <lab>h<i> or <lab>s<i>.
+    leftover = re.compile(rf"^{re.escape(lab_name)}[hs]\d+$")
+    for interface in os.listdir("/sys/class/net"):
+        if leftover.match(interface):
+            run_ip("link", "del", interface, check=False)
     return removed
 
 

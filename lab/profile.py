@@ -25,7 +25,8 @@ from lab.spec import LabSpec
 DEFAULT_PROFILE_ARGS = ("--prompt-lengths", "16,64,128,256,512", "--batch-sizes", "1,2,4,8,16")
 
 
-def profile_device_types(lab: LabSpec, state: dict, out_dir: Path, profile_args: tuple[str, ...] = ()) -> dict[str, Path]:
+def profile_device_types(lab: LabSpec, state: dict, out_dir: Path,
+                         profile_args: tuple[str, ...] = DEFAULT_PROFILE_ARGS) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     profiles = {}
     for gpu_type in sorted(lab.device_types):
@@ -39,7 +40,7 @@ def profile_device_types(lab: LabSpec, state: dict, out_dir: Path, profile_args:
         with serve_plan(state, plan, free_tcp_port(), out_dir / f"{gpu_type}.router.log") as url:
             run_in_head(state, [sys.executable, "-m", "planner", "profile", "--url", url, "--gpu-type", gpu_type,
                                 "--preset", LAB_MODEL_PRESET, "--out", str(profile), "--cluster", str(cluster),
-                                *(profile_args or DEFAULT_PROFILE_ARGS)],
+                                *profile_args],
                         log=out_dir / f"{gpu_type}.profile.log")
         profiles[gpu_type] = profile
     return profiles

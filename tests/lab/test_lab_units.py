@@ -167,3 +167,21 @@ def test_a_group_is_pinned_to_its_plan_node_when_the_cluster_names_nodes():
     # A cluster that does not name its nodes: any node of the type will do.
     assert placement_bundles(placement, use_gpus=False)[0] == [{"gpu_type:SLOW": 1.0, "CPU": 1.0}]
     assert named_nodes({"CPU": 2, "gpu_type:SLOW": 1, "hexserve_node:h2": 1000}) == {"h2"}
+
+
+@needs_root
+def test_up_again_writes_the_cluster_file_and_refuses_another_description(monkeypatch, tmp_path):
+    lab = parse_lab(LAB)
+    down(lab.name)
+    monkeypatch.setattr(launcher, "start_node", lambda *args, **kwargs: None)  # the network and devices, no Ray
+    try:
+        first = up(lab)
+        assert "cluster_file" not in first
+        again = up(lab, cluster_out=tmp_path / "cluster.json")
+        assert again["cluster_file"] == str((tmp_path / "cluster.json").resolve()) and (tmp_path / "cluster.json").exists()
+        assert again["started"] == first["started"]  # the running lab, not a new one
+        with pytest.raises(LabError, match="is up with another description"):
+            up(parse_lab(_with(hosts__1__link_mbit_per_s=50)))
+    finally:
+        down(lab.name)
+    assert lab_namespaces(lab.name) == []
