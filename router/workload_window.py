@@ -4,8 +4,9 @@ The plan was solved for one workload (arrival rate, prompt and output
 lengths); real traffic drifts (the Azure code trace has 13x the prompt-to-output
 ratio of the conversation trace). The runner records each finished request
 here, and `GET /plan` and `/metrics` show the window: arrivals per second,
-prompt and output length percentiles, the share of prompt tokens the
-engines' prefix caches supplied, and TTFT/TPOT percentiles. This is the
+prompt and output length percentiles, and TTFT/TPOT percentiles (the
+prefix caches' share of prompt tokens is in /metrics,
+hexserve_prompt_cached_tokens). This is the
 "watch" half of re-planning; nothing here changes the plan.
 """
 
@@ -45,8 +46,9 @@ class WorkloadWindow:
 
     def record(self, prompt_tokens: int, output_tokens: int, ttft_s: float | None, tpot_s: float | None,
                now_s: float | None = None) -> None:
-        self._finished.append(_Finished(time.monotonic() if now_s is None else now_s, prompt_tokens, output_tokens,
-                                        ttft_s, tpot_s))
+        now_s = time.monotonic() if now_s is None else now_s
+        self._finished.append(_Finished(now_s, prompt_tokens, output_tokens, ttft_s, tpot_s))
+        self._trim(now_s)  # bounded by the window whether or not anyone reads it
 
     def _trim(self, now_s: float) -> None:
         while self._finished and self._finished[0].at_s < now_s - self.window_s:

@@ -24,3 +24,10 @@ def test_empty_window_and_bad_size():
     assert summary["requests"] == 0 and summary["prompt_tokens_p50"] is None and summary["tpot_ms_p90"] is None
     with pytest.raises(ValueError, match="window_s=0"):
         WorkloadWindow(window_s=0)
+
+
+def test_the_window_stays_bounded_when_nobody_reads_it():
+    window = WorkloadWindow(window_s=10.0)
+    for second in range(1000):
+        window.record(100, 10, 0.1, 0.01, now_s=float(second))
+    assert len(window._finished) <= 11  # the last 10 s, not every request since start
