@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.lab_plans import write_plans
+from benchmarks.lab_plans import PLAN_NAMES, write_plans
 from common.ports import free_tcp_port
 from common.traces import load_trace
 from lab.cluster_file import write_cluster_file
@@ -53,7 +53,7 @@ METRICS = ("request_throughput", "request_goodput", "slo_attainment", "mean_ttft
 class Workload:
     trace: str = "azure-conv"
     start_s: float = 0.0
-    requests: int = 60
+    requests: int = 90
     max_input_tokens: int = 768
     max_output_tokens: int = 128
     slo_ttft_ms: float = 3000.0
@@ -126,22 +126,37 @@ def relative_error(sim: float | None, measured: float | None) -> float | None:
     return (sim - measured) / measured
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser, list[float]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lab", default=str(REPO / "configs" / "lab" / "hetero4.json"))
     ap.add_argument("--profiles", default=None, help="folder with <TYPE>.json profiles (default: measure them)")
-    ap.add_argument("--rate-scales", default="0.3,0.6,0.9,1.2,1.5")
-    ap.add_argument("--requests", type=int, default=60)
-    ap.add_argument("--plans", default="hexserve,hexgen-like,distserve-like,vllm-like")
+    ap.add_argument("--rate-scales", default="0.5,1,1.5,2,2.5,3,3.5")
+    ap.add_argument("--requests", type=int, default=90)
+    ap.add_argument("--plans", default=",".join(PLAN_NAMES))
     ap.add_argument("--name", default="lab_hetero")
     ap.add_argument("--keep-up", action="store_true", help="leave the lab up afterwards")
     ap.add_argument("--reuse", action="store_true",
                     help="read back each rate measured by an earlier run of the same plan (from its files) "
                          "instead of serving it again")
     args = ap.parse_args(argv)
+    try:
+        rate_scales = [float(x) for x in args.rate_scales.split(",")]
+    except ValueError:
+        ap.error(f"--rate-scales {args.rate_scales!r}: give numbers separated by commas, e.g. 0.5,1,2")
+    unknown = set(args.plans.split(",")) - set(PLAN_NAMES)
+    if unknown:
+        ap.error(f"--plans: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PLAN_NAMES)}")
+    return args, ap, rate_scales
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, ap, rate_scales = _parse_args(argv)
     workload = Workload(requests=args.requests)
-    rate_scales = [float(x) for x in args.rate_scales.split(",")]
     lab = load_lab(args.lab)
+    if args.profiles:
+        missing = [t for t in lab.device_types if not (Path(args.profiles) / f"{t}.json").exists()]
+        if missing:
+            ap.error(f"--profiles {args.profiles}: no profile for {', '.join(missing)} (<TYPE>.json, from `lab profile`)")
     work = Path(f"/tmp/hexserve-{args.name}")
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()

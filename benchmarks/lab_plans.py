@@ -27,6 +27,7 @@ from lab.cluster_file import cluster_document
 from lab.spec import LabSpec
 
 TINY_LAYERS = 4
+PLAN_NAMES = ("hexserve", "hexgen-like", "distserve-like", "vllm-like")
 
 
 def solve(cluster: Path, out: Path, *args: str) -> Path:
