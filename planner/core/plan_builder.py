@@ -52,8 +52,11 @@ class _Latency:
 
 
 def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, state: State, mode: str,
-               info: dict) -> Plan:
-    """Turn a solved state into the plan document (GPU names, stages, routes, predictions)."""
+               info: dict, names: list[tuple[str, list[str]]] | None = None) -> Plan:
+    """Turn a solved state into the plan document (GPU names, stages, routes, predictions).
+
+    names: per state group, the id and GPU names it already has (a running plan re-planned: its
+    groups keep their identity); None: ids and names handed out in plan order."""
     wl = cluster.workload
     throughput, flow = Search(evaluator, routes, mode).evaluate(state)
     placed = _place_groups(cluster, evaluator, state)
@@ -83,6 +86,8 @@ def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, 
         slo_percentile=wl.slo_percentile,
         slo_attainment=latency.attainment / load if load > 0 else 0.0,
     )
+    if names is not None:
+        _relabel(cluster, placed, route_plans, names)
     return Plan(mode=mode, cluster=cluster.name, model=cluster.model.to_json(), workload=wl.to_json(),
                 groups=placed.groups, routes=route_plans, unused_gpus=placed.unused_gpus, predicted=predicted,
                 solver=info)
@@ -122,6 +127,26 @@ def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed
     for node in cluster.nodes:
         placed.unused_gpus += [f"{node.name}:{k}" for k in range(next_gpu[node.index], node.num_gpus)]
     return placed
+
+
+def _relabel(cluster: Cluster, placed: _Placed, route_plans: list[RoutePlan],
+             names: list[tuple[str, list[str]]]) -> None:
+    """Give each placed group the id and GPU names its state group had (same GPUs per node, same order)."""
+    new_id: dict[str, str] = {}
+    for index, position in placed.position.items():
+        group = placed.groups[position]
+        group_id, gpus = names[index]
+        if len(gpus) != len(group.gpus):
+            raise ValueError(f"group {group_id}: {len(gpus)} GPU names for a group of {len(group.gpus)} GPUs")
+        rename = dict(zip(group.gpus, gpus))
+        new_id[group.id] = group_id
+        group.id, group.gpus = group_id, list(gpus)
+        for stage in group.stages:
+            stage.gpus = [rename[g] for g in stage.gpus]
+    for route in route_plans:
+        route.prefill, route.decode = new_id[route.prefill], new_id[route.decode]
+    used = {g for group in placed.groups for g in group.gpus}
+    placed.unused_gpus = [f"{n.name}:{k}" for n in cluster.nodes for k in range(n.num_gpus) if f"{n.name}:{k}" not in used]
 
 
 def _stage_plans(cluster: Cluster, group, perf: PhasePerf, gpus_by_part: list[list[str]]) -> list[StagePlan]:

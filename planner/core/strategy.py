@@ -147,11 +147,15 @@ class GroupEvaluator:
         slots[-1] = _StageSlot(last.part, last.node, math.inf, 0.0)
         return slots
 
-    def _compute(self, group: Group) -> GroupPerf:
+    def _compute(self, group: Group, only_tp: int | None = None) -> GroupPerf:
+        """The best strategy per role; with ``only_tp``, among those of that TP degree only (which fixes
+        the pipeline depth too: a running engine's shape, which a role flip keeps)."""
         shortfall = self.min_replica_bytes() - self.memory_bytes(group)
         best: dict[Role, PhasePerf | None] = {Role.PREFILL: None, Role.DECODE: None}
         if shortfall <= 0:
             for tp, slots in self._pipelines(group):
+                if only_tp is not None and tp != only_tp:
+                    continue
                 for perf in self._strategies(group, tp, slots):
                     cur = best[perf.role]
                     if cur is None or perf.capacity_rps > cur.capacity_rps * (1 + 1e-9):

@@ -1,0 +1,275 @@
+"""Re-planning a running disaggregated cluster: the decide half of the control loop.
+
+The router watches (its sliding window of the live workload, its workers'
+health); something drives this loop (`python -m planner control` against a
+router, or the simulator's clock, planner.sim.elastic) and acts on what it
+decides (`POST /plan`, or the simulation's routes and roles). The decision is
+the same code in both places:
+
+    every interval: observed workload + healthy groups
+      -> a worker was lost or came back?                 re-plan now
+      -> else: within min_interval_s of the last action?  wait
+               fewer than min_requests observed?          wait
+               drift from the workload the plan was made for below drift_threshold?  nothing to do
+      -> warm-started re-solve: the running groups and roles, on the healthy
+         groups, at the observed workload; the best role flip, then the best
+         next one, up to max_flips (each charged flip_cost of capacity)
+      -> act only if the capacity the plan can serve of the demand
+         (observed rate x (1 + headroom)) rises by min_gain: a plan that
+         already serves its demand is left alone, and a workload sitting at
+         a break-even point flips nothing back and forth (the hysteresis)
+      -> the new plan: the same group ids and GPU names, new roles, route
+         weights from the max flow at the observed workload
+
+Only changes a running cluster can make without a restart are proposed: role
+flips between prefill and decode (workers started with a kv_both connector)
+and route weights. Every group is evaluated with the TP degree (and so the
+pipeline depth) it runs with, in either role (`RunningShapes`); its layer
+split is re-chosen per role, which a running engine cannot do, so a flipped
+pipelined group's prediction is slightly optimistic. Moving GPUs between
+groups, new groups and TP/PP changes need workers started and retired; they
+are not proposed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from common.plan import Plan
+from common.roles import Role
+from planner.core.flow import RouteTable
+from planner.core.groups import Group
+from planner.core.observed import ObservedWorkload, drift
+from planner.core.plan_builder import build_plan
+from planner.core.refine import DISAGGREGATED, OTHER_ROLE, Search, State
+from planner.core.perf import GroupPerf
+from planner.core.strategy import GroupEvaluator
+from planner.spec.cluster import Cluster
+from planner.spec.errors import PlanInputError
+from planner.spec.workload import Workload
+
+DECISIONS_KEPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPolicy:
+    interval_s: float = 10.0  # how often the driver looks
+    min_interval_s: float = 30.0  # between two actions (a lost or returning worker does not wait)
+    drift_threshold: float = 0.2  # relative change of the rate, mean prompt or mean output that triggers a re-solve
+    min_gain: float = 0.1  # an action must raise the demand served by this share
+    headroom: float = 0.2  # capacity wanted above the observed rate
+    max_flips: int = 1  # role flips per action
+    flip_cost: float = 0.02  # share of capacity one flip is charged (its drain, its lost prefix cache)
+    min_requests: int = 20  # finished requests the window needs before it is trusted
+    dry_run: bool = False  # decide and report, never act
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "min_interval_s", "drift_threshold", "min_gain", "headroom", "flip_cost"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s={self.interval_s} must be > 0")
+        if self.max_flips < 0 or self.min_requests < 0:
+            raise ValueError("max_flips and min_requests must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    at_s: float
+    action: str  # "none" | "apply" | "dry_run"
+    reason: str
+    flips: tuple[tuple[str, str, str], ...] = ()  # (group id, from role, to role)
+    left_out: tuple[str, ...] = ()  # groups not in the new plan: their workers are unhealthy
+    before_rps: float | None = None  # the running roles' capacity at the observed workload, healthy groups only
+    after_rps: float | None = None
+    observed: ObservedWorkload | None = None
+    plan: Plan | None = None
+    healthy: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict:
+        rps = (lambda v: None if v is None else round(v, 4))
+        return {"at_s": round(self.at_s, 3), "action": self.action, "reason": self.reason,
+                "flips": [list(f) for f in self.flips], "left_out": list(self.left_out),
+                "before_rps": rps(self.before_rps), "after_rps": rps(self.after_rps),
+                "observed": self.observed.to_json() if self.observed else None}
+
+
+@dataclass(slots=True)
+class _Group:
+    id: str
+    group: Group
+    gpus: list[str]
+    role: Role
+    shape: tuple[int, int]  # (tp, pp) it runs with
+
+
+class RunningShapes(GroupEvaluator):
+    """A group evaluator that holds each running group to its TP degree, in both roles."""
+
+    def __init__(self, cluster: Cluster, tp_of: dict[Group, int]) -> None:
+        super().__init__(cluster)
+        self.tp_of = tp_of
+        self._running: dict[Group, GroupPerf] = {}
+
+    def evaluate(self, group: Group) -> GroupPerf:
+        tp = self.tp_of.get(group)
+        if tp is None:
+            return super().evaluate(group)
+        if group not in self._running:
+            self._running[group] = self._compute(group, only_tp=tp)
+        return self._running[group]
+
+
+def _groups_of_plan(cluster: Cluster, plan: Plan) -> list[_Group]:
+    if plan.mode != DISAGGREGATED:
+        raise PlanInputError("mode", f"re-planning flips prefill and decode roles; a {plan.mode} plan has none")
+    node_index = {n.name: n.index for n in cluster.nodes}
+    out = []
+    for k, g in enumerate(plan.groups):
+        counts: dict[int, int] = {}
+        for gpu in g.gpus:
+            node = gpu.rpartition(":")[0]
+            if node not in node_index:
+                raise PlanInputError(f"groups[{k}].gpus", f"node {node!r} is not in cluster {cluster.name!r}; "
+                                     "give the cluster file the plan was solved from")
+            counts[node_index[node]] = counts.get(node_index[node], 0) + 1
+        out.append(_Group(g.id, tuple(sorted(counts.items())), list(g.gpus), Role.parse(g.role, f"groups[{k}].role"),
+                          (g.tp, g.pp)))
+    return out
+
+
+@dataclass(slots=True)
+class Controller:
+    """The running plan, what it was made for, and the decisions so far."""
+
+    cluster: Cluster  # the fleet; its workload is what the plan was solved for
+    plan: Plan
+    policy: ControlPolicy = field(default_factory=ControlPolicy)
+    decisions: list[Decision] = field(default_factory=list)
+    flips_total: int = 0
+    _groups: list[_Group] = field(default_factory=list)
+    _reference: Workload | None = None
+    _healthy: frozenset[str] = frozenset()
+    _last_action_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self._groups = _groups_of_plan(self.cluster, self.plan)
+        self._reference = self.cluster.workload
+        self._healthy = frozenset(g.id for g in self._groups)
+
+    @property
+    def roles(self) -> dict[str, Role]:
+        return {g.id: g.role for g in self._groups}
+
+    def step(self, observed: ObservedWorkload | None, healthy: set[str] | frozenset[str] | None,
+             now_s: float) -> Decision:
+        """What to do now; `healthy`: ids of the groups whose workers are up (None: all)."""
+        healthy = frozenset(g.id for g in self._groups) if healthy is None else frozenset(healthy)
+        decision = self._decide(observed, healthy, now_s)
+        self.decisions.append(decision)
+        del self.decisions[:-DECISIONS_KEPT]
+        return decision
+
+    def applied(self, decision: Decision) -> None:
+        """The driver acted on `decision`: it is now the running plan."""
+        if decision.action != "apply" or decision.plan is None:
+            raise ValueError("only an 'apply' decision with a plan can be applied")
+        new_roles = {g.id: Role.parse(g.role) for g in decision.plan.groups}
+        for g in self._groups:
+            g.role = new_roles.get(g.id, g.role)
+        self.plan = decision.plan
+        self._healthy = decision.healthy
+        if decision.observed is not None and decision.observed.requests >= self.policy.min_requests:
+            self._reference = decision.observed.as_workload(self.cluster.workload)
+        self._last_action_s = decision.at_s
+        self.flips_total += len(decision.flips)
+
+    def _decide(self, observed: ObservedWorkload | None, healthy: frozenset[str], now_s: float) -> Decision:
+        policy = self.policy
+        quiet = partial_decision(now_s, observed, healthy)
+        health_changed = healthy != self._healthy
+        trusted = observed is not None and observed.requests >= policy.min_requests
+        if not health_changed:
+            if self._last_action_s is not None and now_s - self._last_action_s < policy.min_interval_s:
+                return quiet(f"within {policy.min_interval_s:g} s of the last action")
+            if not trusted:
+                return quiet(f"{observed.requests if observed else 0} requests observed, fewer than "
+                             f"{policy.min_requests}")
+            moved = drift(observed, self._reference)
+            if moved < policy.drift_threshold:
+                return quiet(f"workload drift {moved:.0%} below {policy.drift_threshold:.0%}")
+        workload = observed.as_workload(self.cluster.workload) if trusted else self._reference
+        return self._replan(dataclasses.replace(self.cluster, workload=workload), observed if trusted else None,
+                            healthy, now_s, health_changed)
+
+    def _replan(self, cluster: Cluster, observed: ObservedWorkload | None, healthy: frozenset[str], now_s: float,
+                health_changed: bool) -> Decision:
+        policy = self.policy
+        evaluator, routes = RunningShapes(cluster, {g.group: g.shape[0] for g in self._groups}), RouteTable(cluster)
+        search = Search(evaluator, routes, DISAGGREGATED)
+        live = [g for g in self._groups if g.id in healthy]
+        roles = [g.role for g in live]
+        before = _value(search, live, roles)
+        demand = observed.rate_rps * (1 + policy.headroom) if observed is not None else math.inf
+        served = (lambda v: min(v, demand))
+        flips: list[int] = []
+        best = before
+        for _ in range(policy.max_flips):
+            found = _best_flip(search, evaluator, live, roles, flips)
+            if found is None:
+                break
+            index, value = found
+            charged = served(value) - policy.flip_cost * before * (len(flips) + 1)
+            if charged < served(best) * (1 + policy.min_gain) or value <= best:
+                break
+            flips.append(index)
+            roles[index] = OTHER_ROLE[roles[index]]
+            best = value
+        base = partial_decision(now_s, observed, healthy)
+        if not flips and not health_changed:
+            return base(f"no role flip raises the demand served by {policy.min_gain:.0%} "
+                        f"({before:.2f} req/s at the observed workload)", before_rps=before, after_rps=before)
+        state = State([g.group for g in live], roles, {})
+        names = [(g.id, g.gpus) for g in live]
+        plan = build_plan(cluster, evaluator, routes, state, DISAGGREGATED, {"name": "replan", "warm_start": True},
+                          names=names)
+        flipped = tuple((live[i].id, str(live[i].role), str(roles[i])) for i in flips)
+        left_out = tuple(sorted(g.id for g in self._groups if g.id not in healthy))
+        reason = "; ".join(filter(None, [
+            f"workers of groups {list(left_out)} are unhealthy" if left_out else "",
+            "every worker is healthy again" if health_changed and not left_out else "",
+            f"{len(flips)} flip(s) raise capacity {before:.2f} -> {best:.2f} req/s at the observed workload"
+            if flips else "route weights re-solved on the healthy groups"]))
+        return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, before, best,
+                        observed, plan, healthy)
+
+
+def partial_decision(now_s: float, observed: ObservedWorkload | None, healthy: frozenset[str]):
+    """A "none" decision with the common fields filled in."""
+    def make(reason: str, **extra) -> Decision:
+        return Decision(now_s, "none", reason, observed=observed, healthy=healthy, **extra)
+    return make
+
+
+def _value(search: Search, groups: list[_Group], roles: list[Role]) -> float:
+    value, _ = search.evaluate(State([g.group for g in groups], list(roles), {}))
+    return value
+
+
+def _best_flip(search: Search, evaluator: GroupEvaluator, groups: list[_Group], roles: list[Role],
+               done: list[int]) -> tuple[int, float] | None:
+    """The one flip (not yet made, keeping the group's TP/PP) that gives the most capacity."""
+    best: tuple[int, float] | None = None
+    for i, g in enumerate(groups):
+        if i in done or roles[i] not in OTHER_ROLE:
+            continue
+        if evaluator.perf(g.group, OTHER_ROLE[roles[i]]) is None:  # cannot serve it with its shape
+            continue
+        trial = list(roles)
+        trial[i] = OTHER_ROLE[roles[i]]
+        value = _value(search, groups, trial)
+        if best is None or value > best[1]:
+            best = (i, value)
+    return best
