@@ -9,6 +9,12 @@ A role hands `main` a `WorkerCommandLine`: its name and how its options
 become the engine's kv_transfer_config. Everything else (model, sizes, the
 control endpoint, the worker server) is the same for every role, here.
 
+`--flexible-role` (prefill and decode only) gives the engine a kv_both
+connector instead of the role's own: it sends KV as a prefill worker and
+receives it as a decode worker, so the router may flip its role without a
+restart (`router serve --flexible-roles`, then `POST /plan`). It is built
+here, once for both roles (`flexible_kv_transfer_config`).
+
 The router starts workers with this same command line (locally as
 subprocesses, or inside Ray actors), so a user can also start one by hand on
 any machine and point a plan at it.
@@ -48,6 +54,20 @@ COLOCATED_COMMAND_LINE = WorkerCommandLine(
 )
 
 
+def flexible_kv_transfer_config(kv_endpoint: str | None, kv_connector: str) -> dict[str, Any] | None:
+    """Both sides of the KV connector (kv_both), listening on `kv_endpoint` as a
+    decode worker does; None with `--kv-connector none` (no KV moves, so either
+    role serves without a connector)."""
+    if not kv_endpoint:
+        raise ValueError("--flexible-role needs --kv-endpoint: a worker that may become a decode worker "
+                         "receives KV there")
+    if kv_connector == "none":
+        return None
+    from kvtransfer import connector_config
+
+    return connector_config(role="both", listen_endpoint=kv_endpoint)
+
+
 def kv_stats_reader(settings: EngineSettings):
     """A callable returning the connector's transfer counters, or None without a connector."""
     if settings.kv_transfer_config is None:
@@ -73,6 +93,9 @@ def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
         parser.add_argument("--kv-endpoint", default=None, help="ZeroMQ endpoint where this worker's KV connector listens")
         parser.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"],
                             help="'none': no KV transfer (decode recomputes the prompt)")
+        parser.add_argument("--flexible-role", action="store_true",
+                            help="run a kv_both KV connector (send and receive, needs --kv-endpoint), so that the "
+                                 "router may flip this worker between prefill and decode without a restart")
     parser.add_argument("--kv-events-endpoint", default=None,
                         help="ZeroMQ endpoint where the engine publishes its KV-cache events for the router's prefix index")
     parser.add_argument("--worker-id", default=None)
@@ -94,6 +117,10 @@ def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
 def settings_from_args(command_line: WorkerCommandLine, args: argparse.Namespace) -> EngineSettings:
     from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model, is_tiny_model
 
+    kv_config = None  # first: a bad KV option is refused before the tiny model is built
+    if command_line.kv_transfer_config is not None:
+        build = flexible_kv_transfer_config if args.flexible_role else command_line.kv_transfer_config
+        kv_config = build(args.kv_endpoint, args.kv_connector)
     model = args.model
     served_name = args.served_model_name
     dtype = args.dtype
@@ -102,9 +129,6 @@ def settings_from_args(command_line: WorkerCommandLine, args: argparse.Namespace
         served_name = served_name or TINY_MODEL_NAME
     if is_tiny_model(model):
         dtype = dtype or "float32"
-    kv_config = None
-    if command_line.kv_transfer_config is not None:
-        kv_config = command_line.kv_transfer_config(args.kv_endpoint, args.kv_connector)
     return EngineSettings(
         model=model,
         served_model_name=served_name,

@@ -5,7 +5,10 @@ start a process from each (`command()`, `process_env()`); the router's client
 connects to `control_endpoint`; and a prefill request tells its connector
 where the chosen decode worker takes its KV (`kv_endpoint`, one socket per
 engine rank) and how that worker's cache is split (`tensor_parallel_size`,
-`layers_per_stage`).
+`layers_per_stage`). A `flexible` worker runs a kv_both connector, so the
+router may flip it between prefill and decode without restarting it: its
+process keeps the role it started with (its module, what it reports), and
+the router's copy of its spec takes the new one.
 """
 
 from __future__ import annotations
@@ -50,11 +53,19 @@ class WorkerSpec:
     cpu_cgroup: str | None = None
     kv_cache_blocks: int | None = None
     group_id: str | None = None
+    # Started with a kv_both connector (it sends KV and receives it): the router may
+    # flip it between prefill and decode without a restart (POST /plan).
+    flexible: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role.parse(self.role, field=f"worker {self.worker_id} role"))
         if not self.moves_kv and self.kv_endpoint is not None:
             raise ValueError(f"worker {self.worker_id} is colocated: it moves no KV, so it has no kv_endpoint")
+        if self.flexible and (not self.moves_kv or self.kv_endpoint is None):
+            raise ValueError(
+                f"worker {self.worker_id} is flexible (its role may flip between prefill and decode), so it must be "
+                f"a prefill or decode worker with a kv_endpoint to receive KV on; got role {self.role}, "
+                f"kv_endpoint={self.kv_endpoint!r}")
         if self.pipeline_parallel_size > 1 and len(self.layer_partition) != self.pipeline_parallel_size:
             # Prefill must know a pipelined decode worker's split to send each stage its layers.
             raise ValueError(
@@ -103,6 +114,8 @@ class WorkerSpec:
             cmd += ["--kv-connector", self.kv_connector]
         if self.kv_endpoint:
             cmd += ["--kv-endpoint", self.kv_endpoint]
+        if self.flexible:
+            cmd += ["--flexible-role"]
         if self.kv_events_endpoint:
             cmd += ["--kv-events-endpoint", self.kv_events_endpoint]
         if self.block_size is not None:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no port races) or TCP on --worker-host; workers placed by --ray use TCP on their node")
     s.add_argument("--block-size", type=_positive_int, default=None,
                    help="tokens per KV-cache block in every worker (default: vLLM's; on CPU a multiple of 32)")
+    s.add_argument("--flexible-roles", action="store_true",
+                   help="start prefill and decode workers with a kv_both connector so that POST /plan can flip "
+                        "their roles without a restart")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
     s.add_argument("--max-migrations", type=_non_negative(int), default=DEFAULT_MAX_MIGRATIONS,
                    help="times a stream whose decode worker dies moves to another route, its tokens so far "
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             kv_connector=args.kv_connector, api_key=args.api_key, max_running=args.max_running,
             max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
             log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
-            block_size=args.block_size, routing=args.routing, max_migrations=args.max_migrations,
+            block_size=args.block_size, flexible_roles=args.flexible_roles, routing=args.routing,
+            max_migrations=args.max_migrations,
             share_slack_requests=_or_default(args.share_slack_requests, DEFAULT_SHARE_SLACK_REQUESTS),
             decode_first_max_tokens=_or_default(args.decode_first_max_tokens, DEFAULT_DECODE_FIRST_MAX_TOKENS),
         ))

@@ -4,6 +4,9 @@ Pure: builds specs, starts nothing. A plan group becomes one worker (one vLLM
 engine replica with the group's TP/PP) of the group's role: `python -m
 prefill`, `python -m decode`, or, for a colocated group, `python -m engine`
 (no KV connector); a plan route becomes a routing entry with the plan's weight.
+With `flexible_roles` every prefill and decode worker starts with a kv_both
+connector (`WorkerSpec.flexible`), so that `POST /plan` may flip it between
+the two roles without a restart; colocated workers never do.
 """
 
 from __future__ import annotations
@@ -41,16 +44,17 @@ def _resolve_model(model: str | None, served_model_name: str | None) -> tuple[st
 
 def embedded_default(model: str | None = None, served_model_name: str | None = None, max_model_len: int = 1024,
                      kv_connector: str = "zmq", host: str = "127.0.0.1", worker_link: str = "ipc",
-                     block_size: int | None = None) -> Deployment:
+                     block_size: int | None = None, flexible_roles: bool = False) -> Deployment:
     """One prefill and one decode worker on this machine, one route.
 
     worker_link: how the router and the workers reach each other (control and
-    KV endpoints), "ipc" (Unix sockets) or "tcp" on `host`."""
+    KV endpoints), "ipc" (Unix sockets) or "tcp" on `host`. flexible_roles:
+    both run a kv_both connector, so their roles may flip (POST /plan)."""
     model_path, served = _resolve_model(model, served_model_name)
     shared = dict(model=model_path, served_model_name=served, max_model_len=max_model_len, kv_connector=kv_connector,
-                  block_size=block_size)
+                  block_size=block_size, flexible=flexible_roles)
     workers = [
-        # (Prefill listens for no KV: its kv_endpoint is never bound, see prefill.worker.)
+        # (A prefill worker binds its kv_endpoint only when flexible: else it receives no KV, see prefill.worker.)
         WorkerSpec(worker_id=worker_id, role=role, control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
                    kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host),
                    kv_events_endpoint=local_worker_endpoint(worker_id, "events", worker_link, host),
@@ -63,7 +67,8 @@ def embedded_default(model: str | None = None, served_model_name: str | None = N
 
 def deployment_from_plan(plan, model: str | None = None, served_model_name: str | None = None,
                          max_model_len: int = 1024, kv_connector: str = "zmq", host: str = "127.0.0.1",
-                         cpu_kvcache_gib: int = 1, worker_link: str = "ipc", block_size: int | None = None) -> Deployment:
+                         cpu_kvcache_gib: int = 1, worker_link: str = "ipc", block_size: int | None = None,
+                         flexible_roles: bool = False) -> Deployment:
     """One worker per plan group; routes weighted by the plan's max-flow.
 
     A route's weight is its flow (`rate_rps`, requests/s the plan sends along
@@ -71,6 +76,8 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     overrides the plan's model: a plan made for Llama-2-70B can be rehearsed
     on a CPU machine with the tiny model (then TP/PP are 1, as a CPU worker
     cannot split). Colocated groups serve both phases and route to themselves.
+    flexible_roles: prefill and decode workers run a kv_both connector, so
+    their roles may flip (POST /plan); colocated workers are never flexible.
     """
     model_path, served = _resolve_model(model, served_model_name)
     rehearsal = model is None
@@ -93,7 +100,7 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
             control_endpoint=local_worker_endpoint(worker_id, "control", worker_link, host),
             kv_endpoint=local_worker_endpoint(worker_id, "kv", worker_link, host, ranks=tp * pp) if moves_kv else None,
             kv_events_endpoint=local_worker_endpoint(worker_id, "events", worker_link, host),
-            kv_connector=kv_connector if moves_kv else "none",
+            kv_connector=kv_connector if moves_kv else "none", flexible=flexible_roles and moves_kv,
             tensor_parallel_size=tp, pipeline_parallel_size=pp,
             layer_partition=tuple(group.layer_partition) if pp > 1 else (),
             group_id=group.id, **shared))

@@ -51,6 +51,20 @@ def placement_bundles(placement: dict, use_gpus: bool,
     return bundles, strategy
 
 
+def on_node(spec: WorkerSpec, node_ip: str) -> WorkerSpec:
+    """The spec bound on the actor's node: every endpoint the worker listens on
+    (control, KV with one port per rank, events) moves to a free TCP port of the
+    node's address. Any worker with a KV endpoint gets it back rebound: a decode
+    worker, and a flexible prefill worker (its kv_both connector listens too);
+    the rest of the spec, --flexible-role included, travels unchanged."""
+    return dataclasses.replace(
+        spec,
+        control_endpoint=local_endpoint(node_ip),
+        kv_endpoint=local_endpoint(node_ip, spec.num_ranks) if spec.kv_endpoint else None,
+        kv_events_endpoint=local_endpoint(node_ip) if spec.kv_events_endpoint else None,
+    )
+
+
 def on_emulated_devices(spec: WorkerSpec, devices: EmulatedDevices | None, num_devices: int) -> WorkerSpec:
     """The spec for a node whose devices are emulated: the worker runs in a cgroup of
     its devices' CPU time and gets their KV blocks. Unchanged on a node with real devices."""
@@ -70,13 +84,7 @@ class _WorkerActor:
     def __init__(self, spec: WorkerSpec, num_devices: int = 1):
         import ray
 
-        node_ip = ray.util.get_node_ip_address()
-        self.spec = dataclasses.replace(
-            spec,
-            control_endpoint=local_endpoint(node_ip),
-            kv_endpoint=local_endpoint(node_ip, spec.num_ranks) if spec.kv_endpoint else None,
-            kv_events_endpoint=local_endpoint(node_ip) if spec.kv_events_endpoint else None,
-        )
+        self.spec = on_node(spec, ray.util.get_node_ip_address())
         self.spec = on_emulated_devices(self.spec, emulated_devices_from_env(), num_devices)
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:

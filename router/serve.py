@@ -75,6 +75,8 @@ class ServeOptions:
     routing: str = DEFAULT_ROUTING  # common.cache_routing.ROUTING_POLICIES
     share_slack_requests: float = DEFAULT_SHARE_SLACK_REQUESTS
     decode_first_max_tokens: int = DEFAULT_DECODE_FIRST_MAX_TOKENS
+    # Prefill and decode workers run a kv_both connector: POST /plan may flip their roles without a restart.
+    flexible_roles: bool = False
 
 
 def build_deployment(options: ServeOptions) -> Deployment:
@@ -82,14 +84,14 @@ def build_deployment(options: ServeOptions) -> Deployment:
         return embedded_default(model=options.model, served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
                                 host=options.worker_host, worker_link=options.worker_link,
-                                block_size=options.block_size)
+                                block_size=options.block_size, flexible_roles=options.flexible_roles)
     from common.plan import load_plan
 
     return deployment_from_plan(load_plan(options.plan), model=options.model,
                                 served_model_name=options.served_model_name,
                                 max_model_len=options.max_model_len, kv_connector=options.kv_connector,
                                 host=options.worker_host, worker_link=options.worker_link,
-                                block_size=options.block_size)
+                                block_size=options.block_size, flexible_roles=options.flexible_roles)
 
 
 def policy_options(options: ServeOptions) -> dict:
