@@ -22,11 +22,17 @@ router's per-worker `outstanding_tokens` (prompt tokens queued on P; prompt
 plus output budget on D) is the live-load signal the routing policy reads;
 the prefix index (fed by the workers' KV-cache events, router.kv_events)
 tells the cache-aware policy how much of each prompt each worker holds.
+
+The routes change live (`set_routes`), and with them the roles of flexible
+workers (`set_plan`: a worker started with a kv_both connector flips between
+prefill and decode without a restart); requests in flight finish where they
+are, the next request sees the new plan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -101,6 +107,7 @@ class Cluster:
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     event_stats: EventStats = field(default_factory=EventStats)
     prompt_stats: PromptStats = field(default_factory=PromptStats)
+    role_flips: int = 0  # workers flipped between prefill and decode (set_plan) since start
     _ctx: zmq.asyncio.Context | None = None
     _event_tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -141,13 +148,69 @@ class Cluster:
         """The routes and weights among this cluster's workers (at start, and for a live plan
         change): the policy is rebuilt, the next request uses them, requests in flight finish
         where they are."""
+        self.policy = self._policy(routes)
+        self.routes = list(routes)
+
+    def _policy(self, routes: list[Route]) -> RoutePolicy:
         known = {w.worker_id for w in self.workers}
         for route in routes:
             for worker_id in (route.prefill_worker, route.decode_worker):
                 if worker_id not in known:
                     raise ValueError(f"route {route.prefill_worker}->{route.decode_worker} names unknown worker {worker_id!r}")
-        self.policy = make_policy(self.routing, routes, **self.policy_options)
-        self.routes = list(routes)
+        return make_policy(self.routing, routes, **self.policy_options)
+
+    def check_plan(self, roles: dict[str, Role], routes: list[Route]) -> dict[str, Role]:
+        """The role flips `roles` (worker id -> role) asks for, the whole change checked first:
+        every worker known; a flip only between prefill and decode, and only of a flexible
+        worker (kv_both connector); every route from a prefill to a decode worker, or a
+        colocated worker to itself, under the new roles. A ValueError names the first
+        problem; nothing changes here."""
+        specs = {w.worker_id: w for w in self.workers}
+        flips: dict[str, Role] = {}
+        for worker_id, wanted in roles.items():
+            spec = specs.get(worker_id)
+            if spec is None:
+                raise ValueError(f"unknown worker {worker_id!r}; the running workers are {sorted(specs)}")
+            role = Role.parse(wanted, field=f"worker {worker_id} role")
+            if role is spec.role:
+                continue
+            if not {role, spec.role} <= {Role.PREFILL, Role.DECODE}:
+                raise ValueError(f"worker {worker_id} cannot flip from {spec.role} to {role}: only prefill and "
+                                 "decode workers flip (a colocated worker runs no KV connector)")
+            if not spec.flexible:
+                raise ValueError(f"worker {worker_id} runs {spec.role} without a kv_both connector, so it cannot "
+                                 f"become {role} without a restart; start the router with --flexible-roles")
+            flips[worker_id] = role
+        role_of = {worker_id: flips.get(worker_id, spec.role) for worker_id, spec in specs.items()}
+        self._policy(routes)  # unknown workers, and what the policy itself refuses
+        for route in routes:
+            p, d = route.prefill_worker, route.decode_worker
+            expected = (Role.COLOCATED, Role.COLOCATED) if p == d else (Role.PREFILL, Role.DECODE)
+            if (role_of[p], role_of[d]) != expected:
+                raise ValueError(f"route {p}->{d} runs from a {role_of[p]} worker to a {role_of[d]} worker; a route "
+                                 "goes from a prefill worker to a decode worker, or a colocated worker to itself")
+        return flips
+
+    def set_plan(self, roles: dict[str, Role], routes: list[Route]) -> dict[str, Role]:
+        """New roles and routes together (POST /plan, the re-planning controller); returns the flips.
+
+        Checked whole first (`check_plan`). Then each flipped worker's spec takes its
+        new role, in `workers` and in its client, and the routes are set. Requests in
+        flight finish where they are: a flipped worker finishes what it took under its
+        old role (its kv_both connector sends and receives), which is its drain; the next
+        request sees the new roles. The worker process keeps reporting the role it
+        started with: it does nothing role-specific."""
+        flips = self.check_plan(roles, routes)
+        policy = self._policy(routes)
+        for index, spec in enumerate(self.workers):
+            if spec.worker_id in flips:
+                spec = self.workers[index] = dataclasses.replace(spec, role=flips[spec.worker_id])
+                if spec.worker_id in self.clients:
+                    self.clients[spec.worker_id].info = spec
+                log.info("worker %s flipped to %s", spec.worker_id, spec.role)
+        self.role_flips += len(flips)
+        self.policy, self.routes = policy, list(routes)
+        return flips
 
     def is_healthy(self, worker_id: str) -> bool:
         return self.clients[worker_id].healthy

@@ -1,17 +1,23 @@
 """The plan the router is serving, changed live: `GET /plan` and `POST /plan`.
 
 `GET /plan` shows the routes and weights in force, the routing policy, each
-worker, and the history of changes. `POST /plan` takes a plan document (the
-planner's `plan.json`) and applies its route flows to the running workers:
-the router's policy is rebuilt with the new weights and the next request
-uses them; requests in flight finish where they are. `?dry_run=true`
-validates and reports what would change without changing anything.
+worker (its role, health, group, and whether its role may flip), and the
+history of changes. `POST /plan` takes a plan document (the planner's
+`plan.json`) whose groups are the running workers and applies it at once:
+its route flows become the router's weights, and a group whose role differs
+from its worker's flips that worker between prefill and decode, when the
+worker is flexible (`router serve --flexible-roles`: started with a kv_both
+connector, it needs no restart). Roles and routes change together
+(`Cluster.set_plan`); the next request uses them, requests in flight finish
+where they are (a flipped worker drains what it took under its old role).
+`?dry_run=true` validates and reports what would change without changing
+anything; the answer's `changes` lists each flip and each route change.
 
-What this cannot do yet is refused, never half-applied: a plan whose groups
-are not the running workers (a new group, a retired one, a TP/PP change or a
-role flip needs workers started or restarted) is answered 400 naming the
-group, and a malformed plan is answered 400 naming the field; either way the
-running plan is untouched.
+What this cannot do is refused, never half-applied: a group that is not a
+running worker (a new group, a TP/PP change: workers to start or restart), a
+flip of a worker that is not flexible, and a flip to or from colocated are
+answered 400 naming `groups[i]`; a malformed plan is answered 400 naming the
+field. Either way the running plan is untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 from common.plan import GroupPlan, Plan, RoutePlan, plan_from_json
 from common.roles import Role
 from common.routing import Route
+from engine.worker_spec import WorkerSpec
 from router.cluster import Cluster
 from router.deployment import plan_routes
 from router.openai_schema import ApiError
@@ -52,32 +59,55 @@ class LivePlan:
     def view(self) -> dict[str, Any]:
         cluster = self.cluster
         return {"routing": cluster.routing, "routes": _routes_json(cluster.routes),
-                "workers": {c.worker_id: {"role": c.info.role.value, "healthy": c.healthy, "group": c.info.group_id}
+                "workers": {c.worker_id: {"role": c.info.role.value, "healthy": c.healthy, "group": c.info.group_id,
+                                          "flexible": c.info.flexible}
                             for c in cluster.clients.values()},
                 "observed": self.window.summary() if self.window is not None else None,
                 "history": self.history}
 
     def apply(self, data: Any, dry_run: bool = False) -> dict[str, Any]:
         plan = parse_plan(data)
-        routes = self._routes_for_running_workers(plan)
-        changes = _diff(self.cluster.routes, routes)
-        entry = self._record("dry_run" if dry_run else "apply", f"POST /plan ({plan.cluster})", routes, changes)
+        worker_of_group, roles, flips = self._running_workers(plan)
+        routes = self._routes(plan, worker_of_group)
+        try:
+            self.cluster.check_plan(roles, routes)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="routes") from None
+        changes = flips + _diff(self.cluster.routes, routes)
         if not dry_run:
-            self.cluster.set_routes(routes)
-        return entry
+            self.cluster.set_plan(roles, routes)
+        return self._record("dry_run" if dry_run else "apply", f"POST /plan ({plan.cluster})", routes, changes)
 
-    def _routes_for_running_workers(self, plan: Plan) -> list[Route]:
+    def _running_workers(self, plan: Plan) -> tuple[dict[str, str], dict[str, Role], list[str]]:
+        """Each plan group's running worker, the role the plan gives it, and the flips
+        (as `changes` lines); an ApiError naming groups[i] for a group that cannot be served."""
         running = {c.info.group_id: c for c in self.cluster.clients.values()}
-        worker_of_group = {}
+        worker_of_group, roles, flips = {}, {}, []
         for index, group in enumerate(plan.groups):
+            where = f"groups[{index}]"
+            try:
+                role = Role.parse(group.role, field=f"{where}.role")
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param=f"{where}.role") from None
             client = running.get(group.id)
-            role = Role.parse(group.role, field=f"groups[{index}].role")
-            if client is None or client.info.role is not role or not _same_shape(group, client.info):
-                raise ApiError(400, f"groups[{index}]: group {group.id!r} ({role}, tp={group.tp}, pp={group.pp}) is not "
-                                    "a running worker; POST /plan changes the route weights among the running workers "
-                                    "(starting, retiring or reshaping workers, and role flips, are not supported yet)",
-                               param=f"groups[{index}]")
-            worker_of_group[group.id] = client.worker_id
+            if client is None or not _same_shape(group, client.info):
+                raise ApiError(400, f"{where}: group {group.id!r} ({role}, tp={group.tp}, pp={group.pp}) is not "
+                                    "a running worker; POST /plan changes the route weights and the roles of the "
+                                    "running workers (starting, retiring or reshaping workers is not supported yet)",
+                               param=where)
+            spec = client.info
+            if role is not spec.role:
+                refusal = _flip_refusal(spec, role)
+                if refusal is not None:
+                    raise ApiError(400, f"{where}: group {group.id!r} asks worker {spec.worker_id} to flip from "
+                                        f"{spec.role} to {role}, but {refusal}", param=where)
+                flips.append(f"flip {spec.worker_id} (group {group.id}): {spec.role} -> {role}")
+            worker_of_group[group.id] = spec.worker_id
+            roles[spec.worker_id] = role
+        return worker_of_group, roles, flips
+
+    @staticmethod
+    def _routes(plan: Plan, worker_of_group: dict[str, str]) -> list[Route]:
         for index, route in enumerate(plan.routes):
             for end in ("prefill", "decode"):
                 if getattr(route, end) not in worker_of_group:
@@ -89,7 +119,17 @@ class LivePlan:
         return routes
 
 
-def _same_shape(group: GroupPlan, spec) -> bool:
+def _flip_refusal(spec: WorkerSpec, role: Role) -> str | None:
+    """Why the running worker `spec` cannot take `role` without a restart; None if it can."""
+    if Role.COLOCATED in (spec.role, role):
+        return "only prefill and decode workers flip (a colocated worker runs no KV connector)"
+    if not spec.flexible:
+        return ("it was started without a kv_both connector; start the router with --flexible-roles "
+                "to flip prefill and decode workers without a restart")
+    return None
+
+
+def _same_shape(group: GroupPlan, spec: WorkerSpec) -> bool:
     """A rehearsal runs every group as one CPU worker (tp = pp = 1), whatever the plan says."""
     return (spec.tensor_parallel_size, spec.pipeline_parallel_size) in ((group.tp, group.pp), (1, 1))
 

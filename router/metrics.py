@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -44,6 +45,10 @@ class RouterMetrics:
         self.kv_event_resets = Gauge("hexserve_kv_event_resets", "Times a worker's prefix-index entries were dropped, by reason", ["reason"], registry=r)
         self.observed = Gauge("hexserve_observed", "The live workload over the router's sliding window (GET /plan 'observed'): "
                               "requests/s, prompt and output token percentiles, TTFT/TPOT ms percentiles", ["figure"], registry=r)
+        self.role_flips = Counter("hexserve_role_flips", "Workers flipped between prefill and decode by POST /plan "
+                                  "(flexible workers, no restart)", registry=r)
+        self._role_flips_seen = 0
+        self._roles: dict[str, str] = {}  # worker id -> the role its per-worker series are labelled with
         self.kv_stat = Gauge("hexserve_kv_transfer", "KV transfer counters reported by the worker's connector (bytes, transfers, failures)", ["worker", "stat"], registry=r)
 
     def observe_cluster(self, cluster) -> None:
@@ -54,6 +59,8 @@ class RouterMetrics:
         self.decode_first.set(stats.decode_first_requests)
         self.degraded.set(stats.degraded_requests)
         self.migrated.set(stats.migrated_requests)
+        self.role_flips.inc(cluster.role_flips - self._role_flips_seen)
+        self._role_flips_seen = cluster.role_flips
         for client in cluster.clients.values():
             self.prefix_index_blocks.labels(client.worker_id, client.info.role).set(
                 cluster.prefix_index.num_blocks(client.worker_id))
@@ -65,9 +72,23 @@ class RouterMetrics:
             if value is not None:
                 self.observed.labels(figure).set(value)
 
+    def _forget_old_role(self, worker_id: str, role: str) -> None:
+        """A worker flipped to another role: its series under the old role label go, so that no
+        stale series (a decode worker that is now prefill still 'healthy' as decode) remains."""
+        old = self._roles.get(worker_id)
+        self._roles[worker_id] = role
+        if old is None or old == role:
+            return
+        for gauge in (self.worker_healthy, self.worker_running, self.worker_inflight, self.worker_waiting,
+                      self.worker_kv_usage, self.worker_outstanding, self.prefix_queries, self.prefix_hits,
+                      self.prefix_index_blocks):
+            with contextlib.suppress(KeyError):  # a series never set (no load report yet)
+                gauge.remove(worker_id, old)
+
     def observe_workers(self, clients) -> None:
         for client in clients:
             labels = (client.worker_id, client.info.role)
+            self._forget_old_role(*labels)
             self.worker_healthy.labels(*labels).set(1 if client.healthy else 0)
             self.worker_outstanding.labels(*labels).set(client.outstanding_tokens)
             load = client.load

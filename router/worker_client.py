@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from common.roles import Role
 from common.sockets import make_socket
 from common.wire import ProtocolError
 from engine import control_protocol as proto
@@ -162,7 +163,7 @@ class WorkerClient:
                 continue
             if isinstance(message, proto.Pong):
                 self.last_pong_at = time.monotonic()
-                if message.load.role != self.info.role and (self.load is None or self.load.role != message.load.role):
+                if not self._role_expected(message.load.role) and (self.load is None or self.load.role != message.load.role):
                     log.error("worker %s reports role %s; the deployment started it as %s",
                               self.worker_id, message.load.role, self.info.role)
                 self.load = message.load
@@ -174,6 +175,13 @@ class WorkerClient:
                 queue = self._queues.get(message.request_id)
                 if queue is not None:
                     queue.put_nowait(message)
+
+    def _role_expected(self, reported: Role) -> bool:
+        """A worker reports the role it started with; a flexible one may since have been
+        flipped between prefill and decode (Cluster.set_plan) and still reports the first."""
+        if reported == self.info.role:
+            return True
+        return self.info.flexible and {reported, self.info.role} <= {Role.PREFILL, Role.DECODE}
 
     async def _health_loop(self) -> None:
         while True:

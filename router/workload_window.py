@@ -4,14 +4,15 @@ The plan was solved for one workload (arrival rate, prompt and output
 lengths); real traffic drifts (the Azure code trace has 13x the prompt-to-output
 ratio of the conversation trace). The runner records each finished request
 here, and `GET /plan` and `/metrics` show the window: arrivals per second,
-prompt and output length percentiles, and TTFT/TPOT percentiles (the
-prefix caches' share of prompt tokens is in /metrics,
-hexserve_prompt_cached_tokens). This is the
-"watch" half of re-planning; nothing here changes the plan.
+prompt and output length means, standard deviations and percentiles, and
+TTFT/TPOT percentiles (the prefix caches' share of prompt tokens is in
+/metrics, hexserve_prompt_cached_tokens). This is the "watch" half of
+re-planning; nothing here changes the plan.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,6 +27,14 @@ class _Finished:
     output_tokens: int
     ttft_s: float | None
     tpot_s: float | None
+
+
+def _std(values: list[float]) -> float | None:
+    """Population standard deviation (the window is the whole population observed)."""
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -68,8 +77,10 @@ class WorkloadWindow:
             "requests": len(done),
             "requests_per_s": len(done) / self.window_s,
             "prompt_tokens_mean": sum(prompts) / len(prompts) if prompts else None,
+            "prompt_tokens_std": _std(prompts),
             "prompt_tokens_p50": _percentile(prompts, 50), "prompt_tokens_p90": _percentile(prompts, 90),
             "output_tokens_mean": sum(outputs) / len(outputs) if outputs else None,
+            "output_tokens_std": _std(outputs),
             "output_tokens_p50": _percentile(outputs, 50), "output_tokens_p90": _percentile(outputs, 90),
             "ttft_ms_p50": _percentile(ttfts, 50), "ttft_ms_p90": _percentile(ttfts, 90),
             "tpot_ms_p50": _percentile(tpots, 50), "tpot_ms_p90": _percentile(tpots, 90),
