@@ -31,3 +31,18 @@ def test_the_window_stays_bounded_when_nobody_reads_it():
     for second in range(1000):
         window.record(100, 10, 0.1, 0.01, now_s=float(second))
     assert len(window._finished) <= 11  # the last 10 s, not every request since start
+
+
+def test_length_spread_is_the_population_std():
+    """The re-planning controller reads the spread of prompt and output lengths, not only their means."""
+    window = WorkloadWindow(window_s=10.0)
+    for prompt, output in ((100, 10), (300, 10), (200, 40), (400, 20)):
+        window.record(prompt, output, ttft_s=None, tpot_s=None, now_s=1.0)
+    summary = window.summary(now_s=2.0)
+    assert summary["prompt_tokens_std"] == pytest.approx(111.803, abs=1e-3)  # sqrt(12500)
+    assert summary["output_tokens_std"] == pytest.approx(12.247, abs=1e-3)  # sqrt(150)
+    one = WorkloadWindow()
+    one.record(50, 5, None, None, now_s=0.0)
+    assert one.summary(now_s=0.0)["prompt_tokens_std"] == 0.0
+    empty = WorkloadWindow().summary(now_s=0.0)
+    assert empty["prompt_tokens_std"] is None and empty["output_tokens_std"] is None
