@@ -1,24 +1,28 @@
 """Elastic vs static at fleet scale, simulated: a workload that shifts, and a lost worker.
 
-    .venv/bin/python -m benchmarks.elastic_sim            # ~1-3 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.elastic_sim            # ~2 min on 2 CPU cores
 
-Llama-2-70B on a HexGen-style mixed fleet (8x H100, 8x A100-80G, 8x L40, 8x
-A6000; 25 GB/s between nodes), planned by `planner solve` for the Azure
-conversation trace. The requests then shift, each phase with its own trace's
-lengths in trace order and Poisson arrivals:
+Llama-3-8B on a HexGen-style mixed fleet (4x H100, 4x A100-80G, 8x L40, 8x
+A6000; 25 GB/s between nodes). The requests shift, each phase with its own
+trace's lengths in trace order and Poisson arrivals:
 
     code         Azure code trace lengths (long prompts, ~28 output tokens)
     conversation Azure conversation trace lengths
     burst        conversation at twice the rate
 
-Both runs serve the same requests with the same simulator, router policy
-("plan": load-corrected weights) and failures; the static run keeps the plan,
-the elastic run runs `planner.core.replan.Controller` on the simulated clock
-(planner.sim.elastic; the same code as `python -m planner control`). Goodput:
-requests meeting TTFT and TPOT SLOs per second of the run. The "lost worker"
-scenario loses the worker of one decode group at the middle of the
-conversation phase.
-Writes benchmarks/results/elastic_sim.{json,md}.
+Arms, all on the same requests, simulator, router policy ("plan":
+load-corrected weights) and failures:
+- static, plan for code: `planner solve` for the code trace, the workload known
+  when the cluster starts, kept all along;
+- static, plan for conversation: the plan one would make in hindsight for the
+  later phases;
+- elastic: starts from the plan for code and runs `planner.core.replan.Controller`
+  (default policy) on the simulated clock (planner.sim.elastic; the same code
+  as `python -m planner control`): role flips and route weights.
+
+Goodput: requests meeting both SLOs per second. The "lost worker" scenario
+loses the worker of the code plan's largest prefill group in the middle of
+the conversation phase. Writes benchmarks/results/elastic_sim.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import json
 import random
 from pathlib import Path
 
-from benchmarks.sim_fleet import MODEL, cluster_doc
+from benchmarks.sim_fleet import cluster_doc
 from common.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.metrics import SLO, summarize
 from loadtest.workload import PlannedRequest
@@ -40,8 +44,8 @@ from planner.spec.cluster import parse_cluster
 from planner.spec.model import model_preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FLEETS = {"hetero-32": [("H100", 8), ("A100-80G", 8), ("L40", 8), ("A6000", 8)],
-          "hetero-24": [("H100", 4), ("A100-80G", 4), ("L40", 8), ("A6000", 8)]}
+FLEETS = {"hetero-24": [("H100", 4), ("A100-80G", 4), ("L40", 8), ("A6000", 8)],
+          "hetero-32": [("H100", 8), ("A100-80G", 8), ("L40", 8), ("A6000", 8)]}
 PLAN_TRACES = {"code": "azure_llm_2023_code.csv", "conversation": "azure_llm_2023_conv.csv"}
 SLO_TTFT_MS, SLO_TPOT_MS = 2000.0, 100.0
 MAX_INPUT, MAX_OUTPUT = 4096 - 512, 512  # Llama-2-70B's 4096-token window
@@ -84,49 +88,127 @@ def phase_rows(records, phases, slo: SLO) -> list[dict]:
     return rows
 
 
+def fleet_cluster(fleet: str, model: str, trace_file: str):
+    doc = cluster_doc(fleet, FLEETS[fleet])
+    doc["model"] = {"preset": model}
+    doc["workload"]["trace"]["path"] = str(SHARED_TRACES_DIR / trace_file)
+    return parse_cluster(doc)
+
+
+def group_holding(plan, gpu: str) -> str:
+    return next(g.id for g in plan.groups if gpu in g.gpus)
+
+
+def run_scenario(clusters: dict, plans: dict, requests, costs, policy, lost_gpus, phases, slo: SLO) -> dict:
+    """Static under each plan, and elastic from the first-phase plan, on the same requests; each plan
+    loses the group that holds each lost GPU at its time."""
+    first = next(iter(plans))
+    failures = {name: [(t, group_holding(plan, gpu)) for t, gpu in lost_gpus] for name, plan in plans.items()}
+    arms = {f"static (plan for {name})": simulate_elastic(clusters[name], plan, requests, costs,
+                                                          failures=failures[name])
+            for name, plan in plans.items()}
+    elastic = simulate_elastic(clusters[first], plans[first], requests, costs, policy=policy,
+                               failures=failures[first])
+    arms[f"elastic (from the plan for {first})"] = elastic
+    return {"lost_gpus": lost_gpus, "failures": failures,
+            "arms": {label: phase_rows(run.records, phases, slo) for label, run in arms.items()},
+            "timeline": {label: goodput_timeline(run.records, slo) for label, run in arms.items()},
+            "actions": [d.to_json() for d in elastic.actions],
+            "decisions_none": sum(d.action == "none" for d in elastic.decisions)}
+
+
+def goodput_timeline(records, slo: SLO, bin_s: float = 10.0) -> list[float]:
+    """Requests meeting the SLOs per second, by arrival, in `bin_s` bins over every arrival."""
+    bins: dict[int, int] = {}
+    for r in records:
+        if slo.met(r):
+            bins[int(r.arrival_s // bin_s)] = bins.get(int(r.arrival_s // bin_s), 0) + 1
+    last = max((int(r.arrival_s // bin_s) for r in records), default=-1)
+    return [bins.get(k, 0) / bin_s for k in range(last + 1)]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['model']} on {report['fleet_name']} ({', '.join(f'{n}x {t}' for t, n in report['fleet'])}), "
+             f"SLO TTFT {SLO_TTFT_MS:.0f} ms / TPOT {SLO_TPOT_MS:.0f} ms. Phases: " +
+             ", ".join(f"{p['name']} {p['rate_rps']:g} req/s for {p['seconds']:g} s" for p in report["phases"]) +
+             ". Simulated (analytical cost model); goodput = requests meeting both SLOs per second.", ""]
+    for name, sc in report["scenarios"].items():
+        labels = list(sc["arms"])
+        best_static = max((sc["arms"][a][-1]["goodput_rps"] for a in labels if a.startswith("static")))
+        first_static = sc["arms"][labels[0]][-1]["goodput_rps"]
+        lost = ", ".join(f"the group holding {gpu} at {t:g} s" for t, gpu in sc["lost_gpus"])
+        lines += [f"**{name}**" + (f" (lost: {lost})" if lost else ""), "",
+                  "| arm | " + " | ".join(r["phase"] for r in sc["arms"][labels[0]]) + " | failed | vs static |",
+                  "|---|" + "---:|" * (len(sc["arms"][labels[0]]) + 2)]
+        for label in labels:
+            rows = sc["arms"][label]
+            ratio = rows[-1]["goodput_rps"] / first_static if first_static else float("inf")
+            lines.append(f"| {label} | " + " | ".join(f"{r['goodput_rps']:.1f} ({100 * r['slo_attainment']:.0f} %)"
+                                                       for r in rows) + f" | {rows[-1]['failed']} | {ratio:.2f}x |")
+        elastic = sc["arms"][labels[-1]][-1]["goodput_rps"]
+        lines += ["", f"Elastic / best static plan: {elastic / best_static:.2f}x. Actions: " +
+                  ("; ".join(f"{a['at_s']:g} s: " + (", ".join(f"{g} {a_} -> {b}" for g, a_, b in a["flips"])
+                                                     or "weights re-solved") +
+                             (f" (left out {a['left_out']})" if a["left_out"] else "") for a in sc["actions"])
+                   or "none") + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = report["scenarios"]
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(9, 3.2 * len(scenarios)), squeeze=False)
+    for ax, (name, sc) in zip(axes[:, 0], scenarios.items()):
+        for label, series in sc["timeline"].items():
+            ax.plot([10 * k for k in range(len(series))], series, label=label)
+        for a in sc["actions"]:
+            ax.axvline(a["at_s"], color="grey", lw=0.6, ls=":")
+        ax.set_title(name)
+        ax.set_ylabel("goodput (req/s)")
+    axes[-1, 0].set_xlabel("arrival time (s)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase-s", type=float, default=300.0, help="seconds per phase")
-    ap.add_argument("--code-rps", type=float, default=6.0)
-    ap.add_argument("--conv-rps", type=float, default=8.0)
-    ap.add_argument("--model", default=MODEL)
-    ap.add_argument("--plan-for", default="code", choices=sorted(PLAN_TRACES),
-                    help="the trace the static plan (and the elastic run's first plan) is solved for")
-    ap.add_argument("--fleet", default="hetero-32", choices=sorted(FLEETS))
+    ap.add_argument("--code-rps", type=float, default=60.0)
+    ap.add_argument("--conv-rps", type=float, default=40.0, help="the burst runs at twice this")
+    ap.add_argument("--model", default="Llama-3-8B")
+    ap.add_argument("--fleet", default="hetero-24", choices=sorted(FLEETS))
     ap.add_argument("--out", default=str(RESULTS / "elastic_sim"))
     args = ap.parse_args(argv)
-    doc = cluster_doc("hetero", FLEETS[args.fleet])
-    doc["model"] = {"preset": args.model}
-    # The plan is made for the workload known when the cluster starts: the first phase's trace.
-    doc["workload"]["trace"]["path"] = str(SHARED_TRACES_DIR / PLAN_TRACES[args.plan_for])
-    cluster = parse_cluster(doc)
-    plan = solve(cluster, mode="disaggregated", time_limit_s=10)
+    # The elastic run starts from the plan for the workload known when the cluster starts (the first
+    # phase); the static plan for the conversation trace is the plan one would make in hindsight.
+    clusters = {name: fleet_cluster(args.fleet, args.model, trace) for name, trace in PLAN_TRACES.items()}
+    plans = {name: solve(c, mode="disaggregated", time_limit_s=10) for name, c in clusters.items()}
     phases = [("code", "azure-code", args.code_rps, args.phase_s),
               ("conversation", "azure-conv", args.conv_rps, args.phase_s),
               ("burst", "azure-conv", 2 * args.conv_rps, args.phase_s)]
     requests = shifting_requests(phases)
-    slo = SLO(SLO_TTFT_MS, SLO_TPOT_MS)
-    costs = AnalyticCosts(model_preset(args.model))
-    policy = ControlPolicy()
-    decode_groups = [g.id for g in plan.groups if g.role == "decode"]
-    scenarios = {"shift": [], "shift + lost worker": [(1.5 * args.phase_s, decode_groups[-1])]}
-    report = {"fleet": FLEETS[args.fleet], "model": args.model, "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS},
+    slo, costs, policy = SLO(SLO_TTFT_MS, SLO_TPOT_MS), AnalyticCosts(model_preset(args.model)), ControlPolicy()
+    code_plan = plans["code"]
+    lost_gpu = max((g for g in code_plan.groups if g.role == "prefill"), key=lambda g: g.capacity_rps).gpus[0]
+    report = {"fleet_name": args.fleet, "fleet": FLEETS[args.fleet], "model": args.model,
+              "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS},
               "phases": [{"name": n, "trace": t, "rate_rps": r, "seconds": s} for n, t, r, s in phases],
               "policy": {k: getattr(policy, k) for k in policy.__slots__},
-              "plan_groups": [{"id": g.id, "role": g.role, "gpu_types": g.gpu_types, "tp": g.tp, "pp": g.pp}
-                              for g in plan.groups], "scenarios": {}}
-    for name, failures in scenarios.items():
-        static = simulate_elastic(cluster, plan, requests, costs, policy=None, failures=failures)
-        elastic = simulate_elastic(cluster, plan, requests, costs, policy=policy, failures=failures)
-        report["scenarios"][name] = {
-            "failures": failures,
-            "static": phase_rows(static.records, phases, slo),
-            "elastic": phase_rows(elastic.records, phases, slo),
-            "actions": [d.to_json() for d in elastic.actions],
-            "decisions": [d.to_json() for d in elastic.decisions],
-        }
-        print(name, json.dumps(report["scenarios"][name], indent=1))
-    Path(args.out + ".json").write_text(json.dumps(report, indent=1) + "\n")
+              "plans": {name: [{"id": g.id, "role": g.role, "gpu_types": g.gpu_types, "tp": g.tp, "pp": g.pp}
+                               for g in plan.groups] for name, plan in plans.items()},
+              "scenarios": {}}
+    for name, lost_gpus in {"shift": [], "shift + lost worker": [(1.5 * args.phase_s, lost_gpu)]}.items():
+        report["scenarios"][name] = run_scenario(clusters, plans, requests, costs, policy, lost_gpus, phases, slo)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(md)
     return 0
 
 

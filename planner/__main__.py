@@ -6,6 +6,7 @@
     python -m planner calibrate profile.json
     python -m planner catalog
     python -m planner simulate plan.json --trace azure-conv
+    python -m planner control --router http://127.0.0.1:8000 --cluster cluster.json --plan plan.json
 
 Exit status: 0 on success, 2 for bad input (the message names the field), 3
 for a fleet that cannot hold the model (the message gives the shortfall).

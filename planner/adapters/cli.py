@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from common.plan import format_table
+from planner.adapters.control_cli import add_control_parser
 from planner.adapters.estimate_cli import add_estimate_parser
 from planner.adapters.profiler import ProfileSettings, run_profile
 from planner.adapters.simulate_cli import add_simulate_parser
@@ -143,4 +144,5 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_catalog)
     add_simulate_parser(sub)
     add_estimate_parser(sub)
+    add_control_parser(sub)
     return parser

@@ -1,0 +1,163 @@
+"""The re-planning controller (planner.core.replan): when it acts, what it proposes, and its guardrails."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.roles import Role
+from planner.core.observed import ObservedWorkload, drift
+from planner.core.replan import ControlPolicy, Controller
+from planner.core.solver import solve
+from planner.spec.cluster import parse_cluster
+from planner.spec.errors import PlanInputError
+
+CONVERSATION = dict(input_tokens_mean=1155, input_tokens_std=1000, output_tokens_mean=211, arrival_rate_rps=10)
+
+
+def four_a100(**workload) -> dict:
+    return {"schema": "hexserve.cluster", "schema_version": 1, "name": "four-a100",
+            "fleet": {"nodes": [{"name": f"n{i}", "gpu_type": "A100-80G", "num_gpus": 1} for i in range(4)]},
+            "network": {"inter_node": {"bandwidth_gb_per_s": 25, "latency_us": 15}},
+            "model": {"preset": "Llama-3-8B"},
+            "workload": {**CONVERSATION, **workload, "slo": {"ttft_ms": 2000, "tpot_ms": 100}}}
+
+
+@pytest.fixture(scope="module")
+def solved():
+    cluster = parse_cluster(four_a100())
+    return cluster, solve(cluster, mode="disaggregated", time_limit_s=4)
+
+
+def decode_heavy(rate: float = 30.0, output: float = 400.0) -> ObservedWorkload:
+    return ObservedWorkload(requests=100, rate_rps=rate, prompt_mean=600, output_mean=output, prompt_std=300)
+
+
+def test_the_solved_plan_has_prefill_groups_to_flip(solved):
+    _, plan = solved
+    assert sorted(g.role for g in plan.groups) == ["decode", "prefill", "prefill"]
+
+
+def test_a_workload_like_the_plans_changes_nothing(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5))
+    same = ObservedWorkload(100, 10.0, 1155, 211, 1000)
+    assert drift(same, cluster.workload) < 1e-9
+    decision = controller.step(same, None, 100.0)
+    assert decision.action == "none" and "drift" in decision.reason and decision.plan is None
+
+
+def test_too_few_requests_are_not_trusted(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=50))
+    decision = controller.step(ObservedWorkload(10, 30.0, 600, 400, 300), None, 100.0)
+    assert decision.action == "none" and "fewer than 50" in decision.reason
+
+
+def test_a_decode_heavy_drift_flips_a_prefill_group_keeping_ids_gpus_and_shape(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5))
+    decision = controller.step(decode_heavy(), None, 100.0)
+    assert decision.action == "apply", decision.reason
+    assert len(decision.flips) == 1 and decision.flips[0][1:] == ("prefill", "decode")
+    assert decision.after_rps >= decision.before_rps * 1.1
+    before = {g.id: g for g in plan.groups}
+    after = {g.id: g for g in decision.plan.groups}
+    assert set(after) == set(before)  # the same groups: the running workers
+    for gid, g in after.items():
+        assert g.gpus == before[gid].gpus and (g.tp, g.pp) == (before[gid].tp, before[gid].pp)
+        expected = "decode" if gid == decision.flips[0][0] else before[gid].role
+        assert g.role == expected
+    assert all(r.prefill in after and r.decode in after for r in decision.plan.routes)
+    assert {after[r.prefill].role for r in decision.plan.routes} == {"prefill"}
+    controller.applied(decision)
+    assert controller.roles[decision.flips[0][0]] is Role.DECODE and controller.flips_total == 1
+
+
+def test_the_flip_cap_and_the_minimum_interval(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=1, min_interval_s=60))
+    first = controller.step(decode_heavy(rate=60, output=800), None, 100.0)
+    assert first.action == "apply" and len(first.flips) == 1
+    controller.applied(first)
+    soon = controller.step(decode_heavy(rate=60, output=800), None, 130.0)
+    assert soon.action == "none" and "within 60 s" in soon.reason
+
+
+def test_a_dry_run_decides_and_changes_nothing(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5, dry_run=True))
+    roles = dict(controller.roles)
+    decision = controller.step(decode_heavy(), None, 100.0)
+    assert decision.action == "dry_run" and decision.flips and decision.plan is not None
+    with pytest.raises(ValueError):
+        controller.applied(decision)
+    assert controller.roles == roles and controller.plan is plan
+
+
+def test_a_lost_worker_is_planned_around_at_once(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5, min_interval_s=1e9))
+    lost = next(g.id for g in plan.groups if g.role == "prefill")
+    healthy = {g.id for g in plan.groups} - {lost}
+    controller._last_action_s = 99.0  # an action just now: a lost worker does not wait for the interval
+    decision = controller.step(None, healthy, 100.0)
+    assert decision.action == "apply" and decision.left_out == (lost,)
+    assert lost not in {g.id for g in decision.plan.groups}
+    assert all(lost not in (r.prefill, r.decode) for r in decision.plan.routes)
+    controller.applied(decision)
+    back = controller.step(None, healthy | {lost}, 100.5)
+    assert back.action == "apply" and lost in {g.id for g in back.plan.groups}
+
+
+def _crossover_output(cluster, plan) -> float:
+    """The output length at which flipping a prefill group to decode starts to pay, found by bisection."""
+    eager = ControlPolicy(min_requests=5, min_gain=0.0, flip_cost=0.0, min_interval_s=0.0, drift_threshold=0.0)
+    lo, hi = 100.0, 2000.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        flips = Controller(cluster, plan, eager).step(ObservedWorkload(100, 60.0, 1155, mid, 1000), None, 0.0).flips
+        lo, hi = (lo, mid) if flips else (mid, hi)
+    return hi
+
+
+def test_hysteresis_stops_flapping_on_a_workload_at_the_threshold(solved):
+    cluster, plan = solved
+    x = _crossover_output(cluster, plan)
+    wobble = [ObservedWorkload(100, 60.0, 1155, x * (1.01 if k % 2 else 0.99), 1000) for k in range(12)]
+
+    def flips(policy: ControlPolicy) -> int:
+        controller = Controller(cluster, plan, policy)
+        for k, observed in enumerate(wobble):
+            decision = controller.step(observed, None, 100.0 * (k + 1))
+            if decision.action == "apply":
+                controller.applied(decision)
+        return controller.flips_total
+
+    # Without a margin, every wobble flips the group back and forth: the test can fail.
+    assert flips(ControlPolicy(min_requests=5, min_gain=0.0, flip_cost=0.0, min_interval_s=0.0,
+                               drift_threshold=0.0)) >= 6
+    assert flips(ControlPolicy(min_requests=5)) == 0
+
+
+def test_a_plan_the_controller_cannot_run_is_refused_with_the_field(solved):
+    cluster, plan = solved
+    other = parse_cluster({**four_a100(), "fleet": {"nodes": [{"name": "m0", "gpu_type": "A100-80G",
+                                                               "num_gpus": 4}]}})
+    with pytest.raises(PlanInputError, match=r"groups\[0\]\.gpus"):
+        Controller(other, plan)
+    colocated = solve(cluster, mode="colocated", time_limit_s=2)
+    with pytest.raises(PlanInputError, match="mode"):
+        Controller(cluster, colocated)
+
+
+def test_observed_workload_from_the_routers_window():
+    summary = {"requests": 40, "requests_per_s": 2.0, "prompt_tokens_mean": 500.0, "prompt_tokens_std": 100.0,
+               "output_tokens_mean": 50.0}
+    observed = ObservedWorkload.from_summary(summary)
+    assert observed == ObservedWorkload(40, 2.0, 500.0, 50.0, 100.0)
+    assert ObservedWorkload.from_summary({"requests": 0, "prompt_tokens_mean": None}) is None
+    base = parse_cluster(four_a100()).workload
+    workload = observed.as_workload(base)
+    assert workload.input_mean == 500 and workload.input_sq_mean == 500**2 + 100**2
+    assert workload.ttft_slo_s == base.ttft_slo_s and workload.arrival_rate_rps == 2.0
+    assert workload.input_tail > 500  # a log-normal tail from the std
