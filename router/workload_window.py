@@ -48,6 +48,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 class WorkloadWindow:
     window_s: float = DEFAULT_WINDOW_S
     _finished: deque[_Finished] = field(default_factory=deque)
+    _first_s: float | None = None  # when the first request finished: a young window's rate spans less
 
     def __post_init__(self) -> None:
         if not self.window_s > 0:
@@ -56,12 +57,20 @@ class WorkloadWindow:
     def record(self, prompt_tokens: int, output_tokens: int, ttft_s: float | None, tpot_s: float | None,
                now_s: float | None = None) -> None:
         now_s = time.monotonic() if now_s is None else now_s
+        if self._first_s is None:
+            self._first_s = now_s
         self._finished.append(_Finished(now_s, prompt_tokens, output_tokens, ttft_s, tpot_s))
         self._trim(now_s)  # bounded by the window whether or not anyone reads it
 
     def _trim(self, now_s: float) -> None:
         while self._finished and self._finished[0].at_s < now_s - self.window_s:
             self._finished.popleft()
+
+    def _span_s(self, now_s: float) -> float:
+        """Seconds the rate is taken over: the window, or less while the router is younger than it
+        (since the first finished request; at least 1 s, so one request is not a burst)."""
+        seen = now_s - self._first_s if self._first_s is not None else self.window_s
+        return max(1.0, min(self.window_s, seen))
 
     def summary(self, now_s: float | None = None) -> dict:
         """The window's figures (None where no request finished in it)."""
@@ -75,7 +84,7 @@ class WorkloadWindow:
         return {
             "window_s": self.window_s,
             "requests": len(done),
-            "requests_per_s": len(done) / self.window_s,
+            "requests_per_s": len(done) / self._span_s(now_s),
             "prompt_tokens_mean": sum(prompts) / len(prompts) if prompts else None,
             "prompt_tokens_std": _std(prompts),
             "prompt_tokens_p50": _percentile(prompts, 50), "prompt_tokens_p90": _percentile(prompts, 90),

@@ -46,3 +46,15 @@ def test_length_spread_is_the_population_std():
     assert one.summary(now_s=0.0)["prompt_tokens_std"] == 0.0
     empty = WorkloadWindow().summary(now_s=0.0)
     assert empty["prompt_tokens_std"] is None and empty["output_tokens_std"] is None
+
+
+def test_a_young_window_takes_its_rate_over_the_time_it_has_seen():
+    window = WorkloadWindow(window_s=60.0)
+    for i in range(10):
+        window.record(100, 10, None, None, now_s=100.0 + i * 0.5)
+    assert window.summary(now_s=105.0)["requests_per_s"] == 2.0  # 10 requests over 5 s, not over 60
+    assert window.summary(now_s=200.0)["requests_per_s"] == 0.0  # they slid out
+    later = WorkloadWindow(window_s=10.0)
+    for i in range(40):
+        later.record(100, 10, None, None, now_s=i * 0.5)
+    assert later.summary(now_s=20.0)["requests_per_s"] == 2.0  # a full window: over the window
