@@ -237,6 +237,7 @@ class Controller:
                           names=names)
         flipped = tuple((live[i].id, str(live[i].role), str(roles[i])) for i in flips)
         left_out = tuple(sorted(g.id for g in self._groups if g.id not in healthy))
+        self._keep_unrouted(plan, left_out)
         reason = "; ".join(filter(None, [
             f"workers of groups {list(left_out)} are unhealthy" if left_out else "",
             "every worker is healthy again" if health_changed and not left_out else "",
@@ -244,6 +245,15 @@ class Controller:
             if flips else "route weights re-solved on the healthy groups"]))
         return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, before, best,
                         observed, plan, healthy)
+
+
+    def _keep_unrouted(self, plan: Plan, group_ids: tuple[str, ...]) -> None:
+        """An unhealthy group stays in the plan, with no route and no load: a plan that leaves a
+        running group out retires its worker, and this one may come back (its GPUs stay unlisted as unused)."""
+        for group in self.plan.groups:
+            if group.id in group_ids:
+                plan.groups.append(dataclasses.replace(group, load_rps=0.0))
+                plan.unused_gpus = [g for g in plan.unused_gpus if g not in group.gpus]
 
 
 def partial_decision(now_s: float, observed: ObservedWorkload | None, healthy: frozenset[str]):

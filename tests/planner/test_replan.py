@@ -102,8 +102,11 @@ def test_a_lost_worker_is_planned_around_at_once(solved):
     controller._last_action_s = 99.0  # an action just now: a lost worker does not wait for the interval
     decision = controller.step(None, healthy, 100.0)
     assert decision.action == "apply" and decision.left_out == (lost,)
-    assert lost not in {g.id for g in decision.plan.groups}
+    # It keeps its group (a plan without it would retire its worker), with no route and no load.
+    kept = next(g for g in decision.plan.groups if g.id == lost)
+    assert kept.load_rps == 0.0 and kept.gpus == next(g for g in plan.groups if g.id == lost).gpus
     assert all(lost not in (r.prefill, r.decode) for r in decision.plan.routes)
+    assert not set(kept.gpus) & set(decision.plan.unused_gpus)
     controller.applied(decision)
     back = controller.step(None, healthy | {lost}, 100.5)
     assert back.action == "apply" and lost in {g.id for g in back.plan.groups}
