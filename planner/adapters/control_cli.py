@@ -59,6 +59,8 @@ def healthy_groups(view: dict) -> set[str]:
 def control_once(client: httpx.Client, router: str, controller: Controller) -> Decision:
     """One look at the router, one decision, acted on (posted, or posted as a dry run)."""
     view = _router_call(client, "GET", f"{router}/plan")
+    # The roles the router runs are the truth: an operator (or an earlier run of this loop) may have flipped some.
+    controller.adopt_roles({w["group"]: w["role"] for w in view.get("workers", {}).values() if w.get("group")})
     observed = ObservedWorkload.from_summary(view.get("observed"))
     decision = controller.step(observed, healthy_groups(view), time.monotonic())
     if decision.action in ("apply", "dry_run") and decision.plan is not None:

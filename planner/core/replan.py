@@ -172,6 +172,21 @@ class Controller:
         del self.decisions[:-DECISIONS_KEPT]
         return decision
 
+    def adopt_roles(self, running: dict[str, str]) -> list[str]:
+        """The roles the cluster runs (group id -> role), where they differ from this controller's view
+        (an operator's `POST /plan`, or another controller): the next decision starts from them."""
+        changed = []
+        for g in self._groups:
+            role = running.get(g.id)
+            if role is not None and Role.parse(role) is not g.role:
+                changed.append(f"{g.id}: {g.role} -> {role}")
+                g.role = Role.parse(role)
+        if changed:
+            roles = {g.id: str(g.role) for g in self._groups}
+            self.plan = dataclasses.replace(self.plan, groups=[dataclasses.replace(p, role=roles.get(p.id, p.role))
+                                                               for p in self.plan.groups])
+        return changed
+
     def applied(self, decision: Decision) -> None:
         """The driver acted on `decision`: it is now the running plan."""
         if decision.action != "apply" or decision.plan is None:

@@ -6,13 +6,18 @@ prompt-heavy traffic (long prompts, 4 output tokens). The controller, run
 once with a dry run and then for real, finds that a decode worker should
 prefill: the dry run only shows the router's diff; the real run flips the
 worker through `POST /plan`, and every request before and after completes.
+Then the prefill worker is killed: the next look re-plans around it at once
+(its group kept, with no route) and requests go on.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -77,6 +82,19 @@ def _roles(router) -> dict[str, str]:
     return {w["group"]: w["role"] for w in httpx.get(f"{router.base_url}/plan").json()["workers"].values()}
 
 
+def _kill_and_wait_unhealthy(router, role: str) -> str:
+    """Kill the worker started as `role`; its group once the router reports it unhealthy."""
+    os.kill(router.worker_pid(role), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        down = [w["group"] for w in httpx.get(f"{router.base_url}/plan").json()["workers"].values()
+                if not w["healthy"]]
+        if down:
+            return down[0]
+        time.sleep(0.2)
+    pytest.fail("the router did not see the killed worker go down within 15 s")
+
+
 def test_the_controller_flips_a_decode_worker_for_prompt_heavy_traffic(planned_router):
     router, cluster_path, plan_path = planned_router
     assert set(_send(router, 16)) == {200}
@@ -97,3 +115,13 @@ def test_the_controller_flips_a_decode_worker_for_prompt_heavy_traffic(planned_r
              if line.startswith("hexserve_role_flips_total")]
     assert flips == ["hexserve_role_flips_total 1.0"], flips
     assert set(_send(router, 6)) == {200}
+
+    # The prefill worker dies: the next look re-plans on the healthy groups at once (no interval wait),
+    # starting from the roles the router runs (this is a new controller process).
+    lost = _kill_and_wait_unhealthy(router, "prefill")
+    replanned = _control(router, cluster_path, plan_path)
+    assert replanned["action"] == "apply" and replanned["left_out"] == [lost], replanned
+    view = httpx.get(f"{router.base_url}/plan").json()
+    lost_worker = next(w for w, info in view["workers"].items() if info["group"] == lost)
+    assert view["routes"] and all(lost_worker not in (r["prefill"], r["decode"]) for r in view["routes"])
+    assert set(_send(router, 3)) == {200}

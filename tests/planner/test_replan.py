@@ -164,3 +164,13 @@ def test_observed_workload_from_the_routers_window():
     assert workload.input_mean == 500 and workload.input_sq_mean == 500**2 + 100**2
     assert workload.ttft_slo_s == base.ttft_slo_s and workload.arrival_rate_rps == 2.0
     assert workload.input_tail > 500  # a log-normal tail from the std
+
+
+def test_the_running_roles_are_adopted_before_deciding(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5))
+    flipped = next(g.id for g in plan.groups if g.role == "prefill")
+    assert controller.adopt_roles({flipped: "decode", "unknown": "prefill"}) == [f"{flipped}: prefill -> decode"]
+    assert controller.roles[flipped] is Role.DECODE
+    assert next(g.role for g in controller.plan.groups if g.id == flipped) == "decode"
+    assert controller.adopt_roles({flipped: "decode"}) == []  # nothing differs any more
