@@ -81,7 +81,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     try:
         policy = ControlPolicy(interval_s=args.interval_s, min_interval_s=args.min_interval_s,
                                drift_threshold=args.drift_threshold, min_gain=args.min_gain, headroom=args.headroom,
-                               max_flips=args.max_flips, min_requests=args.min_requests, dry_run=args.dry_run)
+                               max_flips=args.max_flips, min_requests=args.min_requests,
+                               capacity_threshold=args.capacity_threshold, dry_run=args.dry_run)
     except ValueError as exc:
         raise PlanInputError("control", str(exc)) from None
     controller = Controller(cluster, plan, policy)
@@ -121,6 +122,9 @@ def add_control_parser(sub) -> None:
     p.add_argument("--max-flips", type=int, default=defaults.max_flips, help="role flips per action")
     p.add_argument("--min-requests", type=int, default=defaults.min_requests,
                    help="finished requests the router's window needs before it is trusted")
+    p.add_argument("--capacity-threshold", type=float, default=defaults.capacity_threshold,
+                   help="measured median TTFT or TPOT this much slower than predicted triggers a re-solve on "
+                        "capacities scaled by the ratio")
     p.add_argument("--dry-run", action="store_true", help="decide and show the router's diff; change nothing")
     p.add_argument("--once", action="store_true", help="one look and one decision, then exit")
     p.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: run until stopped)")

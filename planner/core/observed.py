@@ -29,6 +29,9 @@ class ObservedWorkload:
     prompt_mean: float
     output_mean: float
     prompt_std: float = 0.0
+    # How the plan runs (the router's window; None where not measured): median TTFT and TPOT.
+    ttft_ms_p50: float | None = None
+    tpot_ms_p50: float | None = None
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any] | None) -> ObservedWorkload | None:
@@ -38,7 +41,8 @@ class ObservedWorkload:
         return cls(requests=int(summary["requests"]), rate_rps=float(summary["requests_per_s"]),
                    prompt_mean=float(summary["prompt_tokens_mean"]),
                    output_mean=float(summary["output_tokens_mean"]),
-                   prompt_std=float(summary.get("prompt_tokens_std") or 0.0))
+                   prompt_std=float(summary.get("prompt_tokens_std") or 0.0),
+                   ttft_ms_p50=_number(summary.get("ttft_ms_p50")), tpot_ms_p50=_number(summary.get("tpot_ms_p50")))
 
     @classmethod
     def of_requests(cls, lengths: list[tuple[int, int]], window_s: float) -> ObservedWorkload | None:
@@ -59,10 +63,15 @@ class ObservedWorkload:
             input_quantiles=lognormal_quantiles(self.prompt_mean, self.prompt_std),
             arrival_rate_rps=self.rate_rps if self.rate_rps > 0 else None, source="observed")
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
         return {"requests": self.requests, "rate_rps": round(self.rate_rps, 4),
                 "prompt_mean": round(self.prompt_mean, 1), "prompt_std": round(self.prompt_std, 1),
-                "output_mean": round(self.output_mean, 1)}
+                "output_mean": round(self.output_mean, 1), "ttft_ms_p50": self.ttft_ms_p50,
+                "tpot_ms_p50": self.tpot_ms_p50}
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def drift(observed: ObservedWorkload, reference: Workload) -> float:

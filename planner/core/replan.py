@@ -10,9 +10,12 @@ the same code in both places:
       -> a worker was lost or came back?                 re-plan now
       -> else: within min_interval_s of the last action?  wait
                fewer than min_requests observed?          wait
-               drift from the workload the plan was made for below drift_threshold?  nothing to do
+               drift from the workload the plan was made for below drift_threshold, and the
+               measured median TTFT/TPOT within capacity_threshold of predicted?  nothing to do
       -> warm-started re-solve: the running groups and roles, on the healthy
-         groups, at the observed workload; the best role flip, then the best
+         groups, at the observed workload, each role's capacity scaled down
+         where the measured latencies say the model is optimistic
+         (planner.core.running); the best role flip, then the best
          next one, up to max_flips (each charged flip_cost of capacity)
       -> act only if the capacity the plan can serve of the demand
          (observed rate x (1 + headroom)) rises by min_gain: a plan that
@@ -24,9 +27,9 @@ the same code in both places:
 Only changes a running cluster can make without a restart are proposed: role
 flips between prefill and decode (workers started with a kv_both connector)
 and route weights. Every group is evaluated with the TP degree (and so the
-pipeline depth) it runs with, in either role (`RunningShapes`); its layer
-split is re-chosen per role, which a running engine cannot do, so a flipped
-pipelined group's prediction is slightly optimistic. Moving GPUs between
+pipeline depth) it runs with, in either role (`planner.core.running`). An
+unhealthy group stays in the plan without routes (a plan that leaves a
+running group out retires its worker). Moving GPUs between
 groups, new groups and TP/PP changes need workers started and retired; they
 are not proposed here.
 """
@@ -44,7 +47,7 @@ from planner.core.groups import Group
 from planner.core.observed import ObservedWorkload, drift
 from planner.core.plan_builder import build_plan
 from planner.core.refine import DISAGGREGATED, OTHER_ROLE, Search, State
-from planner.core.perf import GroupPerf
+from planner.core.running import CapacityScale, RunningShapes, measured_scale
 from planner.core.strategy import GroupEvaluator
 from planner.spec.cluster import Cluster
 from planner.spec.errors import PlanInputError
@@ -63,10 +66,14 @@ class ControlPolicy:
     max_flips: int = 1  # role flips per action
     flip_cost: float = 0.02  # share of capacity one flip is charged (its drain, its lost prefix cache)
     min_requests: int = 20  # finished requests the window needs before it is trusted
+    # Measured median TTFT or TPOT this much slower than the plan predicts at the observed load triggers a
+    # re-solve, on capacities scaled down by the ratio (planner.core.running).
+    capacity_threshold: float = 0.5
     dry_run: bool = False  # decide and report, never act
 
     def __post_init__(self) -> None:
-        for name in ("interval_s", "min_interval_s", "drift_threshold", "min_gain", "headroom", "flip_cost"):
+        for name in ("interval_s", "min_interval_s", "drift_threshold", "min_gain", "headroom", "flip_cost",
+                     "capacity_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.interval_s <= 0:
@@ -87,13 +94,14 @@ class Decision:
     observed: ObservedWorkload | None = None
     plan: Plan | None = None
     healthy: frozenset[str] = frozenset()
+    scale: CapacityScale = CapacityScale()  # the share of modelled capacity the measured latencies support
 
     def to_json(self) -> dict:
         rps = (lambda v: None if v is None else round(v, 4))
         return {"at_s": round(self.at_s, 3), "action": self.action, "reason": self.reason,
                 "flips": [list(f) for f in self.flips], "left_out": list(self.left_out),
                 "before_rps": rps(self.before_rps), "after_rps": rps(self.after_rps),
-                "observed": self.observed.to_json() if self.observed else None}
+                "observed": self.observed.to_json() if self.observed else None, "scale": self.scale.to_json()}
 
 
 @dataclass(slots=True)
@@ -103,23 +111,6 @@ class _Group:
     gpus: list[str]
     role: Role
     shape: tuple[int, int]  # (tp, pp) it runs with
-
-
-class RunningShapes(GroupEvaluator):
-    """A group evaluator that holds each running group to its TP degree, in both roles."""
-
-    def __init__(self, cluster: Cluster, tp_of: dict[Group, int]) -> None:
-        super().__init__(cluster)
-        self.tp_of = tp_of
-        self._running: dict[Group, GroupPerf] = {}
-
-    def evaluate(self, group: Group) -> GroupPerf:
-        tp = self.tp_of.get(group)
-        if tp is None:
-            return super().evaluate(group)
-        if group not in self._running:
-            self._running[group] = self._compute(group, only_tp=tp)
-        return self._running[group]
 
 
 def _groups_of_plan(cluster: Cluster, plan: Plan) -> list[_Group]:
@@ -212,17 +203,35 @@ class Controller:
             if not trusted:
                 return quiet(f"{observed.requests if observed else 0} requests observed, fewer than "
                              f"{policy.min_requests}")
-            moved = drift(observed, self._reference)
-            if moved < policy.drift_threshold:
-                return quiet(f"workload drift {moved:.0%} below {policy.drift_threshold:.0%}")
         workload = observed.as_workload(self.cluster.workload) if trusted else self._reference
-        return self._replan(dataclasses.replace(self.cluster, workload=workload), observed if trusted else None,
-                            healthy, now_s, health_changed)
+        cluster = dataclasses.replace(self.cluster, workload=workload)
+        scale = self._measured_scale(cluster, observed if trusted else None, healthy)
+        if not health_changed:
+            moved = drift(observed, self._reference)
+            if moved < policy.drift_threshold and scale.worst >= 1 / (1 + policy.capacity_threshold):
+                return quiet(f"workload drift {moved:.0%} below {policy.drift_threshold:.0%}, measured latencies "
+                             f"within {policy.capacity_threshold:.0%} of predicted", scale=scale)
+        return self._replan(cluster, observed if trusted else None, healthy, now_s, health_changed, scale)
+
+    def _evaluator(self, cluster: Cluster, scale: CapacityScale = CapacityScale()) -> RunningShapes:
+        return RunningShapes(cluster, {g.group: g.shape[0] for g in self._groups}, scale)
+
+    def _measured_scale(self, cluster: Cluster, observed: ObservedWorkload | None,
+                        healthy: frozenset[str]) -> CapacityScale:
+        """How much of each role's modelled capacity the router's measured latencies support."""
+        if observed is None or (observed.ttft_ms_p50 is None and observed.tpot_ms_p50 is None):
+            return CapacityScale()
+        live = [g for g in self._groups if g.id in healthy]
+        if not any(g.role is Role.PREFILL for g in live) or not any(g.role is Role.DECODE for g in live):
+            return CapacityScale()
+        state = State([g.group for g in live], [g.role for g in live], {})
+        running = build_plan(cluster, self._evaluator(cluster), RouteTable(cluster), state, DISAGGREGATED, {})
+        return measured_scale(running.predicted, observed)
 
     def _replan(self, cluster: Cluster, observed: ObservedWorkload | None, healthy: frozenset[str], now_s: float,
-                health_changed: bool) -> Decision:
+                health_changed: bool, scale: CapacityScale) -> Decision:
         policy = self.policy
-        evaluator, routes = RunningShapes(cluster, {g.group: g.shape[0] for g in self._groups}), RouteTable(cluster)
+        evaluator, routes = self._evaluator(cluster, scale), RouteTable(cluster)
         search = Search(evaluator, routes, DISAGGREGATED)
         live = [g for g in self._groups if g.id in healthy]
         roles = [g.role for g in live]
@@ -245,7 +254,8 @@ class Controller:
         base = partial_decision(now_s, observed, healthy)
         if not flips and not health_changed:
             return base(f"no role flip raises the demand served by {policy.min_gain:.0%} "
-                        f"({before:.2f} req/s at the observed workload)", before_rps=before, after_rps=before)
+                        f"({before:.2f} req/s at the observed workload)", before_rps=before, after_rps=before,
+                        scale=scale)
         state = State([g.group for g in live], roles, {})
         names = [(g.id, g.gpus) for g in live]
         plan = build_plan(cluster, evaluator, routes, state, DISAGGREGATED, {"name": "replan", "warm_start": True},
@@ -258,8 +268,10 @@ class Controller:
             "every worker is healthy again" if health_changed and not left_out else "",
             f"{len(flips)} flip(s) raise capacity {before:.2f} -> {best:.2f} req/s at the observed workload"
             if flips else "route weights re-solved on the healthy groups"]))
+        if scale.worst < 1.0:
+            reason += f"; capacities scaled by the measured latencies {scale.to_json()}"
         return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, before, best,
-                        observed, plan, healthy)
+                        observed, plan, healthy, scale)
 
 
     def _keep_unrouted(self, plan: Plan, group_ids: tuple[str, ...]) -> None:

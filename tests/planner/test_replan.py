@@ -174,3 +174,31 @@ def test_the_running_roles_are_adopted_before_deciding(solved):
     assert controller.roles[flipped] is Role.DECODE
     assert next(g.role for g in controller.plan.groups if g.id == flipped) == "decode"
     assert controller.adopt_roles({flipped: "decode"}) == []  # nothing differs any more
+
+
+def test_measured_latencies_slower_than_predicted_shrink_that_roles_capacity():
+    from common.plan import Predicted
+    from planner.core.running import MIN_SCALE, measured_scale
+
+    predicted = Predicted(10.0, 100.0, ttft_ms=200.0, tpot_ms=20.0, cost_per_hour=1.0, tokens_per_dollar=1.0,
+                          load_rps=5.0, meets_arrival_rate=True)
+    slow = ObservedWorkload(50, 5.0, 500, 50, ttft_ms_p50=800.0, tpot_ms_p50=25.0)
+    assert measured_scale(predicted, slow).to_json() == {"prefill": 0.25, "decode": 0.8}
+    fast = ObservedWorkload(50, 5.0, 500, 50, ttft_ms_p50=50.0, tpot_ms_p50=5.0)
+    assert measured_scale(predicted, fast).worst == 1.0  # faster than modelled adds nothing
+    assert measured_scale(predicted, ObservedWorkload(50, 5.0, 500, 50, tpot_ms_p50=1e6)).decode == MIN_SCALE
+    assert measured_scale(predicted, ObservedWorkload(50, 5.0, 500, 50)).worst == 1.0  # not measured
+
+
+def test_a_plan_slower_than_modelled_is_replanned_without_any_drift(solved):
+    cluster, plan = solved
+    same = dict(requests=100, rate_rps=10.0, prompt_mean=1155, output_mean=211, prompt_std=1000)
+    as_modelled = Controller(cluster, plan, ControlPolicy(min_requests=5)).step(
+        ObservedWorkload(**same, ttft_ms_p50=1.0, tpot_ms_p50=1.0), None, 100.0)
+    assert as_modelled.action == "none" and "within 50% of predicted" in as_modelled.reason
+    slow_decode = Controller(cluster, plan, ControlPolicy(min_requests=5)).step(
+        ObservedWorkload(**same, ttft_ms_p50=1.0, tpot_ms_p50=1000.0), None, 100.0)
+    assert slow_decode.action == "apply", slow_decode.reason
+    assert slow_decode.scale.decode < 0.5 and slow_decode.scale.prefill == 1.0
+    assert [f[1:] for f in slow_decode.flips] == [("prefill", "decode")]
+    assert "scaled by the measured latencies" in slow_decode.reason
