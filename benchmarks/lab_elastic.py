@@ -138,6 +138,7 @@ def run_arm(state: dict, name: str, plan: Path, cluster: Path, trace: Path, num_
                        "--plan", str(plan), *CONTROL_ARGS]
             control = subprocess.Popen(exec_in(state["hosts"][0]["namespace"], command), stdout=subprocess.PIPE,
                                        stderr=open(out_dir / f"{name}.control.log", "wb"), text=True)
+        launched_s = time.monotonic()  # the controller's decisions carry monotonic times (one clock per machine)
         try:
             run_in_head(state, [sys.executable, "-m", "loadtest", "run", "--endpoint", url, "--label", name,
                                 "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
@@ -150,6 +151,8 @@ def run_arm(state: dict, name: str, plan: Path, cluster: Path, trace: Path, num_
                 control.terminate()
                 out, _ = control.communicate(timeout=30)
                 decisions = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+                for decision in decisions:  # since the load test started (its own start-up, ~2 s, included)
+                    decision["since_start_s"] = round(decision["at_s"] - launched_s, 1)
     return {"result": json.loads(Path(f"{prefix}.json").read_text()), "decisions": decisions}
 
 
@@ -176,6 +179,47 @@ def simulate_arms(cluster_path: Path, plan_path: Path, rows: list[dict], phases:
                      "errors": ["" if r.success else (r.error or "failed") for r in run.records]}
         out[name] = {"phases": per_phase(as_result, phases), "actions": [d.to_json() for d in run.actions]}
     return out
+
+
+def latency_timeline(result: dict, bin_s: float = 10.0) -> dict[str, list]:
+    """p90 TTFT and TPOT (ms) of the requests sent in each `bin_s` bin, for the plot."""
+    starts = result["start_times"]
+    t0 = min(starts) if starts else 0.0
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for start, ttft, lat, out, err in zip(starts, result["ttfts"], result["latencies"], result["output_lens"],
+                                          result["errors"]):
+        if not err:
+            bins.setdefault(int((start - t0) // bin_s), []).append(
+                (ttft * 1e3, (lat - ttft) / (out - 1) * 1e3 if out > 1 else 0.0))
+    p90 = (lambda xs: sorted(xs)[int(0.9 * (len(xs) - 1))] if xs else None)
+    keys = range(max(bins, default=-1) + 1)
+    return {"t_s": [k * bin_s for k in keys], "p90_ttft_ms": [p90([a for a, _ in bins.get(k, [])]) for k in keys],
+            "p90_tpot_ms": [p90([b for _, b in bins.get(k, [])]) for k in keys]}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for name, arm in report["arms"].items():
+        line = arm["timeline"]
+        for ax, key in zip(axes, ("p90_ttft_ms", "p90_tpot_ms")):
+            ax.plot(line["t_s"], [v if v is not None else float("nan") for v in line[key]], label=name)
+    for decision in report["arms"].get("elastic", {}).get("decisions", []):
+        if decision["action"] == "apply" and decision.get("since_start_s") is not None:
+            for ax in axes:
+                ax.axvline(decision["since_start_s"], color="grey", lw=0.7, ls=":")
+    axes[0].axhline(SLO_TTFT_MS, color="red", lw=0.5)
+    axes[1].axhline(SLO_TPOT_MS, color="red", lw=0.5)
+    axes[0].set_ylabel("p90 TTFT (ms)")
+    axes[1].set_ylabel("p90 TPOT (ms)")
+    axes[1].set_xlabel("time since the first request (s), 10 s bins; dotted: the controller's actions")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def markdown(report: dict) -> str:
@@ -237,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"arm {arm}", flush=True)
             measured = run_arm(state, arm, plan, cluster, work / "shift.jsonl", len(rows), work, arm == "elastic")
             arms[arm] = {"plan": json.loads(plan.read_text()), "decisions": measured["decisions"],
-                         "phases": per_phase(measured["result"], phases)}
+                         "phases": per_phase(measured["result"], phases),
+                         "timeline": latency_timeline(measured["result"])}
             print(json.dumps(arms[arm]["phases"]), flush=True)
     finally:
         down(lab.name)
@@ -247,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(report) + "\n")
+    plot(report, RESULTS / f"{args.name}.png")
     print(markdown(report))
     return 0
 
