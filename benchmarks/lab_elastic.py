@@ -229,19 +229,20 @@ def markdown(report: dict) -> str:
         f"{p['name']} ({p['trace']}) {p['rate_rps']:g} req/s for {p['seconds']:g} s" for p in phases) +
         f". SLO TTFT {SLO_TTFT_MS:.0f} ms, TPOT {SLO_TPOT_MS:.0f} ms. Goodput in requests meeting both per "
         "second (attainment).", "",
-        "| arm | " + " | ".join(p["name"] for p in phases) + " | all | failed | vs static |",
+        "| arm | " + " | ".join(p["name"] for p in phases) + " | all | failed | vs measured static |",
         "|---|" + "---:|" * (len(phases) + 3)]
-    base = report["arms"]["static"]["phases"][-1]["goodput_rps"]
+    base_arm = report["arms"].get("static") or next(iter(report["arms"].values()))
+    base = base_arm["phases"][-1]["goodput_rps"]
     rows = [(f"measured: {name}", arm["phases"]) for name, arm in report["arms"].items()]
     rows += [(f"simulated: {name}", arm["phases"]) for name, arm in report["simulated"].items()]
     for label, per in rows:
         cells = " | ".join(f"{r['goodput_rps']:.2f} ({100 * (r['slo_attainment'] or 0):.0f} %)" for r in per)
         ratio = per[-1]["goodput_rps"] / base if base else float("nan")
         lines.append(f"| {label} | {cells} | {per[-1]['failed']} | {ratio:.2f}x |")
-    actions = [d for d in report["arms"]["elastic"]["decisions"] if d["action"] == "apply"]
+    actions = [d for d in report["arms"].get("elastic", {}).get("decisions", []) if d["action"] == "apply"]
     lines += ["", "Measured actions: " + ("; ".join(
-        f"{', '.join(f'{g} {a} -> {b}' for g, a, b in d['flips']) or 'weights'} ({d['reason']})" for d in actions)
-        or "none") + "."]
+        f"{d['since_start_s']:g} s: {', '.join(f'{g} {a} -> {b}' for g, a, b in d['flips']) or 'weights'} "
+        f"({d['reason']})" for d in actions) or "none") + "."]
     return "\n".join(lines)
 
 
