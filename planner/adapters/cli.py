@@ -9,27 +9,51 @@ import argparse
 import json
 from pathlib import Path
 
-from common.plan import format_table
+from common.plan import Plan, format_table
 from planner.adapters.control_cli import add_control_parser
 from planner.adapters.estimate_cli import add_estimate_parser
 from planner.adapters.profiler import ProfileSettings, run_profile
 from planner.adapters.simulate_cli import add_simulate_parser
+from planner.core.right_size import DEFAULT_HEADROOM, right_size
 from planner.core.solver import DEFAULT_TIME_LIMIT_S, MODES, solve, solve_exact_plan
 from planner.spec.calibration import fit_profile
 from planner.spec.catalog import default_catalog
 from planner.spec.cluster import load_cluster
+from planner.spec.errors import PlanInputError
 from planner.spec.model import model_preset, preset_names
 from planner.spec.profile import Profile, load_profile
 
 
-def cmd_solve(args: argparse.Namespace) -> int:
-    cluster = load_cluster(args.cluster)
+def _solved(args: argparse.Namespace, cluster) -> Plan:
+    if args.objective == "cost":
+        for flag, given in (("--budget", args.budget is not None), ("--solver exact", args.solver == "exact")):
+            if given:  # refused, never silently ignored
+                raise PlanInputError("--objective", f"--objective cost finds the cheapest GPUs itself; drop {flag}")
+        return right_size(cluster, headroom=args.headroom, mode=args.mode, seed=args.seed,
+                          time_limit_s=args.time_limit)
     if args.solver == "exact":
         mode = "disaggregated" if args.mode == "auto" else args.mode
-        plan = solve_exact_plan(cluster, mode, time_limit_s=args.time_limit or 120.0)
-    else:
-        plan = solve(cluster, mode=args.mode, seed=args.seed, time_limit_s=args.time_limit,
-                     budget_per_hour=args.budget)
+        return solve_exact_plan(cluster, mode, time_limit_s=args.time_limit or 120.0)
+    return solve(cluster, mode=args.mode, seed=args.seed, time_limit_s=args.time_limit, budget_per_hour=args.budget)
+
+
+def right_sizing_lines(plan: Plan) -> list[str]:
+    """What right-sizing chose and what it leaves free (empty for other plans)."""
+    info = plan.solver.get("right_sizing")
+    if not info:
+        return []
+    gpus = ", ".join(f"{n} {t}" for t, n in info["serving_gpus"].items())
+    released = ", ".join(f"{n} {t}" for t, n in info["released_gpus"].items()) or "nothing"
+    verdict = "meets" if info["meets_target"] else "does NOT meet (the whole fleet is planned)"
+    return [f"right-sized: {plan.throughput_rps:.2f} req/s {verdict} the target {info['target_rps']:.2f} "
+            f"(arrival rate + {100 * info['headroom']:.0f} % headroom) on {gpus}: "
+            f"${info['serving_cost_per_hour']:.2f}/h of the fleet's ${info['fleet_cost_per_hour']:.2f}/h",
+            f"  could be released: {released} (${info['released_cost_per_hour']:.2f}/h)"]
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    cluster = load_cluster(args.cluster)
+    plan = _solved(args, cluster)
     if args.out:
         plan.write(args.out)
     if args.plot:
@@ -41,6 +65,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_json(), indent=2))
     elif not args.quiet:
         print(format_table(plan))
+        for line in right_sizing_lines(plan):
+            print(line)
         if args.out:
             print(f"\nwrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
@@ -107,6 +133,11 @@ def _add_solve_parser(sub) -> None:
     p.add_argument("--time-limit", type=float, default=None,
                    help=f"seconds (default: 0.07 per GPU, between 4 and {DEFAULT_TIME_LIMIT_S:g})")
     p.add_argument("--budget", type=float, default=None, help="price budget, $/hour (overrides the workload's)")
+    p.add_argument("--objective", default="throughput", choices=("throughput", "cost"),
+                   help="cost: the cheapest part of the fleet that serves workload.arrival_rate_rps (plus "
+                        "--headroom) at the SLOs, and what the rest could be released for")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"with --objective cost: capacity above the arrival rate (default {DEFAULT_HEADROOM:g})")
     p.add_argument("--json", action="store_true", help="print the plan JSON instead of the table")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_solve)

@@ -1,4 +1,5 @@
-"""Budget mode: which GPUs to rent, within a price per hour, for the most throughput (OR-Tools CP-SAT).
+"""Which GPUs to rent (OR-Tools CP-SAT): within a price per hour for the most throughput (budget mode),
+or the cheapest that serve a request rate (right-sizing, ``planner.core.right_size``).
 
 The fleet in the cluster file is read as what is *available* (per node: type,
 count, region). Candidate replicas are templates: k GPUs of one node, with k
@@ -11,12 +12,18 @@ each template serve each role:
     maximise   min(sum prefill capacity, sum decode capacity)
     subject to sum price * GPUs <= budget,  GPUs of each node class <= available
 
+or, right-sizing for a rate R:
+
+    minimise   sum price * GPUs
+    subject to sum prefill capacity >= R,  sum decode capacity >= R,  GPUs of each node class <= available
+
 The chosen counts are materialised as a sub-fleet (filling nodes in the order
 the file lists them) and planned by the heuristic, which may regroup them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -60,45 +67,95 @@ class _Template(NamedTuple):
     decode_rps: float
 
 
+class _Market(NamedTuple):
+    """What can be rented: the node classes, their replica templates and prices."""
+
+    classes: dict[tuple, list[int]]
+    templates: list[_Template]
+    price: dict[tuple, float]  # $/hour per GPU of each class
+
+    @property
+    def cents(self) -> dict[tuple, int]:
+        return {key: int(round(p * 100)) for key, p in self.price.items()}
+
+    def cost_cents(self, x) -> cp_model.LinearExpr:
+        cents = self.cents
+        return sum(cents[self.templates[i].key] * self.templates[i].gpus * v for (i, _), v in x.items())
+
+    def capacity(self, x, role: Role) -> cp_model.LinearExpr:
+        """Capacity of the copies rented for `role`, in requests/s x SCALE."""
+        rps = (lambda t: t.prefill_rps) if role == Role.PREFILL else (lambda t: t.decode_rps)
+        return sum(int(rps(self.templates[i]) * SCALE) * v for (i, r), v in x.items() if r == role)
+
+
+def _market(cluster: Cluster, evaluator: GroupEvaluator | None) -> _Market:
+    ev = evaluator or GroupEvaluator(cluster)
+    classes = _classes(cluster)
+    templates = [t for key, nodes in classes.items() for t in _templates(ev, key, nodes)]
+    return _Market(classes, templates, {key: cluster.nodes[nodes[0]].spec.price_per_hour
+                                        for key, nodes in classes.items()})
+
+
 def choose_gpus(cluster: Cluster, budget_per_hour: float, time_limit_s: float = 20.0,
                 evaluator: GroupEvaluator | None = None) -> BudgetChoice:
     if budget_per_hour <= 0:
         raise PlanInputError("workload.price_budget_per_hour", f"must be > 0, got {budget_per_hour:g}")
     started = time.monotonic()
-    ev = evaluator or GroupEvaluator(cluster)
-    classes = _classes(cluster)
-    templates = [t for key, nodes in classes.items() for t in _templates(ev, key, nodes)]
-    price = {key: cluster.nodes[nodes[0]].spec.price_per_hour for key, nodes in classes.items()}
-    _check_budget_buys_two(templates, price, budget_per_hour)
-    cents = {key: int(round(p * 100)) for key, p in price.items()}
+    market = _market(cluster, evaluator)
+    templates, classes = market.templates, market.classes
+    _check_budget_buys_two(templates, market.price, budget_per_hour)
     model = cp_model.CpModel()
     x = _copy_vars(model, templates, classes)
-    model.Add(sum(cents[templates[i].key] * templates[i].gpus * v for (i, _), v in x.items())
-              <= int(budget_per_hour * 100))
+    model.Add(market.cost_cents(x) <= int(budget_per_hour * 100))
     total = sum(int(max(t.prefill_rps, t.decode_rps) * SCALE) * cluster.num_gpus for t in templates)
     obj = model.NewIntVar(0, total, "throughput")
-    model.Add(obj <= sum(int(templates[i].prefill_rps * SCALE) * v for (i, r), v in x.items() if r == Role.PREFILL))
-    model.Add(obj <= sum(int(templates[i].decode_rps * SCALE) * v for (i, r), v in x.items() if r == Role.DECODE))
+    model.Add(obj <= market.capacity(x, Role.PREFILL))
+    model.Add(obj <= market.capacity(x, Role.DECODE))
     # Among plans of equal throughput, prefer the cheaper one.
-    model.Maximize(obj * 10_000 - sum(cents[templates[i].key] * templates[i].gpus * v for (i, _), v in x.items()))
+    model.Maximize(obj * 10_000 - market.cost_cents(x))
+    solver, status = _solve(model, time_limit_s)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise PlanInputError("workload.price_budget_per_hour", f"budget selection failed: {solver.StatusName(status)}")
+    return _choice(market, x, solver, status, solver.Value(obj) / SCALE, started)
+
+
+def cheapest_gpus(cluster: Cluster, target_rps: float, time_limit_s: float = 20.0,
+                  evaluator: GroupEvaluator | None = None) -> BudgetChoice | None:
+    """The cheapest GPUs whose replicas give at least `target_rps` of prefill and of decode capacity
+    (None: the whole fleet cannot)."""
+    started = time.monotonic()
+    market = _market(cluster, evaluator)
+    model = cp_model.CpModel()
+    x = _copy_vars(model, market.templates, market.classes)
+    need = int(math.ceil(target_rps * SCALE))
+    model.Add(market.capacity(x, Role.PREFILL) >= need)
+    model.Add(market.capacity(x, Role.DECODE) >= need)
+    model.Minimize(market.cost_cents(x))
+    solver, status = _solve(model, time_limit_s)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    capacity = min(solver.Value(market.capacity(x, role)) for role in (Role.PREFILL, Role.DECODE)) / SCALE
+    return _choice(market, x, solver, status, capacity, started)
+
+
+def _solve(model: cp_model.CpModel, time_limit_s: float) -> tuple[cp_model.CpSolver, int]:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = 2
-    status = solver.Solve(model)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise PlanInputError("workload.price_budget_per_hour", f"budget selection failed: {solver.StatusName(status)}")
+    return solver, solver.Solve(model)
+
+
+def _choice(market: _Market, x, solver: cp_model.CpSolver, status: int, estimated_rps: float,
+            started: float) -> BudgetChoice:
     per_class: dict[tuple, int] = {}
     for (i, _), v in x.items():
-        per_class[templates[i].key] = per_class.get(templates[i].key, 0) + templates[i].gpus * solver.Value(v)
-    counts, node_counts = _fill_nodes(per_class, classes)
-    return BudgetChoice(
-        counts=counts,
-        node_counts=node_counts,
-        cost_per_hour=sum(price[key] * k for key, k in per_class.items()),
-        estimated_rps=solver.Value(obj) / SCALE,
-        status=solver.StatusName(status),
-        solve_time_s=time.monotonic() - started,
-    )
+        key = market.templates[i].key
+        per_class[key] = per_class.get(key, 0) + market.templates[i].gpus * solver.Value(v)
+    counts, node_counts = _fill_nodes(per_class, market.classes)
+    return BudgetChoice(counts=counts, node_counts=node_counts,
+                        cost_per_hour=sum(market.price[key] * k for key, k in per_class.items()),
+                        estimated_rps=estimated_rps, status=solver.StatusName(status),
+                        solve_time_s=time.monotonic() - started)
 
 
 def _templates(ev: GroupEvaluator, key: tuple, nodes: list[int]) -> list[_Template]:

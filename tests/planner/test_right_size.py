@@ -1,0 +1,67 @@
+"""Right-sizing (`planner solve --objective cost`): the cheapest part of the fleet that serves the rate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from planner.core.budget import cheapest_gpus
+from planner.core.right_size import right_size
+from planner.core.solver import solve
+from planner.spec.cluster import load_cluster, parse_cluster
+from planner.spec.errors import PlanInputError
+
+
+def test_cross_region_serves_its_trace_on_a_few_gpus_and_says_what_to_release():
+    cluster = load_cluster("configs/cross_region_32.json")
+    plan = right_size(cluster, headroom=0.2)
+    info = plan.solver["right_sizing"]
+    rate = cluster.workload.arrival_rate_rps
+    assert info["meets_target"] and plan.throughput_rps >= rate * 1.2 * (1 - 1e-6)
+    assert info["target_rps"] == pytest.approx(rate * 1.2, rel=1e-3)
+    assert plan.predicted.cost_per_hour == pytest.approx(info["serving_cost_per_hour"], rel=1e-6)
+    assert info["serving_cost_per_hour"] < 0.25 * cluster.price_per_hour  # 32 GPUs plan 73 req/s for 2.6 arriving
+    fleet = {"H100": 16, "A100-80G": 16}
+    assert all(info["serving_gpus"].get(t, 0) + info["released_gpus"].get(t, 0) == n for t, n in fleet.items())
+    assert info["serving_cost_per_hour"] + info["released_cost_per_hour"] == pytest.approx(cluster.price_per_hour)
+
+
+def test_more_traffic_rents_more_and_the_rental_never_costs_more_than_the_fleet():
+    doc = json.loads(open("configs/two_type_16.json").read())
+    costs = []
+    for rate in (4, 12, 20):
+        doc["workload"]["arrival_rate_rps"] = rate
+        plan = right_size(parse_cluster(doc), headroom=0.0)
+        costs.append(plan.solver["right_sizing"]["serving_cost_per_hour"])
+        assert plan.solver["right_sizing"]["meets_target"], rate
+    assert costs == sorted(costs) and costs[0] < costs[-1] <= 33.44 + 1e-6
+
+
+def test_a_rate_beyond_the_fleet_plans_the_whole_fleet_and_says_it_falls_short():
+    doc = json.loads(open("configs/two_type_16.json").read())
+    doc["workload"]["arrival_rate_rps"] = 500
+    cluster = parse_cluster(doc)
+    assert cheapest_gpus(cluster, 500.0) is None
+    plan = right_size(cluster, headroom=0.2)
+    assert not plan.solver["right_sizing"]["meets_target"]
+    assert plan.throughput_rps == pytest.approx(solve(cluster).throughput_rps, rel=1e-6)
+
+
+def test_without_a_rate_it_is_refused_naming_the_field():
+    cluster = load_cluster("configs/small_exact_8.json")
+    assert not cluster.workload.arrival_rate_rps
+    with pytest.raises(PlanInputError, match=r"workload\.arrival_rate_rps"):
+        right_size(cluster)
+
+
+def test_the_cli_prints_what_could_be_released_and_refuses_a_budget_beside_it():
+    done = subprocess.run([sys.executable, "-m", "planner", "solve", "configs/cross_region_32.json", "--objective",
+                           "cost", "--out", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "right-sized:" in done.stdout and "could be released:" in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "planner", "solve", "configs/cross_region_32.json", "--objective",
+                              "cost", "--budget", "10", "--out", ""], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "--budget" in refused.stderr
