@@ -14,8 +14,9 @@ from planner.adapters.control_cli import add_control_parser
 from planner.adapters.estimate_cli import add_estimate_parser
 from planner.adapters.profiler import ProfileSettings, run_profile
 from planner.adapters.simulate_cli import add_simulate_parser
-from planner.core.right_size import DEFAULT_HEADROOM, right_size
+from planner.core.right_size import DEFAULT_HEADROOM
 from planner.core.solver import DEFAULT_TIME_LIMIT_S, MODES, solve, solve_exact_plan
+from planner.sim.right_size_check import checked_right_size
 from planner.spec.calibration import fit_profile
 from planner.spec.catalog import default_catalog
 from planner.spec.cluster import load_cluster
@@ -29,8 +30,8 @@ def _solved(args: argparse.Namespace, cluster) -> Plan:
         for flag, given in (("--budget", args.budget is not None), ("--solver exact", args.solver == "exact")):
             if given:  # refused, never silently ignored
                 raise PlanInputError("--objective", f"--objective cost finds the cheapest GPUs itself; drop {flag}")
-        return right_size(cluster, headroom=args.headroom, mode=args.mode, seed=args.seed,
-                          time_limit_s=args.time_limit)
+        return checked_right_size(cluster, headroom=args.headroom, mode=args.mode, seed=args.seed,
+                                  time_limit_s=args.time_limit)
     if args.solver == "exact":
         mode = "disaggregated" if args.mode == "auto" else args.mode
         return solve_exact_plan(cluster, mode, time_limit_s=args.time_limit or 120.0)
@@ -48,7 +49,20 @@ def right_sizing_lines(plan: Plan) -> list[str]:
     return [f"right-sized: {plan.throughput_rps:.2f} req/s {verdict} the target {info['target_rps']:.2f} "
             f"(arrival rate + {100 * info['headroom']:.0f} % headroom) on {gpus}: "
             f"${info['serving_cost_per_hour']:.2f}/h of the fleet's ${info['fleet_cost_per_hour']:.2f}/h",
-            f"  could be released: {released} (${info['released_cost_per_hour']:.2f}/h)"]
+            f"  could be released: {released} (${info['released_cost_per_hour']:.2f}/h)",
+            "  " + _simulation_line(info)]
+
+
+def _simulation_line(info: dict) -> str:
+    checks = info.get("simulation_checks") or []
+    attainment = checks[-1]["simulated_slo_attainment"] if checks else None
+    if info.get("holds_in_simulation") is None or attainment is None:
+        return "not checked in simulation: the workload gives means, not a trace to replay"
+    best = next((c for c in checks if c["headroom"] == round(info["headroom"], 4)), checks[-1])  # the plan's own
+    verdict = "holds" if info["holds_in_simulation"] else "does NOT hold"
+    return (f"{verdict} on the trace in simulation: {100 * best['simulated_slo_attainment']:.1f} % of requests meet "
+            f"both SLOs (target {100 * info['simulation_target']:.0f} %) with a {100 * best['headroom']:.0f} % "
+            f"capacity margin, after {len(checks)} simulated tries")
 
 
 def cmd_solve(args: argparse.Namespace) -> int:

@@ -78,6 +78,8 @@ class Workload:
     slo_percentile: float = DEFAULT_SLO_PERCENTILE  # TTFT is held at this percentile of the prompt length
     input_quantiles: tuple[float, ...] = ()  # prompt lengths at QUANTILE_PROBS (empty: every prompt at the mean)
     prefix_hit_fraction: float = 0.0  # share of prompt tokens found in the prefill workers' prefix caches
+    trace_path: str | None = None  # the trace the figures were read from (None: means), and its format
+    trace_format: str = "auto"
 
     @property
     def prefill_tokens_mean(self) -> float:
@@ -207,6 +209,7 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
             slo_percentile=percentile,
             input_quantiles=stats.input_quantiles,
             prefix_hit_fraction=parse_prefix_hit_fraction(f, (path, fmt)),
+            trace_path=str(path), trace_format=fmt,
         )
     mean_in = f.number("input_tokens_mean", above=0)
     std_in = f.number("input_tokens_std", 0.0, minimum=0)

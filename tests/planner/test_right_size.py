@@ -65,3 +65,24 @@ def test_the_cli_prints_what_could_be_released_and_refuses_a_budget_beside_it():
     refused = subprocess.run([sys.executable, "-m", "planner", "solve", "configs/cross_region_32.json", "--objective",
                               "cost", "--budget", "10", "--out", ""], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "--budget" in refused.stderr
+
+
+def test_the_simulation_check_raises_the_margin_until_the_plan_holds_on_a_bursty_trace():
+    from planner.sim.right_size_check import checked_right_size, simulated_attainment
+
+    cluster = load_cluster("configs/cross_region_32.json")
+    model_only = right_size(cluster)
+    assert simulated_attainment(model_only, cluster) < 0.5  # the code trace's bursts sink the model's sizing
+    plan = checked_right_size(cluster)
+    info = plan.solver["right_sizing"]
+    assert info["holds_in_simulation"] and simulated_attainment(plan, cluster) >= 0.9
+    assert len(info["simulation_checks"]) > 1 and info["headroom"] > 0.2
+    assert model_only.predicted.cost_per_hour < plan.predicted.cost_per_hour < 0.5 * cluster.price_per_hour
+
+
+def test_a_workload_of_means_is_not_checked_and_says_so():
+    from planner.sim.right_size_check import checked_right_size
+
+    plan = checked_right_size(load_cluster("configs/two_type_16.json"))
+    info = plan.solver["right_sizing"]
+    assert info["holds_in_simulation"] is None and info["simulation_checks"][0]["simulated_slo_attainment"] is None
