@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     # Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
     level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.INFO:  # a live plan change's steps are progress lines too
+        logging.getLogger("router.plan_changes").setLevel(logging.INFO)
     try:
         run(ServeOptions(
             host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,

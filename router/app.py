@@ -26,6 +26,7 @@ from router.cluster import Cluster
 from router.live_plan import LivePlan
 from router.metrics import RouterMetrics
 from router.openai_schema import ApiError
+from router.plan_changes import PlanChanges
 from router.prepare import ApiKind, RouterSettings, check_auth, prepare_request, read_json_body
 from router.responses import ResponseHeader, completion_body, stream_events
 from router import tokenization
@@ -46,13 +47,17 @@ class RouterState:
 
 
 def create_app(cluster: Cluster, settings: RouterSettings, tokenizer, admission: Admission | None = None,
-               metrics: RouterMetrics | None = None, plan_source: str = "embedded default") -> FastAPI:
+               metrics: RouterMetrics | None = None, plan_source: str = "embedded default",
+               plan_changes: PlanChanges | None = None) -> FastAPI:
+    """The router's app. plan_changes: how POST /plan starts and retires workers (the
+    router's launcher; give it the same `metrics`); None: only route weights and role
+    flips change live."""
     app = FastAPI(title="hexserve router", docs_url=None, redoc_url=None)
     admission = admission or Admission()
     metrics = metrics or RouterMetrics()
     runner = RequestRunner(cluster, admission, metrics)
     app.state.router = RouterState(settings, tokenizer, cluster, admission, metrics, runner,
-                                   LivePlan(cluster, plan_source, runner.window))
+                                   LivePlan(cluster, plan_source, runner.window, plan_changes, metrics))
     app.add_exception_handler(ApiError, api_error)
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
@@ -128,14 +133,16 @@ async def get_plan(request: Request) -> JSONResponse:
 
 
 async def post_plan(request: Request) -> JSONResponse:
-    """Apply an operator's plan (route weights among the running workers); ?dry_run=true only reports."""
+    """Apply an operator's plan: 200 when applied at once (route weights, role flips), 202 when
+    workers start or retire in the background (GET /plan follows it); ?dry_run=true only reports."""
     state = _state(request)
     check_auth(request.headers.get("authorization"), state.settings.api_key)
     dry_run = request.query_params.get("dry_run", "false").lower()
     if dry_run not in ("true", "false"):
         raise ApiError(400, f"dry_run={dry_run!r}; use true or false", param="dry_run")
     data = await read_json_body(request, state.settings.max_body_bytes)
-    return JSONResponse(state.live_plan.apply(data, dry_run=dry_run == "true"))
+    entry = state.live_plan.apply(data, dry_run=dry_run == "true")
+    return JSONResponse(entry, status_code=202 if entry["action"] == "change" else 200)
 
 
 async def version(_request: Request) -> JSONResponse:

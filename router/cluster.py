@@ -26,7 +26,10 @@ tells the cache-aware policy how much of each prompt each worker holds.
 The routes change live (`set_routes`), and with them the roles of flexible
 workers (`set_plan`: a worker started with a kv_both connector flips between
 prefill and decode without a restart); requests in flight finish where they
-are, the next request sees the new plan.
+are, the next request sees the new plan. Workers join and leave while the
+router runs (router.plan_changes): `add_worker` connects a started one,
+`in_use` says whether one left out of the routes still has requests,
+`remove_worker` lets go of one that has none.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -51,6 +55,7 @@ from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
 from prefill import PREFILL_SAMPLING, prefill_kv_params
 from router.kv_events import EventStats, WorkerEventFeed
+from router.plan_diff import check_roles_and_routes
 from router.worker_client import WorkerClient, WorkerUnavailable
 
 log = logging.getLogger(__name__)
@@ -108,8 +113,11 @@ class Cluster:
     event_stats: EventStats = field(default_factory=EventStats)
     prompt_stats: PromptStats = field(default_factory=PromptStats)
     role_flips: int = 0  # workers flipped between prefill and decode (set_plan) since start
+    # Workers a plan change is retiring: no route names them; degraded serving passes them over.
+    retiring: set[str] = field(default_factory=set)
     _ctx: zmq.asyncio.Context | None = None
-    _event_tasks: list[asyncio.Task] = field(default_factory=list)
+    _event_tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    _routed: Counter = field(default_factory=Counter)  # worker id -> requests on a route through it, from pick to end
 
     def __post_init__(self) -> None:
         self.set_routes(self.routes)
@@ -117,25 +125,59 @@ class Cluster:
     async def start(self, process_alive: dict | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         for info in self.workers:
-            client = WorkerClient(
-                info=info, ctx=self._ctx,
-                health_interval_s=self.health_interval_s, health_timeout_s=self.health_timeout_s,
-                is_process_alive=(process_alive or {}).get(info.worker_id),
-            )
-            client.start()
-            self.clients[info.worker_id] = client
-            if info.kv_events_endpoint:
-                feed = WorkerEventFeed(info.worker_id, info.kv_events_endpoint, self.prefix_index,
-                                       is_healthy=lambda c=client: c.healthy, stats=self.event_stats)
-                self._event_tasks.append(asyncio.ensure_future(feed.run(self._ctx)))
+            self._connect(info, (process_alive or {}).get(info.worker_id))
+
+    def _connect(self, info: WorkerSpec, is_process_alive: Callable[[], bool] | None) -> WorkerClient:
+        client = WorkerClient(info=info, ctx=self._ctx, health_interval_s=self.health_interval_s,
+                              health_timeout_s=self.health_timeout_s, is_process_alive=is_process_alive)
+        client.start()
+        self.clients[info.worker_id] = client
+        if info.kv_events_endpoint:
+            feed = WorkerEventFeed(info.worker_id, info.kv_events_endpoint, self.prefix_index,
+                                   is_healthy=lambda c=client: c.healthy, stats=self.event_stats)
+            self._event_tasks[info.worker_id] = asyncio.ensure_future(feed.run(self._ctx))
+        return client
+
+    def add_worker(self, info: WorkerSpec, is_process_alive: Callable[[], bool] | None = None) -> WorkerClient:
+        """A worker started while the router runs: its client (health checks begin) and its
+        KV-events feed. No route names it until the next `set_plan`; `wait_healthy` on the
+        client says when it answers."""
+        if any(w.worker_id == info.worker_id for w in self.workers):
+            raise ValueError(f"worker {info.worker_id!r} is already in the cluster")
+        self.workers = [*self.workers, info]
+        return self._connect(info, is_process_alive)
+
+    def in_use(self, worker_id: str) -> bool:
+        """Whether a request still needs the worker: on a route through it (picked, perhaps still
+        prefilling elsewhere), or in flight on it."""
+        client = self.clients.get(worker_id)
+        return self._routed[worker_id] > 0 or (client is not None and client.num_inflight > 0)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Let go of a worker no route names (retired, or a start that failed): its client is
+        closed, its event feed cancelled, its prefix-index entries dropped."""
+        if named := [f"{r.prefill_worker}->{r.decode_worker}" for r in self.routes
+                     if worker_id in (r.prefill_worker, r.decode_worker)]:
+            raise ValueError(f"worker {worker_id} is still on route(s) {named}; set routes without it first")
+        self.workers = [w for w in self.workers if w.worker_id != worker_id]
+        task = self._event_tasks.pop(worker_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        client = self.clients.pop(worker_id, None)
+        if client is not None:
+            await client.close()
+        self.prefix_index.drop_worker(worker_id)
+        self.retiring.discard(worker_id)
 
     async def wait_ready(self, timeout_s: float) -> None:
         await asyncio.gather(*(c.wait_healthy(timeout_s) for c in self.clients.values()))
 
     async def close(self) -> None:
-        for task in self._event_tasks:
+        tasks = list(self._event_tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._event_tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         clients = list(self.clients.values())
         results = await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         for client, result in zip(clients, results):
@@ -151,44 +193,21 @@ class Cluster:
         self.policy = self._policy(routes)
         self.routes = list(routes)
 
-    def _policy(self, routes: list[Route]) -> RoutePolicy:
-        known = {w.worker_id for w in self.workers}
+    def _policy(self, routes: list[Route], known: set[str] | None = None) -> RoutePolicy:
+        known = {w.worker_id for w in self.workers} if known is None else known
         for route in routes:
             for worker_id in (route.prefill_worker, route.decode_worker):
                 if worker_id not in known:
                     raise ValueError(f"route {route.prefill_worker}->{route.decode_worker} names unknown worker {worker_id!r}")
         return make_policy(self.routing, routes, **self.policy_options)
 
-    def check_plan(self, roles: dict[str, Role], routes: list[Route]) -> dict[str, Role]:
-        """The role flips `roles` (worker id -> role) asks for, the whole change checked first:
-        every worker known; a flip only between prefill and decode, and only of a flexible
-        worker (kv_both connector); every route from a prefill to a decode worker, or a
-        colocated worker to itself, under the new roles. A ValueError names the first
-        problem; nothing changes here."""
-        specs = {w.worker_id: w for w in self.workers}
-        flips: dict[str, Role] = {}
-        for worker_id, wanted in roles.items():
-            spec = specs.get(worker_id)
-            if spec is None:
-                raise ValueError(f"unknown worker {worker_id!r}; the running workers are {sorted(specs)}")
-            role = Role.parse(wanted, field=f"worker {worker_id} role")
-            if role is spec.role:
-                continue
-            if not {role, spec.role} <= {Role.PREFILL, Role.DECODE}:
-                raise ValueError(f"worker {worker_id} cannot flip from {spec.role} to {role}: only prefill and "
-                                 "decode workers flip (a colocated worker runs no KV connector)")
-            if not spec.flexible:
-                raise ValueError(f"worker {worker_id} runs {spec.role} without a kv_both connector, so it cannot "
-                                 f"become {role} without a restart; start the router with --flexible-roles")
-            flips[worker_id] = role
-        role_of = {worker_id: flips.get(worker_id, spec.role) for worker_id, spec in specs.items()}
-        self._policy(routes)  # unknown workers, and what the policy itself refuses
-        for route in routes:
-            p, d = route.prefill_worker, route.decode_worker
-            expected = (Role.COLOCATED, Role.COLOCATED) if p == d else (Role.PREFILL, Role.DECODE)
-            if (role_of[p], role_of[d]) != expected:
-                raise ValueError(f"route {p}->{d} runs from a {role_of[p]} worker to a {role_of[d]} worker; a route "
-                                 "goes from a prefill worker to a decode worker, or a colocated worker to itself")
+    def check_plan(self, roles: dict[str, Role], routes: list[Route],
+                   adding: list[WorkerSpec] = ()) -> dict[str, Role]:
+        """The flips `roles` (worker id -> role) asks for, the whole change checked first, as if the
+        workers `adding` had joined (plan_diff.check_roles_and_routes); a ValueError names the first problem."""
+        specs = {w.worker_id: w for w in [*self.workers, *adding]}
+        flips = check_roles_and_routes(specs, roles, routes)
+        self._policy(routes, set(specs))  # what the policy itself refuses
         return flips
 
     def set_plan(self, roles: dict[str, Role], routes: list[Route]) -> dict[str, Role]:
@@ -211,6 +230,13 @@ class Cluster:
         self.role_flips += len(flips)
         self.policy, self.routes = policy, list(routes)
         return flips
+
+    def _client(self, worker_id: str) -> WorkerClient:
+        """A route's worker; one that left meanwhile (a drain timed out) fails the request over as if dead."""
+        client = self.clients.get(worker_id)
+        if client is None:
+            raise WorkerUnavailable(f"worker {worker_id} has left the cluster")
+        return client
 
     def is_healthy(self, worker_id: str) -> bool:
         return self.clients[worker_id].healthy
@@ -249,7 +275,8 @@ class Cluster:
         """No healthy prefill->decode route: the least loaded healthy worker serves alone,
         a decode worker first (it is sized for generation), then colocated, then prefill."""
         failed_alone = {r.decode_worker for r in tried if r.prefill_worker == r.decode_worker}
-        candidates = [c for c in self.clients.values() if c.healthy and c.worker_id not in failed_alone]
+        candidates = [c for c in self.clients.values()
+                      if c.healthy and c.worker_id not in failed_alone and c.worker_id not in self.retiring]
         if not candidates:
             raise NoRouteAvailable("no healthy worker is available: every prefill->decode route and every worker is down")
         best = min(candidates, key=lambda c: (_DEGRADED_PREFERENCE[c.info.role], c.outstanding_tokens))
@@ -306,6 +333,19 @@ class Cluster:
         self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
     ) -> AsyncIterator[proto.Output]:
         route = choice.route
+        # Counted from the pick (no await since) to the end: a plan change retires neither end before.
+        ends = {route.prefill_worker, route.decode_worker}
+        self._routed.update(ends)
+        try:
+            async for output in self._run_prefill_then_decode(choice, request_id, prompt_token_ids, sampling):
+                yield output
+        finally:
+            self._routed.subtract(ends)
+
+    async def _run_prefill_then_decode(
+        self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
+    ) -> AsyncIterator[proto.Output]:
+        route = choice.route
         kv_params = None
         # Where the prompt is computed: on P, or on D itself (colocated, decode-first).
         prompt_on_decode = choice.decode_first or route.prefill_worker == route.decode_worker
@@ -314,7 +354,7 @@ class Cluster:
         if not prompt_on_decode:
             prefill_final = await self._prefill(route, request_id, prompt_token_ids, self._decode_holds(choice))
             kv_params = decode_kv_params(prefill_final, self.kv_connector)
-        decode = self.clients[route.decode_worker]
+        decode = self._client(route.decode_worker)
         budget = len(prompt_token_ids) + sampling.max_tokens
         decode.outstanding_tokens += budget
         first = True
@@ -342,8 +382,8 @@ class Cluster:
                        skip_blocks: int = 0) -> proto.Output | None:
         """Run the prompt on the route's prefill worker, its KV shipped to the
         route's decode worker (past the blocks it holds); the prefill's final output (the handoff)."""
-        prefill = self.clients[route.prefill_worker]
-        decode_spec = self.clients[route.decode_worker].info
+        prefill = self._client(route.prefill_worker)
+        decode_spec = self._client(route.decode_worker).info
         kv_params = prefill_kv_params(decode_spec, f"{request_id}-kv", self.kv_connector, skip_blocks)
         num_prompt = len(prompt_token_ids)
         prefill.outstanding_tokens += num_prompt

@@ -13,9 +13,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from common.ports import free_tcp_port
 from common.sockets import ipc_path
@@ -114,13 +116,17 @@ class LocalLauncher:
     """Owns worker processes on this machine; `stop()` drains then kills.
 
     Each worker's output (its engine's included) goes to `log_dir/<worker>.log`;
-    with no log_dir it goes to the router's terminal (`--verbose`).
+    with no log_dir it goes to the router's terminal (`--verbose`). Workers
+    come and go while the router runs (`add_workers`, `retire_workers`, a
+    live plan change) beside the supervisor's `restart_dead`, each from its
+    own thread: one lock keeps a retired worker from being started again.
     """
 
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     specs: dict[str, WorkerSpec] = field(default_factory=dict)
-    _logs: list = field(default_factory=list)
+    _logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         remove_stale_socket_folders()
@@ -136,9 +142,38 @@ class LocalLauncher:
 
     def start(self, spec: WorkerSpec) -> WorkerSpec:
         """Start the worker; returns its spec (as started: a Ray launcher may move endpoints)."""
-        self._spawn(spec)
-        self.specs[spec.worker_id] = spec
+        with self._lock:
+            self._spawn(spec)
+            self.specs[spec.worker_id] = spec
         return spec
+
+    def add_workers(self, specs: list[WorkerSpec], placement: dict[str, dict] | None = None) -> list[WorkerSpec]:
+        """Start more workers while the others run (a live plan change); their specs as started.
+        All or none: if one cannot start, those already started are stopped. `placement`
+        is the Ray launcher's; a local worker runs here."""
+        started: list[WorkerSpec] = []
+        try:
+            for spec in specs:
+                if spec.worker_id in self.specs:
+                    raise ValueError(f"worker {spec.worker_id!r} is already running")
+                started.append(self.start(spec))
+        except BaseException:
+            self.retire_workers([s.worker_id for s in started])
+            raise
+        return started
+
+    def retire_workers(self, worker_ids: list[str], drain_timeout_s: float = 30.0) -> None:
+        """Stop these workers for good (a live plan change retired them): never restarted,
+        their socket files removed. Their requests should be done: the router drains first."""
+        with self._lock:  # out of restart_dead's reach before they die
+            specs = [self.specs.pop(w) for w in worker_ids if w in self.specs]
+            procs = [self.processes.pop(w) for w in worker_ids if w in self.processes]
+            logs = [self._logs.pop(w) for w in worker_ids if w in self._logs]
+        _terminate(procs, drain_timeout_s)
+        for spec in specs:
+            remove_endpoint_files(spec)
+        for handle in logs:
+            handle.close()
 
     def _spawn(self, spec: WorkerSpec) -> subprocess.Popen:
         if spec.worker_id in self.processes and self.processes[spec.worker_id].poll() is None:
@@ -146,8 +181,10 @@ class LocalLauncher:
         stdout = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            stdout = open(self.log_dir / f"{spec.worker_id}.log", "ab")  # noqa: SIM115 - closed in stop()
-            self._logs.append(stdout)
+            if spec.worker_id in self._logs:  # a restart: the dead process's handle
+                self._logs.pop(spec.worker_id).close()
+            # Closed by stop(), retire_workers() or the next restart.
+            stdout = self._logs[spec.worker_id] = open(self.log_dir / f"{spec.worker_id}.log", "ab")  # noqa: SIM115
         env = dict(os.environ, **spec.process_env())
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = subprocess.Popen(spec.launch_command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
@@ -182,33 +219,40 @@ class LocalLauncher:
     def restart_dead(self) -> list[str]:
         """Start again every worker whose process exited; the router's health checks bring it back."""
         restarted = []
-        for worker_id, spec in self.specs.items():
-            if not self.is_alive(worker_id):
-                self.restart(spec)
-                restarted.append(worker_id)
+        with self._lock:
+            for worker_id, spec in self.specs.items():
+                if not self.is_alive(worker_id):
+                    self.restart(spec)
+                    restarted.append(worker_id)
         return restarted
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
-        for worker_id, proc in self.processes.items():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + drain_timeout_s
-        for proc in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.processes.values():
-            # Kill the whole group: the worker, and any engine process it left.
+        with self._lock:
+            _terminate(list(self.processes.values()), drain_timeout_s)
+            for spec in self.specs.values():
+                remove_endpoint_files(spec)
+            with contextlib.suppress(OSError):  # kept while another launcher of this process still has sockets in it
+                run_socket_folder().rmdir()
+            for handle in self._logs.values():
+                handle.close()
+            self._logs.clear()
+            self.processes.clear()
+            self.specs.clear()
+
+
+def _terminate(procs: list[subprocess.Popen], drain_timeout_s: float) -> None:
+    """SIGTERM each worker's process group (the worker drains), then SIGKILL what is left of it."""
+    for proc in procs:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        for spec in self.specs.values():
-            remove_endpoint_files(spec)
-        with contextlib.suppress(OSError):  # kept while another launcher of this process still has sockets in it
-            run_socket_folder().rmdir()
-        for handle in self._logs:
-            handle.close()
-        self._logs.clear()
-        self.processes.clear()
-        self.specs.clear()
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + drain_timeout_s
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        # Kill the whole group: the worker, and any engine process it left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)

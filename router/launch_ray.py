@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class _WorkerActor:
                 self.spec, env=self.spec.env + (("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in gpu_ids)),))
         self.launcher = LocalLauncher()
         self.launcher.start(self.spec)
+        self.stopped = False
 
     def spec_(self) -> WorkerSpec:
         return self.spec
@@ -100,12 +102,13 @@ class _WorkerActor:
         return self.launcher.is_alive(self.spec.worker_id)
 
     def restart_if_dead(self) -> bool:
-        if self.alive():
+        if self.stopped or self.alive():  # a stopped (retired) worker is never started again
             return False
         self.launcher.restart(self.spec)
         return True
 
     def stop(self) -> None:
+        self.stopped = True
         self.launcher.stop()
         if self.spec.cpu_cgroup is not None:
             remove_cgroup(Path(self.spec.cpu_cgroup))
@@ -113,7 +116,9 @@ class _WorkerActor:
 
 @dataclass
 class RayLauncher:
-    """Starts each worker as a Ray actor; same interface as LocalLauncher."""
+    """Starts each worker as a Ray actor; same interface as LocalLauncher. Where a
+    worker goes is `deployment.placement[worker_id]` (the group's nodes and GPU
+    types); `add_workers` adds the placements of the workers it starts."""
 
     address: str
     deployment: Deployment
@@ -122,6 +127,7 @@ class RayLauncher:
     placement_groups: dict[str, object] = field(default_factory=dict)
     specs: dict[str, WorkerSpec] = field(default_factory=dict)
     _owns_ray: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # restart_dead against retire_workers
 
     def __post_init__(self) -> None:
         import ray
@@ -160,11 +166,41 @@ class RayLauncher:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
                                                                  placement_group_bundle_index=0),
         ).remote(spec, max(1, int(placement.get("num_gpus", 1))))
+        with self._lock:  # known before it answers: a start that fails is stopped with the rest
+            self.actors[spec.worker_id] = actor
+            self.placement_groups[spec.worker_id] = group
         actual = ray.get(actor.spec_.remote(), timeout=timeout_s)
-        self.actors[spec.worker_id] = actor
-        self.placement_groups[spec.worker_id] = group
         self.specs[spec.worker_id] = actual
         return actual
+
+    def add_workers(self, specs: list[WorkerSpec], placement: dict[str, dict] | None = None) -> list[WorkerSpec]:
+        """Start more workers while the others run (a live plan change), each placed by
+        `placement[worker_id]`; their specs as started (bound on their nodes). All or
+        none: if one cannot be placed or started, those already started are stopped."""
+        if self.deployment.placement is None:
+            self.deployment.placement = {}
+        self.deployment.placement.update(placement or {})
+        started: list[str] = []
+        try:
+            for spec in specs:
+                if spec.worker_id in self.actors:
+                    raise ValueError(f"worker {spec.worker_id!r} is already running")
+                started.append(spec.worker_id)
+                self.start(spec)
+        except BaseException:
+            self.retire_workers(started)
+            raise
+        return [self.specs[worker_id] for worker_id in started]
+
+    def retire_workers(self, worker_ids: list[str], drain_timeout_s: float = 30.0) -> None:
+        """Stop these workers for good (a live plan change retired them): actor, process
+        and placement group; never restarted."""
+        with self._lock:  # out of restart_dead's reach before they stop
+            gone = [(self.actors.pop(w, None), self.placement_groups.pop(w, None)) for w in worker_ids]
+            for worker_id in worker_ids:
+                self.specs.pop(worker_id, None)
+        for actor, group in gone:
+            self._stop_actor(actor, group, drain_timeout_s)
 
     def is_alive(self, worker_id: str) -> bool:
         import ray
@@ -184,26 +220,38 @@ class RayLauncher:
         import ray
 
         restarted = []
-        for worker_id, actor in self.actors.items():
-            try:
-                if ray.get(actor.restart_if_dead.remote(), timeout=10):
-                    restarted.append(worker_id)
-            except ray.exceptions.RayError:  # the actor itself is gone (or the restart failed in it)
-                log.warning("could not restart worker actor %s", worker_id, exc_info=True)
+        with self._lock:
+            for worker_id, actor in self.actors.items():
+                try:
+                    if ray.get(actor.restart_if_dead.remote(), timeout=10):
+                        restarted.append(worker_id)
+                except ray.exceptions.RayError:  # the actor itself is gone (or the restart failed in it)
+                    log.warning("could not restart worker actor %s", worker_id, exc_info=True)
         return restarted
 
-    def stop(self, drain_timeout_s: float = 30.0) -> None:
+    @staticmethod
+    def _stop_actor(actor, group, drain_timeout_s: float) -> None:
         import ray
 
-        for actor in self.actors.values():
+        if actor is not None:
             try:
                 ray.get(actor.stop.remote(), timeout=drain_timeout_s + 15)
             except ray.exceptions.RayError as exc:  # no drain; the actor is killed next either way
                 log.warning("worker actor did not stop cleanly: %s", exc)
             ray.kill(actor)
-        for group in self.placement_groups.values():
+        if group is not None:
             ray.util.remove_placement_group(group)
-        self.actors.clear()
-        self.placement_groups.clear()
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        import ray
+
+        with self._lock:
+            for worker_id, actor in self.actors.items():
+                self._stop_actor(actor, self.placement_groups.pop(worker_id, None), drain_timeout_s)
+            for group in self.placement_groups.values():
+                ray.util.remove_placement_group(group)
+            self.actors.clear()
+            self.placement_groups.clear()
+            self.specs.clear()
         if self._owns_ray:
             ray.shutdown()

@@ -1,4 +1,8 @@
-"""Prometheus metrics of one router, in its own registry (no module globals)."""
+"""Prometheus metrics of one router, in its own registry (no module globals).
+
+Per-worker series are labelled (worker, role); a worker that flips role loses its
+series under the old label, and a worker that leaves the cluster (retired by a
+live plan change) loses all of its series."""
 
 from __future__ import annotations
 
@@ -50,6 +54,14 @@ class RouterMetrics:
         self._role_flips_seen = 0
         self._roles: dict[str, str] = {}  # worker id -> the role its per-worker series are labelled with
         self.kv_stat = Gauge("hexserve_kv_transfer", "KV transfer counters reported by the worker's connector (bytes, transfers, failures)", ["worker", "stat"], registry=r)
+        self._kv_stats: dict[str, set[str]] = {}  # worker id -> the stats its kv_stat series hold
+        self.workers_started = Counter("hexserve_workers_started", "Workers a live plan change started and saw healthy "
+                                       "(new groups, and reshaped groups' new workers)", registry=r)
+        self.workers_retired = Counter("hexserve_workers_retired", "Workers a live plan change drained and stopped for "
+                                       "good (groups left out of the plan, reshaped groups' old workers)", registry=r)
+        self.plan_changes = Counter("hexserve_plan_changes", "POST /plan changes by outcome: applied (routes and flips, "
+                                    "at once), done or failed (workers started or retired in the background), refused",
+                                    ["outcome"], registry=r)
 
     def observe_cluster(self, cluster) -> None:
         self.observe_workers(cluster.clients.values())
@@ -77,15 +89,27 @@ class RouterMetrics:
         stale series (a decode worker that is now prefill still 'healthy' as decode) remains."""
         old = self._roles.get(worker_id)
         self._roles[worker_id] = role
-        if old is None or old == role:
-            return
+        if old is not None and old != role:
+            self._remove_series(worker_id, old)
+
+    def _remove_series(self, worker_id: str, role: str) -> None:
         for gauge in (self.worker_healthy, self.worker_running, self.worker_inflight, self.worker_waiting,
                       self.worker_kv_usage, self.worker_outstanding, self.prefix_queries, self.prefix_hits,
                       self.prefix_index_blocks):
             with contextlib.suppress(KeyError):  # a series never set (no load report yet)
-                gauge.remove(worker_id, old)
+                gauge.remove(worker_id, role)
+
+    def _forget_gone_workers(self, worker_ids: set[str]) -> None:
+        """Workers no longer in the cluster (retired by a plan change): every series of theirs goes."""
+        for worker_id in [w for w in self._roles if w not in worker_ids]:
+            self._remove_series(worker_id, self._roles.pop(worker_id))
+            for stat in self._kv_stats.pop(worker_id, ()):
+                with contextlib.suppress(KeyError):
+                    self.kv_stat.remove(worker_id, stat)
 
     def observe_workers(self, clients) -> None:
+        clients = list(clients)
+        self._forget_gone_workers({client.worker_id for client in clients})
         for client in clients:
             labels = (client.worker_id, client.info.role)
             self._forget_old_role(*labels)
@@ -102,6 +126,7 @@ class RouterMetrics:
             self.prefix_hits.labels(*labels).set(load.prefix_cache_hits)
             for stat, value in load.kv_stats.items():
                 self.kv_stat.labels(client.worker_id, stat).set(value)
+                self._kv_stats.setdefault(client.worker_id, set()).add(stat)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,10 @@ Deployment shapes, all behind the same router:
 - `--plan plan.json --ray [ADDRESS]`: the same, placed as Ray actors on the
   nodes and GPU types the plan names (see `router.launch_ray`).
 
+Whichever launcher started the workers also starts and retires them when a
+`POST /plan` asks for it (router.plan_changes), beside the supervisor that
+restarts workers that died (never one that was retired).
+
 What the user sees is short: one line per worker as it starts and as it
 becomes healthy (or fails, naming its log), then the ready line with the URL.
 The workers' and engines' own output goes to log files (`--verbose`: to the
@@ -33,6 +37,8 @@ from router.app import create_app
 from router.cluster import DEFAULT_MAX_MIGRATIONS, Cluster
 from router.deployment import Deployment, deployment_from_plan, embedded_default
 from router.launch_local import LocalLauncher, default_log_dir
+from router.metrics import RouterMetrics
+from router.plan_changes import PlanChanges
 from router.prepare import RouterSettings
 from router.worker_client import WorkerUnavailable
 
@@ -129,6 +135,9 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                       routing=options.routing, policy_options=policy_options(options),
                       max_migrations=options.max_migrations)
     supervisor = None
+    metrics = RouterMetrics()
+    plan_changes = PlanChanges(cluster, launcher, deployment.settings, metrics,
+                               ready_timeout_s=options.worker_ready_timeout_s)
     try:
         await cluster.start(process_alive=launcher.alive_checks())
         tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
@@ -139,7 +148,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                            api_key=options.api_key),
             tokenizer,
             admission=Admission(max_running=options.max_running, max_waiting=options.max_waiting),
-            plan_source=str(options.plan) if options.plan else "embedded default",
+            metrics=metrics, plan_source=str(options.plan) if options.plan else "embedded default",
+            plan_changes=plan_changes,
         )
         if options.restart_workers:
             supervisor = asyncio.ensure_future(_supervise(launcher, options.restart_check_s))
@@ -147,6 +157,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     finally:
         if supervisor is not None:
             supervisor.cancel()
+        await plan_changes.close()  # a change in progress stops; the launcher stops what it started
         await cluster.close()
         # uvicorn has finished in-flight HTTP requests (graceful); workers drain theirs.
         await asyncio.to_thread(launcher.stop)

@@ -24,6 +24,7 @@ class StandInWorker:
     fail_after_tokens: int | None = None  # raise WorkerUnavailable after emitting this many tokens
     healthy: bool = True
     outstanding_tokens: int = 0
+    num_inflight: int = 0  # requests the worker client holds (Cluster.in_use reads it)
     calls: list = field(default_factory=list)
 
     @property

@@ -1,6 +1,8 @@
 """GET /plan and POST /plan: route weights and the roles of flexible workers changed live among
-the running workers; anything else (malformed, needing workers started, a flip of a worker
-that is not flexible) refused naming the field, the running plan untouched."""
+the running workers; anything else refused naming the field, the running plan untouched: a
+malformed plan, and, by a router without a launcher (these apps have none), a plan that needs
+workers started or restarted (a new group, a TP change, a flip of a worker that is not
+flexible). With a launcher those start and retire workers: tests/router/test_router_plan_changes.py."""
 
 from __future__ import annotations
 
@@ -177,7 +179,7 @@ def test_a_flip_the_running_workers_cannot_take_is_refused_naming_the_group(flex
     assert len(call("GET", "/plan").json()["history"]) == 1
 
 
-def test_a_flip_of_a_worker_started_without_flexible_roles_is_refused(served):
+def test_a_flip_of_a_worker_started_without_flexible_roles_is_refused_without_a_launcher(served):
     cluster, call = served
     doc = local_plan(2, 1).to_json()
     doc["groups"][1]["role"] = "decode"
@@ -190,7 +192,7 @@ def test_a_flip_of_a_worker_started_without_flexible_roles_is_refused(served):
     assert cluster.clients["prefill-p1"].info.role == "prefill" and cluster.role_flips == 0
 
 
-def test_a_flip_with_a_tp_change_needs_a_restart_and_is_refused(tiny_model_dir):
+def test_a_flip_with_a_tp_change_needs_a_restart_and_is_refused_without_a_launcher(tiny_model_dir):
     plan = local_plan(1, 2)
     plan.groups[2].tp = 2  # decode-d1 runs with TP 2 (not a rehearsal: a model is named)
     cluster, call = _serve(tiny_model_dir, plan, flexible_roles=True)

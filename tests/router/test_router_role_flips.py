@@ -110,7 +110,7 @@ def test_set_plan_flips_a_flexible_worker_and_sets_the_routes_together():
 @pytest.mark.parametrize("flexible, roles, routes, message", [
     (True, {"decode-d9": Role.PREFILL}, FLIPPED_ROUTES, "unknown worker 'decode-d9'"),
     (False, {"decode-d1": Role.PREFILL}, FLIPPED_ROUTES,
-     "decode-d1 runs decode without a kv_both connector.*--flexible-roles"),
+     "decode-d1 cannot flip from decode to prefill: it was started without a kv_both connector.*--flexible-roles"),
     (True, {"decode-d1": Role.COLOCATED}, FLIPPED_ROUTES, "cannot flip from decode to colocated"),
     (True, {"decode-d1": "prefil"}, FLIPPED_ROUTES, "is not a role"),
     # Flipped, but the routes still send KV to it: refused, the flip too.
