@@ -263,6 +263,7 @@ class Controller:
         flipped = tuple((live[i].id, str(live[i].role), str(roles[i])) for i in flips)
         left_out = tuple(sorted(g.id for g in self._groups if g.id not in healthy))
         self._keep_unrouted(plan, left_out)
+        self._keep_running_shapes(plan)
         reason = "; ".join(filter(None, [
             f"workers of groups {list(left_out)} are unhealthy" if left_out else "",
             "every worker is healthy again" if health_changed and not left_out else "",
@@ -273,6 +274,18 @@ class Controller:
         return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, before, best,
                         observed, plan, healthy, scale)
 
+
+    def _keep_running_shapes(self, plan: Plan) -> None:
+        """Each group as it runs: its TP/PP, layer split and stages (a running engine keeps them; the
+        router would restart a worker whose plan group changed them). The predictions stay those of the
+        split chosen per role, slightly optimistic for a flipped pipelined group."""
+        running = {g.id: g for g in self.plan.groups}
+        for k, group in enumerate(plan.groups):
+            was = running.get(group.id)
+            if was is not None:
+                plan.groups[k] = dataclasses.replace(group, tp=was.tp, pp=was.pp,
+                                                     layer_partition=list(was.layer_partition),
+                                                     stages=list(was.stages))
 
     def _keep_unrouted(self, plan: Plan, group_ids: tuple[str, ...]) -> None:
         """An unhealthy group stays in the plan, with no route and no load: a plan that leaves a

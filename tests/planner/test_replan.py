@@ -65,6 +65,7 @@ def test_a_decode_heavy_drift_flips_a_prefill_group_keeping_ids_gpus_and_shape(s
     assert set(after) == set(before)  # the same groups: the running workers
     for gid, g in after.items():
         assert g.gpus == before[gid].gpus and (g.tp, g.pp) == (before[gid].tp, before[gid].pp)
+        assert g.layer_partition == before[gid].layer_partition and g.stages == before[gid].stages
         expected = "decode" if gid == decision.flips[0][0] else before[gid].role
         assert g.role == expected
     assert all(r.prefill in after and r.decode in after for r in decision.plan.routes)
