@@ -49,6 +49,7 @@ BENCHMARKS = (
     # As root only (namespaces, tc, cgroups); elsewhere it refuses in one line and the others still run.
     Benchmark("lab_hetero", ("--rate-scales", "0.5,1,1.5,2,2.5,3,3.5", "--requests", "90"),
               ("--rate-scales", "1,2.5", "--requests", "40"), "lab_hetero.md"),
+    Benchmark("lab_elastic", (), ("--phase-s", "60", "--arms", "static,elastic"), "lab_elastic.md"),
 )
 
 
