@@ -47,6 +47,18 @@ class RouterProcess:
                 return child.pid
         raise LookupError(f"no {role} worker under router pid {self.proc.pid}")
 
+    def worker_processes(self, worker_id: str) -> list[psutil.Process]:
+        """The router's descendants running worker `worker_id` (the worker and any engine process it forked)."""
+        found = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:
+                continue
+            if "--worker-id" in cmdline and cmdline[cmdline.index("--worker-id") + 1] == worker_id:
+                found.append(child)
+        return found
+
     def wait_healthy(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

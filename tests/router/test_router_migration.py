@@ -13,7 +13,6 @@ import signal
 import time
 
 import httpx
-import psutil
 import pytest
 
 from benchmarks.local_plans import write_local_plan
@@ -35,14 +34,10 @@ def two_decode_router(tmp_path_factory, tiny_model_dir):
 
 
 def _worker_pid(router, worker_id: str) -> int:
-    for child in psutil.Process(router.proc.pid).children(recursive=True):
-        try:
-            cmdline = child.cmdline()
-        except psutil.Error:
-            continue
-        if "--worker-id" in cmdline and cmdline[cmdline.index("--worker-id") + 1] == worker_id:
-            return child.pid
-    raise LookupError(worker_id)
+    found = router.worker_processes(worker_id)
+    if not found:
+        raise LookupError(worker_id)
+    return found[0].pid
 
 
 def _busy_decode_worker(router) -> str:

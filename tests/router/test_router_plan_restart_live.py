@@ -42,19 +42,6 @@ def _replacement_plan() -> dict:
     return plan.to_json()
 
 
-def _worker_processes(router, worker_id: str) -> list[psutil.Process]:
-    """The router's descendants running worker `worker_id` (the worker and any engine process it forked)."""
-    found = []
-    for child in psutil.Process(router.proc.pid).children(recursive=True):
-        try:
-            cmdline = child.cmdline()
-        except psutil.Error:
-            continue
-        if "--worker-id" in cmdline and cmdline[cmdline.index("--worker-id") + 1] == worker_id:
-            found.append(child)
-    return found
-
-
 def _counters(router) -> dict:
     values = {}
     for family in text_string_to_metric_families(httpx.get(f"{router.base_url}/metrics").text):
@@ -123,7 +110,7 @@ def test_a_decode_group_is_replaced_by_two_new_ones_under_load(tmp_path, tiny_mo
     router = start_router(tmp_path, "--plan", str(write_local_plan(tmp_path, 1, 1)), "--model", tiny_model_dir,
                           "--served-model-name", TINY_MODEL_NAME, "--routing", "round-robin")
     try:
-        old = _worker_processes(router, "decode-d0")
+        old = router.worker_processes("decode-d0")
         assert old, "no decode-d0 process"
         with _Load(router) as load:
             load.until(2)
@@ -156,7 +143,7 @@ def test_a_decode_group_is_replaced_by_two_new_ones_under_load(tmp_path, tiny_mo
         # decode-d0 is gone, and stays gone past the supervisor's restart checks (every 2 s).
         time.sleep(max(0.0, 2.5 - (time.monotonic() - done_at)))
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in old)
-        assert _worker_processes(router, "decode-d0") == []
+        assert router.worker_processes("decode-d0") == []
         log = (tmp_path / "router.log").read_text()
         assert "decode-d0 had exited" not in log and "plan change 1: retired: decode-d0" in log
     finally:
