@@ -103,21 +103,34 @@ def plan_for(lab, phase: Phase, out_dir: Path) -> tuple[Path, Path]:
     return cluster, plan
 
 
+def _p90_ms(seconds: list[float]) -> float | None:
+    """The nearest-rank 90th percentile of `seconds`, in ms (None for none)."""
+    return round(1e3 * sorted(seconds)[int(0.9 * (len(seconds) - 1))], 1) if seconds else None
+
+
+def _requests(result: dict) -> list[tuple[float, float | None, float | None]]:
+    """(seconds since the first request was sent, TTFT s, TPOT s) per request, the latencies None for a
+    failed one, from the load test's per-request arrays."""
+    starts = result["start_times"]
+    t0 = min(starts) if starts else 0.0
+    return [(start - t0, None, None) if err else (start - t0, ttft, (lat - ttft) / (out - 1) if out > 1 else 0.0)
+            for start, ttft, lat, out, err in zip(starts, result["ttfts"], result["latencies"],
+                                                  result["output_lens"], result["errors"])]
+
+
 def per_phase(result: dict, phases: list[Phase]) -> list[dict]:
-    """Goodput, attainment, p90 TTFT/TPOT and failures per phase, from the load test's per-request arrays."""
+    """Goodput, attainment, p90 TTFT/TPOT and failures per phase."""
     rows, start = [], 0.0
-    requests = list(zip(result["start_times"], result["ttfts"], result["latencies"], result["output_lens"],
-                        result["errors"]))
+    requests = _requests(result)
     for phase in phases + [Phase("all", "", 0.0, sum(p.seconds for p in phases))]:
         lo, hi = (0.0, phase.seconds) if phase.name == "all" else (start, start + phase.seconds)
-        part = [r for r in requests if lo <= r[0] - requests[0][0] < hi]
-        ok = [(ttft, (lat - ttft) / (out - 1) if out > 1 else 0.0) for _, ttft, lat, out, err in part if not err]
+        part = [r for r in requests if lo <= r[0] < hi]
+        ok = [(ttft, tpot) for _, ttft, tpot in part if ttft is not None]
         met = sum(ttft * 1e3 <= SLO_TTFT_MS and tpot * 1e3 <= SLO_TPOT_MS for ttft, tpot in ok)
-        p90 = (lambda xs: round(1e3 * sorted(xs)[int(0.9 * (len(xs) - 1))], 1) if xs else None)
         rows.append({"phase": phase.name, "requests": len(part), "goodput_rps": round(met / phase.seconds, 3),
                      "slo_attainment": round(met / len(part), 4) if part else None,
-                     "failed": len(part) - len(ok), "p90_ttft_ms": p90([t for t, _ in ok]),
-                     "p90_tpot_ms": p90([t for _, t in ok])})
+                     "failed": len(part) - len(ok), "p90_ttft_ms": _p90_ms([t for t, _ in ok]),
+                     "p90_tpot_ms": _p90_ms([t for _, t in ok])})
         if phase.name != "all":
             start += phase.seconds
     return rows
@@ -183,18 +196,14 @@ def simulate_arms(cluster_path: Path, plan_path: Path, rows: list[dict], phases:
 
 def latency_timeline(result: dict, bin_s: float = 10.0) -> dict[str, list]:
     """p90 TTFT and TPOT (ms) of the requests sent in each `bin_s` bin, for the plot."""
-    starts = result["start_times"]
-    t0 = min(starts) if starts else 0.0
     bins: dict[int, list[tuple[float, float]]] = {}
-    for start, ttft, lat, out, err in zip(starts, result["ttfts"], result["latencies"], result["output_lens"],
-                                          result["errors"]):
-        if not err:
-            bins.setdefault(int((start - t0) // bin_s), []).append(
-                (ttft * 1e3, (lat - ttft) / (out - 1) * 1e3 if out > 1 else 0.0))
-    p90 = (lambda xs: sorted(xs)[int(0.9 * (len(xs) - 1))] if xs else None)
+    for since_s, ttft, tpot in _requests(result):
+        if ttft is not None:
+            bins.setdefault(int(since_s // bin_s), []).append((ttft, tpot))
     keys = range(max(bins, default=-1) + 1)
-    return {"t_s": [k * bin_s for k in keys], "p90_ttft_ms": [p90([a for a, _ in bins.get(k, [])]) for k in keys],
-            "p90_tpot_ms": [p90([b for _, b in bins.get(k, [])]) for k in keys]}
+    return {"t_s": [k * bin_s for k in keys],
+            "p90_ttft_ms": [_p90_ms([a for a, _ in bins.get(k, [])]) for k in keys],
+            "p90_tpot_ms": [_p90_ms([b for _, b in bins.get(k, [])]) for k in keys]}
 
 
 def plot(report: dict, path: Path) -> None:

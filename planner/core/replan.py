@@ -88,7 +88,7 @@ class Decision:
     action: str  # "none" | "apply" | "dry_run"
     reason: str
     flips: tuple[tuple[str, str, str], ...] = ()  # (group id, from role, to role)
-    left_out: tuple[str, ...] = ()  # groups not in the new plan: their workers are unhealthy
+    left_out: tuple[str, ...] = ()  # groups kept in the new plan without routes: their workers are unhealthy
     before_rps: float | None = None  # the running roles' capacity at the observed workload, healthy groups only
     after_rps: float | None = None
     observed: ObservedWorkload | None = None
@@ -273,7 +273,6 @@ class Controller:
             reason += f"; capacities scaled by the measured latencies {scale.to_json()}"
         return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, before, best,
                         observed, plan, healthy, scale)
-
 
     def _keep_running_shapes(self, plan: Plan) -> None:
         """Each group as it runs: its TP/PP, layer split and stages (a running engine keeps them; the

@@ -17,7 +17,7 @@ unchecked, and says so.
 from __future__ import annotations
 
 from common.plan import Plan
-from common.traces import load_trace
+from common.traces import TraceRequest, load_trace
 from loadtest.metrics import SLO
 from loadtest.workload import WorkloadConfig
 from planner.core.right_size import DEFAULT_HEADROOM, right_size
@@ -33,18 +33,27 @@ MARGIN_STEP = 1.5
 BISECTIONS = 2
 
 
-def simulated_attainment(plan: Plan, cluster: Cluster, max_requests: int = 2000) -> float | None:
-    """Share of the trace's first requests meeting both SLOs at the workload's rate (None: no trace)."""
+def workload_trace(cluster: Cluster, max_requests: int = 2000) -> list[TraceRequest] | None:
+    """The first requests of the trace the workload was read from (None: the workload gives means)."""
     workload = cluster.workload
     if not workload.trace_path:
         return None
-    trace = load_trace(workload.trace_path, workload.trace_format)[:max_requests]
+    return load_trace(workload.trace_path, workload.trace_format)[:max_requests]
+
+
+def simulated_attainment(plan: Plan, cluster: Cluster, trace: list[TraceRequest] | None = None) -> float | None:
+    """Share of the trace's requests (default: `workload_trace`'s) meeting both SLOs at the workload's
+    rate (None: no trace)."""
+    workload = cluster.workload
+    trace = workload_trace(cluster) if trace is None else trace
+    if not trace:
+        return None
     span = trace[-1].arrival_s - trace[0].arrival_s if len(trace) > 1 else 0.0
     native = (len(trace) - 1) / span if span > 0 else None
     scale = workload.arrival_rate_rps / native if native and workload.arrival_rate_rps else 1.0
     slo = SLO(workload.ttft_slo_s * 1e3, workload.tpot_slo_s * 1e3)
     point = run_at(fleet_from_plan(plan, cluster), trace, AnalyticCosts(model_from_fields(plan.model, "plan.model")),
-                   slo, WorkloadConfig(arrival="trace", max_requests=max_requests, duration_s=1e9), scale)
+                   slo, WorkloadConfig(arrival="trace", max_requests=len(trace), duration_s=1e9), scale)
     return float(point.result["slo_attainment"])
 
 
@@ -53,10 +62,11 @@ def checked_right_size(cluster: Cluster, headroom: float = DEFAULT_HEADROOM, mod
     """`right_size`, with the margin raised until the plan holds on the trace in simulation, then
     narrowed (BISECTIONS halvings between the last margin that failed and the first that held)."""
     checks: list[dict] = []
+    trace = workload_trace(cluster)  # read once: every attempt replays the same requests
 
     def attempt(margin: float) -> tuple[Plan, float | None]:
         plan = right_size(cluster, headroom=margin, mode=mode, seed=seed, time_limit_s=time_limit_s)
-        attainment = simulated_attainment(plan, cluster)
+        attainment = simulated_attainment(plan, cluster, trace) if trace else None
         checks.append({"headroom": round(margin, 4), "serving_cost_per_hour": plan.solver["right_sizing"][
             "serving_cost_per_hour"], "simulated_slo_attainment": None if attainment is None else round(attainment, 4)})
         return plan, attainment
@@ -78,5 +88,6 @@ def checked_right_size(cluster: Cluster, headroom: float = DEFAULT_HEADROOM, mod
             failed = middle
     info = plan.solver["right_sizing"]
     info.update(simulation_target=target, simulation_checks=checks,
+                simulated_slo_attainment=None if attainment is None else round(attainment, 4),
                 holds_in_simulation=None if attainment is None else attainment >= target)
     return plan
