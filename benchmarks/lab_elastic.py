@@ -255,7 +255,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+ARMS = ("static", "elastic", "hindsight")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, each refused in one line when it cannot be honoured (before the lab comes up)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lab", default=str(REPO / "configs" / "lab" / "elastic4.json"))
     ap.add_argument("--profiles", default=None, help="folder with <TYPE>.json profiles (default: measure them)")
@@ -263,9 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code-rps", type=float, default=5.0)
     ap.add_argument("--code-first", action="store_true", help="the code phase first (default: conversation first)")
     ap.add_argument("--phase-s", type=float, default=120.0)
-    ap.add_argument("--arms", default="static,elastic,hindsight")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"a comma-separated subset of {', '.join(ARMS)}")
     ap.add_argument("--name", default="lab_elastic")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        ap.error(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    for flag, value in (("--conv-rps", args.conv_rps), ("--code-rps", args.code_rps), ("--phase-s", args.phase_s)):
+        if not value > 0:
+            ap.error(f"{flag} {value:g}: must be > 0")
+    if args.profiles:
+        missing = [t for t in load_lab(args.lab).device_types if not (Path(args.profiles) / f"{t}.json").exists()]
+        if missing:
+            ap.error(f"--profiles {args.profiles}: no profile for {', '.join(missing)} (<TYPE>.json, from `lab profile`)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     lab = load_lab(args.lab)
     phases = [Phase("conversation", "azure-conv", args.conv_rps, args.phase_s),
               Phase("code", "azure-code", args.code_rps, args.phase_s)]

@@ -43,3 +43,15 @@ def test_the_plan_for_each_phase_is_disaggregated_on_the_lab_hosts(tmp_path):
     assert document["mode"] == "disaggregated"
     assert {n for g in document["groups"] for n in g["nodes"]} <= {h.name for h in lab.hosts}
     assert json.loads(cluster.read_text())["workload"]["arrival_rate_rps"] == 2.0
+
+
+def test_options_it_cannot_honour_are_refused_before_the_lab_comes_up(capsys):
+    import pytest
+
+    from benchmarks.lab_elastic import main
+
+    for argv, says in ((["--arms", "static,foo"], "--arms: unknown foo"), (["--code-rps", "0"], "--code-rps 0"),
+                       (["--profiles", "/nonexistent"], "no profile for FAST, SLOW")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
