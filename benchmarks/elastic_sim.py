@@ -41,7 +41,7 @@ from planner.core.solver import solve
 from planner.sim.costs import AnalyticCosts
 from planner.sim.elastic import simulate_elastic
 from planner.spec.cluster import parse_cluster
-from planner.spec.model import model_preset
+from planner.spec.model import model_preset, preset_names
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLEETS = {"hetero-24": [("H100", 4), ("A100-80G", 4), ("L40", 8), ("A6000", 8)],
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", default="hetero-24", choices=sorted(FLEETS))
     ap.add_argument("--out", default=str(RESULTS / "elastic_sim"))
     args = ap.parse_args(argv)
+    for flag, value in (("--phase-s", args.phase_s), ("--code-rps", args.code_rps), ("--conv-rps", args.conv_rps)):
+        if not value > 0:
+            ap.error(f"{flag} {value:g}: must be > 0")
+    if args.model not in preset_names():
+        ap.error(f"--model {args.model!r}: not a preset; choose from {', '.join(preset_names())}")
     # The elastic run starts from the plan for the workload known when the cluster starts (the first
     # phase); the static plan for the conversation trace is the plan one would make in hindsight.
     clusters = {name: fleet_cluster(args.fleet, args.model, trace) for name, trace in PLAN_TRACES.items()}

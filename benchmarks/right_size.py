@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=2000)
     ap.add_argument("--out", default=str(RESULTS / "right_size"))
     args = ap.parse_args(argv)
+    if args.max_requests < 2:
+        ap.error(f"--max-requests {args.max_requests}: give at least 2 (a rate needs two arrivals)")
     rows = []
     for name, cluster, trace, max_input in cases():
         for objective in ("throughput", "cost (model)", "cost (checked in simulation)"):
