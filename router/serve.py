@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,31 @@ def make_launcher(options: ServeOptions, deployment: Deployment):
     return RayLauncher(address=options.ray_address, deployment=deployment, use_gpus=options.model is not None)
 
 
+def reserve_listener(host: str, port: int) -> socket.socket:
+    """The router's HTTP socket, bound before any worker starts: a port in use is
+    refused at once rather than after minutes of loading, and no worker's own
+    socket can take the port meanwhile (uvicorn listens on it once ready)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a port in TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port} ({exc.strerror}); "
+                           f"choose another --port or --host") from None
+    return sock
+
+
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
+    listener = reserve_listener(options.host, options.port)
+    try:
+        await _serve_reserved(options, ready, listener)
+    finally:
+        listener.close()
+
+
+async def _serve_reserved(options: ServeOptions, ready: asyncio.Event | None, listener: socket.socket) -> None:
     deployment = build_deployment(options)
     launcher = make_launcher(options, deployment)
     _say_starting(deployment, launcher)
@@ -153,7 +178,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         )
         if options.restart_workers:
             supervisor = asyncio.ensure_future(_supervise(launcher, options.restart_check_s))
-        await _serve_http(app, options, deployment, ready)
+        await _serve_http(app, options, deployment, ready, listener)
     finally:
         if supervisor is not None:
             supervisor.cancel()
@@ -201,22 +226,26 @@ async def _wait_ready(cluster: Cluster, launcher, timeout_s: float, started: flo
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _serve_http(app, options: ServeOptions, deployment: Deployment, ready: asyncio.Event | None) -> None:
+async def _serve_http(app, options: ServeOptions, deployment: Deployment, ready: asyncio.Event | None,
+                      listener: socket.socket) -> None:
     """uvicorn until SIGTERM/SIGINT, which finish in-flight requests first; says when it is ready."""
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                                           timeout_graceful_shutdown=30))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-    server_task = asyncio.ensure_future(server.serve())
+    server_task = asyncio.ensure_future(server.serve(sockets=[listener]))
     while not server.started and not server_task.done():
         await asyncio.sleep(0.05)
-    if server.started:
-        print(f"hexserve router ready: http://{options.host}:{options.port}/v1 "
-              f"(model {deployment.served_model_name!r}, {len(deployment.workers)} workers, "
-              f"{len(deployment.routes)} route(s))", flush=True)
-        if ready is not None:
-            ready.set()
+    if not server.started:  # uvicorn logged why and ends its task with SystemExit; say it in one line
+        with contextlib.suppress(BaseException):
+            await server_task
+        raise StartupError(f"the HTTP server did not start on {options.host}:{options.port}; see the log above")
+    print(f"hexserve router ready: http://{options.host}:{options.port}/v1 "
+          f"(model {deployment.served_model_name!r}, {len(deployment.workers)} workers, "
+          f"{len(deployment.routes)} route(s))", flush=True)
+    if ready is not None:
+        ready.set()
     await server_task
 
 

@@ -149,3 +149,33 @@ def test_router_start_shows_progress_and_ready_and_no_engine_logs(embedded_route
     # Its sockets live in its own folder while it runs (the session-end check in
     # tests/conftest.py fails the run if the folder outlives it).
     assert (socket_root() / str(embedded_router.proc.pid) / "decode-0-control.sock").exists()
+
+
+def test_a_port_in_use_is_refused_in_one_line_before_any_worker_starts(tmp_path):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "router", "serve", "--port", str(port), "--log-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host")
+    assert "Traceback" not in done.stderr and "starting" not in done.stdout  # no worker was launched
+    assert not list(tmp_path.glob("*.log"))
+    assert time.monotonic() - started < 60
+
+
+def test_the_reserved_port_is_held_until_the_router_closes_it():
+    import socket
+
+    held = serve_module.reserve_listener("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))  # a worker's socket cannot take it while the models load
+    finally:
+        held.close()
