@@ -31,6 +31,7 @@ import zmq.asyncio
 
 from benchmarks.loadtest_servers import wait_ready
 from common.roles import Role
+from vllm.sampling_params import SamplingParams
 from engine import control_protocol as proto
 from common.ports import free_tcp_port
 from router.launch_local import local_endpoint
@@ -80,10 +81,10 @@ async def _direct(prefill_ep: str, decode_ep: str, n: int, concurrency: int) -> 
 
     async def one(i: int) -> None:
         started = time.perf_counter()
-        async for out in prefill.generate(f"p{i}", prompt, proto.SamplingSpec(max_tokens=1)):
+        async for out in prefill.generate(f"p{i}", prompt, SamplingParams(max_tokens=1)):
             handoff = out.kv_transfer_params
         count = 0
-        async for out in decode.generate(f"d{i}", prompt, proto.SamplingSpec(max_tokens=MAX_TOKENS), handoff):
+        async for out in decode.generate(f"d{i}", prompt, SamplingParams(max_tokens=MAX_TOKENS), handoff):
             count += len(out.token_ids)
         assert count == MAX_TOKENS
         latencies.append(time.perf_counter() - started)

@@ -13,7 +13,7 @@ version; a peer with another version is refused with a clear error.
 Lifecycle of one request, seen from the router:
 
     router ──SUBMIT(prompt ids, sampling, kv_transfer_params)──▶ worker
-    router ◀──OUTPUT(new token ids, text delta, ...) × n ─────── worker
+    router ◀──OUTPUT(new token ids, text delta, logprobs, ...) × n ─ worker
     router ◀──OUTPUT(finished=True, finish_reason, kv params)─── worker
     router ──ABORT(request id)──▶ worker        (client went away)
     router ──PING(nonce)──▶ worker ──PONG(nonce, load)──▶ router   (health, every ~1 s)
@@ -26,10 +26,16 @@ from typing import Any
 
 import msgspec
 
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+
 from common.roles import Role
 from common.wire import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: SUBMIT carries vLLM's own SamplingParams (every option the OpenAI layer
+# can set, structured outputs and logit bias included) and OUTPUT per-token
+# logprobs; 1 carried a subset of options of our own.
+PROTOCOL_VERSION = 2
 
 # Limits enforced before a body is decoded. A prompt of 128k token ids packs
 # to well under 1 MiB; 8 MiB leaves room for long stop lists and kv params.
@@ -50,27 +56,14 @@ class MsgType(bytes, enum.Enum):
     PONG = b"Q"
 
 
-class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
-    """The OpenAI sampling options the router forwards, in vLLM's terms."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: disabled (vLLM's own default is -1/0 depending on version)
-    seed: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-
 class Submit(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
     version: int
     request_id: str
     prompt_token_ids: list[int]
-    sampling: SamplingSpec
+    # vLLM's type, as vLLM's own frontend sends it to its engine core (it is a
+    # msgspec Struct): one home for what sampling means. The worker owns
+    # output_kind and the kv params; n > 1 is fanned out by the router.
+    sampling: SamplingParams
     kv_transfer_params: dict[str, Any] | None = None
 
 
@@ -106,6 +99,19 @@ class Pong(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     load: LoadReport
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """One candidate token at one position, as vLLM's `Logprob` (rank 1: the most likely)."""
+
+    token_id: int
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One list per position: vLLM's order, the sampled (or prompt) token first, then the top ones.
+PositionLogprobs = list[TokenLogprob]
+
+
 class Output(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
     """New tokens of one request since its previous Output (delta, not cumulative)."""
 
@@ -115,10 +121,14 @@ class Output(msgspec.Struct, array_like=True, omit_defaults=True, forbid_unknown
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or token id that ended it, as vLLM reports
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     error: str | None = None  # set when the worker failed the request; finished is then True
+    logprobs: list[PositionLogprobs] | None = None  # one per new token, when sampling.logprobs is set
+    # Per prompt position when sampling.prompt_logprobs is set (the first position has none: empty).
+    prompt_logprobs: list[PositionLogprobs] | None = None
 
 
 _TYPES: dict[MsgType, type[msgspec.Struct]] = {
@@ -153,7 +163,8 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"{tag.name} body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
     try:
         message = _DECODERS[tag].decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    # VLLMValidationError: SamplingParams checks its own values as it is decoded (__post_init__).
+    except (msgspec.DecodeError, msgspec.ValidationError, VLLMValidationError) as exc:
         raise ProtocolError(f"malformed {tag.name} body: {exc}") from None
     if message.version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -182,5 +193,9 @@ def _check_submit(message: Submit) -> None:
         raise ProtocolError("SUBMIT.prompt_token_ids is empty; a request needs at least one prompt token")
     if len(message.prompt_token_ids) > MAX_PROMPT_TOKENS:
         raise ProtocolError(f"SUBMIT.prompt_token_ids has {len(message.prompt_token_ids)} tokens (limit {MAX_PROMPT_TOKENS})")
-    if message.sampling.max_tokens < 1:
-        raise ProtocolError(f"SUBMIT.sampling.max_tokens={message.sampling.max_tokens} must be >= 1")
+    sampling = message.sampling
+    if sampling.max_tokens is None or sampling.max_tokens < 1:
+        raise ProtocolError(f"SUBMIT.sampling.max_tokens={sampling.max_tokens} must be >= 1")
+    if sampling.n != 1:
+        raise ProtocolError(f"SUBMIT.sampling.n={sampling.n}; a worker runs one sequence per request "
+                            "(the router fans n out)")

@@ -35,8 +35,9 @@ class StandInEngine:
             token = (sum(prompt_ids) + i) % 500 + 10
             last = i == sampling.max_tokens - 1
             yield SimpleNamespace(
-                outputs=[SimpleNamespace(token_ids=[token], text=f" t{token}", finish_reason="length" if last else None)],
-                finished=last, num_cached_tokens=0,
+                outputs=[SimpleNamespace(token_ids=[token], text=f" t{token}", finish_reason="length" if last else None,
+                                         logprobs=None, stop_reason=None)],
+                finished=last, num_cached_tokens=0, prompt_logprobs=None,
                 kv_transfer_params={"do_remote_prefill": True, "standin": True} if last else None)
 
     async def abort(self, request_id: str) -> None:

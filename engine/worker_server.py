@@ -74,26 +74,23 @@ def _make_stat_logger_factory(state: _LoadState):
     return lambda vllm_config, engine_index=0: LoadRecorder(vllm_config, engine_index)
 
 
-def to_sampling_params(spec: proto.SamplingSpec, kv_transfer_params: dict[str, Any] | None):
-    from vllm import SamplingParams
+def to_sampling_params(sampling, kv_transfer_params: dict[str, Any] | None):
+    """The router's SamplingParams as this worker runs them: deltas out, and the
+    kv params (the router's, never a client's extra_args) for the connector."""
     from vllm.sampling_params import RequestOutputKind
 
-    extra_args = {"kv_transfer_params": dict(kv_transfer_params)} if kv_transfer_params else None
-    return SamplingParams(
-        max_tokens=spec.max_tokens,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        top_k=max(spec.top_k, 0),
-        seed=spec.seed,
-        stop=list(spec.stop) or None,
-        stop_token_ids=list(spec.stop_token_ids) or None,
-        ignore_eos=spec.ignore_eos,
-        min_tokens=spec.min_tokens,
-        presence_penalty=spec.presence_penalty,
-        frequency_penalty=spec.frequency_penalty,
-        output_kind=RequestOutputKind.DELTA,
-        extra_args=extra_args,
-    )
+    params = sampling.clone()
+    params.output_kind = RequestOutputKind.DELTA
+    params.extra_args = {"kv_transfer_params": dict(kv_transfer_params)} if kv_transfer_params else None
+    return params
+
+
+def wire_logprobs(positions) -> list[proto.PositionLogprobs] | None:
+    """vLLM's per-position {token id: Logprob} (None for a prompt's first position) on the wire."""
+    if positions is None:
+        return None
+    return [[proto.TokenLogprob(token_id, entry.logprob, entry.rank, entry.decoded_token)
+             for token_id, entry in (position or {}).items()] for position in positions]
 
 
 @dataclass(slots=True)
@@ -247,9 +244,12 @@ class WorkerServer:
                     text=completion.text,
                     finished=out.finished,
                     finish_reason=completion.finish_reason if out.finished else None,
+                    stop_reason=completion.stop_reason if out.finished else None,
                     num_prompt_tokens=num_prompt_tokens,
                     num_cached_tokens=out.num_cached_tokens or 0,
                     kv_transfer_params=out.kv_transfer_params if out.finished else None,
+                    logprobs=wire_logprobs(completion.logprobs),
+                    prompt_logprobs=wire_logprobs(out.prompt_logprobs),
                 ))
                 if not ok:  # the router is gone: stop spending compute on this request
                     await self._engine.abort(request_id)

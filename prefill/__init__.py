@@ -25,6 +25,6 @@ are `engine/`; the KV wire and the connector are `kvtransfer/`.
 Start one by hand with `python -m prefill --control-endpoint tcp://127.0.0.1:7001`.
 """
 
-from prefill.request import PREFILL_SAMPLING, prefill_kv_params
+from prefill.request import PREFILL_SAMPLING, prefill_kv_params, prefill_sampling
 
-__all__ = ["PREFILL_SAMPLING", "prefill_kv_params"]
+__all__ = ["PREFILL_SAMPLING", "prefill_kv_params", "prefill_sampling"]

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.control_protocol import SamplingSpec
+from vllm.sampling_params import SamplingParams
+
 from engine.worker_spec import WorkerSpec
 
 # The prefill's one sampled token is discarded (decode samples the first token
 # itself), so it is greedy, ignores EOS and has no stop strings: nothing about
-# it may stop the KV from being handed over.
-PREFILL_SAMPLING = SamplingSpec(max_tokens=1, temperature=0.0, ignore_eos=True)
+# it may stop the KV from being handed over. Of the client's options it keeps
+# the one only the prompt's computation can answer: prompt logprobs.
+PREFILL_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+def prefill_sampling(client: SamplingParams) -> SamplingParams:
+    """The prefill request's sampling for a client request with these options."""
+    if client.prompt_logprobs is None:
+        return PREFILL_SAMPLING
+    return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=client.prompt_logprobs)
 
 
 def prefill_kv_params(decode: WorkerSpec, transfer_id: str, kv_connector: str,

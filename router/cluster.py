@@ -1,6 +1,6 @@
 """The workers behind one router and the life of a request across them.
 
-    choose route (P, D) ──▶ P: prompt, PREFILL_SAMPLING, kv params "send to D"   (prefill.request)
+    choose route (P, D) ──▶ P: prompt, prefill_sampling, kv params "send to D"  (prefill.request)
                             P finishes ──▶ its kv_transfer_params say where the KV is
                        ──▶ D: prompt, client's sampling, P's handoff              (decode.request)
                             D streams tokens ──▶ client
@@ -53,7 +53,8 @@ from common.routing import NoRouteAvailable, Route, RouteChoice, RoutePolicy
 from decode import decode_kv_params
 from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
-from prefill import PREFILL_SAMPLING, prefill_kv_params
+from vllm.sampling_params import SamplingParams
+from prefill import prefill_kv_params, prefill_sampling
 from router.kv_events import EventStats, WorkerEventFeed
 from router.plan_diff import check_roles_and_routes
 from router.worker_client import WorkerClient, WorkerUnavailable
@@ -65,12 +66,13 @@ DEFAULT_MAX_MIGRATIONS = 1  # times one stream may move to another route after i
 _DEGRADED_PREFERENCE = {Role.DECODE: 0, Role.COLOCATED: 1, Role.PREFILL: 2}
 
 
-def _continued(sampling: proto.SamplingSpec, num_generated: int) -> proto.SamplingSpec:
-    """The client's sampling for the rest of a stream that already produced `num_generated` tokens."""
+def _continued(sampling: SamplingParams, num_generated: int) -> SamplingParams:
+    """The client's sampling for the rest of a stream that already produced `num_generated`
+    tokens (its prompt logprobs went out with the first tokens)."""
     if not num_generated:
         return sampling
     return msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - num_generated,
-                                   min_tokens=max(0, sampling.min_tokens - num_generated))
+                                   min_tokens=max(0, sampling.min_tokens - num_generated), prompt_logprobs=None)
 
 
 def _finished_by_length(request_id: str) -> proto.Output:
@@ -285,7 +287,7 @@ class Cluster:
         return RouteChoice(Route(best.worker_id, best.worker_id, 1.0))
 
     async def generate(
-        self, prompt_token_ids: list[int], sampling: proto.SamplingSpec, on_retry=None,
+        self, prompt_token_ids: list[int], sampling: SamplingParams, on_retry=None,
     ) -> AsyncIterator[tuple[Route, proto.Output]]:
         """Yield (route, Output delta) until finished.
 
@@ -330,7 +332,7 @@ class Cluster:
                     return
 
     async def _run_on_route(
-        self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
+        self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
     ) -> AsyncIterator[proto.Output]:
         route = choice.route
         # Counted from the pick (no await since) to the end: a plan change retires neither end before.
@@ -343,7 +345,7 @@ class Cluster:
             self._routed.subtract(ends)
 
     async def _run_prefill_then_decode(
-        self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: proto.SamplingSpec,
+        self, choice: RouteChoice, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
     ) -> AsyncIterator[proto.Output]:
         route = choice.route
         kv_params = None
@@ -351,9 +353,14 @@ class Cluster:
         prompt_on_decode = choice.decode_first or route.prefill_worker == route.decode_worker
         if choice.decode_first:
             self.prompt_stats.decode_first_requests += 1
+        prompt_logprobs = None  # computed by prefill when the client asked; decode's KV comes from elsewhere
         if not prompt_on_decode:
-            prefill_final = await self._prefill(route, request_id, prompt_token_ids, self._decode_holds(choice))
+            prefill_final = await self._prefill(route, request_id, prompt_token_ids, sampling,
+                                                self._decode_holds(choice))
             kv_params = decode_kv_params(prefill_final, self.kv_connector)
+            if sampling.prompt_logprobs is not None:
+                prompt_logprobs = prefill_final.prompt_logprobs if prefill_final is not None else None
+                sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
         decode = self._client(route.decode_worker)
         budget = len(prompt_token_ids) + sampling.max_tokens
         decode.outstanding_tokens += budget
@@ -362,6 +369,8 @@ class Cluster:
             async for output in decode.generate(f"{request_id}-d", prompt_token_ids, sampling, kv_params):
                 if first and prompt_on_decode:
                     self.prompt_stats.count(len(prompt_token_ids), output.num_cached_tokens)
+                if first and prompt_logprobs is not None:
+                    output.prompt_logprobs = prompt_logprobs
                 first = False
                 yield output
         finally:
@@ -379,7 +388,7 @@ class Cluster:
         return choice.decode_cached_tokens // block_size
 
     async def _prefill(self, route: Route, request_id: str, prompt_token_ids: list[int],
-                       skip_blocks: int = 0) -> proto.Output | None:
+                       sampling: SamplingParams, skip_blocks: int = 0) -> proto.Output | None:
         """Run the prompt on the route's prefill worker, its KV shipped to the
         route's decode worker (past the blocks it holds); the prefill's final output (the handoff)."""
         prefill = self._client(route.prefill_worker)
@@ -389,7 +398,8 @@ class Cluster:
         prefill.outstanding_tokens += num_prompt
         final = None
         try:
-            async for output in prefill.generate(f"{request_id}-p", prompt_token_ids, PREFILL_SAMPLING, kv_params):
+            async for output in prefill.generate(f"{request_id}-p", prompt_token_ids,
+                                                   prefill_sampling(sampling), kv_params):
                 final = output
         finally:
             prefill.outstanding_tokens -= num_prompt

@@ -2,7 +2,7 @@
 
     JSON body ──validate (pydantic, router.openai_schema)──▶ CompletionRequest | ChatCompletionRequest
               ──model served?──▶ tokenize (chat template for chat) ──▶ fits the context?
-              ──▶ PreparedRequest(prompt ids, SamplingSpec, stream flags)
+              ──▶ PreparedRequest(prompt ids, SamplingParams, stream flags)
 
 Every refusal is an ApiError whose message and `param` name the field (400),
 the model (404), the key (401) or the size (413). Nothing here touches a
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from pydantic import ValidationError
+from vllm.sampling_params import SamplingParams
 
-from engine.control_protocol import SamplingSpec
 from router.openai_schema import (
     ApiError,
     ChatCompletionRequest,
@@ -58,7 +58,7 @@ class PreparedRequest:
 
     kind: ApiKind
     prompt_token_ids: list[int]
-    sampling: SamplingSpec
+    sampling: SamplingParams
     stream: bool
     include_usage: bool
     return_token_ids: bool
@@ -132,11 +132,11 @@ async def prepare_request(kind: ApiKind, data: dict, settings: RouterSettings, t
                            req.return_token_ids)
 
 
-def sampling_spec(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingSpec:
-    """The client's sampling options, in the worker's terms."""
-    return SamplingSpec(
+def sampling_spec(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    """The client's sampling options, in vLLM's terms (what the workers run)."""
+    return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0,
-        seed=req.seed, stop=req.stop or [], stop_token_ids=list(req.stop_token_ids or []),
+        seed=req.seed, stop=req.stop or None, stop_token_ids=list(req.stop_token_ids or []) or None,
         ignore_eos=req.ignore_eos, min_tokens=min(req.min_tokens, max_tokens),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
     )

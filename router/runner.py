@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from vllm.sampling_params import SamplingParams
+
 from common.routing import NoRouteAvailable
 from engine import control_protocol as proto
 from router.admission import Admission, AdmissionRejected
@@ -44,9 +46,13 @@ class RequestRunner:
     metrics: RouterMetrics
     window: WorkloadWindow = field(default_factory=WorkloadWindow)
 
-    async def outputs(self, prep: PreparedRequest) -> AsyncIterator[proto.Output]:
-        """The cluster's output deltas, with metrics; maps worker failures to API errors
-        (429 when admission is full, 503 when no worker can serve)."""
+    def outputs(self, prep: PreparedRequest) -> AsyncIterator[proto.Output]:
+        return self.stream(prep.prompt_token_ids, prep.sampling, prep.kind.metrics_label)
+
+    async def stream(self, prompt_token_ids: list[int], sampling: SamplingParams,
+                     label: str) -> AsyncIterator[proto.Output]:
+        """The cluster's output deltas, with metrics (`label`: the endpoint); maps worker
+        failures to API errors (429 when admission is full, 503 when no worker can serve)."""
         metrics = self.metrics
         timing = _Timing(started=time.perf_counter())
         status = "error"
@@ -54,7 +60,7 @@ class RequestRunner:
             async with self.admission.slot():
                 metrics.queue_waiting.set(self.admission.waiting)
                 metrics.running.set(self.admission.running)
-                async with contextlib.aclosing(self.cluster.generate(prep.prompt_token_ids, prep.sampling,
+                async with contextlib.aclosing(self.cluster.generate(prompt_token_ids, sampling,
                                                                      on_retry=metrics.retries.inc)) as stream:
                     async for route, output in stream:
                         if output.token_ids:
@@ -75,12 +81,12 @@ class RequestRunner:
             status = "cancelled"
             raise
         finally:
-            self._observe(prep, status, timing)
+            self._observe(label, len(prompt_token_ids), status, timing)
 
-    def _observe(self, prep: PreparedRequest, status: str, timing: _Timing) -> None:
+    def _observe(self, label: str, num_prompt_tokens: int, status: str, timing: _Timing) -> None:
         metrics = self.metrics
-        metrics.requests.labels(prep.kind.metrics_label, status).inc()
-        metrics.prompt_tokens.inc(len(prep.prompt_token_ids))
+        metrics.requests.labels(label, status).inc()
+        metrics.prompt_tokens.inc(num_prompt_tokens)
         metrics.generation_tokens.inc(timing.num_tokens)
         if status == "ok":
             finished_at = time.perf_counter()
@@ -90,7 +96,7 @@ class RequestRunner:
                 tpot_s = (finished_at - timing.first_token_at) / (timing.num_tokens - 1)
                 metrics.tpot.observe(tpot_s)
             ttft_s = None if timing.first_token_at is None else timing.first_token_at - timing.started
-            self.window.record(len(prep.prompt_token_ids), timing.num_tokens, ttft_s, tpot_s)
+            self.window.record(num_prompt_tokens, timing.num_tokens, ttft_s, tpot_s)
 
     async def collect(self, prep: PreparedRequest) -> Completed:
         """The whole answer. Nothing reached the client yet, so a worker failing

@@ -24,6 +24,7 @@ from common.sockets import make_socket
 from common.wire import ProtocolError
 from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
+from vllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class WorkerClient:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling: proto.SamplingSpec,
+        sampling: SamplingParams,
         kv_transfer_params: dict | None = None,
     ) -> AsyncIterator[proto.Output]:
         """Submit a request and yield its Output deltas until finished.

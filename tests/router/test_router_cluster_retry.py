@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.roles import Role
+from vllm.sampling_params import SamplingParams
 from engine import control_protocol as proto
 from kvtransfer import prompt_hash
 from kvtransfer.handoff import DecodeHandoff
@@ -50,7 +51,7 @@ class Call:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: proto.SamplingSpec
+    sampling: SamplingParams
     kv_transfer_params: dict | None
 
 
@@ -72,7 +73,7 @@ def _cluster(decode_fail: dict[str, int | None], kv_connector: str = "none") -> 
 
 
 async def _collect(cluster, max_tokens=4, sampling=None):
-    sampling = sampling or proto.SamplingSpec(max_tokens=max_tokens)
+    sampling = sampling or SamplingParams(max_tokens=max_tokens)
     return [(route, out) async for route, out in cluster.generate([1, 2, 3], sampling)]
 
 
@@ -87,7 +88,7 @@ def test_failure_before_first_token_is_retried_on_another_route():
 
 
 async def _run_with_retry_counter(cluster, retries):
-    return [(r, o) async for r, o in cluster.generate([1, 2, 3], proto.SamplingSpec(max_tokens=4),
+    return [(r, o) async for r, o in cluster.generate([1, 2, 3], SamplingParams(max_tokens=4),
                                                        on_retry=lambda: retries.append(1))]
 
 
@@ -101,7 +102,7 @@ def test_failure_after_tokens_reached_the_client_is_not_retried_when_migration_i
 
 def test_a_stream_whose_decode_worker_dies_migrates_with_its_tokens_as_prompt():
     cluster = _cluster({"d0": 2})  # d0 streams 100, 101, then dies
-    outputs = asyncio.run(_collect(cluster, sampling=proto.SamplingSpec(max_tokens=4, min_tokens=3)))
+    outputs = asyncio.run(_collect(cluster, sampling=SamplingParams(max_tokens=4, min_tokens=3)))
     assert [route.decode_worker for route, _ in outputs] == ["d0", "d0", "d1", "d1"]
     (prefill_call,) = cluster.clients["p1"].calls  # a new prefill rebuilds the KV of prompt + tokens so far
     (decode_call,) = cluster.clients["d1"].calls
@@ -120,7 +121,7 @@ def test_a_second_failure_after_the_migration_ends_the_stream():
 
 def test_prefill_runs_one_token_and_decode_gets_its_handoff():
     cluster = _cluster({}, kv_connector="zmq")
-    client_sampling = proto.SamplingSpec(max_tokens=3, temperature=0.8, top_p=0.9, seed=5, stop=["t1"],
+    client_sampling = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, seed=5, stop=["t1"],
                                          stop_token_ids=[7], min_tokens=2)
     outputs = asyncio.run(_collect(cluster, sampling=client_sampling))
     route = outputs[0][0]

@@ -19,6 +19,7 @@ from test_router_plan_diff import _replaced_d0
 from benchmarks.local_plans import local_plan
 from common.roles import Role
 from common.routing import Route
+from vllm.sampling_params import SamplingParams
 from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
 from router.cluster import Cluster
@@ -259,7 +260,7 @@ def test_a_request_whose_prefill_runs_keeps_its_decode_worker_in_use():
         prefill = SlowPrefill(infos[0])
         prefill.gate = asyncio.Event()
         cluster.clients = {"p0": prefill, "d0": StandInWorker(infos[1])}
-        request = asyncio.ensure_future(_drain(cluster.generate([1, 2, 3], proto.SamplingSpec(max_tokens=2))))
+        request = asyncio.ensure_future(_drain(cluster.generate([1, 2, 3], SamplingParams(max_tokens=2))))
         await asyncio.sleep(0.01)
         during = (cluster.in_use("d0"), cluster.clients["d0"].calls == [])
         prefill.gate.set()

@@ -17,6 +17,7 @@ import pytest
 from common.block_hash import block_keys
 from common.roles import Role
 from common.routing import Route
+from vllm.sampling_params import SamplingParams
 from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
 
@@ -33,7 +34,7 @@ async def _until(condition, timeout_s: float = 30.0, what: str = "condition") ->
 
 async def _complete(cluster, prompt: list[int]) -> list[int]:
     tokens: list[int] = []
-    async for _route, output in cluster.generate(prompt, proto.SamplingSpec(max_tokens=2, temperature=0.0)):
+    async for _route, output in cluster.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0)):
         assert output.error is None, output.error
         tokens += output.token_ids
     return tokens

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine.control_protocol import SamplingSpec
+from vllm.sampling_params import SamplingParams
 from engine.tiny_model import TINY_MODEL_NAME
 from router.openai_schema import ApiError
 from router.prepare import (
@@ -44,7 +44,7 @@ def test_completion_body_becomes_tokens_and_sampling(tokenizer):
                                 "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True})
     assert prep.kind is ApiKind.COMPLETION
     assert prep.prompt_token_ids == tokenizer.encode("Hello, world!", add_special_tokens=True)
-    assert prep.sampling == SamplingSpec(max_tokens=5, temperature=0.5, top_p=0.9, top_k=7, seed=3, stop=["\n"],
+    assert prep.sampling == SamplingParams(max_tokens=5, temperature=0.5, top_p=0.9, top_k=7, seed=3, stop=["\n"],
                                          ignore_eos=True, min_tokens=5)  # min_tokens clipped to max_tokens
     assert (prep.stream, prep.include_usage, prep.return_token_ids) == (True, True, True)
 
@@ -52,7 +52,7 @@ def test_completion_body_becomes_tokens_and_sampling(tokenizer):
 def test_completion_defaults_and_token_id_prompts(tokenizer):
     prep = _prepare(tokenizer, {"prompt": [5, 6, 7]})
     assert prep.prompt_token_ids == [5, 6, 7]
-    assert prep.sampling == SamplingSpec(max_tokens=SETTINGS.default_completion_max_tokens)
+    assert prep.sampling == SamplingParams(max_tokens=SETTINGS.default_completion_max_tokens)
     assert (prep.stream, prep.include_usage, prep.return_token_ids) == (False, False, False)
     assert _prepare(tokenizer, {"prompt": [[5, 6]]}).prompt_token_ids == [5, 6]  # a batch of one
 

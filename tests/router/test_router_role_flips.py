@@ -15,6 +15,7 @@ from test_router_cluster_retry import StandInWorker
 from benchmarks.local_plans import local_plan
 from common.roles import Role
 from common.routing import Route
+from vllm.sampling_params import SamplingParams
 from engine import control_protocol as proto
 from engine.worker_spec import WorkerSpec
 from router.cluster import Cluster
@@ -132,7 +133,7 @@ def test_a_request_in_flight_on_a_flipped_worker_finishes_there():
     cluster = _cluster()
     cluster.set_routes([Route("prefill-p0", "decode-d1", 1.0)])
     cluster.clients = {w.worker_id: StandInWorker(w) for w in cluster.workers}
-    sampling = proto.SamplingSpec(max_tokens=4, temperature=0.0)
+    sampling = SamplingParams(max_tokens=4, temperature=0.0)
 
     async def run():
         tokens, routes = [], set()
