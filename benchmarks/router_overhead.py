@@ -7,9 +7,11 @@ choice, the prefill→decode handoff over the control protocol, SSE/JSON.
 Side by side, in one run, against the same stand-in workers:
 - direct: a client that calls the prefill then the decode worker itself over
   the control protocol (what the router does, minus HTTP and tokenization);
-- router: the same requests through `POST /v1/completions`.
+- router: the same requests through `POST /v1/completions`, served by the
+  router's own OpenAI layer (api hexserve) or by vLLM's over the cluster
+  (api vllm, `router serve --api vllm`: router.engine_client).
 
-    python -m benchmarks.router_overhead [--requests 400] [--concurrency 32]
+    python -m benchmarks.router_overhead [--requests 400] [--concurrency 32] [--apis hexserve,vllm]
 
 Writes benchmarks/results/router_overhead.{json,md}.
 """
@@ -36,6 +38,7 @@ from engine import control_protocol as proto
 from common.ports import free_tcp_port
 from router.launch_local import local_endpoint
 from engine.worker_spec import WorkerSpec
+from router.serve import API_LAYERS
 from router.worker_client import WorkerClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,8 +50,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int, routing: str) -> None:
-    """Child process: the router app in front of the stand-in workers."""
+def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int, routing: str, api: str) -> None:
+    """Child process: the router app (`api`: its own OpenAI layer or vLLM's) in front of the stand-in workers."""
     import uvicorn
 
     from engine.tiny_model import TINY_MODEL_NAME, build_tiny_model
@@ -65,6 +68,10 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int, ro
         await cluster.start()
         await cluster.wait_ready(300)
         app = create_app(cluster, RouterSettings(TINY_MODEL_NAME, 1024), load_tokenizer(str(build_tiny_model())))
+        if api == "vllm":
+            from router.vllm_api import VllmFrontend
+
+            app = await VllmFrontend.prepare(str(build_tiny_model()), TINY_MODEL_NAME, 1024, None).app(app)
         await uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")).serve()
 
     run_event_loop(main())
@@ -131,18 +138,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--routings", default="cache-aware,plan",
                         help="routing policies to measure, one router each (cache-aware hashes every prompt's blocks)")
-    parser.add_argument("--serve-router", nargs=5, metavar=("PREFILL", "DECODE", "DECODE_KV", "PORT", "ROUTING"),
+    parser.add_argument("--apis", default="hexserve,vllm",
+                        help="OpenAI layers to measure: the router's own (hexserve) and vLLM's over the cluster (vllm)")
+    parser.add_argument("--serve-router", nargs=6, metavar=("PREFILL", "DECODE", "DECODE_KV", "PORT", "ROUTING", "API"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_router:
-        p, d, kv, port, routing = args.serve_router
-        _serve_router(p, d, kv, int(port), routing)
+        p, d, kv, port, routing, api = args.serve_router
+        _serve_router(p, d, kv, int(port), routing, api)
         return
-    rows = [row for routing in args.routings.split(",") for row in _measure_routing(routing, args)]
+    for api in args.apis.split(","):
+        if api not in API_LAYERS:
+            parser.error(f"--apis: unknown layer {api!r}; choose from {', '.join(API_LAYERS)}")
+    rows = [row for api in args.apis.split(",") for routing in args.routings.split(",")
+            for row in _measure_routing(routing, api, args)]
     _write(rows)
 
 
-def _measure_routing(routing: str, args) -> list[dict]:
+def _measure_routing(routing: str, api: str, args) -> list[dict]:
 
     prefill_ep, decode_ep, decode_kv, port = local_endpoint(), local_endpoint(), local_endpoint(), free_tcp_port()
     env = dict(os.environ, HEXSERVE_LOG_LEVEL="WARNING")
@@ -150,7 +163,7 @@ def _measure_routing(routing: str, args) -> list[dict]:
         subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", Role.PREFILL.value, "--control-endpoint", prefill_ep], env=env),
         subprocess.Popen([sys.executable, "-m", "engine.standin", "--role", Role.DECODE.value, "--control-endpoint", decode_ep], env=env),
         subprocess.Popen([sys.executable, "-m", "benchmarks.router_overhead", "--serve-router", prefill_ep, decode_ep,
-                          decode_kv, str(port), routing], env=env),
+                          decode_kv, str(port), routing, api], env=env),
     ]
     try:
         # The router's stdout is this process's; its own log is what to read if it dies.
@@ -162,7 +175,7 @@ def _measure_routing(routing: str, args) -> list[dict]:
             direct, direct_wall = asyncio.run(_direct(prefill_ep, decode_ep, n, concurrency))
             routed, routed_wall = asyncio.run(_via_router(port, n, concurrency))
             rows.append({
-                "routing": routing, "mode": mode, "concurrency": concurrency, "requests": n, "max_tokens": MAX_TOKENS,
+                "api": api, "routing": routing, "mode": mode, "concurrency": concurrency, "requests": n, "max_tokens": MAX_TOKENS,
                 "direct_p50_ms": 1000 * statistics.median(direct), "direct_p99_ms": 1000 * _percentile(direct, 99),
                 "router_p50_ms": 1000 * statistics.median(routed), "router_p99_ms": 1000 * _percentile(routed, 99),
                 "added_p50_ms": 1000 * (statistics.median(routed) - statistics.median(direct)),
@@ -181,10 +194,10 @@ def _measure_routing(routing: str, args) -> list[dict]:
 def _write(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "router_overhead.json").write_text(json.dumps({"rows": rows, "machine_cores": os.cpu_count()}, indent=2))
-    lines = ["| routing | mode | conc. | direct p50 / p99 ms | router p50 / p99 ms | added p50 / p99 ms | direct req/s | router req/s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| api | routing | mode | conc. | direct p50 / p99 ms | router p50 / p99 ms | added p50 / p99 ms | direct req/s | router req/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['routing']} | {r['mode']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | "
+        lines.append(f"| {r['api']} | {r['routing']} | {r['mode']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | "
                      f"{r['router_p50_ms']:.2f} / {r['router_p99_ms']:.2f} | {r['added_p50_ms']:.2f} / {r['added_p99_ms']:.2f} | "
                      f"{r['direct_rps']:.0f} | {r['router_rps']:.0f} | {r['router_over_direct_rps']:.2f} |")
     table = "\n".join(lines)

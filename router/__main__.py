@@ -15,7 +15,7 @@ from common.cache_routing import (
     ROUTING_POLICIES,
 )
 from router.cluster import DEFAULT_MAX_MIGRATIONS
-from router.serve import ServeOptions, StartupError, run
+from router.serve import API_LAYERS, ServeOptions, StartupError, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--flexible-roles", action="store_true",
                    help="start prefill and decode workers with a kv_both connector so that POST /plan can flip "
                         "their roles without a restart")
+    s.add_argument("--api", default="hexserve", choices=API_LAYERS,
+                   help="hexserve (default): the router's own OpenAI layer; vllm: vLLM's own OpenAI server "
+                        "(completions, chat, responses, logprobs, n, structured outputs, tools, tokenize) "
+                        "over the cluster")
+    s.add_argument("--vllm-args", default="", metavar="FLAGS",
+                   help="with --api vllm: more `vllm serve` flags for its OpenAI layer, one quoted string "
+                        "(e.g. \"--enable-auto-tool-choice --tool-call-parser hermes\")")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
     s.add_argument("--max-migrations", type=_non_negative(int), default=DEFAULT_MAX_MIGRATIONS,
                    help="times a stream whose decode worker dies moves to another route, its tokens so far "
@@ -102,11 +109,15 @@ def main(argv: list[str] | None = None) -> None:
                         ("--decode-first-max-tokens", args.decode_first_max_tokens)):
         if value is not None and args.routing != "cache-aware":  # refused, never silently ignored
             build_parser().error(f"{flag} applies to --routing cache-aware only (got --routing {args.routing})")
+    if args.vllm_args and args.api != "vllm":
+        build_parser().error(f"--vllm-args applies to --api vllm only (got --api {args.api})")
     # Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
     level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     if logging.getLogger().level > logging.INFO:  # a live plan change's steps are progress lines too
         logging.getLogger("router.plan_changes").setLevel(logging.INFO)
+    if not args.verbose:  # vLLM's OpenAI layer (--api vllm) logs its config at INFO on its own handler
+        logging.getLogger("vllm").setLevel(logging.WARNING)
     try:
         run(ServeOptions(
             host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             max_waiting=args.max_waiting, worker_host=args.worker_host, worker_link=args.worker_link,
             log_dir=args.log_dir, verbose=args.verbose, restart_workers=not args.no_restart,
             block_size=args.block_size, flexible_roles=args.flexible_roles, routing=args.routing,
-            max_migrations=args.max_migrations,
+            max_migrations=args.max_migrations, api=args.api, vllm_args=args.vllm_args,
             share_slack_requests=_or_default(args.share_slack_requests, DEFAULT_SHARE_SLACK_REQUESTS),
             decode_first_max_tokens=_or_default(args.decode_first_max_tokens, DEFAULT_DECODE_FIRST_MAX_TOKENS),
         ))

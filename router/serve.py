@@ -46,6 +46,7 @@ from router.worker_client import WorkerUnavailable
 log = logging.getLogger(__name__)
 
 LOADING_NOTE_EVERY_S = 30.0  # how often a start that is still loading says so
+API_LAYERS = ("hexserve", "vllm")  # the router's own OpenAI layer, or vLLM's over the cluster (router.vllm_api)
 
 
 class StartupError(RuntimeError):
@@ -84,6 +85,8 @@ class ServeOptions:
     decode_first_max_tokens: int = DEFAULT_DECODE_FIRST_MAX_TOKENS
     # Prefill and decode workers run a kv_both connector: POST /plan may flip their roles without a restart.
     flexible_roles: bool = False
+    api: str = "hexserve"  # API_LAYERS
+    vllm_args: str = ""  # with api "vllm": more `vllm serve` flags for its OpenAI layer
 
 
 def build_deployment(options: ServeOptions) -> Deployment:
@@ -152,6 +155,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
 
 async def _serve_reserved(options: ServeOptions, ready: asyncio.Event | None, listener: socket.socket) -> None:
     deployment = build_deployment(options)
+    frontend = await asyncio.to_thread(prepare_vllm_frontend, options, deployment) if options.api == "vllm" else None
     launcher = make_launcher(options, deployment)
     _say_starting(deployment, launcher)
     started_at = time.monotonic()
@@ -176,6 +180,8 @@ async def _serve_reserved(options: ServeOptions, ready: asyncio.Event | None, li
             metrics=metrics, plan_source=str(options.plan) if options.plan else "embedded default",
             plan_changes=plan_changes,
         )
+        if frontend is not None:
+            app = await frontend.app(app)
         if options.restart_workers:
             supervisor = asyncio.ensure_future(_supervise(launcher, options.restart_check_s))
         await _serve_http(app, options, deployment, ready, listener)
@@ -186,6 +192,18 @@ async def _serve_reserved(options: ServeOptions, ready: asyncio.Event | None, li
         await cluster.close()
         # uvicorn has finished in-flight HTTP requests (graceful); workers drain theirs.
         await asyncio.to_thread(launcher.stop)
+
+
+def prepare_vllm_frontend(options: ServeOptions, deployment: Deployment):
+    """vLLM's OpenAI layer for `--api vllm`, checked before any worker starts."""
+    from router.vllm_api import VllmFrontend
+
+    say("hexserve: preparing vLLM's OpenAI layer (--api vllm)")
+    try:
+        return VllmFrontend.prepare(deployment.model_path, deployment.served_model_name, deployment.max_model_len,
+                                    options.api_key, options.vllm_args)
+    except (ValueError, TypeError) as exc:  # vLLM's own config checks: the message names the flag
+        raise StartupError(f"vLLM's OpenAI layer refused its settings: {exc}") from None
 
 
 def _say_starting(deployment: Deployment, launcher) -> None:

@@ -84,12 +84,33 @@ class RouterProcess:
 
 def start_router(log_dir: Path, *args: str, api_key: str | None = None) -> RouterProcess:
     port = free_tcp_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "router", "serve", "--port", str(port), "--log-dir", str(log_dir), *args]
     if api_key:
         cmd += ["--api-key", api_key]
-    log = open(log_dir / "router.log", "ab")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return _started(cmd, port, log_dir, "router.log", dict(os.environ), api_key)
+
+
+def start_vllm_server(log_dir: Path, model_dir: str, *flags: str) -> RouterProcess:
+    """`vllm serve` of the model with the engine settings the router's workers use (engine.config)."""
+    from engine.config import tiny_model_settings
+
+    settings = tiny_model_settings(model=model_dir)
+    port = free_tcp_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port), "--disable-log-stats"]
+    for name, value in settings.engine_kwargs().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            cmd += [flag, str(value)]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(settings.cpu_kvcache_gib))
+    return _started(cmd + list(flags), port, log_dir, "vllm-serve.log", env, None)
+
+
+def _started(cmd: list[str], port: int, log_dir: Path, log_name: str, env: dict, api_key: str | None) -> RouterProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1"))
     router = RouterProcess(proc=proc, port=port, api_key=api_key, log_dir=log_dir)
     try:
         router.wait_healthy()

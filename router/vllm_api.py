@@ -1,0 +1,80 @@
+"""vLLM's own OpenAI app, served over the cluster (`router serve --api vllm`).
+
+vLLM's API server is built from its argument namespace, a `VllmConfig` and an
+`EngineClient` (vllm/entrypoints/launchers/api_server/entry.py: build_app,
+then init_app_state). The router builds the same three without an engine: the
+config from the model's files (no weights are loaded here), the client from
+router.engine_client. The router's own endpoints for operators (/health with
+per-worker state, /metrics, /plan) replace vLLM's of the same path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+ROUTER_PATHS = ("/health", "/metrics", "/plan")  # the router's, not vLLM's, at these paths
+
+
+def vllm_server_args(model_path: str, served_model_name: str, max_model_len: int, api_key: str | None,
+                     extra: str = "") -> argparse.Namespace:
+    """vLLM's `vllm serve` namespace for this model, plus the user's `extra` vLLM flags
+    (a tool-call parser, a chat template, ...); flags vLLM's parser refuses are refused here too."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="router serve --vllm-args"))
+    argv = ["--model", model_path, "--served-model-name", served_model_name, "--max-model-len", str(max_model_len),
+            "--disable-log-stats", *shlex.split(extra)]
+    if api_key:
+        argv += ["--api-key", api_key]
+    args = parser.parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+@dataclass(slots=True)
+class VllmFrontend:
+    """What vLLM's API server is built from, prepared before any worker starts (a bad
+    flag fails at once): its namespace, and the config, renderer and input processor
+    that its AsyncLLM would build, here without an engine (no weights are loaded)."""
+
+    args: argparse.Namespace
+    vllm_config: object
+    renderer: object
+    input_processor: object
+
+    @classmethod
+    def prepare(cls, model_path: str, served_model_name: str, max_model_len: int, api_key: str | None,
+                extra: str = "") -> VllmFrontend:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.renderers import renderer_from_config
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.input_processor import InputProcessor
+
+        args = vllm_server_args(model_path, served_model_name, max_model_len, api_key, extra)
+        vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+            usage_context=UsageContext.OPENAI_API_SERVER)
+        renderer = renderer_from_config(vllm_config)
+        return cls(args, vllm_config, renderer, InputProcessor(vllm_config, renderer))
+
+    async def app(self, router_app: FastAPI) -> FastAPI:
+        """vLLM's app over the router's cluster (its runner: admission, routes, metrics), with
+        the router's operator endpoints from `router_app` in place of vLLM's at those paths."""
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+
+        from router.engine_client import ClusterEngineClient
+
+        client = ClusterEngineClient(router_app.state.router.runner, self.vllm_config, self.renderer,
+                                     self.input_processor)
+        supported_tasks = await client.get_supported_tasks()
+        app = build_app(self.args, supported_tasks, client.model_config)
+        await init_app_state(client, app.state, self.args, supported_tasks)
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in ROUTER_PATHS]
+        app.router.routes.extend(r for r in router_app.router.routes if getattr(r, "path", None) in ROUTER_PATHS)
+        app.state.router = router_app.state.router
+        return app
