@@ -71,7 +71,7 @@ def _serve_router(prefill_ep: str, decode_ep: str, decode_kv: str, port: int, ro
         if api == "vllm":
             from router.vllm_api import VllmFrontend
 
-            app = await VllmFrontend.prepare(str(build_tiny_model()), TINY_MODEL_NAME, 1024, None).app(app)
+            app = await VllmFrontend.prepare(str(build_tiny_model()), TINY_MODEL_NAME, 1024).app(app)
         await uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")).serve()
 
     run_event_loop(main())

@@ -81,7 +81,10 @@ def to_sampling_params(sampling, kv_transfer_params: dict[str, Any] | None):
 
     params = sampling.clone()
     params.output_kind = RequestOutputKind.DELTA
-    params.extra_args = {"kv_transfer_params": dict(kv_transfer_params)} if kv_transfer_params else None
+    extra_args = {k: v for k, v in (params.extra_args or {}).items() if k != "kv_transfer_params"}
+    if kv_transfer_params:  # the client's other extra args (vllm_xargs) stay theirs
+        extra_args["kv_transfer_params"] = dict(kv_transfer_params)
+    params.extra_args = extra_args or None
     return params
 
 

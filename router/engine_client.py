@@ -36,7 +36,12 @@ from engine import control_protocol as proto
 from router.openai_schema import ApiError
 from router.runner import RequestRunner
 
-LABEL = "vllm"  # the requests metric's endpoint label for requests served through vLLM's layer
+# The requests metric's endpoint label, from the prefix vLLM's layer gives each request id.
+_LABELS = (("chatcmpl-", "chat"), ("cmpl-", "completions"), ("resp", "responses"))
+
+
+def endpoint_label(request_id: str) -> str:
+    return next((label for prefix, label in _LABELS if request_id.startswith(prefix)), "other")
 
 # A vLLM TokensInput's keys the cluster honours (arrival time and offsets are the frontend's own);
 # anything else (a cache salt, images, embeddings) is refused.
@@ -131,15 +136,22 @@ class ClusterEngineClient(EngineClient):
                        trace_headers=None, priority: int = 0, data_parallel_rank: int | None = None,
                        session_id: str | None = None, kv_hints=None, reasoning_ended: bool | None = None,
                        reasoning_parser_kwargs=None) -> AsyncGenerator[RequestOutput, None]:
+        if "kv_transfer_params" in (sampling_params.extra_args or {}):
+            raise VLLMValidationError("kv_transfer_params is not supported by this server: the router moves the "
+                                      "KV between its own workers; send it unset", parameter="kv_transfer_params")
         _refuse_unsupported(prompt, dict(lora_request=lora_request, priority=priority,
                                          data_parallel_rank=data_parallel_rank, session_id=session_id,
                                          kv_hints=kv_hints, reasoning_ended=reasoning_ended))
+        # vLLM's own checks, as its AsyncLLM runs them before an engine sees the request
+        # (token ids in the vocabulary, the context length, structured-output schemas, ...).
+        self.input_processor.process_inputs(request_id, prompt, sampling_params, ("generate",))
         prompt_ids = list(prompt["prompt_token_ids"])
+        label = endpoint_label(request_id)
         text = prompt_text if prompt_text is not None else prompt.get("prompt")
         kind = sampling_params.output_kind
         sequences = [_Sequence(i) for i in range(sampling_params.n)]
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._run_child(i, prompt_ids, child, queue))
+        tasks = [asyncio.ensure_future(self._run_child(i, prompt_ids, child, label, queue))
                  for i, child in enumerate(_children(sampling_params))]
         self._running[request_id] = tasks
         prompt_logprobs, pending = None, len(tasks)
@@ -169,10 +181,10 @@ class ClusterEngineClient(EngineClient):
             await asyncio.gather(*tasks, return_exceptions=True)
             self._running.pop(request_id, None)
 
-    async def _run_child(self, index: int, prompt_ids: list[int], sampling: SamplingParams,
+    async def _run_child(self, index: int, prompt_ids: list[int], sampling: SamplingParams, label: str,
                          queue: asyncio.Queue) -> None:
         try:
-            async with contextlib.aclosing(self.runner.stream(prompt_ids, sampling, LABEL)) as stream:
+            async with contextlib.aclosing(self.runner.stream(prompt_ids, sampling, label)) as stream:
                 async for output in stream:
                     if output.error:
                         raise GracefulHTTPError(output.error, HTTPStatus.SERVICE_UNAVAILABLE)

@@ -85,7 +85,7 @@ class ServeOptions:
     decode_first_max_tokens: int = DEFAULT_DECODE_FIRST_MAX_TOKENS
     # Prefill and decode workers run a kv_both connector: POST /plan may flip their roles without a restart.
     flexible_roles: bool = False
-    api: str = "hexserve"  # API_LAYERS
+    api: str = "vllm"  # API_LAYERS
     vllm_args: str = ""  # with api "vllm": more `vllm serve` flags for its OpenAI layer
 
 
@@ -198,10 +198,10 @@ def prepare_vllm_frontend(options: ServeOptions, deployment: Deployment):
     """vLLM's OpenAI layer for `--api vllm`, checked before any worker starts."""
     from router.vllm_api import VllmFrontend
 
-    say("hexserve: preparing vLLM's OpenAI layer (--api vllm)")
+    say("hexserve: preparing vLLM's OpenAI layer")
     try:
         return VllmFrontend.prepare(deployment.model_path, deployment.served_model_name, deployment.max_model_len,
-                                    options.api_key, options.vllm_args)
+                                    options.vllm_args)
     except (ValueError, TypeError) as exc:  # vLLM's own config checks: the message names the flag
         raise StartupError(f"vLLM's OpenAI layer refused its settings: {exc}") from None
 

@@ -5,7 +5,9 @@ vLLM's API server is built from its argument namespace, a `VllmConfig` and an
 then init_app_state). The router builds the same three without an engine: the
 config from the model's files (no weights are loaded here), the client from
 router.engine_client. The router's own endpoints for operators (/health with
-per-worker state, /metrics, /plan) replace vLLM's of the same path.
+per-worker state, /metrics, /plan) replace vLLM's of the same path, and the
+router's own guard stands in front (one home for the API key and the body
+limit, with OpenAI-shaped errors: router.prepare).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fastapi import FastAPI
 ROUTER_PATHS = ("/health", "/metrics", "/plan")  # the router's, not vLLM's, at these paths
 
 
-def vllm_server_args(model_path: str, served_model_name: str, max_model_len: int, api_key: str | None,
+def vllm_server_args(model_path: str, served_model_name: str, max_model_len: int,
                      extra: str = "") -> argparse.Namespace:
     """vLLM's `vllm serve` namespace for this model, plus the user's `extra` vLLM flags
     (a tool-call parser, a chat template, ...); flags vLLM's parser refuses are refused here too."""
@@ -29,8 +31,6 @@ def vllm_server_args(model_path: str, served_model_name: str, max_model_len: int
     parser = make_arg_parser(FlexibleArgumentParser(prog="router serve --vllm-args"))
     argv = ["--model", model_path, "--served-model-name", served_model_name, "--max-model-len", str(max_model_len),
             "--disable-log-stats", *shlex.split(extra)]
-    if api_key:
-        argv += ["--api-key", api_key]
     args = parser.parse_args(argv)
     validate_parsed_serve_args(args)
     return args
@@ -48,20 +48,20 @@ class VllmFrontend:
     input_processor: object
 
     @classmethod
-    def prepare(cls, model_path: str, served_model_name: str, max_model_len: int, api_key: str | None,
+    def prepare(cls, model_path: str, served_model_name: str, max_model_len: int,
                 extra: str = "") -> VllmFrontend:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.renderers import renderer_from_config
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.input_processor import InputProcessor
 
-        args = vllm_server_args(model_path, served_model_name, max_model_len, api_key, extra)
+        args = vllm_server_args(model_path, served_model_name, max_model_len, extra)
         vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
             usage_context=UsageContext.OPENAI_API_SERVER)
         renderer = renderer_from_config(vllm_config)
         return cls(args, vllm_config, renderer, InputProcessor(vllm_config, renderer))
 
-    async def app(self, router_app: FastAPI) -> FastAPI:
+    async def app(self, router_app: FastAPI) -> RouterGuard:
         """vLLM's app over the router's cluster (its runner: admission, routes, metrics), with
         the router's operator endpoints from `router_app` in place of vLLM's at those paths."""
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -77,4 +77,61 @@ class VllmFrontend:
         app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in ROUTER_PATHS]
         app.router.routes.extend(r for r in router_app.router.routes if getattr(r, "path", None) in ROUTER_PATHS)
         app.state.router = router_app.state.router
-        return app
+        # Wrapped, not add_middleware: vLLM's build has already built the middleware stack.
+        return RouterGuard(app, router_app.state.router.settings)
+
+
+class RouterGuard:
+    """In front of vLLM's app: the API key on /v1 (as vLLM guards it) and the body limit,
+    refused the way the router's own layer refuses them (401 / 413, OpenAI error bodies)."""
+
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from router.openai_schema import ApiError
+        from router.prepare import check_auth
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if scope["path"].startswith("/v1"):
+                check_auth(headers.get("authorization"), self.settings.api_key)
+            body = await self._read_body(receive, headers.get("content-length"))
+        except ApiError as exc:
+            return await _send_json(send, exc.status_code, exc.body())
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # then the disconnect, when the client goes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive, declared: str | None) -> bytes:
+        from router.openai_schema import ApiError
+
+        limit = self.settings.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds the {limit}-byte limit")
+            if not message.get("more_body"):
+                return bytes(body)
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    import json
+
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})

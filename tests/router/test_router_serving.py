@@ -186,11 +186,11 @@ def test_metrics_count_requests_and_kv_transfers(embedded_router):
 
 
 @pytest.mark.parametrize("body, headers, status, fragment", [
-    (b"{not json", None, 400, "not valid JSON"),
+    (b"{not json", None, 400, "JSON decode error"),
     (json.dumps({"model": "gpt-9", "prompt": "x"}).encode(), None, 404, "does not exist"),
-    (json.dumps({"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 100000}).encode(), None, 400, "context"),
+    (json.dumps({"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 100000}).encode(), None, 400, "max_model_len"),
     (json.dumps({"model": TINY_MODEL_NAME}).encode(), None, 400, "prompt"),
-    (json.dumps({"model": TINY_MODEL_NAME, "prompt": "x", "n": 2}).encode(), None, 400, "n"),
+    (json.dumps({"model": TINY_MODEL_NAME, "prompt": "x", "priority": 2}).encode(), None, 400, "priority"),
     (json.dumps({"model": TINY_MODEL_NAME, "prompt": "x", "temperature": -1}).encode(), None, 400, "temperature"),
     (json.dumps({"model": TINY_MODEL_NAME, "prompt": [999999]}).encode(), None, 400, "vocabulary"),
     (json.dumps({"model": TINY_MODEL_NAME, "prompt": "x"}).encode(), {"Authorization": "Bearer wrong"}, 401, "API key"),

@@ -133,8 +133,9 @@ def test_router_start_shows_progress_and_ready_and_no_engine_logs(embedded_route
         time.sleep(0.5)  # the line follows uvicorn's start, which /health already answered
     text = out_path.read_text()
     lines = text.splitlines()
-    assert lines[0] == (f"hexserve: starting 2 worker(s) of 'hexserve-tiny-llama'; worker logs in "
-                        f"{embedded_router.log_dir}/ (--verbose shows them here)"), text[:2000]
+    assert lines[:2] == ["hexserve: preparing vLLM's OpenAI layer",  # the default --api vllm
+                         f"hexserve: starting 2 worker(s) of 'hexserve-tiny-llama'; worker logs in "
+                         f"{embedded_router.log_dir}/ (--verbose shows them here)"], text[:2000]
     for worker in ("prefill-0", "decode-0"):
         role = worker.split("-")[0]
         assert f"  {worker} ({role}): starting, loading the model" in lines, text[:2000]

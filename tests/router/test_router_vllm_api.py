@@ -152,6 +152,34 @@ def test_the_same_request_gets_the_same_answer_as_from_vllm_serve(vllm_api_route
         assert ours["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
+def test_a_batch_of_prompts_and_the_responses_api(client, reference_llm, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    prompts = [PROMPT, "The quick brown fox"]
+    answer = client.completions.create(model=TINY_MODEL_NAME, prompt=prompts, max_tokens=6, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert sorted(c.index for c in answer.choices) == [0, 1]
+    for choice in answer.choices:
+        expected = _reference(reference_llm, tokenizer.encode(prompts[choice.index]), max_tokens=6, temperature=0.0)
+        assert choice.token_ids == list(expected.outputs[0].token_ids)
+    response = client.responses.create(model=TINY_MODEL_NAME, input=PROMPT, max_output_tokens=6, temperature=0)
+    assert response.output_text and response.usage.output_tokens == 6
+    anthropic = httpx.post(f"{client.base_url}messages", timeout=60, json={  # vLLM's Anthropic Messages API
+        "model": TINY_MODEL_NAME, "max_tokens": 5, "messages": [{"role": "user", "content": PROMPT}]})
+    assert anthropic.status_code == 200, anthropic.text
+    assert anthropic.json()["usage"]["output_tokens"] == 5 and anthropic.json()["stop_reason"] == "max_tokens"
+
+
+def test_logit_bias_keeps_a_forbidden_token_out(client):
+    greedy = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"return_token_ids": True}).choices[0].token_ids
+    banned = greedy[0]
+    biased = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logit_bias={str(banned): -100}, extra_body={"return_token_ids": True})
+    assert banned not in biased.choices[0].token_ids
+
+
 def test_streamed_tokens_equal_the_whole_answer(client):
     body = dict(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=1)
     whole = client.completions.create(**body).choices[0]
@@ -171,7 +199,7 @@ def test_tokenize_detokenize_round_trip_and_the_routers_operator_endpoints(vllm_
     assert health["status"] == "ok" and {w["role"] for w in health["workers"].values()} == {"prefill", "decode"}
     assert httpx.get(f"{base}/v1/models").json()["data"][0]["max_model_len"] == 1024
     metrics = httpx.get(f"{base}/metrics").text
-    assert 'hexserve_requests_total{endpoint="vllm",status="ok"}' in metrics
+    assert 'hexserve_requests_total{endpoint="completions",status="ok"}' in metrics
     assert "routes" in httpx.get(f"{base}/plan").json()
 
 
