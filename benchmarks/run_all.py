@@ -40,6 +40,7 @@ BENCHMARKS = (
     Benchmark("kvtransfer_e2e", ("--repeats", "9"), ("--repeats", "3", "--lengths", "64", "512", "--accuracy-prompts", "8"),
               "kvtransfer_e2e.md"),
     Benchmark("router_overhead", (), ("--requests", "100"), "router_overhead.md"),
+    Benchmark("n_sequences", (), ("--trials", "2"), "n_sequences.md"),
     Benchmark("loadtest_replay", (), ("--max-requests", "40", "--duration", "20"), "loadtest_replay.md"),
     Benchmark("sim_validate", (), ("--rate-scales", "1", "--max-requests", "50", "--duration", "20"), "sim_validate_vllm.md"),
     Benchmark("prefix_reuse_sim", (), ("--quick",), "prefix_reuse_sim.md"),
