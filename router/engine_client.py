@@ -141,7 +141,8 @@ class ClusterEngineClient(EngineClient):
                                       "KV between its own workers; send it unset", parameter="kv_transfer_params")
         _refuse_unsupported(prompt, dict(lora_request=lora_request, priority=priority,
                                          data_parallel_rank=data_parallel_rank, session_id=session_id,
-                                         kv_hints=kv_hints, reasoning_ended=reasoning_ended))
+                                         kv_hints=kv_hints, reasoning_ended=reasoning_ended,
+                                         reasoning_parser_kwargs=reasoning_parser_kwargs))
         # vLLM's own checks, as its AsyncLLM runs them before an engine sees the request
         # (token ids in the vocabulary, the context length, structured-output schemas, ...).
         self.input_processor.process_inputs(request_id, prompt, sampling_params, ("generate",))

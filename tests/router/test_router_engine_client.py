@@ -97,6 +97,7 @@ def test_a_worker_error_reaches_vllms_layer_as_a_503():
     (dict(data_parallel_rank=1), "data_parallel_rank"),
     (dict(session_id="s"), "session_id"),
     (dict(reasoning_ended=True), "reasoning_ended"),
+    (dict(reasoning_parser_kwargs={"x": 1}), "reasoning_parser_kwargs"),
     (dict(prompt={"type": "token", "prompt_token_ids": [1], "cache_salt": "t"}), "cache_salt"),
     (dict(prompt={"type": "embeds", "prompt_embeds": None}), "prompt"),
 ])
@@ -118,3 +119,39 @@ def test_client_kv_transfer_params_are_refused_and_other_extra_args_reach_the_en
 def test_endpoint_labels_come_from_vllms_request_ids():
     assert [endpoint_label(r) for r in ("cmpl-abc-0", "chatcmpl-abc", "resp_abc", "x")] == [
         "completions", "chat", "responses", "other"]
+
+
+def test_every_option_vllms_layer_passes_to_generate_is_honoured_or_refused():
+    """A vLLM upgrade that adds a generate() option fails here until the client honours or refuses it."""
+    import inspect
+
+    from vllm.engine.protocol import EngineClient
+
+    theirs = set(inspect.signature(EngineClient.generate).parameters)
+    ours = set(inspect.signature(ClusterEngineClient.generate).parameters)
+    assert theirs == ours
+    # tokenization_kwargs: the prompt arrives tokenized; trace_headers: tracing is off (is_tracing_enabled).
+    honoured = {"self", "prompt", "sampling_params", "request_id", "prompt_text", "tokenization_kwargs",
+                "trace_headers"}
+    refused = {"lora_request", "priority", "data_parallel_rank", "session_id", "kv_hints", "reasoning_ended",
+               "reasoning_parser_kwargs"}
+    assert theirs == honoured | refused
+
+
+def test_every_sampling_field_crosses_the_wire_as_set():
+    """The workers run the client's SamplingParams whole: each public field, set away from its
+    default, arrives as sent (structured outputs, logit bias, penalties, logprobs, ...)."""
+    import msgspec
+    from vllm.sampling_params import StructuredOutputsParams
+
+    sampling = SamplingParams(
+        n=1, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.2, temperature=0.7, top_p=0.9,
+        top_k=5, min_p=0.05, seed=11, stop=["x"], stop_token_ids=[7], ignore_eos=True, max_tokens=9, min_tokens=2,
+        logprobs=2, prompt_logprobs=1, skip_special_tokens=False, spaces_between_special_tokens=False,
+        include_stop_str_in_output=True, structured_outputs=StructuredOutputsParams(regex="[ab]+"),
+        logit_bias={3: -5.0}, allowed_token_ids=[3, 4, 5], extra_args={"mine": 1}, bad_words=["zz"])
+    message = proto.Submit(version=proto.PROTOCOL_VERSION, request_id="r", prompt_token_ids=[1], sampling=sampling)
+    decoded = proto.decode(proto.encode(message)).sampling
+    for name in SamplingParams.__struct_fields__:
+        if not name.startswith("_"):
+            assert msgspec.to_builtins(getattr(decoded, name)) == msgspec.to_builtins(getattr(sampling, name)), name
