@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import re
 import statistics
@@ -34,9 +33,9 @@ from pathlib import Path
 import httpx
 
 from benchmarks.loadtest_servers import router_server
+from benchmarks.results_files import write_results
 from common.ports import free_tcp_port
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("river stone cloud lantern orchard copper meadow signal harbor falcon ember quartz willow "
          "canyon thunder velvet glacier compass saffron beacon").split()
 
@@ -113,18 +112,10 @@ def _write(rows: list[dict], arms: tuple[str, ...], args) -> None:
                         "prompt_computed_median": statistics.median(r["prompt_computed"] for r in mine),
                         "prompt_cached_median": statistics.median(r["prompt_cached"] for r in mine)})
     unit = summary[0]["wall_s_median"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "n_sequences.json").write_text(json.dumps(
-        {"settings": vars(args), "rows": rows, "summary": summary}, indent=2))
-    lines = ["| arm | sequences | wall s (median) | × n1 | prompt tokens computed | prompt tokens from cache |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for s in summary:
-        lines.append(f"| {s['arm']} | {s['sequences']} | {s['wall_s_median']:.2f} | {s['wall_s_median'] / unit:.2f} | "
-                     f"{s['prompt_computed_median']:.0f} | {s['prompt_cached_median']:.0f} |")
-    table = "\n".join(lines)
-    (RESULTS / "n_sequences.md").write_text(table + "\n")
-    print(table)
-
+    write_results("n_sequences", {"settings": vars(args), "rows": rows, "summary": summary},
+                  ["arm", "sequences", "wall s (median)", "× n1", "prompt tokens computed", "prompt tokens from cache"],
+                  [[s["arm"], str(s["sequences"]), f"{s['wall_s_median']:.2f}", f"{s['wall_s_median'] / unit:.2f}",
+                    f"{s['prompt_computed_median']:.0f}", f"{s['prompt_cached_median']:.0f}"] for s in summary])
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import httpx
 import zmq.asyncio
 
 from benchmarks.loadtest_servers import wait_ready
+from benchmarks.results_files import write_results
 from common.roles import Role
 from vllm.sampling_params import SamplingParams
 from engine import control_protocol as proto
@@ -41,7 +41,6 @@ from engine.worker_spec import WorkerSpec
 from router.serve import API_LAYERS
 from router.worker_client import WorkerClient
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TOKENS = 16
 
 
@@ -192,18 +191,15 @@ def _measure_routing(routing: str, api: str, args) -> list[dict]:
 
 
 def _write(rows: list[dict]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "router_overhead.json").write_text(json.dumps({"rows": rows, "machine_cores": os.cpu_count()}, indent=2))
-    lines = ["| api | routing | mode | conc. | direct p50 / p99 ms | router p50 / p99 ms | added p50 / p99 ms | direct req/s | router req/s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['api']} | {r['routing']} | {r['mode']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} | "
-                     f"{r['router_p50_ms']:.2f} / {r['router_p99_ms']:.2f} | {r['added_p50_ms']:.2f} / {r['added_p99_ms']:.2f} | "
-                     f"{r['direct_rps']:.0f} | {r['router_rps']:.0f} | {r['router_over_direct_rps']:.2f} |")
-    table = "\n".join(lines)
-    (RESULTS / "router_overhead.md").write_text(table + "\n")
-    print(table)
-
+    write_results("router_overhead", {"rows": rows, "machine_cores": os.cpu_count()},
+                  ["api", "routing", "mode", "conc.", "direct p50 / p99 ms", "router p50 / p99 ms",
+                   "added p50 / p99 ms", "direct req/s", "router req/s", "ratio"],
+                  [[r["api"], r["routing"], r["mode"], str(r["concurrency"]),
+                    f"{r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f}",
+                    f"{r['router_p50_ms']:.2f} / {r['router_p99_ms']:.2f}",
+                    f"{r['added_p50_ms']:.2f} / {r['added_p99_ms']:.2f}",
+                    f"{r['direct_rps']:.0f}", f"{r['router_rps']:.0f}", f"{r['router_over_direct_rps']:.2f}"]
+                   for r in rows])
 
 if __name__ == "__main__":
     main()
