@@ -34,11 +34,15 @@ from loadtest.runner import RunConfig, build_prompts, run
 from loadtest.workload import WorkloadConfig, build_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Each target: the router's extra arguments (None: plain vLLM).
+TARGETS = {"router": (), "router-hexserve": ("--api", "hexserve"), "vllm": None}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="router,vllm")
+    ap.add_argument("--targets", default="router,vllm",
+                    help="router (vLLM's OpenAI layer over the cluster, the default), router-hexserve (the "
+                         "router's own layer), vllm (one colocated vllm serve); two give a comparison table")
     ap.add_argument("--trace", default="azure-conv")
     ap.add_argument("--rate-scale", type=float, default=1.0)
     ap.add_argument("--max-requests", type=int, default=120)
@@ -55,9 +59,13 @@ def main(argv=None) -> int:
                           max_output_tokens=args.max_output_tokens)
     workload = build_workload(wcfg, load_trace(args.trace))
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    targets = [t.strip() for t in args.targets.split(",")]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        ap.error(f"--targets: unknown {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     results = {}
-    for i, target in enumerate(t.strip() for t in args.targets.split(",")):
-        server = router_server(port=8300) if target == "router" else vllm_server(port=8100)
+    for i, target in enumerate(targets):
+        server = vllm_server(port=8100) if target == "vllm" else router_server(port=8300, extra_args=TARGETS[target])
         # The same lengths and arrivals for both; fresh token ids per target so that
         # neither sees the other's prompts (they are separate servers anyway).
         prompts = build_prompts(PromptBuilder(tokenizer, "ids", seed=4242 + i), workload)
