@@ -53,16 +53,16 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--out", default=str(RESULTS / "loadtest_replay"))
     args = ap.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",")]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        ap.error(f"--targets: unknown {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     tokenizer = load_tokenizer(tiny_model_dir())
     wcfg = WorkloadConfig(arrival="trace", rate_scale=args.rate_scale, max_requests=args.max_requests,
                           duration_s=args.duration, max_input_tokens=args.max_input_tokens,
                           max_output_tokens=args.max_output_tokens)
     workload = build_workload(wcfg, load_trace(args.trace))
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
-    targets = [t.strip() for t in args.targets.split(",")]
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        ap.error(f"--targets: unknown {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     results = {}
     for i, target in enumerate(targets):
         server = vllm_server(port=8100) if target == "vllm" else router_server(port=8300, extra_args=TARGETS[target])

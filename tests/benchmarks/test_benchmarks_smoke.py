@@ -43,3 +43,11 @@ def test_kv_throughput_benchmark_tiny_run_writes_its_table(tmp_path):
     assert "- ipc, connector path, xxh3:" in table and "- ipc, transport only, xxh3:" in table
     for row in rows:  # the connector path packs the 32 small layers into one message and loads them
         assert row["connector_messages"] == 1 and all(value > 0 for value in row["load_s"].values())
+
+
+def test_loadtest_replay_refuses_an_unknown_target_before_starting_anything(capsys):
+    from benchmarks import loadtest_replay
+
+    with pytest.raises(SystemExit) as stopped:
+        loadtest_replay.main(["--targets", "router,bogus"])
+    assert stopped.value.code == 2 and "unknown 'bogus'" in capsys.readouterr().err
