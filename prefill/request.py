@@ -19,7 +19,9 @@ def prefill_sampling(client: SamplingParams) -> SamplingParams:
     """The prefill request's sampling for a client request with these options."""
     if client.prompt_logprobs is None:
         return PREFILL_SAMPLING
-    return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=client.prompt_logprobs)
+    with_prompt_logprobs = PREFILL_SAMPLING.clone()
+    with_prompt_logprobs.prompt_logprobs = client.prompt_logprobs
+    return with_prompt_logprobs
 
 
 def prefill_kv_params(decode: WorkerSpec, transfer_id: str, kv_connector: str,

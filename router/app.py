@@ -102,14 +102,17 @@ async def health(request: Request) -> JSONResponse:
     cluster = _state(request).cluster
     workers = {c.worker_id: {"role": c.info.role.value, "healthy": c.healthy,
                              "outstanding_tokens": c.outstanding_tokens} for c in cluster.clients.values()}
-    # "degraded": no prefill->decode route, but workers that can serve requests alone.
-    if cluster.any_route_healthy():
-        status = "ok"
-    elif any(c.healthy for c in cluster.clients.values()):
-        status = "degraded"
-    else:
-        status = "unavailable"
+    status = serving_status(cluster)
     return JSONResponse({"status": status, "workers": workers}, status_code=503 if status == "unavailable" else 200)
+
+
+def serving_status(cluster: Cluster) -> str:
+    """ok; "degraded": no prefill->decode route, but workers that can serve requests alone; or unavailable."""
+    if cluster.any_route_healthy():
+        return "ok"
+    if any(c.healthy for c in cluster.clients.values()):
+        return "degraded"
+    return "unavailable"
 
 
 async def tokenize_endpoint(request: Request) -> JSONResponse:

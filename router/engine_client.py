@@ -33,6 +33,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from engine import control_protocol as proto
+from router.app import serving_status
 from router.openai_schema import ApiError
 from router.runner import RequestRunner
 
@@ -227,8 +228,7 @@ class ClusterEngineClient(EngineClient):
         return RuntimeError("the router's cluster has stopped")
 
     async def check_health(self) -> None:
-        if not self.runner.cluster.any_route_healthy() and not any(
-                c.healthy for c in self.runner.cluster.clients.values()):
+        if serving_status(self.runner.cluster) == "unavailable":
             raise RuntimeError("no worker is healthy")
 
     def shutdown(self, timeout: float | None = None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -73,15 +74,21 @@ def check_auth(authorization: str | None, api_key: str | None) -> None:
 
 async def read_json_body(request: Request, max_body_bytes: int) -> dict:
     """The body as a JSON object, read no further than `max_body_bytes` (413 past it)."""
-    declared = request.headers.get("content-length")
+    return parse_json_object(await read_limited_body(request.stream(), request.headers.get("content-length"),
+                                                     max_body_bytes))
+
+
+async def read_limited_body(chunks: AsyncIterator[bytes], declared: str | None, max_body_bytes: int) -> bytes:
+    """A request body from its `chunks`, refused (413) once past `max_body_bytes`, or at
+    once when its Content-Length (`declared`) already says so."""
     if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
         raise ApiError(413, f"request body of {declared} bytes exceeds the {max_body_bytes}-byte limit")
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in chunks:
         body += chunk
         if len(body) > max_body_bytes:
             raise ApiError(413, f"request body exceeds the {max_body_bytes}-byte limit")
-    return parse_json_object(bytes(body))
+    return bytes(body)
 
 
 def parse_json_object(body: bytes) -> dict:

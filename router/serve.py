@@ -169,7 +169,9 @@ async def _serve_reserved(options: ServeOptions, ready: asyncio.Event | None, li
                                ready_timeout_s=options.worker_ready_timeout_s)
     try:
         await cluster.start(process_alive=launcher.alive_checks())
-        tokenizer = await asyncio.to_thread(load_tokenizer, deployment.model_path)
+        # vLLM's layer brought the model's tokenizer already (its renderer's): not loaded twice.
+        tokenizer = (frontend.renderer.tokenizer if frontend is not None
+                     else await asyncio.to_thread(load_tokenizer, deployment.model_path))
         await _wait_ready(cluster, launcher, options.worker_ready_timeout_s, started_at)
         app = create_app(
             cluster,

@@ -13,10 +13,14 @@ limit, with OpenAI-shaped errors: router.prepare).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from dataclasses import dataclass
 
 from fastapi import FastAPI
+
+from router.openai_schema import ApiError
+from router.prepare import RouterSettings, check_auth, read_limited_body
 
 ROUTER_PATHS = ("/health", "/metrics", "/plan")  # the router's, not vLLM's, at these paths
 
@@ -85,20 +89,18 @@ class RouterGuard:
     """In front of vLLM's app: the API key on /v1 (as vLLM guards it) and the body limit,
     refused the way the router's own layer refuses them (401 / 413, OpenAI error bodies)."""
 
-    def __init__(self, app, settings):
+    def __init__(self, app, settings: RouterSettings):
         self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from router.openai_schema import ApiError
-        from router.prepare import check_auth
-
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             if scope["path"].startswith("/v1"):
                 check_auth(headers.get("authorization"), self.settings.api_key)
-            body = await self._read_body(receive, headers.get("content-length"))
+            body = await read_limited_body(_body_chunks(receive), headers.get("content-length"),
+                                           self.settings.max_body_bytes)
         except ApiError as exc:
             return await _send_json(send, exc.status_code, exc.body())
         replayed = False
@@ -112,25 +114,17 @@ class RouterGuard:
 
         await self.app(scope, replay, send)
 
-    async def _read_body(self, receive, declared: str | None) -> bytes:
-        from router.openai_schema import ApiError
 
-        limit = self.settings.max_body_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > limit:
-                raise ApiError(413, f"request body exceeds the {limit}-byte limit")
-            if not message.get("more_body"):
-                return bytes(body)
+async def _body_chunks(receive):
+    """An ASGI request's body, chunk by chunk."""
+    while True:
+        message = await receive()
+        yield message.get("body", b"")
+        if not message.get("more_body"):
+            return
 
 
 async def _send_json(send, status: int, payload: dict) -> None:
-    import json
-
     data = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
