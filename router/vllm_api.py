@@ -13,6 +13,7 @@ limit, with OpenAI-shaped errors: router.prepare).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 from dataclasses import dataclass
@@ -34,10 +35,33 @@ def vllm_server_args(model_path: str, served_model_name: str, max_model_len: int
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="router serve --vllm-args"))
     argv = ["--model", model_path, "--served-model-name", served_model_name, "--max-model-len", str(max_model_len),
-            "--disable-log-stats", *shlex.split(extra)]
-    args = parser.parse_args(argv)
+            "--disable-log-stats"]
+    args = parser.parse_args(argv + shlex.split(extra))
+    _refuse_what_the_layer_cannot_set(args, parser.parse_args(argv))
     validate_parsed_serve_args(args)
     return args
+
+
+# vLLM server flags the router's own HTTP server or options own: set there, not through --vllm-args.
+_ROUTER_OWNED = {"host", "port", "uds", "api_key", "api_server_count", "enable_ssl_refresh",
+                 "disable_uvicorn_access_log", "uvicorn_log_level"}
+_ROUTER_OWNED_PREFIXES = ("ssl_", "h11_")
+
+
+def _refuse_what_the_layer_cannot_set(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+    """--vllm-args configures vLLM's OpenAI layer only: an engine flag would reach no worker,
+    and a server flag no listening socket, so either is refused by name rather than ignored."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for dest in sorted(k for k, v in vars(args).items() if vars(defaults).get(k) != v):
+        flag = "--" + dest.replace("_", "-")
+        if dest in engine_fields:
+            raise ValueError(f"--vllm-args: {flag} configures the engines, which this router starts from its "
+                             "plan and its own options (router serve --help); it cannot be set here")
+        if dest in _ROUTER_OWNED or dest.startswith(_ROUTER_OWNED_PREFIXES):
+            raise ValueError(f"--vllm-args: {flag} belongs to the router's own HTTP server; use router serve's "
+                             "own options (--host, --port, --api-key)")
 
 
 @dataclass(slots=True)

@@ -155,3 +155,20 @@ def test_every_sampling_field_crosses_the_wire_as_set():
     for name in SamplingParams.__struct_fields__:
         if not name.startswith("_"):
             assert msgspec.to_builtins(getattr(decoded, name)) == msgspec.to_builtins(getattr(sampling, name)), name
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ("--port 9000", "--port belongs to the router's own HTTP server"),
+    ("--api-key k", "--api-key belongs to the router's own HTTP server"),
+    ("--ssl-keyfile k.pem", "--ssl-keyfile belongs"),
+    ("--max-model-len 512", "--max-model-len configures the engines"),
+    ("--reasoning-parser deepseek_r1", "--reasoning-parser configures the engines"),
+    ("--gpu-memory-utilization 0.5", "--gpu-memory-utilization configures the engines"),
+])
+def test_vllm_args_that_would_reach_no_worker_or_socket_are_refused(tiny_model_dir, extra, fragment):
+    from router.vllm_api import vllm_server_args
+
+    with pytest.raises(ValueError, match=fragment):
+        vllm_server_args(tiny_model_dir, "tiny", 1024, extra)
+    layer_only = vllm_server_args(tiny_model_dir, "tiny", 1024, "--enable-auto-tool-choice --tool-call-parser hermes")
+    assert layer_only.tool_call_parser == "hermes" and layer_only.enable_auto_tool_choice
