@@ -123,7 +123,10 @@ class WorkerServer:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from engine import detokenizer_fix
+
         self.settings.apply_process_env()
+        detokenizer_fix.install()  # a migrated stream's prompt may end mid-character (vLLM #48853)
         if self.settings.kv_events_endpoint:
             prepare_bind(self.settings.kv_events_endpoint)  # vLLM's publisher binds it, before our sockets exist
         return AsyncLLM.from_engine_args(

@@ -66,6 +66,20 @@ def test_completion_tokens_equal_colocated_engine(embedded_router, reference_llm
     assert choice.finish_reason == "length"
 
 
+def test_a_token_prompt_ending_mid_character_streams_only_new_text(embedded_router, tokenizer):
+    """Like a migrated stream's prompt: the workers' detokenizer must not leak the prompt (vLLM #48853)."""
+    whole_prompt = tokenizer.encode("Hello there")
+    prompt = whole_prompt + tokenizer.encode("€", add_special_tokens=False)[:1]
+    chunks = list(_client(embedded_router).completions.create(
+        model=TINY_MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True}))
+    generated = [t for c in chunks for t in c.choices[0].token_ids or []]
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert len(generated) == 12
+    full_text = tokenizer.decode(prompt + generated, skip_special_tokens=True)
+    assert streamed == full_text[len(tokenizer.decode(whole_prompt, skip_special_tokens=True)):]
+
+
 def test_streaming_completion_equals_non_streaming(embedded_router):
     client = _client(embedded_router)
     kwargs = dict(model=TINY_MODEL_NAME, prompt=PROMPTS[1], max_tokens=20, temperature=0,
