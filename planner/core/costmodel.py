@@ -193,19 +193,3 @@ def kv_shard_fraction(model: ModelSpec, layers: int, tp: int) -> float:
     """Share of a request's KV one GPU of a stage holds (KV heads replicate when tp > kv heads:
     ``kv_replication / tp`` of the stage's layers)."""
     return layers / model.num_layers / min(tp, model.num_key_value_heads)
-
-
-def mdl_queue_capacity(service_s: float, latency_s: float, budget_s: float) -> float:
-    """Highest arrival rate (req/s) at which latency plus M/D/1 queueing stays within ``budget_s``.
-
-    A pipeline that accepts one request every ``service_s`` seconds and finishes
-    it ``latency_s`` after it starts waits ``rho * service / (2 (1 - rho))`` on
-    average at utilisation ``rho`` (Pollaczek-Khinchine, deterministic service;
-    DistServe models prefill the same way). Solving ``latency + wait <= budget``
-    for rho gives ``rho = 2 slack / (service + 2 slack)``.
-    """
-    slack = budget_s - latency_s
-    if slack <= 0 or service_s <= 0:
-        return 0.0
-    rho = 2 * slack / (service_s + 2 * slack)
-    return rho / service_s

@@ -31,6 +31,7 @@ class PhasePerf:
     batch: int = 0  # decode/colocated: concurrent requests at capacity
     ttft_s: float = 0.0  # predicted TTFT at capacity, excluding the KV transfer
     kv_budget_s: float = 0.0  # prefill: how long a KV transfer may take within the TTFT SLO
+    queue_variability: float = 0.5  # prefill/colocated: Kingman's V of its queue (planner.core.queueing)
 
     @property
     def pp(self) -> int:

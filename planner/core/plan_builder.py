@@ -4,7 +4,7 @@ GPUs get their names (``node:index``, handed out in plan order), each group
 its stages and layer ranges, each route its share of the max flow (weights
 normalised per prefill group), and the plan its predictions: throughput, and
 TTFT/TPOT averaged over the routes at the load served (the arrival rate, or
-the throughput when none is given), with M/D/1 queueing at the prefill groups
+the throughput when none is given), with queueing at the prefill groups (planner.core.queueing)
 and decode groups at the batch that load gives them (``core.predict``), TTFT
 at the SLO's percentile prompt and the predicted SLO attainment.
 """
@@ -186,7 +186,7 @@ def _route_plans(ev: GroupEvaluator, routes: RouteTable, state: State, flow: Flo
 
 
 def _add_route_latency(ev: GroupEvaluator, route_plans: list[RoutePlan], placed: _Placed, latency: _Latency) -> None:
-    """TTFT along a route: prefill latency, M/D/1 wait at the prefill group's load, KV transfer, one step
+    """TTFT along a route: prefill latency, the queue wait at the prefill group's load, KV transfer, one step
     at the decode group's running batch; TPOT: that step."""
     tpot: dict[int, float] = {}
     for r in route_plans:

@@ -6,7 +6,8 @@ lower load a group runs fewer requests and its steps are shorter. The running
 batch follows Little's law: ``B = load * output_mean * TPOT(B)`` (requests in
 the group = arrival rate x time in it), found by bisection since TPOT grows
 with B. A request's TTFT along a route is its prompt's prefill latency, the
-M/D/1 wait at the prefill group's load, its KV transfer (proportional to the
+queueing wait at the prefill group's load (Kingman's, with the workload's
+arrival burstiness: planner.core.queueing), its KV transfer (proportional to the
 prompt) and one decode step; its TPOT is the decode step at the running
 batch. Every time comes from the same ``costmodel.prefill_pass`` /
 ``decode_step`` the simulator calls, so plan and simulation agree at low load.
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.core import costmodel as cm
+from planner.core import queueing
 from planner.core.groups import Group
 from planner.core.perf import PhasePerf
 from planner.core.strategy import GroupEvaluator
@@ -74,9 +76,8 @@ def tpot_at_load(ev: GroupEvaluator, group: Group, perf: PhasePerf, load_rps: fl
 
 
 def prefill_wait_s(perf: PhasePerf, load_rps: float) -> float:
-    """M/D/1 queueing at a prefill group (utilisation capped just below 1)."""
-    rho = min(load_rps * perf.service_s, 0.999)
-    return rho * perf.service_s / (2 * (1 - rho))
+    """The mean wait at a prefill group's queue at ``load_rps``."""
+    return queueing.wait_s(load_rps * perf.service_s, perf.service_s, perf.queue_variability)
 
 
 def route_latency(ev: GroupEvaluator, prefill: tuple[Group, PhasePerf], prefill_load_rps: float,
@@ -107,7 +108,7 @@ def colocated_latency(ev: GroupEvaluator, group: Group, perf: PhasePerf, load_rp
     stretch = 1 / (1 - rho)
     batch = running_batch(ev, stages, perf, load_rps, stretch)
     step = cm.decode_step(ev.model, stages, max(batch, 1.0), wl.decode_context_mean)
-    wait = rho * perf.service_s / (2 * (1 - rho))
+    wait = queueing.wait_s(rho, perf.service_s, perf.queue_variability)
 
     def ttft(tokens: float, sq_tokens: float, hit: float = 0.0) -> float:
         return cm.prefill_pass(ev.model, stages, tokens * (1 - hit), sq_tokens * (1 - hit * hit))[0] + wait + step

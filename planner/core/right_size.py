@@ -8,7 +8,8 @@
       2. the heuristic plans that sub-fleet (it may regroup the GPUs);
       3. templates cannot see what the search finds (mixed groups, routes,
          shared links), so a plan short of the target asks step 1 for 15 %
-         more and tries again (up to MAX_TRIES), else plans the whole fleet.
+         more, or for its shortfall if larger, and tries again (up to
+         MAX_TRIES), else plans the whole fleet.
     The plan's solver info says what was rented, what it costs, and what the
     rest of the fleet is (its GPUs by type and $/hour): what could be released.
 """
@@ -54,7 +55,9 @@ def right_size(cluster: Cluster, headroom: float = DEFAULT_HEADROOM, mode: str =
                       "planned_rps": round(plan.throughput_rps, 4) if plan else 0.0})
         if plan is not None and plan.throughput_rps >= target * (1 - 1e-6):
             return _with_info(plan, cluster, target, headroom, tries, started)
-        ask *= STEP
+        # Ask for at least the shortfall: templates that overrate a rental by 2x would
+        # otherwise be handed the same rental on every try.
+        ask *= max(STEP, target / plan.throughput_rps) if plan is not None and plan.throughput_rps > 0 else STEP
     plan = solve(cluster, mode=mode, seed=seed, time_limit_s=time_limit_s)
     return _with_info(plan, cluster, target, headroom, tries, started)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.roles import Role
 from planner.core import costmodel as cm
+from planner.core import queueing
 from planner.core.groups import Group
 from planner.core.layer_split import min_bottleneck_split
 from planner.core.perf import GroupPerf, PhasePerf, StageLayout
@@ -49,6 +50,7 @@ class _Colocated:
     latency_s: float  # one prompt end to end
     tail_latency_s: float  # the SLO percentile's prompt end to end
     max_batch: int
+    queue_variability: float  # Kingman's V (planner.core.queueing)
 
 
 class GroupEvaluator:
@@ -240,12 +242,22 @@ class GroupEvaluator:
         tail_latency = (self._prefill_pass(group, tp, slots, split, tail)[1]
                         if tail != wl.input_mean or wl.prefix_hit_fraction else latency)
         kv_budget_tail = self.options.ttft_kv_share * (wl.ttft_slo_s - tail_latency)
-        capacity = cm.mdl_queue_capacity(service, tail_latency, wl.ttft_slo_s - kv_budget_tail)
-        wait = service * capacity * service / (2 * (1 - capacity * service)) if capacity else 0.0
+        mean_latency = (self._prefill_pass(group, tp, slots, split, wl.input_mean)[1]
+                        if wl.prefix_hit_fraction else latency)  # the whole mean prompt, as the tail's
+        v = self._queue_variability(mean_latency, tail_latency)
+        capacity = queueing.capacity_rps(service, tail_latency, wl.ttft_slo_s - kv_budget_tail, v)
+        wait = queueing.wait_s(capacity * service, service, v) if capacity else 0.0
         # Routes compare an average prompt's transfer with the budget: scale the tail's budget to it.
         kv_budget = kv_budget_tail * wl.input_mean / tail
         return PhasePerf(Role.PREFILL, tp, self._layout(slots, tp, split), capacity, latency, service,
-                         ttft_s=latency + wait, kv_budget_s=max(kv_budget, 0.0))
+                         ttft_s=latency + wait, kv_budget_s=max(kv_budget, 0.0), queue_variability=v)
+
+    def _queue_variability(self, mean_latency_s: float, tail_latency_s: float) -> float:
+        """Kingman's V for this group's prompts: the workload's arrival burstiness and the
+        service time's spread, which follows the prompt lengths (planner.core.queueing)."""
+        wl = self.workload
+        cs2 = queueing.service_cv2(wl.prompt_cv2, (wl.input_mean, wl.input_tail), (mean_latency_s, tail_latency_s))
+        return queueing.variability(wl.arrival_cv2, cs2)
 
     def _tpot(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int], batch: float) -> float:
         """TPOT of a fixed split at ``batch`` concurrent requests."""
@@ -301,7 +313,7 @@ class GroupEvaluator:
         rest, so its steps stretch by 1 / (1 - rho). The rate is feasible when
         some batch B fits in memory, meets ``TPOT(B) / (1 - rho) <= SLO`` and
         produces ``r * output_mean`` tokens/s, and TTFT (prefill latency of the
-        SLO's percentile prompt, M/D/1 wait, one decode step it must wait
+        SLO's percentile prompt, the queue's wait, one decode step it must wait
         behind) meets its SLO. The highest
         feasible rate is found by bisection.
         """
@@ -310,7 +322,8 @@ class GroupEvaluator:
         max_batch = self._max_batch_for_split(group, tp, slots, split)
         if max_batch < 1:
             return None
-        shape = _Colocated(group, tp, slots, split, service, latency, tail_latency, max_batch)
+        shape = _Colocated(group, tp, slots, split, service, latency, tail_latency, max_batch,
+                           self._queue_variability(latency, tail_latency))
         lo, hi = 0.0, 1.0 / service
         result = None
         for _ in range(40):
@@ -325,7 +338,8 @@ class GroupEvaluator:
         if result is None:
             return None
         batch, tpot, ttft = result
-        return PhasePerf(Role.COLOCATED, tp, self._layout(slots, tp, split), lo, tpot, service, batch=batch, ttft_s=ttft)
+        return PhasePerf(Role.COLOCATED, tp, self._layout(slots, tp, split), lo, tpot, service, batch=batch, ttft_s=ttft,
+                         queue_variability=shape.queue_variability)
 
     def _colocated_at(self, c: _Colocated, rate: float) -> tuple[int, float, float] | None:
         """(batch, stretched TPOT, TTFT) when a colocated split serves ``rate`` req/s within the SLOs, else None."""
@@ -333,11 +347,15 @@ class GroupEvaluator:
         rho = rate * c.service_s
         if rho >= 1:
             return None
-        limit = wl.tpot_slo_s * (1 - rho)
+        def tail_tpot(batch: int) -> float:  # at the SLO's percentile of the prompt work landing in a life
+            step = self._tpot(c.group, c.tp, c.slots, c.split, batch)
+            return step * queueing.colocated_stretch(step * wl.output_mean, rate, c.service_s, c.queue_variability,
+                                                     wl.slo_percentile)
+
         lo, hi = 0, c.max_batch
-        while lo < hi:  # largest batch with TPOT(B) <= limit
+        while lo < hi:  # largest batch whose stretched TPOT meets the SLO
             mid = (lo + hi + 1) // 2
-            if self._tpot(c.group, c.tp, c.slots, c.split, mid) <= limit:
+            if tail_tpot(mid) <= wl.tpot_slo_s:
                 lo = mid
             else:
                 hi = mid - 1
@@ -346,7 +364,7 @@ class GroupEvaluator:
         tpot = self._tpot(c.group, c.tp, c.slots, c.split, lo)
         if (1 - rho) * lo / tpot < rate * wl.output_mean:
             return None
-        wait = rho * c.service_s / (2 * (1 - rho))
+        wait = queueing.wait_s(rho, c.service_s, c.queue_variability)
         if c.tail_latency_s + wait + tpot > wl.ttft_slo_s:  # held at the SLO's percentile prompt
             return None
         return lo, tpot / (1 - rho), c.latency_s + wait + tpot

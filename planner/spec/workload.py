@@ -15,6 +15,13 @@ positive and right-skewed; a std of 0 is every prompt at the mean). The TTFT
 SLO is checked at ``slo.percentile`` of it (default 90) and the plan's SLO
 attainment is the share of these percentiles whose TTFT meets it.
 
+Arrivals: ``burstiness`` is the shape of gamma-distributed gaps between
+requests, as ``vllm bench serve --burstiness`` and the load test define it
+(1: Poisson, < 1: burstier, > 1: more regular); the gaps' squared coefficient
+of variation is 1 / burstiness. A trace's own is read off its timestamps
+unless the field is given. The planner's queueing (``planner.core.queueing``)
+grows with it.
+
 Prefix reuse (``prefix_hit_fraction``, default 0: none): the share of prompt
 tokens the prefill workers' prefix caches hold. Prefill capacity is then
 computed on the uncached tokens (``prefill_tokens_mean``, attending over the
@@ -45,7 +52,7 @@ QUANTILE_PROBS = tuple(k + 0.5 for k in range(100))
 
 WORKLOAD_FIELDS = frozenset(
     {"input_tokens_mean", "input_tokens_std", "output_tokens_mean", "trace", "arrival_rate_rps", "slo",
-     "price_budget_per_hour", "prefix_hit_fraction"}
+     "price_budget_per_hour", "prefix_hit_fraction", "burstiness"}
 )
 MAX_PREFIX_HIT_FRACTION = 0.99  # at least one token of a prompt is always computed
 REUSE_ESTIMATES = ("affinity", "upper-bound")
@@ -59,6 +66,7 @@ class TraceStats:
     input_sq_mean: float
     output_mean: float
     input_quantiles: tuple[float, ...] = ()  # prompt lengths at QUANTILE_PROBS
+    arrival_cv2: float = 1.0  # squared coefficient of variation of the gaps between arrivals
 
     @property
     def arrival_rate_rps(self) -> float:
@@ -80,6 +88,12 @@ class Workload:
     prefix_hit_fraction: float = 0.0  # share of prompt tokens found in the prefill workers' prefix caches
     trace_path: str | None = None  # the trace the figures were read from (None: means), and its format
     trace_format: str = "auto"
+    arrival_cv2: float = 1.0  # squared CV of the gaps between arrivals (1: Poisson; 1 / burstiness)
+
+    @property
+    def prompt_cv2(self) -> float:
+        """Squared coefficient of variation of the prompt length."""
+        return max(0.0, self.input_sq_mean - self.input_mean**2) / self.input_mean**2
 
     @property
     def prefill_tokens_mean(self) -> float:
@@ -124,6 +138,8 @@ class Workload:
             "source": self.source,
             # Only when set: a plan without reuse stays byte-identical to one from before the field.
             **({"prefix_hit_fraction": round(self.prefix_hit_fraction, 4)} if self.prefix_hit_fraction else {}),
+            # The gaps' squared CV (1 / burstiness; 0 for a perfectly regular trace), when not Poisson's.
+            **({"arrival_cv2": round(self.arrival_cv2, 4)} if self.arrival_cv2 != 1.0 else {}),
         }
 
 
@@ -134,7 +150,8 @@ def trace_stats(requests: list[TraceRequest]) -> TraceStats:
     if not served:
         raise ValueError("no request with positive input and output tokens")
     n = len(served)
-    times = [r.arrival_s for r in served]
+    times = sorted(r.arrival_s for r in served)
+    gaps = np.diff(times)
     return TraceStats(
         num_requests=n,
         span_s=max(times) - min(times),
@@ -142,6 +159,7 @@ def trace_stats(requests: list[TraceRequest]) -> TraceStats:
         input_sq_mean=sum(r.input_tokens ** 2 for r in served) / n,
         output_mean=sum(r.output_tokens for r in served) / n,
         input_quantiles=tuple(float(q) for q in np.percentile([r.input_tokens for r in served], QUANTILE_PROBS)),
+        arrival_cv2=float(gaps.var() / gaps.mean() ** 2) if len(gaps) > 1 and gaps.mean() > 0 else 1.0,
     )
 
 
@@ -184,6 +202,7 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
     percentile = slo.number("percentile", DEFAULT_SLO_PERCENTILE, minimum=50, maximum=QUANTILE_PROBS[-1])
     rate = f.number("arrival_rate_rps", None, above=0)
     budget = f.number("price_budget_per_hour", None, above=0)
+    burstiness = f.number("burstiness", None, above=0)
     if f.has("trace"):
         for key in ("input_tokens_mean", "output_tokens_mean", "input_tokens_std"):
             if f.has(key):
@@ -210,6 +229,7 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
             input_quantiles=stats.input_quantiles,
             prefix_hit_fraction=parse_prefix_hit_fraction(f, (path, fmt)),
             trace_path=str(path), trace_format=fmt,
+            arrival_cv2=1 / burstiness if burstiness is not None else stats.arrival_cv2,
         )
     mean_in = f.number("input_tokens_mean", above=0)
     std_in = f.number("input_tokens_std", 0.0, minimum=0)
@@ -224,6 +244,7 @@ def parse_workload(f: Fields, base_dir: Path) -> Workload:
         slo_percentile=percentile,
         input_quantiles=lognormal_quantiles(mean_in, std_in),
         prefix_hit_fraction=parse_prefix_hit_fraction(f, None),
+        arrival_cv2=1 / burstiness if burstiness is not None else 1.0,
     )
 
 

@@ -46,13 +46,3 @@ def test_kv_sizes_and_shards():
     assert cm.kv_bytes_per_request(L70, WL) == L70.kv_bytes_per_token * 1000
     assert cm.kv_shard_fraction(L70, 40, 2) == pytest.approx(0.25)
     assert cm.kv_shard_fraction(L70, 80, 16) == pytest.approx(1 / 8)  # 8 KV heads: TP 16 replicates
-
-
-def test_queue_capacity_meets_the_latency_budget():
-    service, latency, budget = 0.1, 0.3, 1.3
-    rate = cm.mdl_queue_capacity(service, latency, budget)
-    rho = rate * service
-    wait = rho * service / (2 * (1 - rho))
-    assert latency + wait == pytest.approx(budget)
-    assert 0 < rho < 1
-    assert cm.mdl_queue_capacity(service, 2.0, 1.0) == 0.0

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from common.traces import SHARED_TRACES_DIR
 from planner.core.budget import cheapest_gpus
 from planner.core.right_size import right_size
 from planner.core.solver import solve
@@ -23,7 +24,8 @@ def test_cross_region_serves_its_trace_on_a_few_gpus_and_says_what_to_release():
     assert info["meets_target"] and plan.throughput_rps >= rate * 1.2 * (1 - 1e-6)
     assert info["target_rps"] == pytest.approx(rate * 1.2, rel=1e-3)
     assert plan.predicted.cost_per_hour == pytest.approx(info["serving_cost_per_hour"], rel=1e-6)
-    assert info["serving_cost_per_hour"] < 0.25 * cluster.price_per_hour  # 32 GPUs plan 73 req/s for 2.6 arriving
+    # 32 GPUs for 2.6 req/s arriving, in bursts (the code trace's gaps: CV^2 ~ 170): a third of the fleet serves it.
+    assert info["serving_cost_per_hour"] < 0.35 * cluster.price_per_hour
     fleet = {"H100": 16, "A100-80G": 16}
     assert all(info["serving_gpus"].get(t, 0) + info["released_gpus"].get(t, 0) == n for t, n in fleet.items())
     assert info["serving_cost_per_hour"] + info["released_cost_per_hour"] == pytest.approx(cluster.price_per_hour)
@@ -67,17 +69,25 @@ def test_the_cli_prints_what_could_be_released_and_refuses_a_budget_beside_it():
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "--budget" in refused.stderr
 
 
-def test_the_simulation_check_raises_the_margin_until_the_plan_holds_on_a_bursty_trace():
+def test_the_planner_sizes_for_the_trace_s_bursts_and_the_simulation_check_holds_the_plan():
+    """Read off the trace, the bursts size the plan close to what the simulation needs; told the
+    arrivals are Poisson (burstiness 1: the M/D/1 queue planners assume), the model's sizing sinks,
+    and the simulation check raises the margin until the plan holds."""
     from planner.sim.right_size_check import checked_right_size, simulated_attainment
 
-    cluster = load_cluster("configs/cross_region_32.json")
-    model_only = right_size(cluster)
-    assert simulated_attainment(model_only, cluster) < 0.5  # the code trace's bursts sink the model's sizing
-    plan = checked_right_size(cluster)
+    doc = json.loads(open("configs/cross_region_32.json").read())
+    doc["workload"]["trace"] = str(SHARED_TRACES_DIR / "azure_llm_2023_code.csv")
+    bursty = parse_cluster(doc)
+    assert simulated_attainment(right_size(bursty), bursty) > 0.85
+    doc["workload"]["burstiness"] = 1.0
+    poisson = parse_cluster(doc)
+    model_only = right_size(poisson)
+    assert simulated_attainment(model_only, poisson) < 0.5
+    plan = checked_right_size(poisson)
     info = plan.solver["right_sizing"]
-    assert info["holds_in_simulation"] and simulated_attainment(plan, cluster) >= 0.9
+    assert info["holds_in_simulation"] and simulated_attainment(plan, poisson) >= 0.9
     assert len(info["simulation_checks"]) > 1 and info["headroom"] > 0.2
-    assert model_only.predicted.cost_per_hour < plan.predicted.cost_per_hour < 0.5 * cluster.price_per_hour
+    assert model_only.predicted.cost_per_hour < plan.predicted.cost_per_hour < 0.5 * poisson.price_per_hour
 
 
 def test_a_workload_of_means_is_not_checked_and_says_so():
