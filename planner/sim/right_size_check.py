@@ -1,9 +1,10 @@
 """Right-sizing checked in the simulator: a right-sized plan is recommended only once it holds on the trace.
 
-The planner's queueing model assumes Poisson arrivals; real traces are
-burstier (the Azure code trace's inter-arrival times have a coefficient of
-variation of 13), so a plan sized on the model's capacity plus a fixed
-headroom can miss its SLOs. `checked_right_size` simulates each right-sized
+The planner's queue reads a trace's burstiness as one number (the squared
+coefficient of variation of its arrival gaps, planner.core.queueing) and
+right-sizing picks GPUs from templates that cannot see routes, so a plan
+sized on the model's capacity plus a fixed headroom can still miss its SLOs
+on the trace itself. `checked_right_size` simulates each right-sized
 plan on the workload's own trace at the workload's rate (first
 `max_requests` requests, the router's routing policy) and, while fewer than
 `target` of the requests meet both SLOs, sizes again with 1.5x the capacity
