@@ -57,9 +57,10 @@ def _simulation_line(info: dict) -> str:
     if info.get("holds_in_simulation") is None:
         return "not checked in simulation: the workload gives means, not a trace to replay"
     verdict = "holds" if info["holds_in_simulation"] else "does NOT hold"
+    tries = len(info["simulation_checks"])
     return (f"{verdict} on the trace in simulation: {100 * info['simulated_slo_attainment']:.1f} % of requests meet "
             f"both SLOs (target {100 * info['simulation_target']:.0f} %) with a {100 * info['headroom']:.0f} % "
-            f"capacity margin, after {len(info['simulation_checks'])} simulated tries")
+            f"capacity margin, after {tries} simulated {'try' if tries == 1 else 'tries'}")
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
