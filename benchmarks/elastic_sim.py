@@ -22,7 +22,10 @@ load-corrected weights) and failures:
 
 Goodput: requests meeting both SLOs per second. The "lost worker" scenario
 loses the worker of the code plan's largest prefill group in the middle of
-the conversation phase. Writes benchmarks/results/elastic_sim.{json,md,png}.
+the conversation phase. The "GPUs join" scenario starts without the fleet's
+last node (the plans are made without it) and lists it from the start of the
+burst: the static plans keep serving without it; the elastic controller may
+start new groups on it, which take work 60 s later (model load). Writes benchmarks/results/elastic_sim.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ def fleet_cluster(fleet: str, model: str, trace_file: str):
     doc = cluster_doc(fleet, FLEETS[fleet])
     doc["model"] = {"preset": model}
     doc["workload"]["trace"]["path"] = str(SHARED_TRACES_DIR / trace_file)
+    # The phases replay the traces' lengths with Poisson arrivals (shifting_requests): plan for those,
+    # not for the traces' own bursts (the code trace's gaps have a CV^2 of 173).
+    doc["workload"]["burstiness"] = 1.0
     return parse_cluster(doc)
 
 
@@ -99,16 +105,18 @@ def group_holding(plan, gpu: str) -> str:
     return next(g.id for g in plan.groups if gpu in g.gpus)
 
 
-def run_scenario(clusters: dict, plans: dict, requests, costs, policy, lost_gpus, phases, slo: SLO) -> dict:
+def run_scenario(clusters: dict, plans: dict, requests, costs, policy, lost_gpus, phases, slo: SLO,
+                 joins: dict | None = None) -> dict:
     """Static under each plan, and elastic from the first-phase plan, on the same requests; each plan
-    loses the group that holds each lost GPU at its time."""
+    loses the group that holds each lost GPU at its time; `joins`: per plan, (time, the fleet from then on)."""
     first = next(iter(plans))
+    joins = joins or {}
     failures = {name: [(t, group_holding(plan, gpu)) for t, gpu in lost_gpus] for name, plan in plans.items()}
     arms = {f"static (plan for {name})": simulate_elastic(clusters[name], plan, requests, costs,
-                                                          failures=failures[name])
+                                                          failures=failures[name], joins=joins.get(name, []))
             for name, plan in plans.items()}
     elastic = simulate_elastic(clusters[first], plans[first], requests, costs, policy=policy,
-                               failures=failures[first])
+                               failures=failures[first], joins=joins.get(first, []))
     arms[f"elastic (from the plan for {first})"] = elastic
     return {"lost_gpus": lost_gpus, "failures": failures,
             "arms": {label: phase_rows(run.records, phases, slo) for label, run in arms.items()},
@@ -147,7 +155,9 @@ def markdown(report: dict) -> str:
                                                        for r in rows) + f" | {rows[-1]['failed']} | {ratio:.2f}x |")
         elastic = sc["arms"][labels[-1]][-1]["goodput_rps"]
         lines += ["", f"Elastic / best static plan: {elastic / best_static:.2f}x. Actions: " +
-                  ("; ".join(f"{a['at_s']:g} s: " + (", ".join(f"{g} {a_} -> {b}" for g, a_, b in a["flips"])
+                  ("; ".join(f"{a['at_s']:g} s: " + (", ".join([f"{g} {a_} -> {b}" for g, a_, b in a["flips"]] +
+                                                               [f"new {r} group {g} ({n} GPUs)"
+                                                                for g, r, n in a.get("new_groups", [])])
                                                      or "weights re-solved") +
                              (f" (left out {a['left_out']})" if a["left_out"] else "") for a in sc["actions"])
                    or "none") + ".", ""]
@@ -208,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
               "scenarios": {}}
     for name, lost_gpus in {"shift": [], "shift + lost worker": [(1.5 * args.phase_s, lost_gpu)]}.items():
         report["scenarios"][name] = run_scenario(clusters, plans, requests, costs, policy, lost_gpus, phases, slo)
+    # The fleet without its last node until the burst: plans made without it, then it joins.
+    last = len(FLEETS[args.fleet]) - 1
+    smaller = {name: c.subset({n.index: n.num_gpus for n in c.nodes if n.index != last}) for name, c in clusters.items()}
+    small_plans = {name: solve(c, mode="disaggregated", time_limit_s=10) for name, c in smaller.items()}
+    joins = {name: [(2 * args.phase_s, clusters[name])] for name in clusters}
+    joined = f"shift + {FLEETS[args.fleet][last][1]}x {FLEETS[args.fleet][last][0]} join at the burst"
+    report["scenarios"][joined] = run_scenario(smaller, small_plans, requests, costs, policy, [], phases, slo, joins)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)

@@ -96,7 +96,8 @@ class RequestRunner:
                 tpot_s = (finished_at - timing.first_token_at) / (timing.num_tokens - 1)
                 metrics.tpot.observe(tpot_s)
             ttft_s = None if timing.first_token_at is None else timing.first_token_at - timing.started
-            self.window.record(num_prompt_tokens, timing.num_tokens, ttft_s, tpot_s)
+            self.window.record(num_prompt_tokens, timing.num_tokens, ttft_s, tpot_s,
+                               latency_s=finished_at - timing.started)
 
     async def collect(self, prep: PreparedRequest) -> Completed:
         """The whole answer. Nothing reached the client yet, so a worker failing

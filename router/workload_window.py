@@ -4,8 +4,8 @@ The plan was solved for one workload (arrival rate, prompt and output
 lengths); real traffic drifts (the Azure code trace has 13x the prompt-to-output
 ratio of the conversation trace). The runner records each finished request
 here, and `GET /plan` and `/metrics` show the window: arrivals per second,
-prompt and output length means, standard deviations and percentiles, and
-TTFT/TPOT percentiles (the prefix caches' share of prompt tokens is in
+prompt and output length means, standard deviations and percentiles,
+TTFT/TPOT percentiles, and how bursty the arrivals are (the gaps' CV²) (the prefix caches' share of prompt tokens is in
 /metrics, hexserve_prompt_cached_tokens). This is the "watch" half of
 re-planning; nothing here changes the plan.
 """
@@ -17,12 +17,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.arrivals import gap_cv2
+
 DEFAULT_WINDOW_S = 60.0
 
 
 @dataclass(slots=True, frozen=True)
 class _Finished:
     at_s: float  # monotonic
+    arrived_s: float  # monotonic: when the request came in
     prompt_tokens: int
     output_tokens: int
     ttft_s: float | None
@@ -55,11 +58,11 @@ class WorkloadWindow:
             raise ValueError(f"window_s={self.window_s} must be > 0")
 
     def record(self, prompt_tokens: int, output_tokens: int, ttft_s: float | None, tpot_s: float | None,
-               now_s: float | None = None) -> None:
+               now_s: float | None = None, latency_s: float = 0.0) -> None:
         now_s = time.monotonic() if now_s is None else now_s
         if self._first_s is None:
             self._first_s = now_s
-        self._finished.append(_Finished(now_s, prompt_tokens, output_tokens, ttft_s, tpot_s))
+        self._finished.append(_Finished(now_s, now_s - latency_s, prompt_tokens, output_tokens, ttft_s, tpot_s))
         self._trim(now_s)  # bounded by the window whether or not anyone reads it
 
     def _trim(self, now_s: float) -> None:
@@ -93,4 +96,6 @@ class WorkloadWindow:
             "output_tokens_p50": _percentile(outputs, 50), "output_tokens_p90": _percentile(outputs, 90),
             "ttft_ms_p50": _percentile(ttfts, 50), "ttft_ms_p90": _percentile(ttfts, 90),
             "tpot_ms_p50": _percentile(tpots, 50), "tpot_ms_p90": _percentile(tpots, 90),
+            # How bursty the arrivals are (1: Poisson; common.arrivals), when enough requests finished.
+            "arrival_gap_cv2": gap_cv2(r.arrived_s for r in done),
         }

@@ -10,7 +10,9 @@ router started with `--flexible-roles`). `--dry-run` posts with
 `?dry_run=true`: the router validates the plan and reports the diff, and
 nothing changes. One JSON line per decision that acts (every decision with
 `--verbose`) goes to stdout. The router's API key comes from `--api-key` or
-`$HEXSERVE_API_KEY`.
+`$HEXSERVE_API_KEY`. The cluster file is read again whenever it changes:
+GPUs listed there later join the fleet, and the controller starts new groups
+on them when the observed demand needs them (`--max-new-groups`).
 
 The loop is an adapter: the decisions are pure and the simulator runs the
 same ones on its own clock (planner.sim.elastic).
@@ -72,6 +74,32 @@ def control_once(client: httpx.Client, router: str, controller: Controller) -> D
     return decision
 
 
+class _FleetFile:
+    """The cluster file, re-read when it changes: GPUs listed there later join the fleet."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.mtime_ns = self._mtime()
+
+    def _mtime(self) -> int | None:
+        try:
+            return os.stat(self.path).st_mtime_ns
+        except OSError:
+            return None
+
+    def reload_into(self, controller: Controller) -> None:
+        mtime = self._mtime()
+        if mtime is None or mtime == self.mtime_ns:
+            return
+        self.mtime_ns = mtime
+        try:
+            if controller.update_fleet(load_cluster(self.path)):
+                print(f"control: {self.path} changed: the fleet now has {controller.cluster.num_gpus} GPUs",
+                      file=sys.stderr, flush=True)
+        except PlanInputError as exc:  # one line; the fleet stays as it was
+            print(f"control: {self.path} not taken: {exc}", file=sys.stderr, flush=True)
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     try:
@@ -81,7 +109,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     try:
         policy = ControlPolicy(interval_s=args.interval_s, min_interval_s=args.min_interval_s,
                                drift_threshold=args.drift_threshold, min_gain=args.min_gain, headroom=args.headroom,
-                               max_flips=args.max_flips, min_requests=args.min_requests,
+                               max_flips=args.max_flips, max_new_groups=args.max_new_groups,
+                               min_requests=args.min_requests,
                                capacity_threshold=args.capacity_threshold, dry_run=args.dry_run)
     except ValueError as exc:
         raise PlanInputError("control", str(exc)) from None
@@ -89,8 +118,10 @@ def cmd_control(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     router = args.router.rstrip("/")
     deadline = time.monotonic() + args.duration_s if args.duration_s else None
+    fleet = _FleetFile(args.cluster)
     with httpx.Client(headers=headers, timeout=30.0) as client:
         while True:
+            fleet.reload_into(controller)
             try:
                 decision = control_once(client, router, controller)
                 if args.verbose and decision.action == "none":
@@ -120,6 +151,8 @@ def add_control_parser(sub) -> None:
                    help="share by which an action must raise the demand served (the hysteresis)")
     p.add_argument("--headroom", type=float, default=defaults.headroom, help="capacity wanted above the observed rate")
     p.add_argument("--max-flips", type=int, default=defaults.max_flips, help="role flips per action")
+    p.add_argument("--max-new-groups", type=int, default=defaults.max_new_groups,
+                   help="new groups started on idle GPUs (joined, or left unused by the plan) per action; 0: never")
     p.add_argument("--min-requests", type=int, default=defaults.min_requests,
                    help="finished requests the router's window needs before it is trusted")
     p.add_argument("--capacity-threshold", type=float, default=defaults.capacity_threshold,

@@ -24,14 +24,16 @@ the same code in both places:
       -> the new plan: the same group ids and GPU names, new roles, route
          weights from the max flow at the observed workload
 
-Only changes a running cluster can make without a restart are proposed: role
-flips between prefill and decode (workers started with a kv_both connector)
-and route weights. Every group is evaluated with the TP degree (and so the
-pipeline depth) it runs with, in either role (`planner.core.running`). An
-unhealthy group stays in the plan without routes (a plan that leaves a
-running group out retires its worker). Moving GPUs between
-groups, new groups and TP/PP changes need workers started and retired; they
-are not proposed here.
+Role flips between prefill and decode (workers started with a kv_both
+connector) and route weights change a running cluster without a restart.
+Every group is evaluated with the TP degree (and so the pipeline depth) it
+runs with, in either role (`planner.core.running`). An unhealthy group stays
+in the plan without routes (a plan that leaves a running group out retires
+its worker). GPUs no group holds (they joined the fleet: `update_fleet`, or
+the plan left them unused) can become new groups (planner.core.grow), each
+charged `start_cost` of capacity for the worker it starts: proposed only when
+the observed demand needs them. Moving GPUs between running groups and TP/PP
+changes of a running group are not proposed here.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 
 from common.plan import Plan
 from common.roles import Role
+from planner.core import grow
 from planner.core.flow import RouteTable
 from planner.core.groups import Group
 from planner.core.observed import ObservedWorkload, drift
@@ -65,6 +68,8 @@ class ControlPolicy:
     headroom: float = 0.2  # capacity wanted above the observed rate
     max_flips: int = 1  # role flips per action
     flip_cost: float = 0.02  # share of capacity one flip is charged (its drain, its lost prefix cache)
+    max_new_groups: int = 2  # new groups on idle GPUs per action (0: never start workers)
+    start_cost: float = 0.05  # share of capacity one new group is charged (its worker starts and loads)
     min_requests: int = 20  # finished requests the window needs before it is trusted
     # Measured median TTFT or TPOT this much slower than the plan predicts at the observed load triggers a
     # re-solve, on capacities scaled down by the ratio (planner.core.running).
@@ -73,13 +78,13 @@ class ControlPolicy:
 
     def __post_init__(self) -> None:
         for name in ("interval_s", "min_interval_s", "drift_threshold", "min_gain", "headroom", "flip_cost",
-                     "capacity_threshold"):
+                     "start_cost", "capacity_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.interval_s <= 0:
             raise ValueError(f"interval_s={self.interval_s} must be > 0")
-        if self.max_flips < 0 or self.min_requests < 0:
-            raise ValueError("max_flips and min_requests must be >= 0")
+        if self.max_flips < 0 or self.min_requests < 0 or self.max_new_groups < 0:
+            raise ValueError("max_flips, max_new_groups and min_requests must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,7 @@ class Decision:
     reason: str
     flips: tuple[tuple[str, str, str], ...] = ()  # (group id, from role, to role)
     left_out: tuple[str, ...] = ()  # groups kept in the new plan without routes: their workers are unhealthy
+    new_groups: tuple[tuple[str, str, int], ...] = ()  # (group id, role, GPUs) started on idle GPUs
     before_rps: float | None = None  # the running roles' capacity at the observed workload, healthy groups only
     after_rps: float | None = None
     observed: ObservedWorkload | None = None
@@ -100,6 +106,7 @@ class Decision:
         rps = (lambda v: None if v is None else round(v, 4))
         return {"at_s": round(self.at_s, 3), "action": self.action, "reason": self.reason,
                 "flips": [list(f) for f in self.flips], "left_out": list(self.left_out),
+                "new_groups": [list(g) for g in self.new_groups],
                 "before_rps": rps(self.before_rps), "after_rps": rps(self.after_rps),
                 "observed": self.observed.to_json() if self.observed else None, "scale": self.scale.to_json()}
 
@@ -144,6 +151,7 @@ class Controller:
     _reference: Workload | None = None
     _healthy: frozenset[str] = frozenset()
     _last_action_s: float | None = None
+    _fleet_changed: bool = False  # GPUs joined or left since the last re-plan
 
     def __post_init__(self) -> None:
         self._groups = _groups_of_plan(self.cluster, self.plan)
@@ -178,13 +186,29 @@ class Controller:
                                                                for p in self.plan.groups])
         return changed
 
+    def update_fleet(self, cluster: Cluster) -> bool:
+        """The fleet as its cluster file now lists it (GPUs joined or left); True if its GPUs changed.
+
+        Every GPU a running group holds must still be listed: a node that left takes its
+        groups' workers with it, which the router reports as unhealthy instead."""
+        listed = {f"{n.name}:{k}" for n in cluster.nodes for k in range(n.num_gpus)}
+        for g in self._groups:
+            missing = [gpu for gpu in g.gpus if gpu not in listed]
+            if missing:
+                raise PlanInputError("fleet.nodes", f"GPU {missing[0]} of running group {g.id} is not in the "
+                                     "cluster file any more; keep its node listed while the group runs")
+        before = {f"{n.name}:{k}" for n in self.cluster.nodes for k in range(n.num_gpus)}
+        self.cluster = dataclasses.replace(cluster, workload=self.cluster.workload)
+        self._groups = _groups_of_plan(self.cluster, self.plan)  # node indices of the new file
+        changed = listed != before
+        self._fleet_changed = self._fleet_changed or changed
+        return changed
+
     def applied(self, decision: Decision) -> None:
         """The driver acted on `decision`: it is now the running plan."""
         if decision.action != "apply" or decision.plan is None:
             raise ValueError("only an 'apply' decision with a plan can be applied")
-        new_roles = {g.id: Role.parse(g.role) for g in decision.plan.groups}
-        for g in self._groups:
-            g.role = new_roles.get(g.id, g.role)
+        self._groups = _groups_of_plan(self.cluster, decision.plan)  # the plan's roles; new groups join
         self.plan = decision.plan
         self._healthy = decision.healthy
         if decision.observed is not None and decision.observed.requests >= self.policy.min_requests:
@@ -195,7 +219,7 @@ class Controller:
     def _decide(self, observed: ObservedWorkload | None, healthy: frozenset[str], now_s: float) -> Decision:
         policy = self.policy
         quiet = partial_decision(now_s, observed, healthy)
-        health_changed = healthy != self._healthy
+        health_changed = healthy != self._healthy or self._fleet_changed
         trusted = observed is not None and observed.requests >= policy.min_requests
         if not health_changed:
             if self._last_action_s is not None and now_s - self._last_action_s < policy.min_interval_s:
@@ -251,28 +275,48 @@ class Controller:
             flips.append(index)
             roles[index] = OTHER_ROLE[roles[index]]
             best = value
+        new, best = self._grow(search, cluster, live, roles, observed, before, best, len(flips))
+        fleet_changed, self._fleet_changed = self._fleet_changed, False
         base = partial_decision(now_s, observed, healthy)
-        if not flips and not health_changed:
-            return base(f"no role flip raises the demand served by {policy.min_gain:.0%} "
+        if not flips and not new and not health_changed:
+            return base(f"no role flip or new group raises the demand served by {policy.min_gain:.0%} "
                         f"({before:.2f} req/s at the observed workload)", before_rps=before, after_rps=before,
                         scale=scale)
-        state = State([g.group for g in live], roles, {})
-        names = [(g.id, g.gpus) for g in live]
+        state = State([g.group for g in live] + [n.group for n in new], roles + [n.role for n in new], {})
+        new_ids = _new_ids(self._groups, len(new))
+        names = [(g.id, g.gpus) for g in live] + [(i, list(n.gpus)) for i, n in zip(new_ids, new)]
         plan = build_plan(cluster, evaluator, routes, state, DISAGGREGATED, {"name": "replan", "warm_start": True},
                           names=names)
         flipped = tuple((live[i].id, str(live[i].role), str(roles[i])) for i in flips)
+        started = tuple((i, str(n.role), len(n.gpus)) for i, n in zip(new_ids, new))
         left_out = tuple(sorted(g.id for g in self._groups if g.id not in healthy))
         self._keep_unrouted(plan, left_out)
         self._keep_running_shapes(plan)
         reason = "; ".join(filter(None, [
             f"workers of groups {list(left_out)} are unhealthy" if left_out else "",
-            "every worker is healthy again" if health_changed and not left_out else "",
-            f"{len(flips)} flip(s) raise capacity {before:.2f} -> {best:.2f} req/s at the observed workload"
-            if flips else "route weights re-solved on the healthy groups"]))
+            "the fleet's GPUs changed" if fleet_changed else "",
+            "every worker is healthy again" if healthy != self._healthy and not left_out else "",
+            f"{len(flips)} flip(s) and {len(new)} new group(s) on idle GPUs raise capacity {before:.2f} -> "
+            f"{best:.2f} req/s at the observed workload"
+            if flips or new else "route weights re-solved on the healthy groups"]))
         if scale.worst < 1.0:
             reason += f"; capacities scaled by the measured latencies {scale.to_json()}"
-        return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, before, best,
-                        observed, plan, healthy, scale)
+        return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, started, before,
+                        best, observed, plan, healthy, scale)
+
+    def _grow(self, search: Search, cluster: Cluster, live: list[_Group], roles: list[Role],
+              observed: ObservedWorkload | None, before: float, best: float, num_flips: int) -> tuple[list, float]:
+        """New groups on idle GPUs when the observed demand needs them, net of their start cost."""
+        policy = self.policy
+        if observed is None or policy.max_new_groups == 0:
+            return [], best
+        demand = observed.rate_rps * (1 + policy.headroom)
+        used = {gpu for g in self._groups for gpu in g.gpus}
+        new, value = grow.propose(search, cluster, [g.group for g in live], roles, used, policy.max_new_groups)
+        charged = min(value, demand) - before * (policy.flip_cost * num_flips + policy.start_cost * len(new))
+        if not new or charged < min(best, demand) * (1 + policy.min_gain):
+            return [], best
+        return new, value
 
     def _keep_running_shapes(self, plan: Plan) -> None:
         """Each group as it runs: its TP/PP, layer split and stages (a running engine keeps them; the
@@ -293,6 +337,17 @@ class Controller:
             if group.id in group_ids:
                 plan.groups.append(dataclasses.replace(group, load_rps=0.0))
                 plan.unused_gpus = [g for g in plan.unused_gpus if g not in group.gpus]
+
+
+def _new_ids(groups: list[_Group], count: int) -> list[str]:
+    """Ids for new groups, after the plan's own (g0, g1, ...)."""
+    taken = {g.id for g in groups}
+    ids, k = [], len(groups)
+    while len(ids) < count:
+        if f"g{k}" not in taken:
+            ids.append(f"g{k}")
+        k += 1
+    return ids
 
 
 def partial_decision(now_s: float, observed: ObservedWorkload | None, healthy: frozenset[str]):

@@ -10,6 +10,9 @@
     at a failure time: the group's worker is lost. What it held fails
         ("worker_lost"); the router stops routing to it (static or not, as
         the router does by health); the controller sees it unhealthy.
+    at a join time: the fleet lists more GPUs (the controller's
+        update_fleet). A new group the controller starts on them takes work
+        `startup_s` later (its worker loads the model), unhealthy until then.
 
 A static run is this without the controller (`policy=None`), so that a static
 and an elastic plan see the same failures and the same routing. Simplifications
@@ -34,8 +37,10 @@ from planner.sim.routing import RoutePicker
 from planner.sim.simulator import Simulation, SimConfig, _DecodeState, _PrefillState
 from planner.sim.types import SimCosts, SimRoute
 from planner.spec.cluster import Cluster
+from planner.spec.prefix_reuse import PrefixCache
 
 DEFAULT_WINDOW_S = 60.0
+DEFAULT_STARTUP_S = 60.0  # a new group's worker, from start to serving (model load on a GPU)
 
 
 @dataclass(slots=True)
@@ -51,9 +56,13 @@ class ElasticRun:
 class ElasticSimulation(Simulation):
     """A simulation whose groups can flip roles, lose their worker, and take new route weights."""
 
-    def __init__(self, cluster: Cluster, plan: Plan, costs: SimCosts, cfg: SimConfig | None = None) -> None:
+    def __init__(self, cluster: Cluster, plan: Plan, costs: SimCosts, cfg: SimConfig | None = None,
+                 startup_s: float = DEFAULT_STARTUP_S) -> None:
         self.cluster = cluster
         super().__init__(fleet_from_plan(plan, cluster), costs, cfg)
+        self.startup_s = startup_s
+        self.starting: set[str] = set()  # new groups whose worker is still loading
+        self._routes: list[SimRoute] = list(self.fleet.routes)  # the applied plan's, before health
         # Every prefill or decode group can take either role: it gets both states, on one prefix cache.
         for g in self.fleet.groups:
             if g.role is Role.PREFILL:
@@ -67,12 +76,30 @@ class ElasticSimulation(Simulation):
         """The plan's roles and weights, from now on (groups it leaves out get no new work)."""
         fleet = fleet_from_plan(plan, self.cluster)
         for g in fleet.groups:
+            if g.name not in self.prefill:
+                self._start(g)
             self.prefill[g.name].group = g
             self.decode[g.name].group = g
-        self._set_routes(fleet.routes)
+        self._routes = list(fleet.routes)
+        self._set_routes(self._routes)
+
+    def _start(self, group) -> None:
+        """A new group: its worker loads for startup_s, then takes work in either role, as the others."""
+        block = self.cfg.prefix_block_tokens
+        cache = PrefixCache(group.kv_capacity_tokens // block if self.cfg.prefix_caching else 0)
+        self.prefill[group.name] = _PrefillState(group, cache)
+        self.decode[group.name] = _DecodeState(group, cache)
+        self.outstanding[group.name] = 0
+        self.starting.add(group.name)
+        self._at(self.now + self.startup_s, self._started, group.name)
+
+    def _started(self, name: str) -> None:
+        self.starting.discard(name)
+        self._set_routes(self._routes)
 
     def _set_routes(self, routes: list[SimRoute]) -> None:
-        live = [r for r in routes if r.prefill not in self.lost and r.decode not in self.lost]
+        down = self.lost | self.starting
+        live = [r for r in routes if r.prefill not in down and r.decode not in down]
         cfg = self.cfg
         self.picker = RoutePicker(live, cfg.routing, cfg.load_scale_tokens, cfg.share_slack_requests,
                                   cfg.decode_first_max_tokens)
@@ -82,7 +109,7 @@ class ElasticSimulation(Simulation):
     def lose(self, name: str) -> None:
         """`name`'s worker dies now: what it holds fails, and no route reaches it any more."""
         self.lost.add(name)
-        self._set_routes(self.picker.routes)
+        self._set_routes(self._routes)
         why = f"the worker of group {name} was lost"
         for req in self.prefill[name].queue:  # counted on both ends until its prefill is done
             self._fail(req, why, (req.route.prefill, req.route.decode))
@@ -136,26 +163,37 @@ class ElasticSimulation(Simulation):
         while self.arrivals and self.arrivals[0][0] < self.now - window_s:
             self.arrivals.popleft()
         span = min(window_s, self.now) or window_s
-        return ObservedWorkload.of_requests([(p, o) for _, p, o in self.arrivals], span)
+        return ObservedWorkload.of_requests([(p, o) for _, p, o in self.arrivals], span,
+                                            [t for t, _, _ in self.arrivals])
 
 
 def simulate_elastic(cluster: Cluster, plan: Plan, requests: list[PlannedRequest], costs: SimCosts,
                      cfg: SimConfig | None = None, policy: ControlPolicy | None = None,
-                     failures: list[tuple[float, str]] = (), window_s: float = DEFAULT_WINDOW_S) -> ElasticRun:
+                     failures: list[tuple[float, str]] = (), window_s: float = DEFAULT_WINDOW_S,
+                     joins: list[tuple[float, Cluster]] = (), startup_s: float = DEFAULT_STARTUP_S) -> ElasticRun:
     """Serve `requests` from `plan`; with a policy, the controller re-plans on the simulated clock
-    (None: the static plan, with the same failures). `failures`: (time s, group id) of lost workers."""
-    sim = ElasticSimulation(cluster, plan, costs, cfg)
+    (None: the static plan, with the same failures and joins). `failures`: (time s, group id) of lost
+    workers; `joins`: (time s, the fleet from then on) when GPUs join."""
+    sim = ElasticSimulation(cluster, plan, costs, cfg, startup_s)
     run = ElasticRun([])
     for at_s, group in failures:
         if group not in sim.prefill and group not in sim.decode:
             raise ValueError(f"failure of group {group!r}: the plan has no such prefill or decode group")
         sim._at(at_s, sim.lose, group)
-    if policy is not None:
-        controller = Controller(cluster, plan, policy)
+    controller = Controller(cluster, plan, policy) if policy is not None else None
+
+    def join(fleet: Cluster) -> None:
+        sim.cluster = fleet
+        if controller is not None:
+            controller.update_fleet(fleet)
+
+    for at_s, fleet in joins:
+        sim._at(at_s, join, fleet)
+    if controller is not None:
         end_s = max((r.arrival_s for r in requests), default=0.0)
 
         def tick() -> None:
-            healthy = {g for g in controller.roles if g not in sim.lost}
+            healthy = {g for g in controller.roles if g not in sim.lost and g not in sim.starting}
             decision = controller.step(sim.observed(window_s), healthy, sim.now)
             run.decisions.append(decision)
             if decision.action == "apply":

@@ -41,6 +41,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from common.arrivals import gap_cv2
 from common.traces import TRACE_FORMATS, TraceError, TraceRequest, detect_format, load_trace
 from planner.spec.errors import PlanInputError
 from planner.spec.fields import Fields
@@ -150,8 +151,8 @@ def trace_stats(requests: list[TraceRequest]) -> TraceStats:
     if not served:
         raise ValueError("no request with positive input and output tokens")
     n = len(served)
-    times = sorted(r.arrival_s for r in served)
-    gaps = np.diff(times)
+    times = [r.arrival_s for r in served]
+    cv2 = gap_cv2(times)
     return TraceStats(
         num_requests=n,
         span_s=max(times) - min(times),
@@ -159,7 +160,7 @@ def trace_stats(requests: list[TraceRequest]) -> TraceStats:
         input_sq_mean=sum(r.input_tokens ** 2 for r in served) / n,
         output_mean=sum(r.output_tokens for r in served) / n,
         input_quantiles=tuple(float(q) for q in np.percentile([r.input_tokens for r in served], QUANTILE_PROBS)),
-        arrival_cv2=float(gaps.var() / gaps.mean() ** 2) if len(gaps) > 1 and gaps.mean() > 0 else 1.0,
+        arrival_cv2=cv2 if cv2 is not None else 1.0,
     )
 
 

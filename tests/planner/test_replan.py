@@ -203,3 +203,61 @@ def test_a_plan_slower_than_modelled_is_replanned_without_any_drift(solved):
     assert slow_decode.scale.decode < 0.5 and slow_decode.scale.prefill == 1.0
     assert [f[1:] for f in slow_decode.flips] == [("prefill", "decode")]
     assert "scaled by the measured latencies" in slow_decode.reason
+
+
+def _joined(extra: int) -> dict:
+    """four_a100 with `extra` more single-A100 nodes listed (GPUs that joined the fleet)."""
+    doc = four_a100()
+    doc["fleet"]["nodes"] += [{"name": f"n{4 + i}", "gpu_type": "A100-80G", "num_gpus": 1} for i in range(extra)]
+    return doc
+
+
+def test_gpus_that_join_become_new_groups_when_the_demand_needs_them(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=0, max_new_groups=2))
+    assert controller.update_fleet(parse_cluster(_joined(2))) is True
+    demand = ObservedWorkload(100, 40.0, 1155, 211, 1000)  # 4x the rate the plan was made for
+    decision = controller.step(demand, None, 100.0)
+    assert decision.action == "apply", decision.reason
+    assert len(decision.new_groups) == 2 and "new group" in decision.reason
+    assert decision.after_rps > decision.before_rps * 1.1
+    running = {g.id: g for g in plan.groups}
+    after = {g.id: g for g in decision.plan.groups}
+    assert set(running) < set(after)  # the running groups stay, with their GPUs and shapes
+    for gid, g in running.items():
+        assert after[gid].gpus == g.gpus and (after[gid].tp, after[gid].pp) == (g.tp, g.pp)
+    started = {gid: after[gid] for gid, _, _ in decision.new_groups}
+    assert sorted(gpu for g in started.values() for gpu in g.gpus) == ["n4:0", "n5:0"]
+    assert all(g.role == role for (gid, role, _), g in zip(decision.new_groups, started.values()))
+    assert decision.plan.unused_gpus == []
+    assert any(r.prefill in started or r.decode in started for r in decision.plan.routes)
+    controller.applied(decision)
+    assert set(controller.roles) == set(after)
+    # Once applied, the same demand asks for nothing more: no GPU is idle.
+    assert controller.step(demand, None, 200.0).new_groups == ()
+
+
+def test_idle_gpus_are_left_alone_while_the_plan_serves_its_demand(solved):
+    cluster, plan = solved
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5))
+    controller.update_fleet(parse_cluster(_joined(2)))
+    decision = controller.step(ObservedWorkload(100, 10.0, 1155, 211, 1000), None, 100.0)
+    assert decision.new_groups == () and decision.plan is not None  # the fleet changed: routes re-solved once
+    assert controller.step(ObservedWorkload(100, 10.0, 1155, 211, 1000), None, 200.0).action == "none"
+
+
+def test_a_dry_run_or_max_new_groups_0_starts_nothing_and_a_node_that_left_is_refused(solved):
+    cluster, plan = solved
+    dry = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=0, dry_run=True))
+    dry.update_fleet(parse_cluster(_joined(2)))
+    decision = dry.step(ObservedWorkload(100, 40.0, 1155, 211, 1000), None, 100.0)
+    assert decision.action == "dry_run" and decision.new_groups and set(dry.roles) == {g.id for g in plan.groups}
+    never = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=0, max_new_groups=0))
+    never.update_fleet(parse_cluster(_joined(2)))
+    assert never.step(ObservedWorkload(100, 40.0, 1155, 211, 1000), None, 100.0).new_groups == ()
+    smaller = four_a100()
+    used = {gpu.rpartition(":")[0] for g in plan.groups for gpu in g.gpus}
+    smaller["fleet"]["nodes"] = [n for n in smaller["fleet"]["nodes"] if n["name"] not in used][:1] + \
+        [n for n in smaller["fleet"]["nodes"] if n["name"] in used][1:]
+    with pytest.raises(PlanInputError, match=r"fleet\.nodes.*of running group"):
+        never.update_fleet(parse_cluster(smaller))

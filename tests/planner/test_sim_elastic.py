@@ -78,3 +78,24 @@ def test_an_unknown_failure_group_is_refused(solved):
     with pytest.raises(ValueError, match="no such prefill or decode group"):
         simulate_elastic(cluster, plan, requests([(5, 1.0, 100, 10)]), AnalyticCosts(model_preset("Llama-3-8B")),
                          failures=[(1.0, "g99")])
+
+
+def test_gpus_that_join_under_rising_load_become_groups_after_their_startup(solved):
+    from tests.planner.test_replan import _joined
+
+    cluster, plan = solved
+    rising = requests([(60, 8.0, 1155, 211), (240, 33.0, 1155, 211)])  # beyond the plan's 30 req/s
+    costs = AnalyticCosts(model_preset("Llama-3-8B"))
+    policy = ControlPolicy(interval_s=10, min_interval_s=30, min_requests=20, max_flips=0)
+    joins = [(30.0, parse_cluster(_joined(2)))]
+    static = simulate_elastic(cluster, plan, rising, costs, policy=None, joins=joins)
+    elastic = simulate_elastic(cluster, plan, rising, costs, policy=policy, joins=joins, startup_s=60.0)
+    grew = [d for d in elastic.actions if d.new_groups]
+    assert grew and sum(len(d.new_groups) for d in grew) == 2
+    assert all(r.success for r in elastic.records), "starting a group lost a request"
+    assert goodput(elastic.records) > 2 * goodput(static.records)
+    # Nothing reaches a new group before its worker has loaded.
+    started_at = grew[0].at_s
+    new_ids = {gid for gid, _, _ in grew[0].new_groups}
+    assert all(r.start_s >= started_at + 60.0 for r in elastic.records if getattr(r, "route", None)
+               and set(r.route.split("->")) & new_ids)

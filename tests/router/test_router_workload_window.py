@@ -58,3 +58,21 @@ def test_a_young_window_takes_its_rate_over_the_time_it_has_seen():
     for i in range(40):
         later.record(100, 10, None, None, now_s=i * 0.5)
     assert later.summary(now_s=20.0)["requests_per_s"] == 2.0  # a full window: over the window
+
+
+def test_the_window_measures_how_bursty_arrivals_are():
+    from planner.core.observed import ObservedWorkload
+
+    regular, bursty = WorkloadWindow(window_s=600), WorkloadWindow(window_s=600)
+    for k in range(40):  # one request a second, each taking 2 s
+        regular.record(100, 10, 0.1, 0.01, now_s=1000.0 + k + 2.0, latency_s=2.0)
+    for k in range(40):  # bursts of 10 within 0.1 s, 10 s apart; finish order differs from arrival order
+        arrived = 1000.0 + 10 * (k // 10) + 0.01 * (k % 10)
+        bursty.record(100, 10, 0.1, 0.01, now_s=arrived + 5.0 - 0.1 * (k % 10), latency_s=5.0 - 0.1 * (k % 10))
+    assert regular.summary(now_s=1100.0)["arrival_gap_cv2"] == pytest.approx(0.0, abs=1e-9)
+    summary = bursty.summary(now_s=1100.0)
+    assert summary["arrival_gap_cv2"] > 5
+    assert ObservedWorkload.from_summary(summary).arrival_cv2 == pytest.approx(summary["arrival_gap_cv2"])
+    few = WorkloadWindow()
+    few.record(100, 10, 0.1, 0.01, now_s=1.0)
+    assert few.summary(now_s=2.0)["arrival_gap_cv2"] is None  # too few gaps to say
