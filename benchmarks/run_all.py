@@ -46,6 +46,7 @@ BENCHMARKS = (
     Benchmark("prefix_reuse_sim", (), ("--quick",), "prefix_reuse_sim.md"),
     Benchmark("elastic_sim", (), ("--phase-s", "120"), "elastic_sim.md"),
     Benchmark("right_size", (), ("--max-requests", "800"), "right_size.md"),
+    Benchmark("burstiness", (), ("--max-requests", "800", "--fleets", "homo-A100"), "burstiness.md"),
     Benchmark("prefix_routing", (), ("--requests", "80"), "prefix_routing.md"),
     # As root only (namespaces, tc, cgroups); elsewhere it refuses in one line and the others still run.
     Benchmark("lab_hetero", ("--rate-scales", "0.5,1,1.5,2,2.5,3,3.5", "--requests", "90"),
