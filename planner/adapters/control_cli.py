@@ -44,7 +44,7 @@ def _router_call(client: httpx.Client, method: str, url: str, **kwargs) -> dict:
         response = client.request(method, url, **kwargs)
     except httpx.HTTPError as exc:
         raise RouterUnreachable(f"{method} {url}: {exc}") from None
-    if response.status_code != 200:
+    if response.status_code not in (200, 202):  # 202: a plan that starts workers was accepted and is starting
         try:
             message = response.json().get("error", {}).get("message", response.text)
         except ValueError:

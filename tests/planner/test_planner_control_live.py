@@ -125,3 +125,29 @@ def test_the_controller_flips_a_decode_worker_for_prompt_heavy_traffic(planned_r
     lost_worker = next(w for w, info in view["workers"].items() if info["group"] == lost)
     assert view["routes"] and all(lost_worker not in (r["prefill"], r["decode"]) for r in view["routes"])
     assert set(_send(router, 3)) == {200}
+
+
+def test_a_gpu_listed_later_becomes_a_new_group_when_the_demand_needs_it(planned_router):
+    """A fourth device joins the cluster file; the controller starts a group on it through `POST /plan`,
+    the router starts its worker, and requests go on (after the test above: a flipped worker, and a
+    prefill worker that was killed and is restarted in the background)."""
+    router, cluster_path, plan_path = planned_router
+    joined = json.loads(json.dumps(CLUSTER))
+    joined["fleet"]["nodes"].append({"name": "cpu3", "gpu_type": "CPU", "num_gpus": 1})
+    cluster_path.write_text(json.dumps(joined))
+    assert set(_send(router, 12)) == {200}
+    decision = _control(router, cluster_path, plan_path, "--max-flips", "0")
+    assert decision["action"] == "apply" and len(decision["new_groups"]) == 1, decision
+    group, role, gpus = decision["new_groups"][0]
+    assert gpus == 1 and any(f"(group {group})" in change for change in decision["router_changes"])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        workers = httpx.get(f"{router.base_url}/plan").json()["workers"]
+        started = [w for w in workers.values() if w["group"] == group]
+        if started and started[0]["healthy"]:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"the new group {group}'s worker was not healthy within 180 s: {workers}")
+    assert started[0]["role"] == role
+    assert set(_send(router, 6)) == {200}
