@@ -191,6 +191,9 @@ class Controller:
 
         Every GPU a running group holds must still be listed: a node that left takes its
         groups' workers with it, which the router reports as unhealthy instead."""
+        if cluster.model != self.cluster.model:
+            raise PlanInputError("model", f"the cluster file now serves {cluster.model.name}, the running plan "
+                                 f"{self.cluster.model.name}; re-plan with `planner solve` and restart the router")
         listed = {f"{n.name}:{k}" for n in cluster.nodes for k in range(n.num_gpus)}
         for g in self._groups:
             missing = [gpu for gpu in g.gpus if gpu not in listed]

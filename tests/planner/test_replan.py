@@ -261,3 +261,8 @@ def test_a_dry_run_or_max_new_groups_0_starts_nothing_and_a_node_that_left_is_re
         [n for n in smaller["fleet"]["nodes"] if n["name"] in used][1:]
     with pytest.raises(PlanInputError, match=r"fleet\.nodes.*of running group"):
         never.update_fleet(parse_cluster(smaller))
+    other_model = _joined(1)
+    other_model["model"] = {"preset": "Llama-2-7B"}
+    with pytest.raises(PlanInputError, match=r"^model: .*re-plan"):
+        never.update_fleet(parse_cluster(other_model))
+    assert never.cluster.num_gpus == 6  # a refused file leaves the fleet as it was
