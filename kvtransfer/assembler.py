@@ -132,13 +132,30 @@ class Assembler:
         return Ack(protocol.PROTOCOL_VERSION, transfer_id or "?", False, f"internal error handling frame: {exc!r}")
 
     def _on_frames(self, frames: Sequence[bytes | memoryview]) -> Ack | None:
+        """One ZeroMQ message: one or more protocol messages of one transfer, back to back."""
         if not frames:
             raise ProtocolError("empty message: expected a header frame")
-        message = protocol.decode_header(frames[0], self.limits)
-        self._current_id = message.transfer_id
-        expected_frames = 1 + message.num_layers if isinstance(message, Chunk) else 1
-        if len(frames) != expected_frames:
-            self._fail(message.transfer_id, f"{type(message).__name__} came with {len(frames)} frames; expected {expected_frames}")
+        ack, index = None, 0
+        while index < len(frames):
+            try:
+                message = protocol.decode_header(frames[index], self.limits)
+            except ProtocolError as exc:
+                if index:  # what came before in this message belongs to a transfer that cannot be trusted now
+                    self._fail(self._current_id, f"frame {index} of a message: {exc}")
+                raise
+            if index and message.transfer_id != self._current_id:
+                self._fail(self._current_id, f"frame {index} of a message names another transfer "
+                                             f"({message.transfer_id!r}); one message carries one transfer")
+            self._current_id = message.transfer_id
+            count = 1 + message.num_layers if isinstance(message, Chunk) else 1
+            part = frames[index : index + count]
+            if len(part) != count or (isinstance(message, DropTransfer) and len(frames) != 1):
+                self._fail(message.transfer_id, f"{type(message).__name__} came with {len(part)} frames; expected {count}")
+            ack = self._on_message(message, part) or ack
+            index += count
+        return ack
+
+    def _on_message(self, message, frames: Sequence[bytes | memoryview]) -> Ack | None:
         if isinstance(message, Begin):
             return self._begin(message)
         if isinstance(message, Chunk):

@@ -93,6 +93,20 @@ def message_payload_bytes(frames: list) -> int:
     return sum(len(frame) for frame in frames[1:])
 
 
+def coalesce(messages: list[list]) -> list[list]:
+    """A transfer's messages as the send path sends them: Begin in front of the first Chunk
+    message, End after the last (a transfer without chunks: Begin and End in one)."""
+    if len(messages) < 2:
+        return [list(m) for m in messages]
+    begin, *chunks, end = messages
+    if not chunks:
+        return [list(begin) + list(end)]
+    out = [list(m) for m in chunks]
+    out[0] = list(begin) + out[0]
+    out[-1] = out[-1] + list(end)
+    return out
+
+
 def layer_chunks(
     transfer_id: str,
     layer: int,

@@ -16,7 +16,11 @@ Framing: a message is one or more ZeroMQ frames. Frame 0 is the header, a
 msgpack array whose first element is the type tag and whose second is the
 protocol version; a Chunk's frames 1..num_layers are the payloads of its
 layers in order (one frame per layer, each taken straight from tensor
-memory: packing layers costs no copy), covered by one checksum. "Blocks" are the request's logical KV blocks (0 is its
+memory: packing layers costs no copy), covered by one checksum. One ZeroMQ
+message may carry several of these back to back, all of one transfer: the
+send path puts Begin in front of a transfer's first Chunk and End after its
+last, so a short prompt's whole transfer is one message (each message costs
+a hand-off to the socket thread, a ZeroMQ send and an assembler round). "Blocks" are the request's logical KV blocks (0 is its
 first block), so the two sides' physical block ids never need to agree.
 
 All limits are checked on the header before the receiver allocates anything
@@ -41,7 +45,9 @@ from common.wire import ProtocolError
 # 3: Chunk.num_layers: one message may carry several consecutive layers (one
 # payload frame each), so short prompts move in fewer, larger messages. A
 # version-2 peer refuses version-3 messages by version (decode recomputes).
-PROTOCOL_VERSION = 4  # 4: Begin.first_block (blocks decode already holds are not sent)
+# 4: Begin.first_block (blocks decode already holds are not sent); 5: several messages of one transfer
+# in one ZeroMQ message (Begin + Chunk, Chunk + End).
+PROTOCOL_VERSION = 5
 
 # dtypes a payload may carry, with their element size in bytes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}

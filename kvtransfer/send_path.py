@@ -16,7 +16,9 @@ consecutive layers, up to `max_chunk_bytes` (one payload frame per layer,
 no copy); what is left goes at the end of the step. Every message costs a
 hand-off to the I/O thread, a header and an assembler round on decode
 (tens of µs), so a 2 MiB prompt moved as 32 messages ran at half the raw
-socket's rate.
+socket's rate. For the same reason Begin waits for the transfer's first
+Chunk message and End rides on the last one packed at the end of the step
+(protocol version 5): a short prompt's transfer is one message.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class _Progress:
     begun: bool = False
     failed: bool = False
     pack: _Pack | None = None
+    begin: list | None = None  # Begin's frames, held until the first Chunk message carries them
 
 
 class SendPath:
@@ -147,8 +150,8 @@ class SendPath:
         if progress.pack.nbytes + nbytes > max_bytes:  # the next layer would not fit: go now
             self._flush(transfer_id, progress)
 
-    def _flush(self, transfer_id: str, progress: _Progress) -> None:
-        """Send the part's waiting layers as one message."""
+    def _flush(self, transfer_id: str, progress: _Progress, end: bool = False) -> None:
+        """Send the part's waiting layers as one message (with End after them: the transfer's last)."""
         pack, progress.pack = progress.pack, None
         if pack is None or progress.failed:
             return
@@ -156,7 +159,7 @@ class SendPath:
             transfer_id, pack.first_layer, pack.first_block, pack.layers,
             encoding=self.options.encoding, checksum=self._checksum(pack.endpoint),
         )
-        self._submit(pack.endpoint, transfer_id, frames, progress)
+        self._submit(pack.endpoint, transfer_id, frames, progress, end)
 
     def _checksum(self, endpoint: str) -> str:
         kind = self._checksums.get(endpoint)
@@ -164,35 +167,40 @@ class SendPath:
             kind = self._checksums[endpoint] = link_checksum(self.options.checksum, endpoint)
         return kind
 
-    def _submit(self, endpoint: str, transfer_id: str, frames: list, progress: _Progress) -> bool:
+    def _submit(self, endpoint: str, transfer_id: str, frames: list, progress: _Progress, end: bool = False) -> bool:
+        """One Chunk message; Begin in front if not yet sent, End after it when `end`."""
         nbytes = message_payload_bytes(frames)
-        if not self.sender.submit(endpoint, transfer_id, frames, nbytes):
-            progress.failed = True
-            return False
         progress.num_chunks += 1
         progress.payload_bytes += nbytes
+        if progress.begin is not None:
+            frames, progress.begin = progress.begin + frames, None
+        if end:
+            frames = frames + end_message(transfer_id, progress.num_chunks, progress.payload_bytes)
+        if not self.sender.submit(endpoint, transfer_id, frames, nbytes, is_end=end):
+            progress.failed = True
+            return False
         return True
 
     def _send_begin(
         self, spec: SendSpec, transfer_id: str, part: Part, block_shape: tuple[int, ...], progress: _Progress
     ) -> None:
-        frames = begin_message(
+        progress.begin = begin_message(
             transfer_id, spec.request_id, prompt_hash=spec.prompt_hash, num_tokens=spec.num_tokens,
             first_layer=part.first_layer, num_layers=part.num_layers, num_blocks=spec.num_blocks,
             dtype=self.layout.dtype, block_shape=block_shape, encoding=self.options.encoding,
             first_block=spec.first_block,  # the first send starts past the blocks decode holds
         )
-        if not self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, frames, 0):
-            progress.failed = True
 
     def finish_step(self, meta: HexConnectorMetadata) -> None:
         """After the step's forward pass: send the layers still packed, drop
         transfers whose request ended early, and End every part whose last
         prompt block went out."""
         self._indexes.clear()
-        for (transfer_id, _), progress in self._progress.items():
-            if progress.pack is not None:
-                self._flush(transfer_id, progress)
+        ending = {(spec.transfer_id + part.suffix, part.rank) for spec in meta.sends if spec.is_last
+                  for part in self.parts(spec.decode_tp, spec.decode_layers)}
+        for key, progress in self._progress.items():
+            if progress.pack is not None and key not in ending:  # an ending part's pack carries its End
+                self._flush(key[0], progress)
         for drop in meta.drops:
             for part in self.parts(drop.decode_tp, drop.decode_layers):
                 transfer_id = drop.transfer_id + part.suffix
@@ -206,5 +214,8 @@ class SendPath:
                 progress = self._progress.pop((transfer_id, part.rank), _Progress())
                 if progress.failed:
                     continue
-                frames = end_message(transfer_id, progress.num_chunks, progress.payload_bytes)
+                if progress.pack is not None:
+                    self._flush(transfer_id, progress, end=True)
+                    continue
+                frames = (progress.begin or []) + end_message(transfer_id, progress.num_chunks, progress.payload_bytes)
                 self.sender.submit(rank_endpoint(spec.endpoint, part.rank), transfer_id, frames, 0, is_end=True)

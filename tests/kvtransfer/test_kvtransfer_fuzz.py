@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kvtransfer import codec
 from kvtransfer.assembler import Assembler
-from kvtransfer.framing import transfer_messages
+from kvtransfer.framing import coalesce, transfer_messages
 from kvtransfer.protocol import Limits
 
 DATA = torch.randn(3, 4, 2, 4, 8, generator=torch.Generator().manual_seed(1))  # layers, blocks, block
@@ -24,23 +24,58 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 # Layers per Chunk message: 1 as long prompts send them, 2 and 3 packed as the
 # send path packs short prompts' layers (one payload frame per layer).
 PACKINGS = (1, 2, 3)
-packings = st.sampled_from(PACKINGS)
+# And each as the send path sends them (coalesced: Begin in the first message, End in the last) or
+# every protocol message in a ZeroMQ message of its own.
+packings = st.tuples(st.sampled_from(PACKINGS), st.booleans())
 
 
 def fresh_messages(encoding="raw", checksum="xxh3", layers_per_chunk=1):
+    if isinstance(layers_per_chunk, tuple):
+        layers_per_chunk, coalesced = layers_per_chunk
+    else:
+        coalesced = False
     messages = transfer_messages("t1", DATA, blocks_per_chunk=2, encoding=encoding, checksum=checksum, layers_per_chunk=layers_per_chunk)
-    return [[bytes(f) for f in m] for m in messages]
+    messages = [[bytes(f) for f in m] for m in messages]
+    return coalesce(messages) if coalesced else messages
 
 
-def pick(messages, i: int, j: int = 0) -> tuple[int, int]:
-    """(message, payload frame) indexes of a chunk's payload, from any two integers."""
-    index = 1 + i % (len(messages) - 2)  # chunks sit between Begin and End
-    return index, 1 + j % (len(messages[index]) - 1)
+def _coalesced(messages) -> bool:
+    return len(messages[0]) > 1  # a lone Begin is one frame
+
+
+def pick(messages, i: int, j: int = 0, spare_last: bool = False) -> tuple[int, int]:
+    """(message, payload frame) indexes of a chunk's payload, from any two integers
+    (spare_last: never the message that carries End)."""
+    if not _coalesced(messages):
+        index = 1 + i % (len(messages) - 2)  # chunks sit between Begin and End
+        return index, 1 + j % (len(messages[index]) - 1)
+    index = i % (len(messages) - 1 if spare_last and len(messages) > 1 else len(messages))
+    first = 2 if index == 0 else 1  # after Begin and the chunk's header
+    count = len(messages[index]) - first - (1 if index == len(messages) - 1 else 0)
+    return index, first + j % count
 
 
 def test_packed_messages_carry_several_layers():
     sizes = [len(m) - 1 for m in fresh_messages(layers_per_chunk=2)[1:-1]]
     assert sizes == [2, 1, 2, 1]  # layers 0-1 and 2 of each of the two block ranges
+    coalesced = fresh_messages(layers_per_chunk=(2, True))
+    assert [len(m) for m in coalesced] == [4, 2, 3, 3]  # Begin joins the first, End the last
+
+
+@settings(deadline=None)
+@given(packing=packings)
+def test_a_coalesced_transfer_completes_exactly(packing):
+    a, acks = run(fresh_messages(layers_per_chunk=packing))
+    assert [ack.ok for ack in acks] == [True]
+    assert assert_exact_if_complete(a) == "complete"
+
+
+def test_a_message_carrying_two_transfers_is_refused_and_fails_the_first():
+    one = coalesce([[bytes(f) for f in m] for m in transfer_messages("t1", DATA, blocks_per_chunk=4)])
+    two = coalesce([[bytes(f) for f in m] for m in transfer_messages("t2", DATA, blocks_per_chunk=4)])
+    a, acks = run([one[0] + two[0]])
+    assert [ack.ok for ack in acks] == [False] and "another transfer" in acks[0].error
+    assert a.claim("t1").state == "failed" and a.held_bytes() == 0
 
 
 def run(messages, limits=Limits()):
@@ -121,16 +156,22 @@ def test_payload_over_limit_refused_from_header():
 @given(packing=packings, i=ANY)
 def test_duplicated_chunk_refused(packing, i):
     messages = fresh_messages(layers_per_chunk=packing)
-    index, _ = pick(messages, i)
+    index, _ = pick(messages, i, spare_last=True)  # a copy of End's message after End only comes too late
     messages.insert(index + 1, [bytes(f) for f in messages[index]])
-    assert_refused(*run(messages))
+    a, acks = run(messages)
+    if index == 0 and _coalesced(messages):
+        # The copy's Begin is refused before its chunk is read; the original goes on, exact.
+        assert any(not ack.ok and "duplicate Begin" in ack.error for ack in acks)
+        assert_exact_if_complete(a)
+        return
+    assert_refused(a, acks)
 
 
 @FAST
 @given(packing=packings, i=ANY, dropped=st.booleans())
 def test_missing_chunk_refused(packing, i, dropped):
     messages = fresh_messages(layers_per_chunk=packing)
-    index, _ = pick(messages, i)
+    index, _ = pick(messages, i, spare_last=True)  # without End's message the transfer just never ends
     del messages[index]
     assert_refused(*run(messages))
 

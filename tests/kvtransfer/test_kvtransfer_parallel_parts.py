@@ -45,14 +45,29 @@ def side(tp: int, layers: tuple[int, ...], pp_rank: int, tp_rank: int, max_chunk
     )
 
 
+def headers(frames: list) -> list:
+    """The protocol messages' headers in one ZeroMQ message (Begin and End ride with Chunks)."""
+    from kvtransfer.protocol import Chunk, Limits, decode_header
+
+    found, index = [], 0
+    while index < len(frames):
+        header = decode_header(frames[index], Limits())
+        found.append(header)
+        index += 1 + (header.num_layers if isinstance(header, Chunk) else 0)
+    return found
+
+
 def count_chunk_messages(worker: WorkerSide) -> list[int]:
     """Wrap the worker's sender so every Chunk message submitted is counted (with its layers)."""
+    from kvtransfer.protocol import Chunk
+
     counts: list[int] = []
     submit = worker.sender.submit
 
     def counting(endpoint, transfer_id, frames, nbytes, **kwargs):
-        if len(frames) > 1:
-            counts.append(len(frames) - 1)  # layers in this message
+        layers = [h.num_layers for h in headers(frames) if isinstance(h, Chunk)]
+        if layers:
+            counts.append(sum(layers))  # layers in this message
         return submit(endpoint, transfer_id, frames, nbytes, **kwargs)
 
     worker.sender.submit = counting
@@ -191,7 +206,7 @@ def test_aborting_a_request_frees_every_part_at_once(tmp_path):
 def test_send_path_checksums_by_link_and_packs_small_layers(endpoint, kind):
     """The default checksum policy, as the send path applies it per decode
     endpoint; and a step's small layers leave as one packed message."""
-    from kvtransfer.protocol import Chunk, Limits, decode_header
+    from kvtransfer.protocol import Begin, Chunk, End
 
     worker = side(1, (LAYERS,), 0, 0, max_chunk_bytes=1 << 20)
     worker.register_kv_caches({layer_name(l): torch.randn(NUM_BLOCKS, HEADS, BLOCK_TOKENS, HEAD_DIM) for l in range(LAYERS)})
@@ -204,7 +219,8 @@ def test_send_path_checksums_by_link_and_packs_small_layers(endpoint, kind):
     for l in range(LAYERS):
         worker.save_kv_layer(meta, layer_name(l), worker.layout.tensors[l])
     worker.wait_for_save(meta)
-    chunks = [(decode_header(frames[0], Limits()), frames) for frames in sent if len(frames) > 1]
-    assert len(chunks) == 1 and len(chunks[0][1]) == 1 + LAYERS
-    header = chunks[0][0]
+    # One message: Begin, the packed Chunk with a payload frame per layer, and End.
+    assert len(sent) == 1 and len(sent[0]) == 3 + LAYERS
+    begin, header, end = headers(sent[0])
+    assert isinstance(begin, Begin) and isinstance(end, End) and end.num_chunks == 1
     assert isinstance(header, Chunk) and header.num_layers == LAYERS and header.checksum_kind == kind
