@@ -222,7 +222,7 @@ class Controller:
     def _decide(self, observed: ObservedWorkload | None, healthy: frozenset[str], now_s: float) -> Decision:
         policy = self.policy
         quiet = partial_decision(now_s, observed, healthy)
-        health_changed = healthy != self._healthy or self._fleet_changed
+        health_changed = healthy != self._healthy or self._fleet_changed  # either: look now
         trusted = observed is not None and observed.requests >= policy.min_requests
         if not health_changed:
             if self._last_action_s is not None and now_s - self._last_action_s < policy.min_interval_s:
@@ -238,7 +238,7 @@ class Controller:
             if moved < policy.drift_threshold and scale.worst >= 1 / (1 + policy.capacity_threshold):
                 return quiet(f"workload drift {moved:.0%} below {policy.drift_threshold:.0%}, measured latencies "
                              f"within {policy.capacity_threshold:.0%} of predicted", scale=scale)
-        return self._replan(cluster, observed if trusted else None, healthy, now_s, health_changed, scale)
+        return self._replan(cluster, observed if trusted else None, healthy, now_s, scale)
 
     def _evaluator(self, cluster: Cluster, scale: CapacityScale = CapacityScale()) -> RunningShapes:
         return RunningShapes(cluster, {g.group: g.shape[0] for g in self._groups}, scale)
@@ -256,7 +256,7 @@ class Controller:
         return measured_scale(running.predicted, observed)
 
     def _replan(self, cluster: Cluster, observed: ObservedWorkload | None, healthy: frozenset[str], now_s: float,
-                health_changed: bool, scale: CapacityScale) -> Decision:
+                scale: CapacityScale) -> Decision:
         policy = self.policy
         evaluator, routes = self._evaluator(cluster, scale), RouteTable(cluster)
         search = Search(evaluator, routes, DISAGGREGATED)
@@ -281,9 +281,11 @@ class Controller:
         new, best = self._grow(search, cluster, live, roles, observed, before, best, len(flips))
         fleet_changed, self._fleet_changed = self._fleet_changed, False
         base = partial_decision(now_s, observed, healthy)
-        if not flips and not new and not health_changed:
+        # A fleet that only grew changes nothing by itself: its new GPUs serve once they are needed.
+        if not flips and not new and healthy == self._healthy:
+            why = "; the fleet's new GPUs are not needed at the observed demand" if fleet_changed else ""
             return base(f"no role flip or new group raises the demand served by {policy.min_gain:.0%} "
-                        f"({before:.2f} req/s at the observed workload)", before_rps=before, after_rps=before,
+                        f"({before:.2f} req/s at the observed workload){why}", before_rps=before, after_rps=before,
                         scale=scale)
         state = State([g.group for g in live] + [n.group for n in new], roles + [n.role for n in new], {})
         new_ids = _new_ids(self._groups, len(new))
