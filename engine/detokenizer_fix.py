@@ -35,7 +35,8 @@ def ends_mid_character(tokenizer, token_ids, skip_special_tokens: bool) -> bool:
 def _whole_text_length(tokenizer, prompt_token_ids, skip_special_tokens: bool) -> int:
     """The longest prompt prefix, within the last `_MAX_STEPPED_TOKENS`, whose text ends whole; 0 if none."""
     for length in range(len(prompt_token_ids) - 1, max(0, len(prompt_token_ids) - _MAX_STEPPED_TOKENS), -1):
-        if not ends_mid_character(tokenizer, prompt_token_ids[:length], skip_special_tokens):
+        if not ends_mid_character(tokenizer, prompt_token_ids[max(0, length - _TAIL_TOKENS):length],
+                                  skip_special_tokens):  # only the tail is decoded: no copy of the prompt
             return length
     return 0
 

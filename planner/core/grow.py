@@ -37,7 +37,7 @@ def idle_gpus(cluster: Cluster, used: set[str]) -> dict[int, list[str]]:
     """Per node index, the names of its GPUs no group holds."""
     idle = {}
     for node in cluster.nodes:
-        names = [f"{node.name}:{k}" for k in range(node.num_gpus) if f"{node.name}:{k}" not in used]
+        names = [gpu for gpu in node.gpu_names if gpu not in used]
         if names:
             idle[node.index] = names
     return idle

@@ -108,7 +108,7 @@ def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed
         for node, count in group:
             start = next_gpu[node]
             next_gpu[node] += count
-            gpus_by_part.append([f"{cluster.nodes[node].name}:{k}" for k in range(start, start + count)])
+            gpus_by_part.append(cluster.nodes[node].gpu_names[start:start + count])
         types: dict[str, int] = {}
         for node, count in group:
             t = cluster.nodes[node].gpu_type
@@ -125,7 +125,7 @@ def _place_groups(cluster: Cluster, ev: GroupEvaluator, state: State) -> _Placed
             service_ms=perf.service_s * 1e3, kv_budget_ms=perf.kv_budget_s * 1e3,
         ))
     for node in cluster.nodes:
-        placed.unused_gpus += [f"{node.name}:{k}" for k in range(next_gpu[node.index], node.num_gpus)]
+        placed.unused_gpus += node.gpu_names[next_gpu[node.index]:]
     return placed
 
 
@@ -146,7 +146,7 @@ def _relabel(cluster: Cluster, placed: _Placed, route_plans: list[RoutePlan],
     for route in route_plans:
         route.prefill, route.decode = new_id[route.prefill], new_id[route.decode]
     used = {g for group in placed.groups for g in group.gpus}
-    placed.unused_gpus = [f"{n.name}:{k}" for n in cluster.nodes for k in range(n.num_gpus) if f"{n.name}:{k}" not in used]
+    placed.unused_gpus = [gpu for gpu in cluster.gpu_names if gpu not in used]
 
 
 def _stage_plans(cluster: Cluster, group, perf: PhasePerf, gpus_by_part: list[list[str]]) -> list[StagePlan]:

@@ -194,16 +194,15 @@ class Controller:
         if cluster.model != self.cluster.model:
             raise PlanInputError("model", f"the cluster file now serves {cluster.model.name}, the running plan "
                                  f"{self.cluster.model.name}; re-plan with `planner solve` and restart the router")
-        listed = {f"{n.name}:{k}" for n in cluster.nodes for k in range(n.num_gpus)}
+        listed = set(cluster.gpu_names)
         for g in self._groups:
             missing = [gpu for gpu in g.gpus if gpu not in listed]
             if missing:
                 raise PlanInputError("fleet.nodes", f"GPU {missing[0]} of running group {g.id} is not in the "
                                      "cluster file any more; keep its node listed while the group runs")
-        before = {f"{n.name}:{k}" for n in self.cluster.nodes for k in range(n.num_gpus)}
+        changed = listed != set(self.cluster.gpu_names)
         self.cluster = dataclasses.replace(cluster, workload=self.cluster.workload)
         self._groups = _groups_of_plan(self.cluster, self.plan)  # node indices of the new file
-        changed = listed != before
         self._fleet_changed = self._fleet_changed or changed
         return changed
 

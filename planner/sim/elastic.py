@@ -37,7 +37,6 @@ from planner.sim.routing import RoutePicker
 from planner.sim.simulator import Simulation, SimConfig, _DecodeState, _PrefillState
 from planner.sim.types import SimCosts, SimRoute
 from planner.spec.cluster import Cluster
-from planner.spec.prefix_reuse import PrefixCache
 
 DEFAULT_WINDOW_S = 60.0
 DEFAULT_STARTUP_S = 60.0  # a new group's worker, from start to serving (model load on a GPU)
@@ -85,8 +84,7 @@ class ElasticSimulation(Simulation):
 
     def _start(self, group) -> None:
         """A new group: its worker loads for startup_s, then takes work in either role, as the others."""
-        block = self.cfg.prefix_block_tokens
-        cache = PrefixCache(group.kv_capacity_tokens // block if self.cfg.prefix_caching else 0)
+        cache = self.prefix_cache(group)
         self.prefill[group.name] = _PrefillState(group, cache)
         self.decode[group.name] = _DecodeState(group, cache)
         self.outstanding[group.name] = 0

@@ -160,12 +160,8 @@ class Simulation:
         self.fleet = fleet
         self.costs = costs
         self.cfg = cfg or SimConfig()
-        block = self.cfg.prefix_block_tokens
-        blocks = {g.name: (g.kv_capacity_tokens // block if self.cfg.prefix_caching else 0) for g in fleet.groups}
-        self.prefill = {g.name: _PrefillState(g, PrefixCache(blocks[g.name]))
-                        for g in fleet.groups if g.role == Role.PREFILL}
-        self.decode = {g.name: _DecodeState(g, PrefixCache(blocks[g.name]))
-                       for g in fleet.groups if g.role.serves_decode}
+        self.prefill = {g.name: _PrefillState(g, self.prefix_cache(g)) for g in fleet.groups if g.role == Role.PREFILL}
+        self.decode = {g.name: _DecodeState(g, self.prefix_cache(g)) for g in fleet.groups if g.role.serves_decode}
         self.link_free_s = {(r.prefill, r.decode): 0.0 for r in fleet.routes}
         self.picker = RoutePicker(fleet.routes, self.cfg.routing, self.cfg.load_scale_tokens,
                                   self.cfg.share_slack_requests, self.cfg.decode_first_max_tokens)
@@ -175,6 +171,11 @@ class Simulation:
         self.events: list = []
         self.seq = 0
         self.now = 0.0
+
+    def prefix_cache(self, group: SimGroup) -> PrefixCache:
+        """A group's prefix cache: its KV capacity in blocks (none without prefix caching)."""
+        blocks = group.kv_capacity_tokens // self.cfg.prefix_block_tokens if self.cfg.prefix_caching else 0
+        return PrefixCache(blocks)
 
     def _at(self, t: float, fn, *args) -> None:
         self.seq += 1

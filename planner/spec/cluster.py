@@ -35,6 +35,11 @@ class Node:
     region: str
     spec: GpuSpec
 
+    @property
+    def gpu_names(self) -> list[str]:
+        """Its GPUs as plans name them: ``node:index``."""
+        return [f"{self.name}:{k}" for k in range(self.num_gpus)]
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
@@ -70,6 +75,11 @@ class Cluster:
     @property
     def num_gpus(self) -> int:
         return sum(n.num_gpus for n in self.nodes)
+
+    @property
+    def gpu_names(self) -> list[str]:
+        """Every GPU of the fleet as plans name them (``node:index``), node by node."""
+        return [gpu for n in self.nodes for gpu in n.gpu_names]
 
     @property
     def price_per_hour(self) -> float:
