@@ -8,9 +8,13 @@ model (x layers), as its simulator composes them. For every source and
 (GPU, model, TP), predicted / measured prefill latency and decode step time
 of three models:
 
-- catalog: the planner's cost model today (``costmodel.prefill_pass`` /
-  ``decode_step`` with the catalog's mfu, mbu and overheads);
-- fitted: ``planner.core.costfit`` fitted on every source (in-sample);
+- roofline: the planner's cost model before it took the fitted form
+  (``costmodel.prefill_pass`` / ``decode_step`` with the mfu, mbu and
+  overheads the catalog had until 2026-12-06, ``ROOFLINE_BEFORE``), kept as
+  the baseline;
+- fitted: ``planner.core.costfit`` fitted on every source (in-sample). This
+  is what the planner and the simulator use (``--write-coefficients`` writes
+  it to ``configs/cost_coefficients.json``);
 - held out: fitted on the other sources only, predicting this one
   (leave-one-source-out: the test of whether the form carries over).
 
@@ -28,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from collections import defaultdict
 from pathlib import Path
 
 from planner.core import costfit
 from planner.core import costmodel as cm
 from planner.spec.catalog import GB, default_catalog
+from planner.spec.cost_coefficients import COST_COEFFICIENTS_PATH, COST_COEFFICIENTS_SCHEMA
 from planner.spec.measured import MEASURED_DIR, MeasuredPoint, load_all_measured
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,8 +60,15 @@ def _shape(p: MeasuredPoint) -> costfit.Shape:
     return costfit.Shape(default_catalog().resolve(p.gpu, "gpu"), p.model, p.tp, None)
 
 
-def catalog_s(p: MeasuredPoint) -> float:
-    gpu = default_catalog().resolve(p.gpu, "gpu")
+# (mfu, mbu) of each measured type in the catalog before the fitted form (overheads: 5 / 2 ms, the defaults).
+ROOFLINE_BEFORE = {"A100-80G": (0.55, 0.75), "A100-40G": (0.55, 0.75), "H100": (0.55, 0.75), "L4": (0.45, 0.7),
+                   "T4": (0.4, 0.7), "V100": (0.45, 0.7)}
+
+
+def roofline_s(p: MeasuredPoint) -> float:
+    mfu, mbu = ROOFLINE_BEFORE[p.gpu]
+    gpu = replace(default_catalog().resolve(p.gpu, "gpu"), fitted=None, mfu=mfu, mbu=mbu, prefill_overhead_ms=5.0,
+                  decode_overhead_ms=2.0)
     stage = cm.Stage(gpu, p.tp, p.model.num_layers, True, True, gpu.intra_node_bandwidth_gb_per_s * GB,
                      gpu.intra_node_latency_us / 1e6)
     if p.phase == "prefill":
@@ -88,7 +101,7 @@ def evaluate(points: list[MeasuredPoint], check: list[MeasuredPoint]) -> tuple[l
     held_out.update({p.source: everything for p in check})  # never fitted to: held out by construction
     rows = [{"source": p.source, "gpu": p.gpu, "model": p.model.name, "tp": p.tp, "phase": p.phase,
              "tokens": p.tokens, "batch": p.batch, "context_tokens": p.context_tokens, "measured_s": p.ms / 1e3,
-             "catalog_s": catalog_s(p), "fitted_s": fitted_s(everything, p),
+             "roofline_s": roofline_s(p), "fitted_s": fitted_s(everything, p),
              "held_out_s": fitted_s(held_out[p.source], p)} for p in points + check]
     coefs = {"all": everything.to_json(), **{f"without {s}": m.to_json() for s, m in held_out.items()}}
     return rows, coefs
@@ -104,15 +117,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (source, gpu, model, tp, phase), rs in sorted(groups.items(), key=lambda kv: (kv[0][4], kv[0][0] == "all",
                                                                                       kv[0][0], kv[0][1] != "all", kv[0][1:4])):
         out.append({"source": source, "gpu": gpu, "model": model, "tp": tp, "phase": phase, "n": len(rs),
-                    **{k: _stats(rs, f"{k}_s") for k in ("catalog", "fitted", "held_out")}})
+                    **{k: _stats(rs, f"{k}_s") for k in ("roofline", "fitted", "held_out")}})
     return out
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| phase | source | GPU | model | TP | n | catalog gm / worst | fitted gm / worst | held out gm / worst | held out mean pred/meas |",
+    lines = ["| phase | source | GPU | model | TP | n | roofline (before) gm / worst | fitted (planner) gm / worst | held out gm / worst | held out mean pred/meas |",
              "|---|---|---|---|---:|---:|---|---|---|---:|"]
     for s in summary:
-        cells = [f"{s[k]['gm']:.2f}x / {s[k]['worst']:.2f}x" for k in ("catalog", "fitted", "held_out")]
+        cells = [f"{s[k]['gm']:.2f}x / {s[k]['worst']:.2f}x" for k in ("roofline", "fitted", "held_out")]
         tp = s["tp"] or "all"
         bold = "**" if s["gpu"] == "all" else ""
         lines.append(f"| {s['phase']} | {bold}{s['source']}{bold} | {s['gpu']} | {s['model']} | {tp} | {s['n']} | "
@@ -123,6 +136,9 @@ def markdown(summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "costmodel_fit"))
+    ap.add_argument("--write-coefficients", action="store_true",
+                    help=f"write the model fitted on every source to {COST_COEFFICIENTS_PATH.name}, which the "
+                         "planner and the simulator read")
     args = ap.parse_args(argv)
     points = [whole_model(p) for p in load_all_measured()]
     check = [whole_model(p) for p in load_all_measured(CHECK_DIR)]
@@ -139,7 +155,27 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out + ".json").write_text(json.dumps({"summary": summary, "coefficients": coefs, "target_met": met,
                                                      "rows": rows}, indent=1))
     print(md)
+    if args.write_coefficients:
+        write_coefficients(points, COST_COEFFICIENTS_PATH)
+        print(f"wrote {COST_COEFFICIENTS_PATH}")
     return 0
+
+
+def coefficients_document(points: list[MeasuredPoint]) -> dict:
+    """The fitted form's coefficients on ``points`` (whole-model), with what they were fitted on."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for p in points:
+        counts[p.source][p.phase] += 1
+    provenance = {"fitted_by": "python -m benchmarks.costmodel_fit --write-coefficients",
+                  "fitted_on": {s: dict(c) for s, c in sorted(counts.items())},
+                  "measurements": "configs/measured/*.json (each with its own provenance); the Splitwise "
+                                  "profile in configs/measured/check/ is kept aside, never fitted",
+                  "method": "non-negative least squares of the relative error (planner.core.costfit.fit)"}
+    return {"schema": COST_COEFFICIENTS_SCHEMA, "provenance": provenance, **fit_on(points).to_json()}
+
+
+def write_coefficients(points: list[MeasuredPoint], path: Path) -> None:
+    path.write_text(json.dumps(coefficients_document(points), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -120,11 +120,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     cat = default_catalog()
-    print(f"{'GPU':<10}{'bf16 TFLOPS':>12}{'GiB':>6}{'GB/s':>7}{'$/h':>7}")
+    print(f"{'GPU':<10}{'bf16 TFLOPS':>12}{'GiB':>6}{'GB/s':>7}{'$/h':>7}  cost model")
     for name in cat.names():
         g = cat.gpus[name]
+        form = "fitted" if g.fitted else f"roofline (mfu {g.mfu:g}, mbu {g.mbu:g})"
         print(f"{name:<10}{g.peak_bf16_tflops:>12.1f}{g.memory_gib:>6.0f}{g.memory_bandwidth_gb_per_s:>7.0f}"
-              f"{g.price_per_hour:>7.2f}")
+              f"{g.price_per_hour:>7.2f}  {form}")
     print("\nmodel presets:")
     for name in preset_names():
         m = model_preset(name)

@@ -1,4 +1,5 @@
-"""A richer cost model whose coefficients are fitted to measurements across GPUs and models.
+"""Fitting the cost model's fitted form (``planner.core.costmodel.prefill_terms`` / ``decode_terms``) to
+measurements across GPUs and models.
 
 Each latency is a sum of terms, each a physical quantity at the GPU's peak
 rate times a fitted coefficient (so the coefficients carry over to GPUs and
@@ -9,13 +10,17 @@ prefill pass of ``s`` tokens through ``L`` layers on ``tp`` GPUs =
   + ``k2 * matmul FLOPs / (tp * peak)`` (1 / MFU)
   + ``k3 * attention FLOPs (s^2) / (tp * peak)`` (1 / attention efficiency)
   + ``k4 * weight bytes / (tp * bandwidth)``
-  + ``k5 * all-reduce bytes / link bandwidth`` + ``k6 * all-reduce steps`` (alpha, s)
+  + ``k5 * all-reduce bytes / link bandwidth`` + ``k6 * all-reduce steps * link latency``
 
 decode step of ``b`` requests of context ``c`` =
   ``d0`` + ``d1 * L`` + ``d2 * weight bytes / (tp * bandwidth)`` (1 / MBU)
   + ``d3 * KV bytes read / (tp * bandwidth)`` + ``d4 * b * L`` (per sequence and layer: attention
   metadata, sampling) + ``d5 * matmul FLOPs / (tp * peak)`` + ``d6 * all-reduce bytes / link``
-  + ``d7 * all-reduce steps``.
+  + ``d7 * all-reduce steps * link latency``.
+
+The planner and the simulator use the coefficients fitted on every source
+(``configs/cost_coefficients.json``, written by ``benchmarks.costmodel_fit
+--write-coefficients``).
 
 ``fit`` solves for non-negative coefficients minimising the squared
 *relative* error (every row divided by its measurement), so a 2 ms step and a
@@ -31,11 +36,8 @@ import numpy as np
 
 from planner.core import costmodel as cm
 from planner.spec.catalog import GB, GpuSpec
+from planner.spec.cost_coefficients import CostCoefficients
 from planner.spec.model import ModelSpec
-
-PREFILL_TERMS = ("per_pass_s", "per_layer_s", "matmul", "attention", "weights", "allreduce_bytes", "allreduce_step_s")
-DECODE_TERMS = ("per_step_s", "per_layer_s", "weights", "kv_read", "per_seq_layer_s", "matmul", "allreduce_bytes",
-                "allreduce_step_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,37 +58,21 @@ class Shape:
         return self.layers is None
 
 
-def _comm(shape: Shape, tokens: float) -> tuple[float, float]:
-    """(all-reduce bytes over the link, in seconds at its peak; all-reduce latency steps): two per layer."""
-    tp, n = shape.tp, shape.num_layers
-    if tp <= 1:
-        return 0.0, 0.0
-    link = shape.gpu.intra_node_bandwidth_gb_per_s * GB
-    per_ar = 2 * (tp - 1) / tp * cm.activation_bytes(shape.model, tokens)
-    return n * 2 * per_ar / link, n * 2 * 2 * (tp - 1)
+def _links(shape: Shape) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s) among the TP ranks of the GPU's own node type."""
+    return shape.gpu.intra_node_bandwidth_gb_per_s * GB, shape.gpu.intra_node_latency_us / 1e6
 
 
 def prefill_features(shape: Shape, tokens: float) -> np.ndarray:
-    m, g, tp, n = shape.model, shape.gpu, shape.tp, shape.num_layers
-    peak = g.peak_bf16_tflops * 1e12 * tp
-    bw = g.memory_bandwidth_gb_per_s * GB * tp
-    heads_dim = m.num_attention_heads * m.head_size
-    matmul = n * 2 * m.params_per_layer * tokens + (2 * m.hidden_size * m.vocab_size if shape.whole else 0)
-    attention = n * 2 * heads_dim * tokens**2
-    weights = cm.stage_weight_bytes(m, n, shape.whole, shape.whole)
-    comm_bytes, comm_steps = _comm(shape, tokens)
-    return np.array([1.0, n, matmul / peak, attention / peak, weights / bw, comm_bytes, comm_steps])
+    terms = cm.prefill_terms(shape.model, tokens, tokens**2, shape.gpu, shape.tp, shape.num_layers, shape.whole,
+                             shape.whole, *_links(shape))
+    return np.array([1.0, *terms], dtype=float)
 
 
 def decode_features(shape: Shape, batch: float, context_tokens: float) -> np.ndarray:
-    m, g, tp, n = shape.model, shape.gpu, shape.tp, shape.num_layers
-    peak = g.peak_bf16_tflops * 1e12 * tp
-    bw = g.memory_bandwidth_gb_per_s * GB * tp
-    weights = n * m.layer_weight_bytes + (m.lm_head_bytes if shape.whole else 0)
-    kv = batch * context_tokens * cm.stage_kv_bytes_per_token(m, n, tp)
-    matmul = batch * (n * 2 * m.params_per_layer + (2 * m.hidden_size * m.vocab_size if shape.whole else 0))
-    comm_bytes, comm_steps = _comm(shape, batch)
-    return np.array([1.0, n, weights / bw, kv / bw, batch * n, matmul / peak, comm_bytes, comm_steps])
+    terms = cm.decode_terms(shape.model, batch, context_tokens, shape.gpu, shape.tp, shape.num_layers, shape.whole,
+                            *_links(shape))
+    return np.array([1.0, *terms], dtype=float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +87,11 @@ class FittedModel:
         return float(decode_features(shape, batch, context_tokens) @ np.asarray(self.decode))
 
     def to_json(self) -> dict:
-        return {"prefill": dict(zip(PREFILL_TERMS, self.prefill)), "decode": dict(zip(DECODE_TERMS, self.decode))}
+        return self.coefficients().to_json()
+
+    def coefficients(self) -> CostCoefficients:
+        """The coefficients as the catalog's fitted cost form reads them."""
+        return CostCoefficients(self.prefill, self.decode)
 
 
 def nonnegative_least_squares(a: np.ndarray, y: np.ndarray) -> np.ndarray:

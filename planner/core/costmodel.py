@@ -12,8 +12,15 @@ Every function is pure and takes SI units (seconds, bytes, FLOPs).
 - A KV transfer moves ``kv_bytes_per_token * prompt`` bytes; each GPU sends
   its own shard (its layers and heads) over its own link, in parallel.
 
-``mfu``, ``mbu`` and the per-request overheads come from the GPU catalog and
-can be fitted to measurements (``planner.spec.calibration``).
+That is the roofline form, with ``mfu``, ``mbu`` and the per-pass overheads of
+the GPU catalog (fitted to a profile of one type by ``planner.spec.calibration``).
+A catalog type whose ``cost_form`` is "fitted" (every datacenter GPU in
+``configs/gpu_catalog.json``) is modelled instead by a sum of terms, each a
+physical quantity at the GPU's peak rate times a coefficient fitted across
+GPUs and models to published measurements (``prefill_terms`` /
+``decode_terms``; coefficients in ``configs/cost_coefficients.json``, fitted
+by ``planner.core.costfit``): per pass, per layer, matmul and attention FLOPs,
+weight and KV bytes, sequences x layers, all-reduce bytes and latency.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.spec.catalog import GpuSpec
+from planner.spec.catalog import GB, GpuSpec
 from planner.spec.model import ModelSpec
 from planner.spec.workload import Workload
 
@@ -77,6 +84,50 @@ def stage_bytes_per_gpu(model: ModelSpec, layers: int, tp: int, first: bool, las
     return (stage_weight_bytes(model, layers, first, last) + kv) / tp
 
 
+# -- the fitted form: a sum of terms, each a physical quantity at peak rate times a fitted coefficient -----
+def _allreduce_terms(model: ModelSpec, tokens: float, tp: int, layers, intra_bandwidth: float,
+                     intra_latency: float) -> tuple:
+    """(all-reduce bytes over the link in seconds at its bandwidth, all-reduce steps x link latency):
+    two ring all-reduces per layer."""
+    if tp <= 1:
+        return 0.0 * layers, 0.0 * layers
+    per_ar = 2 * (tp - 1) / tp * activation_bytes(model, tokens)
+    return layers * 2 * per_ar / intra_bandwidth, layers * 2 * 2 * (tp - 1) * intra_latency
+
+
+def prefill_terms(model: ModelSpec, tokens: float, sq_tokens: float, gpu: GpuSpec, tp: int, layers, first: bool,
+                  last: bool, intra_bandwidth: float, intra_latency: float) -> tuple:
+    """A prefill stage's terms after the per-pass one, in ``PREFILL_TERMS[1:]`` order (``layers`` may be an
+    array): layers, matmul and attention FLOPs / peak, weight bytes / bandwidth, all-reduce bytes / link
+    bandwidth and steps x link latency. The one formula the planner, the simulator and the fit share."""
+    peak = gpu.peak_bf16_tflops * 1e12 * tp
+    bandwidth = gpu.memory_bandwidth_gb_per_s * GB * tp
+    heads_dim = model.num_attention_heads * model.head_size
+    matmul = layers * 2 * model.params_per_layer * tokens + (2 * model.hidden_size * model.vocab_size if last else 0)
+    attention = layers * 2 * heads_dim * sq_tokens
+    weights = stage_weight_bytes(model, layers, first, last)
+    comm = _allreduce_terms(model, tokens, tp, layers, intra_bandwidth, intra_latency)
+    return (layers, matmul / peak, attention / peak, weights / bandwidth, *comm)
+
+
+def decode_terms(model: ModelSpec, batch: float, context_tokens: float, gpu: GpuSpec, tp: int, layers, last: bool,
+                 intra_bandwidth: float, intra_latency: float) -> tuple:
+    """A decode step's terms after the per-step one, in ``DECODE_TERMS[1:]`` order: layers, weight and KV bytes
+    read / bandwidth, sequences x layers (attention metadata, sampling), matmul FLOPs / peak, all-reduces."""
+    peak = gpu.peak_bf16_tflops * 1e12 * tp
+    bandwidth = gpu.memory_bandwidth_gb_per_s * GB * tp
+    weights = layers * model.layer_weight_bytes + (model.lm_head_bytes if last else 0)
+    kv = batch * context_tokens * stage_kv_bytes_per_token(model, layers, tp)
+    matmul = batch * (layers * 2 * model.params_per_layer + (2 * model.hidden_size * model.vocab_size if last else 0))
+    comm = _allreduce_terms(model, batch, tp, layers, intra_bandwidth, intra_latency)
+    return (layers, weights / bandwidth, kv / bandwidth, batch * layers, matmul / peak, *comm)
+
+
+def _weighted(coefficients: tuple[float, ...], terms: tuple):
+    return sum(c * t for c, t in zip(coefficients[1:], terms))
+
+
+# -- the per-stage times both forms give ------------------------------------------------------------
 def prefill_stage_time(
     model: ModelSpec,
     tokens: float,
@@ -91,6 +142,9 @@ def prefill_stage_time(
 ) -> float:
     """Seconds one stage spends on ``tokens`` prompt tokens whose squares sum (or average, for a mean
     prompt) to ``sq_tokens``. Weights are read once per pass: a batch of prompts shares them."""
+    if gpu.fitted is not None:
+        return _weighted(gpu.fitted.prefill, prefill_terms(model, tokens, sq_tokens, gpu, tp, layers, first, last,
+                                                           intra_bandwidth, intra_latency))
     flops = model.prefill_flops(layers, tokens, sq_tokens, last)
     compute = flops / (tp * gpu.flops_per_s)
     memory = stage_weight_bytes(model, layers, first, last) / (tp * gpu.mem_bytes_per_s)
@@ -111,6 +165,9 @@ def decode_stage_time(
     intra_latency: float,
 ) -> float:
     """Seconds one stage spends on one decode step of ``batch`` requests of mean context ``context_tokens``."""
+    if gpu.fitted is not None:
+        return _weighted(gpu.fitted.decode, decode_terms(model, batch, context_tokens, gpu, tp, layers, last,
+                                                         intra_bandwidth, intra_latency))
     heads_dim = model.num_attention_heads * model.head_size
     flops = layers * batch * (2 * model.params_per_layer + 4 * heads_dim * context_tokens)
     if last:
@@ -142,10 +199,18 @@ class Stage:
         return link_time(num_bytes, self.next_bandwidth_bytes_per_s, self.next_latency_s)
 
 
+def gpu_pass_overhead_s(gpu: GpuSpec, phase: str) -> float:
+    """A GPU type's fixed cost per pass (``phase`` "prefill") or per step ("decode"): the fitted form's
+    constant term, or the roofline form's overhead."""
+    if gpu.fitted is not None:
+        return gpu.fitted.per_pass_s if phase == "prefill" else gpu.fitted.per_step_s
+    return getattr(gpu, f"{phase}_overhead_ms") / 1e3
+
+
 def pass_overhead_s(stages: Sequence[Stage], phase: str) -> float:
     """Fixed per-pass cost (scheduling, launches) of a group: its slowest GPU type's, charged once per pass.
     ``phase`` is "prefill" or "decode"."""
-    return max(getattr(st.gpu, f"{phase}_overhead_ms") for st in stages) / 1e3
+    return max(gpu_pass_overhead_s(st.gpu, phase) for st in stages)
 
 
 def prefill_pass(model: ModelSpec, stages: Sequence[Stage], tokens: float, sq_tokens: float) -> tuple[float, float]:

@@ -43,8 +43,13 @@ class _Latency:
     ttft_tail: float = 0.0
     tpot: float = 0.0
     attainment: float = 0.0
+    rate_rps: float = 0.0  # the weights' sum: the load, up to rounding (an average of 1s stays exactly 1)
+
+    def mean(self, weighted_sum: float) -> float:
+        return weighted_sum / self.rate_rps if self.rate_rps > 0 else 0.0
 
     def add(self, rate_rps: float, found: RouteLatency) -> None:
+        self.rate_rps += float(rate_rps)
         self.ttft += float(rate_rps * found.ttft_mean_s)
         self.ttft_tail += float(rate_rps * found.ttft_tail_s)
         self.tpot += float(rate_rps * found.tpot_s)
@@ -76,15 +81,15 @@ def build_plan(cluster: Cluster, evaluator: GroupEvaluator, routes: RouteTable, 
     predicted = Predicted(
         throughput_rps=float(throughput),
         output_tokens_per_s=tokens_per_s,
-        ttft_ms=latency.ttft / load * 1e3 if load > 0 else 0.0,
-        tpot_ms=latency.tpot / load * 1e3 if load > 0 else 0.0,
+        ttft_ms=latency.mean(latency.ttft) * 1e3,
+        tpot_ms=latency.mean(latency.tpot) * 1e3,
         cost_per_hour=cost,
         tokens_per_dollar=tokens_per_s * 3600 / cost if cost > 0 else 0.0,
         load_rps=load,
         meets_arrival_rate=bool(throughput >= wl.arrival_rate_rps) if wl.arrival_rate_rps else None,
-        ttft_tail_ms=latency.ttft_tail / load * 1e3 if load > 0 else 0.0,
+        ttft_tail_ms=latency.mean(latency.ttft_tail) * 1e3,
         slo_percentile=wl.slo_percentile,
-        slo_attainment=latency.attainment / load if load > 0 else 0.0,
+        slo_attainment=latency.mean(latency.attainment),
     )
     if names is not None:
         _relabel(cluster, placed, route_plans, names)

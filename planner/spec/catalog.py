@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from planner.spec.cost_coefficients import CostCoefficients, load_cost_coefficients
 from planner.spec.errors import PlanInputError
 from planner.spec.fields import Fields
 
@@ -26,7 +27,13 @@ GB = 1e9
 
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
-    """One accelerator type. Rates are peaks; ``mfu``/``mbu`` say how much of them vLLM reaches."""
+    """One accelerator type. Rates are peaks. How long work takes on it is modelled one of two ways:
+
+    - ``fitted`` set (``cost_form: "fitted"``): the sum of terms whose coefficients were fitted to published
+      measurements across GPUs and models (``planner.spec.cost_coefficients``);
+    - ``fitted`` None (``"roofline"``): ``mfu``/``mbu`` say how much of the peaks vLLM reaches, plus fixed
+      per-pass overheads; what ``planner calibrate`` fits from a profile of this type.
+    """
 
     name: str
     peak_bf16_tflops: float
@@ -39,6 +46,11 @@ class GpuSpec:
     mbu: float = 0.75
     prefill_overhead_ms: float = 5.0
     decode_overhead_ms: float = 2.0
+    fitted: CostCoefficients | None = None
+
+    @property
+    def cost_form(self) -> str:
+        return "roofline" if self.fitted is None else "fitted"
 
     @property
     def flops_per_s(self) -> float:
@@ -61,12 +73,20 @@ _OPTIONAL = {
     "prefill_overhead_ms": 5.0,
     "decode_overhead_ms": 2.0,
 }
-GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes"}
+COST_FORMS = ("fitted", "roofline")
+_ROOFLINE_ONLY = ("mfu", "mbu", "prefill_overhead_ms", "decode_overhead_ms")
+GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes", "cost_form"}
 
 
-def _read_values(f: Fields, base: GpuSpec | None) -> dict[str, float]:
+def _read_values(f: Fields, base: GpuSpec | None) -> dict[str, Any]:
     f.check_keys(GPU_FIELDS)
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
+    form = f.string("cost_form", choices=COST_FORMS) if f.has("cost_form") else (base.cost_form if base else "roofline")
+    for key in _ROOFLINE_ONLY:
+        if form == "fitted" and f.has(key):
+            raise PlanInputError(f.at(key), "is a roofline coefficient, but this type uses the fitted cost model; "
+                                            "also set cost_form to \"roofline\" to model it with mfu/mbu/overheads")
+    values["fitted"] = load_cost_coefficients() if form == "fitted" else None
     for key in _REQUIRED + tuple(_OPTIONAL):
         if f.has(key):
             if key in ("mfu", "mbu"):
@@ -111,8 +131,10 @@ class Catalog:
         return Catalog(gpus, self.aliases)
 
     def with_calibration(self, gpu_type: str, coefficients: dict[str, float]) -> Catalog:
+        """A copy with ``gpu_type`` modelled by the roofline form with measured coefficients (a profile of one
+        GPU type and model is too small to refit the fitted form's terms)."""
         gpus = dict(self.gpus)
-        gpus[gpu_type] = replace(gpus[gpu_type], **coefficients)
+        gpus[gpu_type] = replace(gpus[gpu_type], fitted=None, **coefficients)
         return Catalog(gpus, self.aliases)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from planner.core import costmodel as cm
@@ -9,7 +11,9 @@ from planner.spec.catalog import default_catalog
 from planner.spec.model import model_preset
 from planner.spec.workload import Workload
 
-H100 = default_catalog().resolve("H100", "t")
+H100_FITTED = default_catalog().resolve("H100", "t")
+# The roofline form, as a calibrated type is modelled.
+H100 = replace(H100_FITTED, fitted=None, mfu=0.55, mbu=0.75)
 L70 = model_preset("Llama-2-70B")
 WL = Workload(input_mean=1000, output_mean=200, input_sq_mean=1000**2, ttft_slo_s=2.0, tpot_slo_s=0.1)
 
@@ -46,3 +50,29 @@ def test_kv_sizes_and_shards():
     assert cm.kv_bytes_per_request(L70, WL) == L70.kv_bytes_per_token * 1000
     assert cm.kv_shard_fraction(L70, 40, 2) == pytest.approx(0.25)
     assert cm.kv_shard_fraction(L70, 80, 16) == pytest.approx(1 / 8)  # 8 KV heads: TP 16 replicates
+
+
+def test_the_fitted_form_is_its_coefficients_times_physical_terms():
+    c = dict(zip(("per_pass_s", "per_layer_s", "matmul", "attention", "weights", "ar_bytes", "ar_latency"),
+                 H100_FITTED.fitted.prefill))
+    peak, bw = 989e12 * 4, 3350e9 * 4
+    t = cm.prefill_stage_time(L70, 1000, 1000**2, H100_FITTED, 4, 80, True, True, 450e9, 5e-6)
+    matmul = 80 * 2 * L70.params_per_layer * 1000 + 2 * 8192 * 32000
+    attention = 80 * 2 * 64 * 128 * 1000**2
+    weights = cm.stage_weight_bytes(L70, 80, True, True)
+    ar_bytes = 80 * 2 * (2 * 3 / 4 * 1000 * 8192 * 2) / 450e9
+    expected = (c["per_layer_s"] * 80 + c["matmul"] * matmul / peak + c["attention"] * attention / peak
+                + c["weights"] * weights / bw + c["ar_bytes"] * ar_bytes + c["ar_latency"] * 80 * 2 * 6 * 5e-6)
+    assert t == pytest.approx(expected)
+    stage = cm.Stage(H100_FITTED, 4, 80, True, True, 450e9, 5e-6)
+    assert cm.prefill_pass(L70, [stage], 1000, 1000**2)[0] == pytest.approx(expected + c["per_pass_s"])
+
+
+def test_the_fitted_decode_step_grows_with_the_batch_and_splits_across_stages():
+    one = cm.decode_stage_time(L70, 1100, H100_FITTED, 2, 80, 1, True, True, 450e9, 5e-6)
+    sixty_four = cm.decode_stage_time(L70, 1100, H100_FITTED, 2, 80, 64, True, True, 450e9, 5e-6)
+    assert sixty_four > one + 0.01  # the published steps rise 20-30 ms from batch 1 to 64; the roofline barely did
+    halves = [cm.decode_stage_time(L70, 1100, H100_FITTED, 2, 40, 8, first, last, 450e9, 5e-6)
+              for first, last in ((True, False), (False, True))]
+    assert sum(halves) == pytest.approx(cm.decode_stage_time(L70, 1100, H100_FITTED, 2, 80, 8, True, True,
+                                                             450e9, 5e-6))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import planner_baselines as baselines
@@ -12,6 +14,8 @@ from planner.core.solver import Planner, solve
 from planner.core.strategy import GroupEvaluator
 from planner.spec.errors import InfeasibleFleetError, PlanInputError
 from planner_factories import make_cluster
+
+REPO = Path(__file__).resolve().parents[2]
 
 TWO_TYPE = [{"gpu_type": "H100", "num_gpus": 8, "count": 2}, {"gpu_type": "L40S", "num_gpus": 8, "count": 2}]
 
@@ -174,22 +178,23 @@ def test_planner_check_feasible_accepts_a_fleet_that_fits():
 
 def test_the_search_ends_at_least_where_every_per_type_split_refines_to():
     """A per-type role split's first value says little about where its refinement ends: on the fleet
-    benchmark's mixed fleet the best two started 6th and 9th of 14, and the search that refined only
-    the best-scoring one settled 14 % lower."""
+    benchmark's mixed fleet (with the roofline cost model) the best two started 6th and 9th of 14, and the
+    search that refined only the best-scoring one settled 14 % lower. On the budget example's offer (five types,
+    planned whole) the best still does not start first."""
+    import json
     import time
 
-    from benchmarks.sim_fleet import FLEETS, cluster_doc
-    from common.traces import SHARED_TRACES_DIR
     from planner.spec.cluster import parse_cluster
 
-    if not (SHARED_TRACES_DIR / "azure_llm_2023_conv.csv").exists():
-        pytest.skip("../shared/traces is not beside the repo")
-    cluster = parse_cluster(cluster_doc("hetero", FLEETS["hetero"]), base_dir=".")
+    with open(REPO / "configs" / "budget_llama3_8b.json", encoding="utf-8") as fh:
+        doc = json.load(fh)
+    del doc["workload"]["price_budget_per_hour"]  # plan the whole offer, as a fleet
+    cluster = parse_cluster(doc, base_dir=str(REPO / "configs"))
     planner = Planner(cluster)
     search = Search(planner.evaluator, planner.routes, DISAGGREGATED, deadline=time.monotonic() + 120)
     splits = planner.per_type_states(search)
-    assert len(splits) == 14  # four GPU types
+    assert len(splits) > 10
     best_split = max(search.refine(state)[1] for _, state in splits)
-    assert best_split > 1.1 * search.refine(splits[0][1])[1]  # the best-scoring start is not where the best ends
+    assert best_split > search.refine(splits[0][1])[1]  # the best-scoring start is not where the best ends
     plan = solve(cluster, mode=DISAGGREGATED, time_limit_s=60)
     assert plan.predicted.throughput_rps >= best_split * (1 - 1e-9)

@@ -71,9 +71,9 @@ def test_decode_batch_is_bounded_by_kv_memory_and_tpot():
     assert d.latency_s <= c.workload.tpot_slo_s
     tight = make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 8}],
                          workload={"input_tokens_mean": 1024, "output_tokens_mean": 256,
-                                   "slo": {"ttft_ms": 2000, "tpot_ms": 25}})
+                                   "slo": {"ttft_ms": 2000, "tpot_ms": 30}})
     t = GroupEvaluator(tight).evaluate(((0, 8),)).decode
-    assert t.latency_s <= 0.025
+    assert t.latency_s <= 0.030
     assert t.batch < GroupEvaluator(make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 8}])).evaluate(
         ((0, 8),)).decode.batch
 

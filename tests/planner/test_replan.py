@@ -11,7 +11,7 @@ from planner.core.solver import solve
 from planner.spec.cluster import parse_cluster
 from planner.spec.errors import PlanInputError
 
-CONVERSATION = dict(input_tokens_mean=1155, input_tokens_std=1000, output_tokens_mean=211, arrival_rate_rps=10)
+CONVERSATION = dict(input_tokens_mean=1155, input_tokens_std=1000, output_tokens_mean=120, arrival_rate_rps=10)
 
 
 def four_a100(**workload) -> dict:
@@ -40,7 +40,7 @@ def test_the_solved_plan_has_prefill_groups_to_flip(solved):
 def test_a_workload_like_the_plans_changes_nothing(solved):
     cluster, plan = solved
     controller = Controller(cluster, plan, ControlPolicy(min_requests=5))
-    same = ObservedWorkload(100, 10.0, 1155, 211, 1000)
+    same = ObservedWorkload(100, 10.0, 1155, 120, 1000)
     assert drift(same, cluster.workload) < 1e-9
     decision = controller.step(same, None, 100.0)
     assert decision.action == "none" and "drift" in decision.reason and decision.plan is None
@@ -193,7 +193,7 @@ def test_measured_latencies_slower_than_predicted_shrink_that_roles_capacity():
 
 def test_a_plan_slower_than_modelled_is_replanned_without_any_drift(solved):
     cluster, plan = solved
-    same = dict(requests=100, rate_rps=10.0, prompt_mean=1155, output_mean=211, prompt_std=1000)
+    same = dict(requests=100, rate_rps=10.0, prompt_mean=1155, output_mean=120, prompt_std=1000)
     as_modelled = Controller(cluster, plan, ControlPolicy(min_requests=5)).step(
         ObservedWorkload(**same, ttft_ms_p50=1.0, tpot_ms_p50=1.0), None, 100.0)
     assert as_modelled.action == "none" and "within 50% of predicted" in as_modelled.reason
@@ -216,7 +216,7 @@ def test_gpus_that_join_become_new_groups_when_the_demand_needs_them(solved):
     cluster, plan = solved
     controller = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=0, max_new_groups=2))
     assert controller.update_fleet(parse_cluster(_joined(2))) is True
-    demand = ObservedWorkload(100, 40.0, 1155, 211, 1000)  # 4x the rate the plan was made for
+    demand = ObservedWorkload(100, 40.0, 1155, 120, 1000)  # 4x the rate the plan was made for
     decision = controller.step(demand, None, 100.0)
     assert decision.action == "apply", decision.reason
     assert len(decision.new_groups) == 2 and "new group" in decision.reason
@@ -241,9 +241,9 @@ def test_idle_gpus_are_left_alone_while_the_plan_serves_its_demand(solved):
     cluster, plan = solved
     controller = Controller(cluster, plan, ControlPolicy(min_requests=5))
     controller.update_fleet(parse_cluster(_joined(2)))
-    decision = controller.step(ObservedWorkload(100, 10.0, 1155, 211, 1000), None, 100.0)
+    decision = controller.step(ObservedWorkload(100, 10.0, 1155, 120, 1000), None, 100.0)
     assert decision.action == "none" and decision.new_groups == () and "not needed" in decision.reason
-    later = controller.step(ObservedWorkload(100, 10.0, 1155, 211, 1000), None, 200.0)
+    later = controller.step(ObservedWorkload(100, 10.0, 1155, 120, 1000), None, 200.0)
     assert later.action == "none" and "drift" in later.reason  # looked at once, then back to the drift gate
 
 
@@ -251,11 +251,11 @@ def test_a_dry_run_or_max_new_groups_0_starts_nothing_and_a_node_that_left_is_re
     cluster, plan = solved
     dry = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=0, dry_run=True))
     dry.update_fleet(parse_cluster(_joined(2)))
-    decision = dry.step(ObservedWorkload(100, 40.0, 1155, 211, 1000), None, 100.0)
+    decision = dry.step(ObservedWorkload(100, 40.0, 1155, 120, 1000), None, 100.0)
     assert decision.action == "dry_run" and decision.new_groups and set(dry.roles) == {g.id for g in plan.groups}
     never = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=0, max_new_groups=0))
     never.update_fleet(parse_cluster(_joined(2)))
-    assert never.step(ObservedWorkload(100, 40.0, 1155, 211, 1000), None, 100.0).new_groups == ()
+    assert never.step(ObservedWorkload(100, 40.0, 1155, 120, 1000), None, 100.0).new_groups == ()
     smaller = four_a100()
     used = {gpu.rpartition(":")[0] for g in plan.groups for gpu in g.gpus}
     smaller["fleet"]["nodes"] = [n for n in smaller["fleet"]["nodes"] if n["name"] not in used][:1] + \

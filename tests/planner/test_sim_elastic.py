@@ -43,7 +43,7 @@ def goodput(records) -> int:
 
 def test_elastic_follows_a_decode_heavy_shift_and_loses_no_request(solved):
     cluster, plan = solved
-    shift = requests([(60, 8.0, 1155, 211), (120, 30.0, 600, 400)])
+    shift = requests([(60, 8.0, 1155, 120), (120, 22.0, 600, 400)])  # beyond the plan, within it once flipped
     costs = AnalyticCosts(model_preset("Llama-3-8B"))
     policy = ControlPolicy(interval_s=10, min_interval_s=30, min_requests=20)
     static = simulate_elastic(cluster, plan, shift, costs, policy=None)
@@ -61,7 +61,7 @@ def test_elastic_follows_a_decode_heavy_shift_and_loses_no_request(solved):
 def test_a_lost_worker_fails_what_it_held_and_gets_no_more_work(solved):
     cluster, plan = solved
     lost = next(g.id for g in plan.groups if g.role == "prefill")
-    load = requests([(60, 8.0, 1155, 211)])
+    load = requests([(60, 8.0, 1155, 120)])
     costs = AnalyticCosts(model_preset("Llama-3-8B"))
     for policy in (None, ControlPolicy(min_requests=20)):
         run = simulate_elastic(cluster, plan, load, costs, policy=policy, failures=[(30.0, lost)])
@@ -84,7 +84,7 @@ def test_gpus_that_join_under_rising_load_become_groups_after_their_startup(solv
     from tests.planner.test_replan import _joined
 
     cluster, plan = solved
-    rising = requests([(60, 8.0, 1155, 211), (240, 33.0, 1155, 211)])  # beyond the plan's 30 req/s
+    rising = requests([(60, 8.0, 1155, 120), (240, 38.0, 1155, 120)])  # beyond the ~35 req/s the plan serves
     costs = AnalyticCosts(model_preset("Llama-3-8B"))
     policy = ControlPolicy(interval_s=10, min_interval_s=30, min_requests=20, max_flips=0)
     joins = [(30.0, parse_cluster(_joined(2)))]

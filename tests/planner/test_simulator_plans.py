@@ -93,10 +93,10 @@ def _llama13():
 def test_decode_batch_respects_tpot_slo_and_kv():
     model, groups = _llama13()
     costs = AnalyticCosts(model)
-    tight = decode_batch(groups[0], costs, MeanLengths(512, 128, 0.02))
+    tight = decode_batch(groups[0], costs, MeanLengths(512, 128, 0.03))
     loose = decode_batch(groups[0], costs, MeanLengths(512, 128, 1.0))
     assert 1 <= tight < loose
-    assert costs.decode_step_s(groups[0], tight, int(tight * 576)) <= 0.02
+    assert costs.decode_step_s(groups[0], tight, int(tight * 576)) <= 0.03
     assert loose <= groups[0].kv_capacity_tokens // 640
 
 
