@@ -12,7 +12,12 @@ nothing changes. One JSON line per decision that acts (every decision with
 `--verbose`) goes to stdout. The router's API key comes from `--api-key` or
 `$HEXSERVE_API_KEY`. The cluster file is read again whenever it changes:
 GPUs listed there later join the fleet, and the controller starts new groups
-on them when the observed demand needs them (`--max-new-groups`).
+on them when the observed demand needs them (`--max-new-groups`). When no
+flip or new group serves the demand, one running group (or two of one node)
+may be restarted in other shapes (split, merged, another TP degree; the
+router starts the new workers before it retires the old one;
+`--no-restarts` turns this off). While an action's new workers load, the
+loop waits for them (at most `--start-timeout-s`).
 
 The loop is an adapter: the decisions are pure and the simulator runs the
 same ones on its own clock (planner.sim.elastic).
@@ -110,6 +115,7 @@ def cmd_control(args: argparse.Namespace) -> int:
         policy = ControlPolicy(interval_s=args.interval_s, min_interval_s=args.min_interval_s,
                                drift_threshold=args.drift_threshold, min_gain=args.min_gain, headroom=args.headroom,
                                max_flips=args.max_flips, max_new_groups=args.max_new_groups,
+                               restarts=not args.no_restarts, start_timeout_s=args.start_timeout_s,
                                min_requests=args.min_requests,
                                capacity_threshold=args.capacity_threshold, dry_run=args.dry_run)
     except ValueError as exc:
@@ -153,6 +159,11 @@ def add_control_parser(sub) -> None:
     p.add_argument("--max-flips", type=int, default=defaults.max_flips, help="role flips per action")
     p.add_argument("--max-new-groups", type=int, default=defaults.max_new_groups,
                    help="new groups started on idle GPUs (joined, or left unused by the plan) per action; 0: never")
+    p.add_argument("--no-restarts", action="store_true",
+                   help="never restart a running group in another shape (split, merge, TP/PP change)")
+    p.add_argument("--start-timeout-s", type=float, default=defaults.start_timeout_s,
+                   help="a new group not serving this long after its action is planned around as unhealthy; "
+                        "until then no other action is taken")
     p.add_argument("--min-requests", type=int, default=defaults.min_requests,
                    help="finished requests the router's window needs before it is trusted")
     p.add_argument("--capacity-threshold", type=float, default=defaults.capacity_threshold,

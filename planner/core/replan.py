@@ -32,8 +32,11 @@ in the plan without routes (a plan that leaves a running group out retires
 its worker). GPUs no group holds (they joined the fleet: `update_fleet`, or
 the plan left them unused) can become new groups (planner.core.grow), each
 charged `start_cost` of capacity for the worker it starts: proposed only when
-the observed demand needs them. Moving GPUs between running groups and TP/PP
-changes of a running group are not proposed here.
+the observed demand needs them. When neither a flip nor a new group helps,
+one running group (or two of one node) may be restarted in other shapes:
+split, merged, or at another TP degree (planner.core.reshape), each new
+worker charged `start_cost`; the router starts them before it retires the
+old worker.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from dataclasses import dataclass, field
 
 from common.plan import Plan
 from common.roles import Role
-from planner.core import grow
+from planner.core import grow, reshape
+from planner.core.decision import ControlPolicy, Decision, change_text, partial_decision
 from planner.core.flow import RouteTable
 from planner.core.groups import Group
 from planner.core.observed import ObservedWorkload, drift
@@ -57,58 +61,7 @@ from planner.spec.errors import PlanInputError
 from planner.spec.workload import Workload
 
 DECISIONS_KEPT = 200
-
-
-@dataclass(frozen=True, slots=True)
-class ControlPolicy:
-    interval_s: float = 10.0  # how often the driver looks
-    min_interval_s: float = 30.0  # between two actions (a lost or returning worker does not wait)
-    drift_threshold: float = 0.2  # relative change of the rate, mean prompt or mean output that triggers a re-solve
-    min_gain: float = 0.1  # an action must raise the demand served by this share
-    headroom: float = 0.2  # capacity wanted above the observed rate
-    max_flips: int = 1  # role flips per action
-    flip_cost: float = 0.02  # share of capacity one flip is charged (its drain, its lost prefix cache)
-    max_new_groups: int = 2  # new groups on idle GPUs per action (0: never start workers)
-    start_cost: float = 0.05  # share of capacity one new group is charged (its worker starts and loads)
-    min_requests: int = 20  # finished requests the window needs before it is trusted
-    # Measured median TTFT or TPOT this much slower than the plan predicts at the observed load triggers a
-    # re-solve, on capacities scaled down by the ratio (planner.core.running).
-    capacity_threshold: float = 0.5
-    dry_run: bool = False  # decide and report, never act
-
-    def __post_init__(self) -> None:
-        for name in ("interval_s", "min_interval_s", "drift_threshold", "min_gain", "headroom", "flip_cost",
-                     "start_cost", "capacity_threshold"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.interval_s <= 0:
-            raise ValueError(f"interval_s={self.interval_s} must be > 0")
-        if self.max_flips < 0 or self.min_requests < 0 or self.max_new_groups < 0:
-            raise ValueError("max_flips, max_new_groups and min_requests must be >= 0")
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    at_s: float
-    action: str  # "none" | "apply" | "dry_run"
-    reason: str
-    flips: tuple[tuple[str, str, str], ...] = ()  # (group id, from role, to role)
-    left_out: tuple[str, ...] = ()  # groups kept in the new plan without routes: their workers are unhealthy
-    new_groups: tuple[tuple[str, str, int], ...] = ()  # (group id, role, GPUs) started on idle GPUs
-    before_rps: float | None = None  # the running roles' capacity at the observed workload, healthy groups only
-    after_rps: float | None = None
-    observed: ObservedWorkload | None = None
-    plan: Plan | None = None
-    healthy: frozenset[str] = frozenset()
-    scale: CapacityScale = CapacityScale()  # the share of modelled capacity the measured latencies support
-
-    def to_json(self) -> dict:
-        rps = (lambda v: None if v is None else round(v, 4))
-        return {"at_s": round(self.at_s, 3), "action": self.action, "reason": self.reason,
-                "flips": [list(f) for f in self.flips], "left_out": list(self.left_out),
-                "new_groups": [list(g) for g in self.new_groups],
-                "before_rps": rps(self.before_rps), "after_rps": rps(self.after_rps),
-                "observed": self.observed.to_json() if self.observed else None, "scale": self.scale.to_json()}
+__all__ = ["ControlPolicy", "Controller", "Decision"]
 
 
 @dataclass(slots=True)
@@ -152,6 +105,7 @@ class Controller:
     _healthy: frozenset[str] = frozenset()
     _last_action_s: float | None = None
     _fleet_changed: bool = False  # GPUs joined or left since the last re-plan
+    _starting: dict[str, float] = field(default_factory=dict)  # new group id -> when its action was applied
 
     def __post_init__(self) -> None:
         self._groups = _groups_of_plan(self.cluster, self.plan)
@@ -165,8 +119,15 @@ class Controller:
     def step(self, observed: ObservedWorkload | None, healthy: set[str] | frozenset[str] | None,
              now_s: float) -> Decision:
         """What to do now; `healthy`: ids of the groups whose workers are up (None: all)."""
-        healthy = frozenset(g.id for g in self._groups) if healthy is None else frozenset(healthy)
-        decision = self._decide(observed, healthy, now_s)
+        known = frozenset(g.id for g in self._groups)
+        healthy = known if healthy is None else frozenset(healthy) & known  # a retiring worker is not ours
+        self._starting = {gid: at for gid, at in self._starting.items()
+                          if gid not in healthy and now_s - at < self.policy.start_timeout_s}
+        if self._starting:  # one change at a time: the last one's workers are still loading
+            decision = partial_decision(now_s, observed, healthy)(
+                f"waiting for new groups {sorted(self._starting)} to serve")
+        else:
+            decision = self._decide(observed, healthy, now_s)
         self.decisions.append(decision)
         del self.decisions[:-DECISIONS_KEPT]
         return decision
@@ -212,7 +173,9 @@ class Controller:
             raise ValueError("only an 'apply' decision with a plan can be applied")
         self._groups = _groups_of_plan(self.cluster, decision.plan)  # the plan's roles; new groups join
         self.plan = decision.plan
-        self._healthy = decision.healthy
+        started = {gid for gid, _, _ in decision.new_groups}
+        self._healthy = frozenset(decision.healthy & {g.id for g in self._groups}) | started
+        self._starting.update({gid: decision.at_s for gid in started})
         if decision.observed is not None and decision.observed.requests >= self.policy.min_requests:
             self._reference = decision.observed.as_workload(self.cluster.workload)
         self._last_action_s = decision.at_s
@@ -239,8 +202,11 @@ class Controller:
                              f"within {policy.capacity_threshold:.0%} of predicted", scale=scale)
         return self._replan(cluster, observed if trusted else None, healthy, now_s, scale)
 
-    def _evaluator(self, cluster: Cluster, scale: CapacityScale = CapacityScale()) -> RunningShapes:
-        return RunningShapes(cluster, {g.group: g.shape[0] for g in self._groups}, scale)
+    def _evaluator(self, cluster: Cluster, scale: CapacityScale = CapacityScale(),
+                   running: list[_Group] | None = None) -> RunningShapes:
+        """Each of the `running` groups (default: all) held to its TP degree; other GPUs free."""
+        running = self._groups if running is None else running
+        return RunningShapes(cluster, {g.group: g.shape[0] for g in running}, scale)
 
     def _measured_scale(self, cluster: Cluster, observed: ObservedWorkload | None,
                         healthy: frozenset[str]) -> CapacityScale:
@@ -263,34 +229,29 @@ class Controller:
         roles = [g.role for g in live]
         before = _value(search, live, roles)
         demand = observed.rate_rps * (1 + policy.headroom) if observed is not None else math.inf
-        served = (lambda v: min(v, demand))
-        flips: list[int] = []
-        best = before
-        for _ in range(policy.max_flips):
-            found = _best_flip(search, evaluator, live, roles, flips)
-            if found is None:
-                break
-            index, value = found
-            charged = served(value) - policy.flip_cost * before * (len(flips) + 1)
-            if charged < served(best) * (1 + policy.min_gain) or value <= best:
-                break
-            flips.append(index)
-            roles[index] = OTHER_ROLE[roles[index]]
-            best = value
+        flips, best = self._flips(search, evaluator, live, roles, before, demand)
         new, best = self._grow(search, cluster, live, roles, observed, before, best, len(flips))
+        retired: tuple[int, ...] = ()
+        if best < demand:  # flips and new groups leave demand unserved: would restarts serve more?
+            running_roles = [g.role for g in live]
+            retired, reshaped, value = self._reshape(cluster, scale, live, running_roles, observed, before, best)
+            if retired:  # instead of the flips and new groups, not with them: one kind of change per action
+                flips, new, roles, best = [], reshaped, running_roles, value
         fleet_changed, self._fleet_changed = self._fleet_changed, False
         base = partial_decision(now_s, observed, healthy)
         # A fleet that only grew changes nothing by itself: its new GPUs serve once they are needed.
         if not flips and not new and healthy == self._healthy:
             why = "; the fleet's new GPUs are not needed at the observed demand" if fleet_changed else ""
-            return base(f"no role flip or new group raises the demand served by {policy.min_gain:.0%} "
+            return base(f"no role flip, new group or restart raises the demand served by {policy.min_gain:.0%} "
                         f"({before:.2f} req/s at the observed workload){why}", before_rps=before, after_rps=before,
                         scale=scale)
-        state = State([g.group for g in live] + [n.group for n in new], roles + [n.role for n in new], {})
+        kept = [g for i, g in enumerate(live) if i not in retired]
+        kept_roles = [r for i, r in enumerate(roles) if i not in retired]
+        state = State([g.group for g in kept] + [n.group for n in new], kept_roles + [n.role for n in new], {})
         new_ids = _new_ids(self._groups, len(new))
-        names = [(g.id, g.gpus) for g in live] + [(i, list(n.gpus)) for i, n in zip(new_ids, new)]
-        plan = build_plan(cluster, evaluator, routes, state, DISAGGREGATED, {"name": "replan", "warm_start": True},
-                          names=names)
+        names = [(g.id, g.gpus) for g in kept] + [(i, list(n.gpus)) for i, n in zip(new_ids, new)]
+        plan = build_plan(cluster, evaluator if not retired else self._evaluator(cluster, scale, kept), routes, state,
+                          DISAGGREGATED, {"name": "replan", "warm_start": True}, names=names)
         flipped = tuple((live[i].id, str(live[i].role), str(roles[i])) for i in flips)
         started = tuple((i, str(n.role), len(n.gpus)) for i, n in zip(new_ids, new))
         left_out = tuple(sorted(g.id for g in self._groups if g.id not in healthy))
@@ -300,13 +261,52 @@ class Controller:
             f"workers of groups {list(left_out)} are unhealthy" if left_out else "",
             "the fleet's GPUs changed" if fleet_changed else "",
             "every worker is healthy again" if healthy != self._healthy and not left_out else "",
-            f"{len(flips)} flip(s) and {len(new)} new group(s) on idle GPUs raise capacity {before:.2f} -> "
-            f"{best:.2f} req/s at the observed workload"
-            if flips or new else "route weights re-solved on the healthy groups"]))
+            change_text(flipped, started, [live[i].id for i in retired], before, best)]))
         if scale.worst < 1.0:
             reason += f"; capacities scaled by the measured latencies {scale.to_json()}"
-        return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flipped, left_out, started, before,
-                        best, observed, plan, healthy, scale)
+        return Decision(now_s, "dry_run" if policy.dry_run else "apply", reason, flips=flipped, left_out=left_out,
+                        new_groups=started, retired=tuple(live[i].id for i in retired), before_rps=before,
+                        after_rps=best, observed=observed, plan=plan, healthy=healthy, scale=scale)
+
+    def _flips(self, search: Search, evaluator: GroupEvaluator, live: list[_Group], roles: list[Role],
+               before: float, demand: float) -> tuple[list[int], float]:
+        """Role flips, best first, up to max_flips, each net of its flip cost (`roles` updated in place):
+        (indices into `live` flipped, the capacity with them)."""
+        policy = self.policy
+        flips: list[int] = []
+        best = before
+        for _ in range(policy.max_flips):
+            found = _best_flip(search, evaluator, live, roles, flips)
+            if found is None:
+                break
+            index, value = found
+            charged = min(value, demand) - policy.flip_cost * before * (len(flips) + 1)
+            if charged < min(best, demand) * (1 + policy.min_gain) or value <= best:
+                break
+            flips.append(index)
+            roles[index] = OTHER_ROLE[roles[index]]
+            best = value
+        return flips, best
+
+    def _reshape(self, cluster: Cluster, scale: CapacityScale, live: list[_Group], roles: list[Role],
+                 observed: ObservedWorkload | None, before: float, best: float) -> tuple[tuple[int, ...], list, float]:
+        """Running groups restarted in other shapes when the observed demand needs it, net of start costs:
+        (indices into `live` retired, new groups, the capacity with them)."""
+        policy = self.policy
+        if observed is None or not policy.restarts:
+            return (), [], best
+        demand = observed.rate_rps * (1 + policy.headroom)
+        used = {gpu for g in self._groups for gpu in g.gpus}
+        routes = RouteTable(cluster)
+        found = reshape.propose(
+            lambda kept: Search(self._evaluator(cluster, scale, [live[i] for i in kept]), routes, DISAGGREGATED),
+            cluster, [g.group for g in live], roles, [g.gpus for g in live], used, policy.max_new_groups)
+        if found is None:
+            return (), [], best
+        charged = min(found.value_rps, demand) - before * policy.start_cost * len(found.new)
+        if charged < min(best, demand) * (1 + policy.min_gain):
+            return (), [], best
+        return found.released, list(found.new), found.value_rps
 
     def _grow(self, search: Search, cluster: Cluster, live: list[_Group], roles: list[Role],
               observed: ObservedWorkload | None, before: float, best: float, num_flips: int) -> tuple[list, float]:
@@ -352,13 +352,6 @@ def _new_ids(groups: list[_Group], count: int) -> list[str]:
             ids.append(f"g{k}")
         k += 1
     return ids
-
-
-def partial_decision(now_s: float, observed: ObservedWorkload | None, healthy: frozenset[str]):
-    """A "none" decision with the common fields filled in."""
-    def make(reason: str, **extra) -> Decision:
-        return Decision(now_s, "none", reason, observed=observed, healthy=healthy, **extra)
-    return make
 
 
 def _value(search: Search, groups: list[_Group], roles: list[Role]) -> float:

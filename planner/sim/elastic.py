@@ -11,8 +11,10 @@
         ("worker_lost"); the router stops routing to it (static or not, as
         the router does by health); the controller sees it unhealthy.
     at a join time: the fleet lists more GPUs (the controller's
-        update_fleet). A new group the controller starts on them takes work
-        `startup_s` later (its worker loads the model), unhealthy until then.
+        update_fleet). A new group the controller starts on them (or on the
+        GPUs of running groups it restarts in other shapes) loads for
+        `startup_s`; the plan's roles and routes take effect when the new
+        groups serve, and a retired group finishes what it holds.
 
 A static run is this without the controller (`policy=None`), so that a static
 and an elastic plan see the same failures and the same routing. Simplifications
@@ -61,6 +63,7 @@ class ElasticSimulation(Simulation):
         super().__init__(fleet_from_plan(plan, cluster), costs, cfg)
         self.startup_s = startup_s
         self.starting: set[str] = set()  # new groups whose worker is still loading
+        self._pending = None  # the plan that takes effect once the starting groups serve
         self._routes: list[SimRoute] = list(self.fleet.routes)  # the applied plan's, before health
         # Every prefill or decode group can take either role: it gets both states, on one prefix cache.
         for g in self.fleet.groups:
@@ -72,11 +75,21 @@ class ElasticSimulation(Simulation):
         self.arrivals: deque[tuple[float, int, int]] = deque()  # (arrival s, prompt, output) for the window
 
     def apply(self, plan: Plan) -> None:
-        """The plan's roles and weights, from now on (groups it leaves out get no new work)."""
+        """The plan's roles and weights (groups it leaves out get no new work): now, or, when it starts
+        new groups, once they serve (the router starts new workers before the change's routes and roles
+        take effect, so a restarted group serves in its old shape until its successors do)."""
         fleet = fleet_from_plan(plan, self.cluster)
         for g in fleet.groups:
             if g.name not in self.prefill:
                 self._start(g)
+        if self.starting:
+            self._pending = fleet
+            return
+        self._switch(fleet)
+
+    def _switch(self, fleet) -> None:
+        self._pending = None
+        for g in fleet.groups:
             self.prefill[g.name].group = g
             self.decode[g.name].group = g
         self._routes = list(fleet.routes)
@@ -93,7 +106,8 @@ class ElasticSimulation(Simulation):
 
     def _started(self, name: str) -> None:
         self.starting.discard(name)
-        self._set_routes(self._routes)
+        if not self.starting and self._pending is not None:
+            self._switch(self._pending)
 
     def _set_routes(self, routes: list[SimRoute]) -> None:
         down = self.lost | self.starting

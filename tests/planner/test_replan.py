@@ -76,7 +76,8 @@ def test_a_decode_heavy_drift_flips_a_prefill_group_keeping_ids_gpus_and_shape(s
 
 def test_the_flip_cap_and_the_minimum_interval(solved):
     cluster, plan = solved
-    controller = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=1, min_interval_s=60))
+    controller = Controller(cluster, plan, ControlPolicy(min_requests=5, max_flips=1, min_interval_s=60,
+                                                         restarts=False))
     first = controller.step(decode_heavy(rate=60, output=800), None, 100.0)
     assert first.action == "apply" and len(first.flips) == 1
     controller.applied(first)
@@ -115,7 +116,8 @@ def test_a_lost_worker_is_planned_around_at_once(solved):
 
 def _crossover_output(cluster, plan) -> float:
     """The output length at which flipping a prefill group to decode starts to pay, found by bisection."""
-    eager = ControlPolicy(min_requests=5, min_gain=0.0, flip_cost=0.0, min_interval_s=0.0, drift_threshold=0.0)
+    eager = ControlPolicy(min_requests=5, min_gain=0.0, flip_cost=0.0, min_interval_s=0.0, drift_threshold=0.0,
+                          restarts=False)
     lo, hi = 100.0, 2000.0
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -139,8 +141,8 @@ def test_hysteresis_stops_flapping_on_a_workload_at_the_threshold(solved):
 
     # Without a margin, every wobble flips the group back and forth: the test can fail.
     assert flips(ControlPolicy(min_requests=5, min_gain=0.0, flip_cost=0.0, min_interval_s=0.0,
-                               drift_threshold=0.0)) >= 6
-    assert flips(ControlPolicy(min_requests=5)) == 0
+                               drift_threshold=0.0, restarts=False)) >= 6
+    assert flips(ControlPolicy(min_requests=5, restarts=False)) == 0
 
 
 def test_a_plan_the_controller_cannot_run_is_refused_with_the_field(solved):
