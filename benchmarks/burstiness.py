@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.results_files import write_results
-from benchmarks.sim_fleet import FLEETS, MODEL, SLO_TPOT_MS, SLO_TTFT_MS, cluster_doc
+from benchmarks.sim_fleet import FLEETS, MODEL, SLO_TPOT_MS, SLO_TTFT_MS, cluster_doc, replayed_trace
 from common.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.metrics import SLO
 from loadtest.workload import WorkloadConfig
@@ -44,9 +46,8 @@ TRACES = {"azure-conv": "azure_llm_2023_conv.csv", "azure-code": "azure_llm_2023
 VARIANTS = {"trace's burstiness (ours)": None, "Poisson assumed": 1.0}  # workload.burstiness
 
 
-def _doc(fleet: str, trace: str, burstiness: float | None) -> dict:
-    doc = cluster_doc(fleet, FLEETS[fleet])
-    doc["workload"]["trace"]["path"] = str(SHARED_TRACES_DIR / TRACES[trace])
+def _doc(fleet: str, trace: dict, burstiness: float | None) -> dict:
+    doc = cluster_doc(fleet, FLEETS[fleet], trace)
     if burstiness is not None:
         doc["workload"]["burstiness"] = burstiness
     return doc
@@ -59,12 +60,15 @@ def fleet_rows(max_requests: int, time_limit_s: float, fleets: list[str]) -> lis
     wcfg = WorkloadConfig(arrival="trace", max_requests=max_requests, duration_s=1e9,
                           max_input_tokens=4096 - 512, max_output_tokens=512)
     rows = []
+    workdir = tempfile.TemporaryDirectory()
     for trace_name in TRACES:
         trace = load_trace(trace_name)[:max_requests]
+        # The plan is made for the requests replayed, clipped as the replay clips them (as benchmarks.sim_fleet).
+        replayed = replayed_trace(trace, 4096 - 512, 512, Path(workdir.name) / f"{trace_name}.jsonl")
         for fleet_name in fleets:
             for variant, burstiness in VARIANTS.items():
                 started = time.time()
-                cluster = parse_cluster(_doc(fleet_name, trace_name, burstiness), base_dir=".")
+                cluster = parse_cluster(_doc(fleet_name, replayed, burstiness), base_dir=".")
                 plan = solve(cluster, mode="auto", time_limit_s=time_limit_s)
                 fleet = fleet_from_plan(plan, cluster)
                 native = run_at(fleet, trace, costs, slo, wcfg, 1.0)

@@ -7,7 +7,9 @@ Llama-2-70B on the Azure LLM conversation trace (2023). Fleets:
 - hetero: 4x H100 + 4x A100-80G + 8x L40 + 8x A6000 (24 GPUs),
 - homogeneous H100 and A100-80G fleets at about the same $/hour.
 
-Plans, all simulated with the same discrete-event simulator and the same
+Every plan is made for the requests replayed (the planner reads them as a
+trace; the baselines are sized from their mean lengths). Plans, all
+simulated with the same discrete-event simulator and the same
 analytical cost model (`planner.sim.costs.AnalyticCosts`):
 - ours: `planner.core.solver.solve` (graph partition + max-flow + refinement),
   disaggregated or colocated as it chooses;
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,16 +60,27 @@ FLEETS = {
 }
 
 
-def cluster_doc(name: str, nodes: list[tuple[str, int]]) -> dict:
+def cluster_doc(name: str, nodes: list[tuple[str, int]], trace: dict | None = None) -> dict:
+    """The fleet's cluster file; its workload is the conversation trace (or `trace`: {"path", "format"})."""
+    trace = trace or {"path": str(SHARED_TRACES_DIR / "azure_llm_2023_conv.csv"), "format": "azure"}
     return {
         "schema": "hexserve.cluster", "schema_version": 1, "name": name,
         "fleet": {"nodes": [{"name": f"{t.lower()}-{i}", "gpu_type": t, "num_gpus": n}
                             for i, (t, n) in enumerate(nodes)]},
         "network": {"inter_node": {"bandwidth_gb_per_s": INTER_NODE_GB_PER_S, "latency_us": 15}},
         "model": {"preset": MODEL},
-        "workload": {"trace": {"path": str(SHARED_TRACES_DIR / "azure_llm_2023_conv.csv"), "format": "azure"},
-                     "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}},
+        "workload": {"trace": trace, "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}},
     }
+
+
+def replayed_trace(requests: list, max_input: int, max_output: int, path: Path) -> dict:
+    """The requests the simulation replays, clipped as it clips them, as a trace file for the planner: the
+    plan is made for the workload it is measured on, as the baselines are sized from its means."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in requests:
+            fh.write(json.dumps({"timestamp": r.arrival_s * 1e3, "input_length": min(r.input_tokens, max_input),
+                                 "output_length": max(1, min(r.output_tokens, max_output))}) + "\n")
+    return {"path": str(path), "format": "mooncake"}
 
 
 def tp4_groups(model, nodes: list[tuple[str, int]]):
@@ -110,8 +124,10 @@ def main(argv=None) -> int:
                         sum(max(1, min(r.output_tokens, 512)) for r in first) / len(first), SLO_TPOT_MS / 1e3)
 
     plans = []  # (fleet name, plan label, SimFleet, solve seconds)
+    workdir = tempfile.TemporaryDirectory()
+    replayed = replayed_trace(first, 3584, 512, Path(workdir.name) / "replayed.jsonl")
     for fname, nodes in FLEETS.items():
-        cluster = parse_cluster(cluster_doc(fname, nodes), base_dir=".")
+        cluster = parse_cluster(cluster_doc(fname, nodes, replayed), base_dir=".")
         t0 = time.time()
         plan = solve(cluster, mode="auto", time_limit_s=args.solve_time_limit)
         plans.append((fname, f"ours ({plan.mode})", fleet_from_plan(plan, cluster), time.time() - t0,
