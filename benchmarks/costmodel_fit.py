@@ -12,9 +12,12 @@ of three models:
   (``costmodel.prefill_pass`` / ``decode_step`` with the mfu, mbu and
   overheads the catalog had until 2026-12-06, ``ROOFLINE_BEFORE``), kept as
   the baseline;
-- fitted: ``planner.core.costfit`` fitted on every source (in-sample). This
-  is what the planner and the simulator use (``--write-coefficients`` writes
-  it to ``configs/cost_coefficients.json``);
+- planner: what the planner and the simulator predict for a whole replica:
+  the fitted form, corrected to vLLM's measurements where they cover the
+  (GPU, model, TP) (``planner.core.profiles``; exact there by construction);
+- fitted: the fitted form alone, ``planner.core.costfit`` fitted on every
+  source (in-sample; ``--write-coefficients`` writes it to
+  ``configs/cost_coefficients.json``);
 - held out: fitted on the other sources only, predicting this one
   (leave-one-source-out: the test of whether the form carries over).
 
@@ -76,6 +79,17 @@ def roofline_s(p: MeasuredPoint) -> float:
     return cm.decode_step(p.model, [stage], p.batch, p.context_tokens)
 
 
+def planner_s(p: MeasuredPoint) -> float:
+    """What the planner predicts for a whole replica: the fitted form, corrected where vLLM measurements
+    cover the point (planner.core.profiles)."""
+    gpu = default_catalog().resolve(p.gpu, "gpu")
+    stage = cm.Stage(gpu, p.tp, p.model.num_layers, True, True, gpu.intra_node_bandwidth_gb_per_s * GB,
+                     gpu.intra_node_latency_us / 1e6)
+    if p.phase == "prefill":
+        return cm.prefill_pass(p.model, [stage], p.tokens, p.tokens**2)[0]
+    return cm.decode_step(p.model, [stage], p.batch, p.context_tokens)
+
+
 def fit_on(points: list[MeasuredPoint]) -> costfit.FittedModel:
     prefill = [(_shape(p), p.tokens, p.ms / 1e3) for p in points if p.phase == "prefill"]
     decode = [(_shape(p), p.batch, p.context_tokens, p.ms / 1e3) for p in points if p.phase == "decode"]
@@ -101,7 +115,7 @@ def evaluate(points: list[MeasuredPoint], check: list[MeasuredPoint]) -> tuple[l
     held_out.update({p.source: everything for p in check})  # never fitted to: held out by construction
     rows = [{"source": p.source, "gpu": p.gpu, "model": p.model.name, "tp": p.tp, "phase": p.phase,
              "tokens": p.tokens, "batch": p.batch, "context_tokens": p.context_tokens, "measured_s": p.ms / 1e3,
-             "roofline_s": roofline_s(p), "fitted_s": fitted_s(everything, p),
+             "roofline_s": roofline_s(p), "planner_s": planner_s(p), "fitted_s": fitted_s(everything, p),
              "held_out_s": fitted_s(held_out[p.source], p)} for p in points + check]
     coefs = {"all": everything.to_json(), **{f"without {s}": m.to_json() for s, m in held_out.items()}}
     return rows, coefs
@@ -117,15 +131,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (source, gpu, model, tp, phase), rs in sorted(groups.items(), key=lambda kv: (kv[0][4], kv[0][0] == "all",
                                                                                       kv[0][0], kv[0][1] != "all", kv[0][1:4])):
         out.append({"source": source, "gpu": gpu, "model": model, "tp": tp, "phase": phase, "n": len(rs),
-                    **{k: _stats(rs, f"{k}_s") for k in ("roofline", "fitted", "held_out")}})
+                    **{k: _stats(rs, f"{k}_s") for k in ("roofline", "planner", "fitted", "held_out")}})
     return out
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| phase | source | GPU | model | TP | n | roofline (before) gm / worst | fitted (planner) gm / worst | held out gm / worst | held out mean pred/meas |",
-             "|---|---|---|---|---:|---:|---|---|---|---:|"]
+    lines = ["| phase | source | GPU | model | TP | n | roofline (before) gm / worst | planner gm / worst | fitted form gm / worst | held out gm / worst | held out mean pred/meas |",
+             "|---|---|---|---|---:|---:|---|---|---|---|---:|"]
     for s in summary:
-        cells = [f"{s[k]['gm']:.2f}x / {s[k]['worst']:.2f}x" for k in ("roofline", "fitted", "held_out")]
+        cells = [f"{s[k]['gm']:.2f}x / {s[k]['worst']:.2f}x" for k in ("roofline", "planner", "fitted", "held_out")]
         tp = s["tp"] or "all"
         bold = "**" if s["gpu"] == "all" else ""
         lines.append(f"| {s['phase']} | {bold}{s['source']}{bold} | {s['gpu']} | {s['model']} | {tp} | {s['n']} | "

@@ -102,28 +102,9 @@ def kv_route_fn(model, node_of: dict[str, int]):
     return route
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--max-requests", type=int, default=4000)
-    ap.add_argument("--solve-time-limit", type=float, default=20.0)
-    ap.add_argument("--out", default=str(RESULTS / "sim_fleet"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.max_requests, args.solve_time_limit = 1500, 8.0
-
-    model = model_preset(MODEL)
-    costs = AnalyticCosts(model)
-    trace = load_trace("azure-conv")
-    # Llama-2-70B has a 4096-token window: clip the few longer prompts.
-    wcfg = WorkloadConfig(arrival="trace", max_requests=args.max_requests, duration_s=1e9,
-                          max_input_tokens=4096 - 512, max_output_tokens=512)
-    slo = SLO(SLO_TTFT_MS, SLO_TPOT_MS)
-    first = trace[: args.max_requests]
-    means = MeanLengths(sum(min(r.input_tokens, 3584) for r in first) / len(first),
-                        sum(max(1, min(r.output_tokens, 512)) for r in first) / len(first), SLO_TPOT_MS / 1e3)
-
-    plans = []  # (fleet name, plan label, SimFleet, solve seconds)
+def make_plans(args, model, costs, first, means) -> list[tuple]:
+    """(fleet name, plan label, SimFleet, solve seconds, planner-predicted req/s) per fleet and plan."""
+    plans = []
     workdir = tempfile.TemporaryDirectory()
     replayed = replayed_trace(first, 3584, 512, Path(workdir.name) / "replayed.jsonl")
     for fname, nodes in FLEETS.items():
@@ -144,7 +125,12 @@ def main(argv=None) -> int:
         if fname != "hetero":
             plans.append((fname, "DistServe-like (uniform TP-4)",
                           distserve_plan(sim_groups, costs, means, kv_route_fn(model, node_of)), 0.0, None))
+    workdir.cleanup()  # the clusters read the trace when they were parsed
+    return plans
 
+
+def measure(args, plans, trace, costs, slo, wcfg) -> tuple[list[dict], float]:
+    """Each plan's rate at the SLO (router-like and plan-weight routing) and latency at the trace's rate."""
     native_rps = None
     rows = []
     for fname, label, fleet, solve_s, predicted in plans:
@@ -176,6 +162,10 @@ def main(argv=None) -> int:
         print(f"{fname:10s} {label:36s} {row['gpus']:3d} GPUs ${row['cost_per_hour']:6.2f}/h  "
               f"rate@SLO {row['rate_at_slo_rps']:6.2f} req/s  ({row['sim_s']} s)", flush=True)
 
+    return rows, native_rps
+
+
+def markdown_table(args, rows: list[dict], native_rps: float) -> str:
     base = max((r for r in rows if r["fleet"] != "hetero"), key=lambda r: r["rate_at_slo_per_dollar"])
     lines = [
         f"{MODEL}, Azure LLM conversation trace (first {args.max_requests} requests, replayed faster until "
@@ -199,7 +189,33 @@ def main(argv=None) -> int:
     lines += ["", f"'vs best homogeneous': throughput at SLO per $/hour relative to {base['plan']} on {base['fleet']}. "
               "Routing as our router does it (plan weight / (1 + each worker's outstanding tokens / (4096 x its share of the flow)), smooth WRR); "
               "'plan weights only' drops the load term."]
-    md = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-requests", type=int, default=4000)
+    ap.add_argument("--solve-time-limit", type=float, default=20.0)
+    ap.add_argument("--out", default=str(RESULTS / "sim_fleet"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.max_requests, args.solve_time_limit = 1500, 8.0
+
+    model = model_preset(MODEL)
+    costs = AnalyticCosts(model)
+    trace = load_trace("azure-conv")
+    # Llama-2-70B has a 4096-token window: clip the few longer prompts.
+    wcfg = WorkloadConfig(arrival="trace", max_requests=args.max_requests, duration_s=1e9,
+                          max_input_tokens=4096 - 512, max_output_tokens=512)
+    slo = SLO(SLO_TTFT_MS, SLO_TPOT_MS)
+    first = trace[: args.max_requests]
+    means = MeanLengths(sum(min(r.input_tokens, 3584) for r in first) / len(first),
+                        sum(max(1, min(r.output_tokens, 512)) for r in first) / len(first), SLO_TPOT_MS / 1e3)
+
+    plans = make_plans(args, model, costs, first, means)
+    rows, native_rps = measure(args, plans, trace, costs, slo, wcfg)
+    md = markdown_table(args, rows, native_rps)
     Path(args.out + ".md").write_text(md + "\n")
     Path(args.out + ".json").write_text(json.dumps({
         "model": MODEL, "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}, "max_requests": args.max_requests,

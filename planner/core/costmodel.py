@@ -20,7 +20,9 @@ physical quantity at the GPU's peak rate times a coefficient fitted across
 GPUs and models to published measurements (``prefill_terms`` /
 ``decode_terms``; coefficients in ``configs/cost_coefficients.json``, fitted
 by ``planner.core.costfit``): per pass, per layer, matmul and attention FLOPs,
-weight and KV bytes, sequences x layers, all-reduce bytes and latency.
+weight and KV bytes, sequences x layers, all-reduce bytes and latency;
+where published vLLM measurements cover a (GPU, model, TP), corrected to
+them (``planner.core.profiles``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.core import profiles
 from planner.spec.catalog import GB, GpuSpec
 from planner.spec.model import ModelSpec
 from planner.spec.workload import Workload
@@ -123,7 +126,8 @@ def decode_terms(model: ModelSpec, batch: float, context_tokens: float, gpu: Gpu
     return (layers, weights / bandwidth, kv / bandwidth, batch * layers, matmul / peak, *comm)
 
 
-def _weighted(coefficients: tuple[float, ...], terms: tuple):
+def fitted_time(coefficients: tuple[float, ...], terms: tuple):
+    """A stage's time in the fitted form: its terms (after the constant) times their coefficients."""
     return sum(c * t for c, t in zip(coefficients[1:], terms))
 
 
@@ -143,8 +147,9 @@ def prefill_stage_time(
     """Seconds one stage spends on ``tokens`` prompt tokens whose squares sum (or average, for a mean
     prompt) to ``sq_tokens``. Weights are read once per pass: a batch of prompts shares them."""
     if gpu.fitted is not None:
-        return _weighted(gpu.fitted.prefill, prefill_terms(model, tokens, sq_tokens, gpu, tp, layers, first, last,
-                                                           intra_bandwidth, intra_latency))
+        t = fitted_time(gpu.fitted.prefill, prefill_terms(model, tokens, sq_tokens, gpu, tp, layers, first, last,
+                                                          intra_bandwidth, intra_latency))
+        return t * profiles.correction(gpu, model, tp).prefill(tokens) if profiles.covered(gpu, model, tp) else t
     flops = model.prefill_flops(layers, tokens, sq_tokens, last)
     compute = flops / (tp * gpu.flops_per_s)
     memory = stage_weight_bytes(model, layers, first, last) / (tp * gpu.mem_bytes_per_s)
@@ -166,8 +171,11 @@ def decode_stage_time(
 ) -> float:
     """Seconds one stage spends on one decode step of ``batch`` requests of mean context ``context_tokens``."""
     if gpu.fitted is not None:
-        return _weighted(gpu.fitted.decode, decode_terms(model, batch, context_tokens, gpu, tp, layers, last,
-                                                         intra_bandwidth, intra_latency))
+        t = fitted_time(gpu.fitted.decode, decode_terms(model, batch, context_tokens, gpu, tp, layers, last,
+                                                        intra_bandwidth, intra_latency))
+        if profiles.covered(gpu, model, tp):
+            t = t * profiles.correction(gpu, model, tp).decode_ratio(batch, context_tokens)
+        return t
     heads_dim = model.num_attention_heads * model.head_size
     flops = layers * batch * (2 * model.params_per_layer + 4 * heads_dim * context_tokens)
     if last:

@@ -132,6 +132,7 @@ class _Req:
     compute_sq: int = 0  # their attention term: (cached + computed)^2 - cached^2
     start_step: int = 0
     finish_step: int = 0
+    first_token_s: float = 0.0  # when its prompt, computed in a mixed step, has gone through every stage
 
 
 @dataclass(slots=True)
@@ -295,6 +296,7 @@ class Simulation:
         colocated = g.role == Role.COLOCATED
         old_batch, old_context = len(st.running), st.sum_context + len(st.running)
         new_tokens = new_sq = 0
+        joined: list[_Req] = []  # admitted with their prompt computed in this step
         while st.waiting and len(st.running) < g.max_batch_size:
             req = st.waiting[0]
             need = req.rec.input_tokens + req.rec.output_tokens_requested
@@ -308,6 +310,7 @@ class Simulation:
                 self._count_prompt_work(req, g.role)
                 new_tokens += req.compute_tokens
                 new_sq += req.compute_sq
+                joined.append(req)
             st.waiting.popleft()
             st.cache.insert(req.blocks)  # its prompt's KV is now in this group's cache
             st.kv_used += need
@@ -326,9 +329,16 @@ class Simulation:
             # vLLM's mixed step: the new prompts' prefill (which yields their first token) plus one
             # decode token for the requests already running. A decode group runs it for a
             # decode-first request (the uncached suffix only), a colocated group for every request.
-            step_s = self.costs.prefill_batch_s(g, new_tokens, new_sq)[0]
+            latency_s, busy_s = self.costs.prefill_batch_s(g, new_tokens, new_sq)
+            step_s = latency_s
             if old_batch:
-                step_s += self.costs.decode_step_s(g, old_batch, old_context)
+                # The running requests wait for the prompt work each stage does (busy), not for the
+                # prompt's trip through every stage: with pipeline stages vLLM keeps one batch in
+                # flight per stage, so the others' tokens flow while the prompt's batch moves on.
+                # The new requests' first token still takes the whole trip (latency).
+                step_s = busy_s + self.costs.decode_step_s(g, old_batch, old_context)
+                for req in joined:
+                    req.first_token_s = self.now + latency_s
         else:
             step_s = self.costs.decode_step_s(g, batch, st.sum_context)
         self._at(self.now + step_s, self._end_step, st)
@@ -344,7 +354,7 @@ class Simulation:
     def _finish(self, st: _DecodeState, req: _Req) -> None:
         rec = req.rec
         ends = st.step_ends_s
-        rec.ttft_s = ends[req.start_step] - rec.start_s
+        rec.ttft_s = max(ends[req.start_step], req.first_token_s) - rec.start_s
         rec.latency_s = ends[req.finish_step] - rec.start_s
         rec.output_tokens = rec.output_tokens_requested
         if self.cfg.keep_itls:

@@ -18,6 +18,7 @@ read them through ``load_measured``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class MeasuredPoint:
     batch: int = 0  # decode: requests in the step
     context_tokens: float = 0.0  # decode: mean context per request
     ms: float = 0.0
+    engine: str = ""  # what ran it, from the source's provenance
 
 
 def _model(data: Any, path: str) -> ModelSpec:
@@ -95,7 +97,8 @@ def load_measured(path: Path | str) -> list[MeasuredPoint]:
         raise PlanInputError(f.at("schema"), f"must be {MEASURED_SCHEMA!r}")
     source = f.string("source")
     points = _from_fits(doc, source) if "fits" in doc else _from_points(doc, source)
-    return [p for p in points if p.ms > 0]
+    engine = str(doc.get("provenance", {}).get("engine", ""))
+    return [dataclasses.replace(p, engine=engine) for p in points if p.ms > 0]
 
 
 def load_all_measured(directory: Path = MEASURED_DIR) -> list[MeasuredPoint]:

@@ -104,6 +104,23 @@ def test_colocated_group_prefills_inside_decode_steps():
     assert r.latency_s == pytest.approx(PREFILL_S + 9 * STEP_S)
 
 
+class PipelineCosts(ConstCosts):
+    """A two-stage pipeline: a prompt takes 0.2 s through both stages, each stage is busy 0.1 s with it."""
+
+    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens):
+        return 2 * PREFILL_S, PREFILL_S
+
+
+def test_a_prompt_joining_running_requests_holds_them_for_its_stage_work_not_its_trip():
+    g = SimGroup("c0", "colocated", (_stage(),))
+    fleet = SimFleet("colo", [g], [SimRoute("c0", "c0", 1.0, 0.0)])
+    first, joiner = simulate(fleet, [_req(0, 0.0, out=40), _req(1, 0.25)], PipelineCosts(), SimConfig(keep_itls=True))
+    # The joiner's first token takes the prompt's whole trip through the pipeline ...
+    assert joiner.ttft_s == pytest.approx(2 * PREFILL_S, abs=STEP_S)
+    # ... while the running request's token in that mixed step waits only for a stage's share of it.
+    assert max(first.itls_s) == pytest.approx(PREFILL_S + STEP_S)
+
+
 def test_horizon_stops_the_clock():
     recs = simulate(_fleet(), [_req(0, 0.0), _req(1, 100.0)], ConstCosts(), SimConfig(horizon_s=10.0))
     assert recs[0].success and recs[1].error_kind == "timeout"
