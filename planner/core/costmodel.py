@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -131,6 +132,28 @@ def fitted_time(coefficients: tuple[float, ...], terms: tuple):
     return sum(c * t for c, t in zip(coefficients[1:], terms))
 
 
+@lru_cache(maxsize=256)
+def measured_correction(gpu: GpuSpec, model: ModelSpec, tp: int) -> profiles.Correction:
+    """measured / fitted at each of vLLM's measurements of a `profiles.covered` (gpu, model, tp): the stage's
+    fitted time for the layers the point timed (a whole-model point without the per-pass constant, which is
+    the pass's, not a stage's)."""
+    link = (gpu.intra_node_bandwidth_gb_per_s * GB, gpu.intra_node_latency_us / 1e6)
+    prefill: dict[float, float] = {}
+    decode: dict[tuple[float, float], float] = {}
+    for p in profiles.measured_points(gpu, model, tp):
+        whole = p.layers is None
+        layers = model.num_layers if whole else p.layers
+        if p.phase == "prefill":
+            fitted = fitted_time(gpu.fitted.prefill, prefill_terms(model, p.tokens, p.tokens**2, gpu, tp, layers,
+                                                                   whole, whole, *link))
+            prefill[p.tokens] = (p.ms / 1e3 - (gpu.fitted.per_pass_s if whole else 0.0)) / fitted
+        else:
+            fitted = fitted_time(gpu.fitted.decode, decode_terms(model, p.batch, p.context_tokens, gpu, tp, layers,
+                                                                 whole, *link))
+            decode[(p.batch, p.context_tokens)] = (p.ms / 1e3 - (gpu.fitted.per_step_s if whole else 0.0)) / fitted
+    return profiles.correction_from(prefill, decode)
+
+
 # -- the per-stage times both forms give ------------------------------------------------------------
 def prefill_stage_time(
     model: ModelSpec,
@@ -149,7 +172,7 @@ def prefill_stage_time(
     if gpu.fitted is not None:
         t = fitted_time(gpu.fitted.prefill, prefill_terms(model, tokens, sq_tokens, gpu, tp, layers, first, last,
                                                           intra_bandwidth, intra_latency))
-        return t * profiles.correction(gpu, model, tp).prefill(tokens) if profiles.covered(gpu, model, tp) else t
+        return t * measured_correction(gpu, model, tp).prefill(tokens) if profiles.covered(gpu, model, tp) else t
     flops = model.prefill_flops(layers, tokens, sq_tokens, last)
     compute = flops / (tp * gpu.flops_per_s)
     memory = stage_weight_bytes(model, layers, first, last) / (tp * gpu.mem_bytes_per_s)
@@ -174,7 +197,7 @@ def decode_stage_time(
         t = fitted_time(gpu.fitted.decode, decode_terms(model, batch, context_tokens, gpu, tp, layers, last,
                                                         intra_bandwidth, intra_latency))
         if profiles.covered(gpu, model, tp):
-            t = t * profiles.correction(gpu, model, tp).decode_ratio(batch, context_tokens)
+            t = t * measured_correction(gpu, model, tp).decode_ratio(batch, context_tokens)
         return t
     heads_dim = model.num_attention_heads * model.head_size
     flops = layers * batch * (2 * model.params_per_layer + 4 * heads_dim * context_tokens)

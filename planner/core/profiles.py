@@ -4,8 +4,10 @@ Where `configs/measured/` holds measurements of vLLM (the engine hexserve
 runs) for a (GPU type, model, TP) — the DistServe authors' vLLM profile of
 OPT-13B and OPT-66B on A100-80G, Helix's per-layer Llama-2-70B on A100-40G,
 L4, T4 and V100 — the cost model multiplies a stage's fitted time by
-measured / fitted. Between measured points the ratio is interpolated
-(prefill over log prompt tokens; decode over log batch, then log context);
+measured / fitted (``costmodel.measured_correction`` computes the ratios;
+this module keeps the points and interpolates). Between measured points the
+ratio is interpolated (prefill over log prompt tokens; decode over log
+batch, then log context);
 outside them it is held at the nearest edge (the inputs clamped to the
 profiled range, as Dynamo's interpolators clamp theirs), so the form's shape
 carries the time beyond the profile, scaled to meet it at its edge. At every
@@ -24,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.spec.catalog import GB, GpuSpec
+from planner.spec.catalog import GpuSpec
 from planner.spec.measured import MeasuredPoint, load_all_measured
 from planner.spec.model import ModelSpec
 
@@ -68,32 +70,20 @@ def covered(gpu: GpuSpec, model: ModelSpec, tp: int) -> bool:
     return gpu.fitted is not None and (gpu.name, model.name, tp) in _measured()
 
 
-@lru_cache(maxsize=256)
-def correction(gpu: GpuSpec, model: ModelSpec, tp: int) -> Correction:
-    """The ratios of the measured points of `covered` (gpu, model, tp) to the fitted form's stage times."""
-    from planner.core import costmodel as cm  # the cost model calls this module: imported when first needed
-
-    link = (gpu.intra_node_bandwidth_gb_per_s * GB, gpu.intra_node_latency_us / 1e6)
-    prefill: dict[float, float] = {}
-    decode: dict[float, dict[float, float]] = defaultdict(dict)
-    for p in _measured()[(gpu.name, model.name, tp)]:
-        whole = p.layers is None
-        layers = model.num_layers if whole else p.layers
-        if p.phase == "prefill":
-            stage = cm.fitted_time(gpu.fitted.prefill, cm.prefill_terms(model, p.tokens, p.tokens**2, gpu, tp,
-                                                                         layers, whole, whole, *link))
-            fixed = gpu.fitted.per_pass_s if whole else 0.0  # the pass's constant is not a stage's
-            prefill[float(np.log(p.tokens))] = _log_ratio(p.ms / 1e3 - fixed, stage)
-        else:
-            stage = cm.fitted_time(gpu.fitted.decode, cm.decode_terms(model, p.batch, p.context_tokens, gpu, tp,
-                                                                       layers, whole, *link))
-            fixed = gpu.fitted.per_step_s if whole else 0.0
-            decode[float(np.log(p.context_tokens))][float(np.log(p.batch))] = _log_ratio(p.ms / 1e3 - fixed, stage)
-    tokens = tuple(sorted(prefill))
-    return Correction(tokens, tuple(prefill[t] for t in tokens),
-                      tuple((c, tuple(sorted(by_batch)), tuple(by_batch[b] for b in sorted(by_batch)))
-                            for c, by_batch in sorted(decode.items())))
+def measured_points(gpu: GpuSpec, model: ModelSpec, tp: int) -> tuple[MeasuredPoint, ...]:
+    return _measured()[(gpu.name, model.name, tp)]
 
 
-def _log_ratio(measured_s: float, fitted_s: float) -> float:
-    return float(np.log(max(measured_s / fitted_s, MIN_RATIO)))
+def correction_from(prefill: dict[float, float], decode: dict[tuple[float, float], float]) -> Correction:
+    """The interpolation of measured / fitted ratios: prefill by prompt tokens, decode by (batch, context)."""
+    by_context: dict[float, dict[float, float]] = defaultdict(dict)
+    for (batch, context), ratio in decode.items():
+        by_context[float(np.log(context))][float(np.log(batch))] = _log(ratio)
+    tokens = sorted(prefill)
+    return Correction(tuple(float(np.log(t)) for t in tokens), tuple(_log(prefill[t]) for t in tokens),
+                      tuple((c, tuple(sorted(rows)), tuple(rows[b] for b in sorted(rows)))
+                            for c, rows in sorted(by_context.items())))
+
+
+def _log(ratio: float) -> float:
+    return float(np.log(max(ratio, MIN_RATIO)))

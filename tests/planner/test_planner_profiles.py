@@ -57,7 +57,7 @@ def test_other_engines_measurements_are_not_used():
 
 def test_between_and_beyond_the_profile():
     l4, model = CATALOG.resolve("L4", "gpu"), model_preset("Llama-2-70B")
-    corr = profiles.correction(l4, model, 1)
+    corr = cm.measured_correction(l4, model, 1)
 
     def per_layer(tokens):
         return cm.prefill_stage_time(model, tokens, tokens**2, l4, 1, 1, False, False, 12e9, 1e-5)
