@@ -41,7 +41,7 @@ from pathlib import Path
 
 from planner.core import costfit
 from planner.core import costmodel as cm
-from planner.spec.catalog import GB, default_catalog
+from planner.spec.catalog import GpuSpec, default_catalog
 from planner.spec.cost_coefficients import COST_COEFFICIENTS_PATH, COST_COEFFICIENTS_SCHEMA
 from planner.spec.measured import MEASURED_DIR, MeasuredPoint, load_all_measured
 
@@ -68,26 +68,24 @@ ROOFLINE_BEFORE = {"A100-80G": (0.55, 0.75), "A100-40G": (0.55, 0.75), "H100": (
                    "T4": (0.4, 0.7), "V100": (0.45, 0.7)}
 
 
-def roofline_s(p: MeasuredPoint) -> float:
-    mfu, mbu = ROOFLINE_BEFORE[p.gpu]
-    gpu = replace(default_catalog().resolve(p.gpu, "gpu"), fitted=None, mfu=mfu, mbu=mbu, prefill_overhead_ms=5.0,
-                  decode_overhead_ms=2.0)
-    stage = cm.Stage(gpu, p.tp, p.model.num_layers, True, True, gpu.intra_node_bandwidth_gb_per_s * GB,
-                     gpu.intra_node_latency_us / 1e6)
+def replica_s(gpu: GpuSpec, p: MeasuredPoint) -> float:
+    """The cost model's prefill latency or decode step of a whole replica of `p`'s shape on `gpu`."""
+    stage = cm.Stage.replica(gpu, p.tp, p.model.num_layers)
     if p.phase == "prefill":
         return cm.prefill_pass(p.model, [stage], p.tokens, p.tokens**2)[0]
     return cm.decode_step(p.model, [stage], p.batch, p.context_tokens)
+
+
+def roofline_s(p: MeasuredPoint) -> float:
+    mfu, mbu = ROOFLINE_BEFORE[p.gpu]
+    return replica_s(replace(default_catalog().resolve(p.gpu, "gpu"), fitted=None, mfu=mfu, mbu=mbu,
+                             prefill_overhead_ms=5.0, decode_overhead_ms=2.0), p)
 
 
 def planner_s(p: MeasuredPoint) -> float:
     """What the planner predicts for a whole replica: the fitted form, corrected where vLLM measurements
     cover the point (planner.core.profiles)."""
-    gpu = default_catalog().resolve(p.gpu, "gpu")
-    stage = cm.Stage(gpu, p.tp, p.model.num_layers, True, True, gpu.intra_node_bandwidth_gb_per_s * GB,
-                     gpu.intra_node_latency_us / 1e6)
-    if p.phase == "prefill":
-        return cm.prefill_pass(p.model, [stage], p.tokens, p.tokens**2)[0]
-    return cm.decode_step(p.model, [stage], p.batch, p.context_tokens)
+    return replica_s(default_catalog().resolve(p.gpu, "gpu"), p)
 
 
 def fit_on(points: list[MeasuredPoint]) -> costfit.FittedModel:

@@ -20,7 +20,7 @@ import json
 
 from planner.core import costfit
 from planner.core import costmodel as cm
-from planner.spec.catalog import GB, GIB, GpuSpec, default_catalog
+from planner.spec.catalog import GIB, GpuSpec, default_catalog
 from planner.spec.errors import PlanInputError
 from planner.spec.measured import MeasuredPoint, load_all_measured
 from planner.spec.model import ModelSpec, model_preset
@@ -41,8 +41,7 @@ def _positive_int(value: str | None, flag: str) -> int | None:
 def estimate(gpu: GpuSpec, model: ModelSpec, tp: int, prefill_tokens: int | None, decode_batch: int | None,
              context_tokens: int | None) -> dict:
     """The predictions asked for, in milliseconds, with what they assume."""
-    stage = cm.Stage(gpu, tp, model.num_layers, True, True, gpu.intra_node_bandwidth_gb_per_s * GB,
-                     gpu.intra_node_latency_us / 1e6)
+    stage = cm.Stage.replica(gpu, tp, model.num_layers)
     weights_per_gpu = cm.stage_weight_bytes(model, model.num_layers, True, True) / tp
     out: dict = {"gpu": gpu.name, "tp": tp, "model": model.name,
                  "weights_gib_per_gpu": round(weights_per_gpu / GIB, 2),

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from planner.core import costmodel as cm
-from planner.spec.catalog import GB, GpuSpec
+from planner.spec.catalog import GpuSpec
 from planner.spec.cost_coefficients import CostCoefficients
 from planner.spec.model import ModelSpec
 
@@ -60,7 +60,7 @@ class Shape:
 
 def _links(shape: Shape) -> tuple[float, float]:
     """(bandwidth bytes/s, latency s) among the TP ranks of the GPU's own node type."""
-    return shape.gpu.intra_node_bandwidth_gb_per_s * GB, shape.gpu.intra_node_latency_us / 1e6
+    return shape.gpu.intra_node_bytes_per_s, shape.gpu.intra_node_latency_s
 
 
 def prefill_features(shape: Shape, tokens: float) -> np.ndarray:

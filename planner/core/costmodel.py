@@ -93,10 +93,9 @@ def _allreduce_terms(model: ModelSpec, tokens: float, tp: int, layers, intra_ban
                      intra_latency: float) -> tuple:
     """(all-reduce bytes over the link in seconds at its bandwidth, all-reduce steps x link latency):
     two ring all-reduces per layer."""
-    if tp <= 1:
-        return 0.0 * layers, 0.0 * layers
-    per_ar = 2 * (tp - 1) / tp * activation_bytes(model, tokens)
-    return layers * 2 * per_ar / intra_bandwidth, layers * 2 * 2 * (tp - 1) * intra_latency
+    per_layer = 2  # ring all-reduces, each split into its bandwidth and its latency part
+    return (layers * per_layer * allreduce_time(activation_bytes(model, tokens), tp, intra_bandwidth, 0.0),
+            layers * per_layer * allreduce_time(0.0, tp, 1.0, intra_latency))
 
 
 def prefill_terms(model: ModelSpec, tokens: float, sq_tokens: float, gpu: GpuSpec, tp: int, layers, first: bool,
@@ -106,9 +105,8 @@ def prefill_terms(model: ModelSpec, tokens: float, sq_tokens: float, gpu: GpuSpe
     bandwidth and steps x link latency. The one formula the planner, the simulator and the fit share."""
     peak = gpu.peak_bf16_tflops * 1e12 * tp
     bandwidth = gpu.memory_bandwidth_gb_per_s * GB * tp
-    heads_dim = model.num_attention_heads * model.head_size
-    matmul = layers * 2 * model.params_per_layer * tokens + (2 * model.hidden_size * model.vocab_size if last else 0)
-    attention = layers * 2 * heads_dim * sq_tokens
+    matmul = model.prefill_flops(layers, tokens, 0.0, last)  # the model's one formula, split in its two parts
+    attention = model.prefill_flops(layers, 0.0, sq_tokens, False)
     weights = stage_weight_bytes(model, layers, first, last)
     comm = _allreduce_terms(model, tokens, tp, layers, intra_bandwidth, intra_latency)
     return (layers, matmul / peak, attention / peak, weights / bandwidth, *comm)
@@ -120,7 +118,7 @@ def decode_terms(model: ModelSpec, batch: float, context_tokens: float, gpu: Gpu
     read / bandwidth, sequences x layers (attention metadata, sampling), matmul FLOPs / peak, all-reduces."""
     peak = gpu.peak_bf16_tflops * 1e12 * tp
     bandwidth = gpu.memory_bandwidth_gb_per_s * GB * tp
-    weights = layers * model.layer_weight_bytes + (model.lm_head_bytes if last else 0)
+    weights = model.decode_bytes(layers, 0.0, context_tokens, last)  # no request: the weights alone
     kv = batch * context_tokens * stage_kv_bytes_per_token(model, layers, tp)
     matmul = batch * (layers * 2 * model.params_per_layer + (2 * model.hidden_size * model.vocab_size if last else 0))
     comm = _allreduce_terms(model, batch, tp, layers, intra_bandwidth, intra_latency)
@@ -137,7 +135,7 @@ def measured_correction(gpu: GpuSpec, model: ModelSpec, tp: int) -> profiles.Cor
     """measured / fitted at each of vLLM's measurements of a `profiles.covered` (gpu, model, tp): the stage's
     fitted time for the layers the point timed (a whole-model point without the per-pass constant, which is
     the pass's, not a stage's)."""
-    link = (gpu.intra_node_bandwidth_gb_per_s * GB, gpu.intra_node_latency_us / 1e6)
+    link = (gpu.intra_node_bytes_per_s, gpu.intra_node_latency_s)
     prefill: dict[float, float] = {}
     decode: dict[tuple[float, float], float] = {}
     for p in profiles.measured_points(gpu, model, tp):
@@ -223,6 +221,11 @@ class Stage:
     intra_latency_s: float
     next_bandwidth_bytes_per_s: float = 0.0  # to the next stage (0: last stage, no hop)
     next_latency_s: float = 0.0
+
+    @classmethod
+    def replica(cls, gpu: GpuSpec, tp: int, layers: int) -> Stage:
+        """A one-stage group of ``tp`` GPUs of one node holding all ``layers``, on the type's own link."""
+        return cls(gpu, tp, layers, True, True, gpu.intra_node_bytes_per_s, gpu.intra_node_latency_s)
 
     def hop_s(self, num_bytes: float) -> float:
         if self.last or self.next_bandwidth_bytes_per_s <= 0:

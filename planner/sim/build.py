@@ -64,8 +64,7 @@ def make_group(
         capacity = min(capacity, free / costmodel.stage_kv_bytes_per_token(model, layers, tp))
         sim_stages.append(costmodel.Stage(
             gpu=gpu, tp=tp, layers=layers, first=first, last=last,
-            intra_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_gb_per_s * GB,
-            intra_latency_s=gpu.intra_node_latency_us / 1e6,
+            intra_bandwidth_bytes_per_s=gpu.intra_node_bytes_per_s, intra_latency_s=gpu.intra_node_latency_s,
             next_bandwidth_bytes_per_s=0.0 if last else hop_gb_per_s * GB,
             next_latency_s=0.0 if last else hop_us / 1e6,
         ))

@@ -61,6 +61,14 @@ class GpuSpec:
         return self.memory_bandwidth_gb_per_s * GB * self.mbu
 
     @property
+    def intra_node_bytes_per_s(self) -> float:
+        return self.intra_node_bandwidth_gb_per_s * GB
+
+    @property
+    def intra_node_latency_s(self) -> float:
+        return self.intra_node_latency_us / 1e6
+
+    @property
     def memory_bytes(self) -> float:
         return self.memory_gib * GIB
 
