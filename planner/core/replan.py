@@ -230,11 +230,11 @@ class Controller:
         before = _value(search, live, roles)
         demand = observed.rate_rps * (1 + policy.headroom) if observed is not None else math.inf
         flips, best = self._flips(search, evaluator, live, roles, before, demand)
-        new, best = self._grow(search, cluster, live, roles, observed, before, best, len(flips))
+        new, best = self._grow(search, cluster, live, roles, demand, before, best, len(flips))
         retired: tuple[int, ...] = ()
         if best < demand:  # flips and new groups leave demand unserved: would restarts serve more?
             running_roles = [g.role for g in live]
-            retired, reshaped, value = self._reshape(cluster, scale, live, running_roles, observed, before, best)
+            retired, reshaped, value = self._reshape(cluster, scale, live, running_roles, demand, before, best)
             if retired:  # instead of the flips and new groups, not with them: one kind of change per action
                 flips, new, roles, best = [], reshaped, running_roles, value
         fleet_changed, self._fleet_changed = self._fleet_changed, False
@@ -280,8 +280,7 @@ class Controller:
             if found is None:
                 break
             index, value = found
-            charged = min(value, demand) - policy.flip_cost * before * (len(flips) + 1)
-            if charged < min(best, demand) * (1 + policy.min_gain) or value <= best:
+            if value <= best or not self._pays(value, policy.flip_cost * (len(flips) + 1), before, best, demand):
                 break
             flips.append(index)
             roles[index] = OTHER_ROLE[roles[index]]
@@ -289,13 +288,12 @@ class Controller:
         return flips, best
 
     def _reshape(self, cluster: Cluster, scale: CapacityScale, live: list[_Group], roles: list[Role],
-                 observed: ObservedWorkload | None, before: float, best: float) -> tuple[tuple[int, ...], list, float]:
+                 demand: float, before: float, best: float) -> tuple[tuple[int, ...], list, float]:
         """Running groups restarted in other shapes when the observed demand needs it, net of start costs:
         (indices into `live` retired, new groups, the capacity with them)."""
         policy = self.policy
-        if observed is None or not policy.restarts:
+        if math.isinf(demand) or not policy.restarts:  # no trusted observation: no demand asks for workers
             return (), [], best
-        demand = observed.rate_rps * (1 + policy.headroom)
         used = {gpu for g in self._groups for gpu in g.gpus}
         routes = RouteTable(cluster)
         found = reshape.propose(
@@ -303,24 +301,27 @@ class Controller:
             cluster, [g.group for g in live], roles, [g.gpus for g in live], used, policy.max_new_groups)
         if found is None:
             return (), [], best
-        charged = min(found.value_rps, demand) - before * policy.start_cost * len(found.new)
-        if charged < min(best, demand) * (1 + policy.min_gain):
+        if not self._pays(found.value_rps, policy.start_cost * len(found.new), before, best, demand):
             return (), [], best
         return found.released, list(found.new), found.value_rps
 
     def _grow(self, search: Search, cluster: Cluster, live: list[_Group], roles: list[Role],
-              observed: ObservedWorkload | None, before: float, best: float, num_flips: int) -> tuple[list, float]:
+              demand: float, before: float, best: float, num_flips: int) -> tuple[list, float]:
         """New groups on idle GPUs when the observed demand needs them, net of their start cost."""
         policy = self.policy
-        if observed is None or policy.max_new_groups == 0:
+        if math.isinf(demand) or policy.max_new_groups == 0:  # no trusted observation: no demand asks for workers
             return [], best
-        demand = observed.rate_rps * (1 + policy.headroom)
         used = {gpu for g in self._groups for gpu in g.gpus}
         new, value = grow.propose(search, cluster, [g.group for g in live], roles, used, policy.max_new_groups)
-        charged = min(value, demand) - before * (policy.flip_cost * num_flips + policy.start_cost * len(new))
-        if not new or charged < min(best, demand) * (1 + policy.min_gain):
+        if not new or not self._pays(value, policy.flip_cost * num_flips + policy.start_cost * len(new), before,
+                                     best, demand):
             return [], best
         return new, value
+
+    def _pays(self, value: float, charged_share: float, before: float, best: float, demand: float) -> bool:
+        """Whether an action pays: the demand it serves at capacity `value`, less its charges (`charged_share`
+        of today's capacity `before`), beats what is served without it (`best`) by min_gain (the hysteresis)."""
+        return min(value, demand) - before * charged_share >= min(best, demand) * (1 + self.policy.min_gain)
 
     def _keep_running_shapes(self, plan: Plan) -> None:
         """Each group as it runs: its TP/PP, layer split and stages (a running engine keeps them; the
