@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from benchmarks.results_files import write_results
-from benchmarks.sim_fleet import FLEETS, MODEL, SLO_TPOT_MS, SLO_TTFT_MS, cluster_doc, replayed_trace
+from benchmarks.sim_fleet import (FLEETS, MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS, MODEL, SLO_TPOT_MS, SLO_TTFT_MS,
+                                  cluster_doc, replayed_trace)
 from common.traces import SHARED_TRACES_DIR, load_trace
 from loadtest.metrics import SLO
 from loadtest.workload import WorkloadConfig
@@ -39,7 +40,7 @@ from planner.sim.costs import AnalyticCosts
 from planner.sim.from_plan import fleet_from_plan
 from planner.sim.right_size_check import simulated_attainment
 from planner.sim.sweep import max_rate_at_slo, run_at
-from planner.spec.cluster import parse_cluster
+from planner.spec.cluster import Cluster, parse_cluster
 from planner.spec.model import model_preset
 
 TRACES = {"azure-conv": "azure_llm_2023_conv.csv", "azure-code": "azure_llm_2023_code.csv"}
@@ -53,39 +54,46 @@ def _doc(fleet: str, trace: dict, burstiness: float | None) -> dict:
     return doc
 
 
+def planned_clusters(traces: dict[str, list], fleets: list[str]) -> dict[tuple[str, str, str], Cluster]:
+    """Per (trace, fleet, variant), the cluster planned for the requests replayed, clipped as the replay clips
+    them (as benchmarks.sim_fleet): written as a trace the cluster reads when it is parsed."""
+    clusters = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for trace_name, trace in traces.items():
+            replayed = replayed_trace(trace, Path(workdir) / f"{trace_name}.jsonl")
+            for fleet_name in fleets:
+                for variant, burstiness in VARIANTS.items():
+                    clusters[(trace_name, fleet_name, variant)] = parse_cluster(
+                        _doc(fleet_name, replayed, burstiness), base_dir=".")
+    return clusters
+
+
 def fleet_rows(max_requests: int, time_limit_s: float, fleets: list[str]) -> list[dict]:
     costs = AnalyticCosts(model_preset(MODEL))
     slo = SLO(SLO_TTFT_MS, SLO_TPOT_MS)
-    # Llama-2-70B has a 4096-token window: clip the few longer prompts (as benchmarks.sim_fleet).
     wcfg = WorkloadConfig(arrival="trace", max_requests=max_requests, duration_s=1e9,
-                          max_input_tokens=4096 - 512, max_output_tokens=512)
+                          max_input_tokens=MAX_INPUT_TOKENS, max_output_tokens=MAX_OUTPUT_TOKENS)
+    traces = {name: load_trace(name)[:max_requests] for name in TRACES}
     rows = []
-    workdir = tempfile.TemporaryDirectory()
-    for trace_name in TRACES:
-        trace = load_trace(trace_name)[:max_requests]
-        # The plan is made for the requests replayed, clipped as the replay clips them (as benchmarks.sim_fleet).
-        replayed = replayed_trace(trace, 4096 - 512, 512, Path(workdir.name) / f"{trace_name}.jsonl")
-        for fleet_name in fleets:
-            for variant, burstiness in VARIANTS.items():
-                started = time.time()
-                cluster = parse_cluster(_doc(fleet_name, replayed, burstiness), base_dir=".")
-                plan = solve(cluster, mode="auto", time_limit_s=time_limit_s)
-                fleet = fleet_from_plan(plan, cluster)
-                native = run_at(fleet, trace, costs, slo, wcfg, 1.0)
-                best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=0.9, iterations=10)
-                rate = best.rate_rps if best else 0.0
-                rows.append({
-                    "trace": trace_name, "fleet": fleet_name, "variant": variant,
-                    "arrival_cv2": round(cluster.workload.arrival_cv2, 3), "mode": plan.mode,
-                    "groups": sorted(f"{g.role.value} {'+'.join(f'{n}x{t}' for t, n in g.gpu_types.items())} "
-                                     f"TP{g.tp} PP{g.pp}" for g in plan.groups),
-                    "predicted_rps": plan.predicted.throughput_rps, "rate_at_slo_rps": rate,
-                    "native_rps": native.rate_rps, "native_attainment": native.result["slo_attainment"],
-                    "native_p90_ttft_ms": native.result["p90_ttft_ms"], "seconds": round(time.time() - started, 1),
-                })
-                print(f"{trace_name} {fleet_name} {variant}: predicted {plan.predicted.throughput_rps:.2f} req/s, "
-                      f"at SLO {rate:.2f}, attainment at the trace's rate {native.result['slo_attainment']:.1%}",
-                      flush=True)
+    for (trace_name, fleet_name, variant), cluster in planned_clusters(traces, fleets).items():
+        started = time.time()
+        trace = traces[trace_name]
+        plan = solve(cluster, mode="auto", time_limit_s=time_limit_s)
+        fleet = fleet_from_plan(plan, cluster)
+        native = run_at(fleet, trace, costs, slo, wcfg, 1.0)
+        best = max_rate_at_slo(fleet, trace, costs, slo, wcfg, target=0.9, iterations=10)
+        rate = best.rate_rps if best else 0.0
+        rows.append({
+            "trace": trace_name, "fleet": fleet_name, "variant": variant,
+            "arrival_cv2": round(cluster.workload.arrival_cv2, 3), "mode": plan.mode,
+            "groups": sorted(f"{g.role.value} {'+'.join(f'{n}x{t}' for t, n in g.gpu_types.items())} "
+                             f"TP{g.tp} PP{g.pp}" for g in plan.groups),
+            "predicted_rps": plan.predicted.throughput_rps, "rate_at_slo_rps": rate,
+            "native_rps": native.rate_rps, "native_attainment": native.result["slo_attainment"],
+            "native_p90_ttft_ms": native.result["p90_ttft_ms"], "seconds": round(time.time() - started, 1),
+        })
+        print(f"{trace_name} {fleet_name} {variant}: predicted {plan.predicted.throughput_rps:.2f} req/s, "
+              f"at SLO {rate:.2f}, attainment at the trace's rate {native.result['slo_attainment']:.1%}", flush=True)
     return rows
 
 

@@ -52,6 +52,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "Llama-2-70B"
 SLO_TTFT_MS, SLO_TPOT_MS = 2000.0, 100.0
 INTER_NODE_GB_PER_S = 25.0  # 200 Gbit/s between nodes
+# Llama-2-70B has a 4096-token window: replayed prompts are clipped to leave room for the longest output.
+MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS = 4096 - 512, 512
 
 FLEETS = {
     "hetero": [("H100", 4), ("A100-80G", 4), ("L40", 8), ("A6000", 8)],
@@ -73,13 +75,14 @@ def cluster_doc(name: str, nodes: list[tuple[str, int]], trace: dict | None = No
     }
 
 
-def replayed_trace(requests: list, max_input: int, max_output: int, path: Path) -> dict:
+def replayed_trace(requests: list, path: Path) -> dict:
     """The requests the simulation replays, clipped as it clips them, as a trace file for the planner: the
     plan is made for the workload it is measured on, as the baselines are sized from its means."""
     with open(path, "w", encoding="utf-8") as fh:
         for r in requests:
-            fh.write(json.dumps({"timestamp": r.arrival_s * 1e3, "input_length": min(r.input_tokens, max_input),
-                                 "output_length": max(1, min(r.output_tokens, max_output))}) + "\n")
+            fh.write(json.dumps({"timestamp": r.arrival_s * 1e3,
+                                 "input_length": min(r.input_tokens, MAX_INPUT_TOKENS),
+                                 "output_length": max(1, min(r.output_tokens, MAX_OUTPUT_TOKENS))}) + "\n")
     return {"path": str(path), "format": "mooncake"}
 
 
@@ -105,10 +108,12 @@ def kv_route_fn(model, node_of: dict[str, int]):
 def make_plans(args, model, costs, first, means) -> list[tuple]:
     """(fleet name, plan label, SimFleet, solve seconds, planner-predicted req/s) per fleet and plan."""
     plans = []
-    workdir = tempfile.TemporaryDirectory()
-    replayed = replayed_trace(first, 3584, 512, Path(workdir.name) / "replayed.jsonl")
+    with tempfile.TemporaryDirectory() as workdir:  # the clusters read the trace when they are parsed
+        replayed = replayed_trace(first, Path(workdir) / "replayed.jsonl")
+        clusters = {fname: parse_cluster(cluster_doc(fname, nodes, replayed), base_dir=".")
+                    for fname, nodes in FLEETS.items()}
     for fname, nodes in FLEETS.items():
-        cluster = parse_cluster(cluster_doc(fname, nodes, replayed), base_dir=".")
+        cluster = clusters[fname]
         t0 = time.time()
         plan = solve(cluster, mode="auto", time_limit_s=args.solve_time_limit)
         plans.append((fname, f"ours ({plan.mode})", fleet_from_plan(plan, cluster), time.time() - t0,
@@ -125,7 +130,6 @@ def make_plans(args, model, costs, first, means) -> list[tuple]:
         if fname != "hetero":
             plans.append((fname, "DistServe-like (uniform TP-4)",
                           distserve_plan(sim_groups, costs, means, kv_route_fn(model, node_of)), 0.0, None))
-    workdir.cleanup()  # the clusters read the trace when they were parsed
     return plans
 
 
@@ -205,13 +209,13 @@ def main(argv=None) -> int:
     model = model_preset(MODEL)
     costs = AnalyticCosts(model)
     trace = load_trace("azure-conv")
-    # Llama-2-70B has a 4096-token window: clip the few longer prompts.
     wcfg = WorkloadConfig(arrival="trace", max_requests=args.max_requests, duration_s=1e9,
-                          max_input_tokens=4096 - 512, max_output_tokens=512)
+                          max_input_tokens=MAX_INPUT_TOKENS, max_output_tokens=MAX_OUTPUT_TOKENS)
     slo = SLO(SLO_TTFT_MS, SLO_TPOT_MS)
     first = trace[: args.max_requests]
-    means = MeanLengths(sum(min(r.input_tokens, 3584) for r in first) / len(first),
-                        sum(max(1, min(r.output_tokens, 512)) for r in first) / len(first), SLO_TPOT_MS / 1e3)
+    means = MeanLengths(sum(min(r.input_tokens, MAX_INPUT_TOKENS) for r in first) / len(first),
+                        sum(max(1, min(r.output_tokens, MAX_OUTPUT_TOKENS)) for r in first) / len(first),
+                        SLO_TPOT_MS / 1e3)
 
     plans = make_plans(args, model, costs, first, means)
     rows, native_rps = measure(args, plans, trace, costs, slo, wcfg)
