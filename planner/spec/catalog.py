@@ -8,6 +8,7 @@ add a type of its own, under its ``catalog`` key.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +48,7 @@ class GpuSpec:
     prefill_overhead_ms: float = 5.0
     decode_overhead_ms: float = 2.0
     fitted: CostCoefficients | None = None
+    price_source: str = ""  # where price_per_hour comes from: offer, address, date seen (catalog), or "cluster file"
 
     @property
     def cost_form(self) -> str:
@@ -83,7 +85,21 @@ _OPTIONAL = {
 }
 COST_FORMS = ("fitted", "roofline")
 _ROOFLINE_ONLY = ("mfu", "mbu", "prefill_overhead_ms", "decode_overhead_ms")
-GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes", "cost_form"}
+GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes", "cost_form", "price_source"}
+PRICE_SOURCE_FIELDS = frozenset({"offer", "url", "seen", "via"})
+
+
+def _price_source(f: Fields) -> str:
+    """One line naming the price's public source: offer, address, the date it was seen there, and the page
+    that quoted it when it was not read at the vendor itself."""
+    source = f.obj("price_source")
+    source.check_keys(PRICE_SOURCE_FIELDS)
+    seen = source.string("seen")
+    if not re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", seen):
+        raise PlanInputError(source.at("seen"), f"is {seen!r}; give the date the price was seen as YYYY-MM-DD "
+                                                "(YYYY-MM where the page gives only the month)")
+    text = f"{source.string('offer')}, {source.string('url')}, seen {seen}"
+    return text + (f" (as quoted by {source.string('via')})" if source.has("via") else "")
 
 
 def _read_values(f: Fields, base: GpuSpec | None) -> dict[str, Any]:
@@ -95,6 +111,8 @@ def _read_values(f: Fields, base: GpuSpec | None) -> dict[str, Any]:
             raise PlanInputError(f.at(key), "is a roofline coefficient, but this type uses the fitted cost model; "
                                             "also set cost_form to \"roofline\" to model it with mfu/mbu/overheads")
     values["fitted"] = load_cost_coefficients() if form == "fitted" else None
+    if f.has("price_source"):
+        values["price_source"] = _price_source(f)
     for key in _REQUIRED + tuple(_OPTIONAL):
         if f.has(key):
             if key in ("mfu", "mbu"):
@@ -135,6 +153,8 @@ class Catalog:
             key = self.aliases.get(name, name)
             base = gpus.get(key)
             values = _read_values(entry, base)
+            if "price_per_hour" in values and "price_source" not in values:
+                values["price_source"] = "cluster file"  # the catalog's source no longer applies
             gpus[key] = replace(base, **values) if base else GpuSpec(name=key, **values)
         return Catalog(gpus, self.aliases)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -25,6 +26,15 @@ def test_catalog_has_every_required_type_with_sane_numbers():
         assert 0 < g.mfu <= 1 and 0 < g.mbu <= 1
     assert cat.resolve("H200", "t").memory_gib > cat.resolve("H100", "t").memory_gib
     assert cat.resolve("A100", "t").name == "A100-80G"  # alias
+
+
+def test_every_rentable_catalog_price_cites_a_public_source_and_date():
+    cat = default_catalog()
+    for name in REQUIRED_GPUS:
+        if name == "CPU":  # a nominal price for planning the embedded default, not a rental
+            continue
+        source = cat.resolve(name, "t").price_source
+        assert "https://" in source and re.search(r"seen \d{4}-\d{2}", source), (name, source)
 
 
 def test_presets_match_published_shapes():
@@ -68,6 +78,7 @@ def test_catalog_override_in_the_cluster_file():
         "intra_node_bandwidth_gb_per_s": 50}},
         nodes=[{"gpu_type": "H100", "num_gpus": 2}, {"gpu_type": "MyGPU", "num_gpus": 4}])
     assert c.nodes[0].spec.price_per_hour == 9.5
+    assert c.nodes[0].spec.price_source == "cluster file"  # the catalog's citation no longer applies
     assert c.nodes[1].spec.memory_gib == 64
     assert c.price_per_hour == pytest.approx(2 * 9.5 + 4 * 1)
 
@@ -111,6 +122,10 @@ def test_node_count_expands_and_links_are_resolved():
         (lambda d: d.update(catalog={"H100": {"cost_form": "roofline", "mfu": 0}}), "catalog.H100.mfu", "> 0"),
         (lambda d: d.update(catalog={"H100": {"mfu": 0.4}}), "catalog.H100.mfu",
          'is a roofline coefficient, but this type uses the fitted cost model; also set cost_form to "roofline"'),
+        (lambda d: d.update(catalog={"H100": {"price_source": {"offer": "x", "url": "u", "seen": "May 2026"}}}),
+         "catalog.H100.price_source.seen", "YYYY-MM-DD"),
+        (lambda d: d.update(catalog={"H100": {"price_source": {"offer": "x", "url": "u", "seen": "2026-05", "tier": 1}}}),
+         "catalog.H100.price_source.tier", "allowed here"),
         (lambda d: d.update(schema="something.else"), "schema", "hexserve.cluster"),
         (lambda d: d.update(colour="blue"), "colour", "allowed here"),
     ],
