@@ -147,7 +147,7 @@ class Assembler:
                 self._fail(self._current_id, f"frame {index} of a message names another transfer "
                                              f"({message.transfer_id!r}); one message carries one transfer")
             self._current_id = message.transfer_id
-            count = 1 + message.num_layers if isinstance(message, Chunk) else 1
+            count = 2 if isinstance(message, Chunk) else 1  # a Chunk's header and its payload frame
             part = frames[index : index + count]
             if len(part) != count or (isinstance(message, DropTransfer) and len(frames) != 1):
                 self._fail(message.transfer_id, f"{type(message).__name__} came with {len(part)} frames; expected {count}")
@@ -203,26 +203,27 @@ class Assembler:
         if transfer is None:
             return None
         begin = transfer.begin
-        error = self._chunk_error(chunk, begin, transfer, payloads)
+        error = self._chunk_error(chunk, begin, transfer, payloads[0])
         if error:
             self._fail(chunk.transfer_id, error)
         if protocol.checksum(chunk.checksum_kind, payloads) != chunk.checksum:
             self._fail(chunk.transfer_id, f"{_where(chunk)}: checksum mismatch (corrupted payload)")
         transfer.num_messages += 1
-        for i, payload in enumerate(payloads):
+        frame, size = memoryview(payloads[0]), chunk.payload_bytes
+        for i in range(chunk.num_layers):
             lo = (chunk.layer - begin.first_layer + i) * begin.num_blocks + chunk.first_block
             transfer.covered[lo : lo + chunk.num_blocks] = b"\x01" * chunk.num_blocks
-            # Downstream (the load path) sees one layer per entry, packed or not.
+            # Downstream (the load path) sees one layer per entry, packed or not: views, no copy.
             header = chunk if chunk.num_layers == 1 else msgspec.structs.replace(chunk, layer=chunk.layer + i, num_layers=1)
-            transfer.chunks.append(ReceivedChunk(header, payload))
+            transfer.chunks.append(ReceivedChunk(header, frame if chunk.num_layers == 1 else frame[i * size : (i + 1) * size]))
         transfer.covered_count += chunk.num_blocks * chunk.num_layers
-        nbytes = chunk.payload_bytes * chunk.num_layers
+        nbytes = size * chunk.num_layers
         transfer.received_bytes += nbytes
         self.counters.bytes_received += nbytes
         return None
 
     @staticmethod
-    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, payloads: Sequence[bytes | memoryview]) -> str | None:
+    def _chunk_error(chunk: Chunk, begin: Begin, transfer: Transfer, payload: bytes | memoryview) -> str | None:
         """Why the chunk must be refused (the first reason that applies), or None.
         Every message on the data path comes here: texts are built only on failure."""
         layer = chunk.layer - begin.first_layer
@@ -236,9 +237,9 @@ class Assembler:
                 f"{_where(chunk)}: outside layers {begin.first_layer}..{begin.first_layer + begin.num_layers - 1} "
                 f"x blocks {begin.first_block}..{begin.num_blocks - 1} that Begin declared"
             )
-        for payload in payloads:
-            if len(payload) != chunk.payload_bytes:
-                return f"{_where(chunk)}: a payload is {len(payload)} bytes; header says payload_bytes={chunk.payload_bytes} (truncated?)"
+        if len(payload) != chunk.payload_bytes * chunk.num_layers:
+            return (f"{_where(chunk)}: the payload is {len(payload)} bytes; header says {chunk.num_layers} layer(s) "
+                    f"of payload_bytes={chunk.payload_bytes} (truncated?)")
         if transfer.received_bytes + chunk.payload_bytes * chunk.num_layers > begin.reserve_bytes:
             return f"{_where(chunk)}: exceeds reserve_bytes={begin.reserve_bytes}"
         for i in range(chunk.num_layers):

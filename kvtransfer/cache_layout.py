@@ -60,19 +60,28 @@ class CacheLayout:
         """block_ids as the index tensor gather takes (build it once per step, not per layer)."""
         return torch.tensor(block_ids, dtype=torch.long, device=device)
 
-    def gather(self, layer: torch.Tensor, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """Blocks block_ids of one layer as one contiguous CPU tensor (n, *block_shape)."""
+    def gather(self, layer: torch.Tensor, block_ids: list[int] | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks block_ids of one layer as one contiguous CPU tensor (n, *block_shape): into `out`
+        when given (one copy: a CPU cache's blocks go straight into a message's buffer)."""
         idx = block_ids if isinstance(block_ids, torch.Tensor) else self.block_index(block_ids, layer.device)
-        out = layer.index_select(self.block_dim, idx)
+        if out is not None and self.block_dim == 0 and layer.device == out.device:
+            return torch.index_select(layer, 0, idx, out=out)
+        gathered = layer.index_select(self.block_dim, idx)
         if self.block_dim:
-            out = out.movedim(self.block_dim, 0)
-        return out.contiguous().cpu()
+            gathered = gathered.movedim(self.block_dim, 0)
+        if out is not None:
+            return out.copy_(gathered)
+        return gathered.contiguous().cpu()
 
-    def heads_of(self, blocks: torch.Tensor, heads: slice) -> torch.Tensor:
-        """A slice of the KV heads of gathered blocks (n, *block_shape), contiguous (one copy)."""
+    def heads_view(self, blocks: torch.Tensor, heads: slice) -> torch.Tensor:
+        """A slice of the KV heads of gathered blocks (n, *block_shape), as a view (strided)."""
         assert self.head_axis is not None
         axis = self.head_axis + 1  # blocks is (num_blocks, *block_shape)
-        return blocks.narrow(axis, heads.start, heads.stop - heads.start).contiguous()
+        return blocks.narrow(axis, heads.start, heads.stop - heads.start)
+
+    def heads_of(self, blocks: torch.Tensor, heads: slice) -> torch.Tensor:
+        """A slice of the KV heads of gathered blocks, contiguous (one copy)."""
+        return self.heads_view(blocks, heads).contiguous()
 
     def scatter(
         self, layer_index: int, block_ids: list[int] | torch.Tensor, blocks: torch.Tensor, heads: slice | None = None

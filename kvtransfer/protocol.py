@@ -14,9 +14,8 @@ sender, a ZeroMQ DEALER) to a decode worker (the receiver, a ROUTER):
 
 Framing: a message is one or more ZeroMQ frames. Frame 0 is the header, a
 msgpack array whose first element is the type tag and whose second is the
-protocol version; a Chunk's frames 1..num_layers are the payloads of its
-layers in order (one frame per layer, each taken straight from tensor
-memory: packing layers costs no copy), covered by one checksum. One ZeroMQ
+protocol version; a Chunk's frame 1 is its payload: its layers' blocks back
+to back, in layer order, covered by one checksum. One ZeroMQ
 message may carry several of these back to back, all of one transfer: the
 send path puts Begin in front of a transfer's first Chunk and End after its
 last, so a short prompt's whole transfer is one message (each message costs
@@ -46,8 +45,11 @@ from common.wire import ProtocolError
 # payload frame each), so short prompts move in fewer, larger messages. A
 # version-2 peer refuses version-3 messages by version (decode recomputes).
 # 4: Begin.first_block (blocks decode already holds are not sent); 5: several messages of one transfer
-# in one ZeroMQ message (Begin + Chunk, Chunk + End).
-PROTOCOL_VERSION = 5
+# in one ZeroMQ message (Begin + Chunk, Chunk + End). 6: a packed Chunk's layers share one payload
+# frame (version 3-5 sent one frame per layer: pyzmq's zero-copy frames cost ~20 us each, so a short
+# prompt's 32-80 layer frames of 64 KiB moved at a third of one 2 MiB frame's rate; measured in
+# docs/kvtransfer.md "Packing").
+PROTOCOL_VERSION = 6
 
 # dtypes a payload may carry, with their element size in bytes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
@@ -119,9 +121,9 @@ class Begin(msgspec.Struct, tag="begin", array_like=True, frozen=True):
 
 class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):
     """Blocks [first_block, first_block + num_blocks) of layers [layer, layer +
-    num_layers); frames 1..num_layers are each layer's payload, in order.
-    `shape` and `payload_bytes` describe one layer's payload; `checksum`
-    covers all payload frames as one byte string."""
+    num_layers); frame 1 holds each layer's payload, back to back in layer
+    order. `shape` and `payload_bytes` describe one layer's payload (the frame
+    is num_layers x payload_bytes); `checksum` covers the frame."""
 
     version: int
     transfer_id: str
@@ -131,7 +133,7 @@ class Chunk(msgspec.Struct, tag="chunk", array_like=True, frozen=True):
     dtype: str
     shape: tuple[int, ...]  # decoded tensor: (num_blocks, *block_shape)
     encoding: str
-    payload_bytes: int  # of one layer's payload (every frame carries this many)
+    payload_bytes: int  # of one layer's payload (the payload frame holds num_layers of these)
     checksum_kind: str
     checksum: int
     num_layers: int = 1

@@ -12,11 +12,13 @@ reuse the paged blocks as soon as the step ends.
 Packing: a layer's blocks larger than `max_chunk_bytes` go at once, in
 chunks of at most that. Smaller ones (short prompts, or a chunked prefill's
 step) wait for the next layers and go as one message of several
-consecutive layers, up to `max_chunk_bytes` (one payload frame per layer,
-no copy); what is left goes at the end of the step. Every message costs a
-hand-off to the I/O thread, a header and an assembler round on decode
-(tens of µs), so a 2 MiB prompt moved as 32 messages ran at half the raw
-socket's rate. For the same reason Begin waits for the transfer's first
+consecutive layers, up to `max_chunk_bytes`, joined into one payload frame;
+what is left goes at the end of the step. Every message costs a hand-off to
+the I/O thread, a header and an assembler round on decode (tens of µs), so a
+2 MiB prompt moved as 32 messages ran at half the raw socket's rate; and
+every frame costs pyzmq's zero-copy bookkeeping (~20 µs), so the packed
+layers share one frame (protocol version 6) for the price of one copy of a
+few MiB. For the same reason Begin waits for the transfer's first
 Chunk message and End rides on the last one packed at the end of the step
 (protocol version 5): a short prompt's transfer is one message.
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtransfer import codec
 from kvtransfer.cache_layout import CacheLayout
 from kvtransfer.framing import begin_message, block_ranges, chunk_message, end_message, layer_chunks, message_payload_bytes
 from kvtransfer.endpoints import rank_endpoint
@@ -40,21 +43,28 @@ from kvtransfer.sender import KVSender
 
 @dataclass(slots=True)
 class _Pack:
-    """Consecutive small layers of one part, same blocks, waiting to go as one message."""
+    """Consecutive layers of one part, same blocks, gathered into one buffer that goes as one message."""
 
     endpoint: str
     first_layer: int
     first_block: int
-    layers: list[torch.Tensor] = field(default_factory=list)
-    nbytes: int = 0
+    buffer: torch.Tensor  # (capacity, num_blocks, *block_shape): the message's one payload frame
+    count: int = 0
 
-    def takes(self, layer: int, first_block: int, blocks: torch.Tensor, nbytes: int, max_bytes: int) -> bool:
+    def takes(self, layer: int, first_block: int, shape: tuple[int, ...]) -> bool:
         return (
-            layer == self.first_layer + len(self.layers)
+            layer == self.first_layer + self.count
             and first_block == self.first_block
-            and blocks.shape == self.layers[0].shape
-            and self.nbytes + nbytes <= max_bytes
+            and shape == tuple(self.buffer.shape[1:])
+            and self.count < self.buffer.shape[0]
         )
+
+    @property
+    def full(self) -> bool:
+        return self.count == self.buffer.shape[0]
+
+    def layers(self) -> torch.Tensor:
+        return self.buffer[: self.count]
 
 
 @dataclass(slots=True)
@@ -95,21 +105,64 @@ class SendPath:
             targets = [part for part in self.parts(spec.decode_tp, spec.decode_layers) if part.holds(layer)]
             if not targets:
                 continue
-            # Gathered a block range at a time, each at most max_chunk_bytes: under
-            # glibc's mmap ceiling, so freed gathers are reused (KVSender keeps
-            # freed memory) instead of fresh pages faulted in for every layer.
-            for offset, index in self._block_ranges(spec, kv_layer.device):
-                blocks = self.layout.gather(kv_layer, index)
+            # A block range at a time, each at most max_chunk_bytes: under glibc's
+            # mmap ceiling, so freed buffers are reused (KVSender keeps freed
+            # memory) instead of fresh pages faulted in for every layer.
+            ranges = self._block_ranges(spec, kv_layer.device)
+            for offset, index in ranges:
+                gathered: torch.Tensor | None = None  # the range's blocks, all heads: gathered once for every part
                 for part in targets:
                     transfer_id = spec.transfer_id + part.suffix
                     progress = self._progress.setdefault((transfer_id, part.rank), _Progress())
                     if progress.failed:
                         continue
-                    data = blocks if part.heads is None else self.layout.heads_of(blocks, part.heads)
+                    shape = (len(index), *self._part_block_shape(part))
                     if spec.is_first and not progress.begun:
                         progress.begun = True
-                        self._send_begin(spec, transfer_id, part, tuple(data.shape[1:]), progress)
-                    self._send_chunks(spec, transfer_id, part.rank, layer, spec.first_block + offset, data, progress)
+                        self._send_begin(spec, transfer_id, part, shape[1:], progress)
+                    first_block = spec.first_block + offset
+                    slot = self._pack_slot(spec, transfer_id, part, layer, first_block, shape, progress)
+                    if slot is None:  # one block is larger than a message: chunks of it, views of one gather
+                        gathered = self.layout.gather(kv_layer, index) if gathered is None else gathered
+                        data = gathered if part.heads is None else self.layout.heads_of(gathered, part.heads)
+                        self._send_chunks(spec, transfer_id, part.rank, layer, first_block, data, progress)
+                    elif gathered is None and part.heads is None:
+                        gathered = self.layout.gather(kv_layer, index, out=slot)  # straight into the message
+                    else:
+                        gathered = self.layout.gather(kv_layer, index) if gathered is None else gathered
+                        slot.copy_(gathered if part.heads is None else self.layout.heads_view(gathered, part.heads))
+                    if slot is not None:
+                        progress.pack.count += 1
+                        # A full message goes now, but the transfer's last waits for finish_step to carry End.
+                        last = spec.is_last and offset == ranges[-1][0] and layer == part.first_layer + part.num_layers - 1
+                        if progress.pack.full and not last:
+                            self._flush(transfer_id, progress)
+
+    def _part_block_shape(self, part: Part) -> tuple[int, ...]:
+        shape = list(self.layout.block_shape)
+        if part.heads is not None:
+            shape[self.layout.head_axis] = part.heads.stop - part.heads.start
+        return tuple(shape)
+
+    def _pack_slot(
+        self, spec: SendSpec, transfer_id: str, part: Part, layer: int, first_block: int, shape: tuple[int, ...],
+        progress: _Progress,
+    ) -> torch.Tensor | None:
+        """Where this layer's blocks go in the part's message (a new message when the waiting one
+        cannot take them); None when they are larger than a message."""
+        max_bytes = self.options.max_chunk_bytes
+        nbytes = math.prod(shape) * DTYPE_BYTES[self.layout.dtype]
+        pack = progress.pack
+        if pack is not None and not pack.takes(layer, first_block, shape):
+            self._flush(transfer_id, progress)
+        if nbytes > max_bytes:
+            return None
+        if progress.pack is None:
+            # Room for the layers that fit in a message, no more than the part has left from here.
+            capacity = min(max_bytes // nbytes, part.first_layer + part.num_layers - layer)
+            buffer = torch.empty((capacity, *shape), dtype=codec.TORCH_DTYPES[self.layout.dtype])
+            progress.pack = _Pack(rank_endpoint(spec.endpoint, part.rank), layer, first_block, buffer)
+        return progress.pack.buffer[progress.pack.count]
 
     def _block_ranges(self, spec: SendSpec, device: torch.device) -> list[tuple[int, torch.Tensor]]:
         """(offset, index tensor) of each range of the step's blocks that one gather
@@ -126,29 +179,14 @@ class SendPath:
     def _send_chunks(
         self, spec: SendSpec, transfer_id: str, target: int, layer: int, first_block: int, blocks: torch.Tensor, progress: _Progress
     ) -> None:
-        if progress.failed:
-            return
+        """A layer's blocks larger than a message: several chunks, each a view of `blocks` (no copy)."""
         endpoint = rank_endpoint(spec.endpoint, target)
-        max_bytes = self.options.max_chunk_bytes
-        nbytes = blocks.numel() * blocks.element_size()
-        pack = progress.pack
-        if pack is not None and not pack.takes(layer, first_block, blocks, nbytes, max_bytes):
-            self._flush(transfer_id, progress)
-        if nbytes > max_bytes:
-            # Long prompts: several chunks per layer, each a view of `blocks` (no copy).
-            for frames in layer_chunks(
-                transfer_id, layer, first_block, blocks,
-                max_chunk_bytes=max_bytes, encoding=self.options.encoding, checksum=self._checksum(endpoint),
-            ):
-                if not self._submit(endpoint, transfer_id, frames, progress):
-                    return
-            return
-        if progress.pack is None:
-            progress.pack = _Pack(endpoint, layer, first_block)
-        progress.pack.layers.append(blocks)
-        progress.pack.nbytes += nbytes
-        if progress.pack.nbytes + nbytes > max_bytes:  # the next layer would not fit: go now
-            self._flush(transfer_id, progress)
+        for frames in layer_chunks(
+            transfer_id, layer, first_block, blocks,
+            max_chunk_bytes=self.options.max_chunk_bytes, encoding=self.options.encoding, checksum=self._checksum(endpoint),
+        ):
+            if not self._submit(endpoint, transfer_id, frames, progress):
+                return
 
     def _flush(self, transfer_id: str, progress: _Progress, end: bool = False) -> None:
         """Send the part's waiting layers as one message (with End after them: the transfer's last)."""
@@ -156,8 +194,8 @@ class SendPath:
         if pack is None or progress.failed:
             return
         frames = chunk_message(
-            transfer_id, pack.first_layer, pack.first_block, pack.layers,
-            encoding=self.options.encoding, checksum=self._checksum(pack.endpoint),
+            transfer_id, pack.first_layer, pack.first_block, pack.layers(),
+            encoding=self.options.encoding, checksum=self._checksum(pack.endpoint), stacked=True,
         )
         self._submit(pack.endpoint, transfer_id, frames, progress, end)
 

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 from kvtransfer import codec
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import coalesce, transfer_messages
-from kvtransfer.protocol import Limits
+from kvtransfer.protocol import Limits, decode_header
 
 DATA = torch.randn(3, 4, 2, 4, 8, generator=torch.Generator().manual_seed(1))  # layers, blocks, block
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # Layers per Chunk message: 1 as long prompts send them, 2 and 3 packed as the
-# send path packs short prompts' layers (one payload frame per layer).
+# send path packs short prompts' layers (their payloads back to back in one frame).
 PACKINGS = (1, 2, 3)
 # And each as the send path sends them (coalesced: Begin in the first message, End in the last) or
 # every protocol message in a ZeroMQ message of its own.
@@ -55,11 +55,15 @@ def pick(messages, i: int, j: int = 0, spare_last: bool = False) -> tuple[int, i
     return index, first + j % count
 
 
-def test_packed_messages_carry_several_layers():
-    sizes = [len(m) - 1 for m in fresh_messages(layers_per_chunk=2)[1:-1]]
-    assert sizes == [2, 1, 2, 1]  # layers 0-1 and 2 of each of the two block ranges
+def test_packed_messages_carry_several_layers_in_one_payload_frame():
+    messages = fresh_messages(layers_per_chunk=2)[1:-1]
+    assert [len(m) for m in messages] == [2, 2, 2, 2]  # header and one payload frame each
+    layers = [decode_header(m[0], Limits()).num_layers for m in messages]
+    assert layers == [2, 1, 2, 1]  # layers 0-1 and 2 of each of the two block ranges
+    layer_bytes = DATA[0, :2].numel() * DATA.element_size()
+    assert [len(m[1]) for m in messages] == [2 * layer_bytes, layer_bytes] * 2
     coalesced = fresh_messages(layers_per_chunk=(2, True))
-    assert [len(m) for m in coalesced] == [4, 2, 3, 3]  # Begin joins the first, End the last
+    assert [len(m) for m in coalesced] == [3, 2, 2, 3]  # Begin joins the first, End the last
 
 
 @settings(deadline=None)

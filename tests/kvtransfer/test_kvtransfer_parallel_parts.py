@@ -53,7 +53,7 @@ def headers(frames: list) -> list:
     while index < len(frames):
         header = decode_header(frames[index], Limits())
         found.append(header)
-        index += 1 + (header.num_layers if isinstance(header, Chunk) else 0)
+        index += 2 if isinstance(header, Chunk) else 1  # a Chunk's header and its one payload frame
     return found
 
 
@@ -219,8 +219,9 @@ def test_send_path_checksums_by_link_and_packs_small_layers(endpoint, kind):
     for l in range(LAYERS):
         worker.save_kv_layer(meta, layer_name(l), worker.layout.tensors[l])
     worker.wait_for_save(meta)
-    # One message: Begin, the packed Chunk with a payload frame per layer, and End.
-    assert len(sent) == 1 and len(sent[0]) == 3 + LAYERS
+    # One message: Begin, the packed Chunk (header and one payload frame holding every layer), and End.
+    assert len(sent) == 1 and len(sent[0]) == 4
     begin, header, end = headers(sent[0])
     assert isinstance(begin, Begin) and isinstance(end, End) and end.num_chunks == 1
     assert isinstance(header, Chunk) and header.num_layers == LAYERS and header.checksum_kind == kind
+    assert len(sent[0][2]) == LAYERS * header.payload_bytes

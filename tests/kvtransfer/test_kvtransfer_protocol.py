@@ -41,9 +41,9 @@ def test_header_type_tag_and_version_come_first():
     raw = protocol.encode(End(protocol.PROTOCOL_VERSION, "t1", 3, 99))
     assert msgspec.msgpack.decode(raw)[:2] == ["end", protocol.PROTOCOL_VERSION]
     # DropTransfer is the class name only: on the wire it is still "abort"; the
-    # version is 5 since one ZeroMQ message may carry several messages of a transfer.
+    # version is 6 since a packed Chunk's layers share one payload frame.
     drop = protocol.encode(protocol.DropTransfer(protocol.PROTOCOL_VERSION, "t1", "why"))
-    assert msgspec.msgpack.decode(drop) == ["abort", 5, "t1", "why"]
+    assert msgspec.msgpack.decode(drop) == ["abort", 6, "t1", "why"]
 
 
 V = protocol.PROTOCOL_VERSION
@@ -227,7 +227,7 @@ def test_the_message_builder_pieces_make_a_transfer_the_assembler_accepts():
 
 @pytest.mark.parametrize("kind", ["xxh3", "blake3", "crc32"])
 def test_checksum_of_several_payloads_is_that_of_their_bytes_joined(kind):
-    # A packed Chunk's one checksum covers its layers' frames as one byte string.
+    # A checksum of several frames is that of their bytes joined (a packed Chunk's layers share one frame).
     parts = [bytes(range(256)) * 3, b"", b"abc" * 1000]
     assert protocol.checksum(kind, parts) == protocol.checksum(kind, [b"".join(parts)])
     assert protocol.checksum(kind, parts) != protocol.checksum(kind, [b"".join(reversed(parts))])
