@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from benchmarks.costmodel_fit import coefficients_document, fit_on, whole_model
+from benchmarks.costmodel_fit import coefficients_document, engine_floor, fit_on, whole_model
 from planner.core import costmodel as cm
 from planner.core import profiles
 from planner.spec.catalog import GB, default_catalog
 from planner.spec.cost_coefficients import COST_COEFFICIENTS_PATH, load_cost_coefficients, parse_cost_coefficients
 from planner.spec.errors import PlanInputError
 from planner.spec.fields import Fields
-from planner.spec.measured import MEASURED_DIR, load_all_measured
+from planner.spec.measured import MEASURED_DIR, MeasuredPoint, load_all_measured
 
 POINTS = [whole_model(p) for p in load_all_measured()]
 
@@ -86,3 +86,19 @@ def test_a_coefficients_file_with_a_missing_or_negative_term_is_refused_by_field
     del doc["decode"]["kv_read"]
     with pytest.raises(PlanInputError, match="kv_read"):
         parse_cost_coefficients(doc)
+
+
+def test_the_engine_floor_is_half_the_log_distance_of_two_engines_on_the_same_points():
+    model = POINTS[0].model
+    a = [MeasuredPoint("engine-a", "A100-80G", model, 1, None, "decode", batch=b, context_tokens=256, ms=ms)
+         for b, ms in ((1, 10.0), (8, 20.0))]
+    b = [MeasuredPoint("engine-b", "A100-80G", model, 1, None, "decode", batch=b, context_tokens=256, ms=ms)
+         for b, ms in ((1, 40.0), (8, 20.0), (16, 5.0))]  # batch 16: measured by one engine only
+    floor = engine_floor(a + b)
+    assert set(floor) == {"decode"} and floor["decode"]["n"] == 2
+    assert floor["decode"]["apart_worst"] == pytest.approx(4.0) and floor["decode"]["floor_worst"] == pytest.approx(2.0)
+    assert floor["decode"]["apart_gm"] == pytest.approx(2.0) and floor["decode"]["floor_gm"] == pytest.approx(2 ** 0.5, rel=1e-3)
+    # The published pair (DistServe's engine and vLLM on the same A100 points) is where the floor comes from.
+    published = engine_floor(POINTS)
+    assert published["decode"]["n"] == 84 and published["prefill"]["n"] == 30
+    assert published["decode"]["apart_worst"] > 1.5 ** 2 * 0.9  # the two engines alone nearly use up the worst-case target
