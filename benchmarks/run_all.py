@@ -37,6 +37,7 @@ BENCHMARKS = (
     Benchmark("planner_solve", (), ("--sizes", "8,16,64", "--exact-time-limit", "60"), "planner_solve.md"),
     Benchmark("sim_fleet", (), ("--quick",), "sim_fleet.md"),
     Benchmark("kvtransfer_throughput", ("--repeats", "7"), ("--quick",), "kvtransfer_throughput.md"),
+    Benchmark("kvtransfer_wakeup", (), ("--samples", "100"), "kvtransfer_wakeup.md"),
     Benchmark("kvtransfer_e2e", ("--repeats", "9"), ("--repeats", "3", "--lengths", "64", "512", "--accuracy-prompts", "8"),
               "kvtransfer_e2e.md"),
     Benchmark("router_overhead", (), ("--requests", "100"), "router_overhead.md"),

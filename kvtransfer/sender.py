@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 # How often the I/O thread looks for Acks that are overdue (timeouts are seconds).
 EXPIRY_INTERVAL_S = 0.02
+# How long the I/O thread waits in one poll for Acks when nothing is queued (a submit wakes it).
+ACK_POLL_MS = 5
 
 
 @dataclass(slots=True)
@@ -87,6 +90,14 @@ class KVSender:
         self._open: set[tuple[str, str]] = set()  # submitted, neither acked nor failed: the only ones an Ack may settle
         self.results: dict[tuple[str, str], str] = {}  # -> "ok" | error, for tests/benchmarks
         self._stop = False
+        # Wakes the I/O thread out of its poll for Acks when a message is queued: without it a
+        # message submitted while any transfer awaited its Ack waited for the poll's timeout
+        # (5 ms; measured 2.9 ms median, 5.9 ms worst, per message under concurrent transfers).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._polling = False  # the I/O thread is (about to be) in its poll: submit writes to the pipe
+        self.ack_poll_ms = ACK_POLL_MS
         self._thread = threading.Thread(target=self._run, name="kvtransfer-send", daemon=True)
         self._thread.start()
 
@@ -114,8 +125,18 @@ class KVSender:
             self._queue.append(_Item(endpoint, transfer_id, frames, nbytes, is_end))
             self._open.add(key)
             self._queued_bytes += nbytes
-            self._cond.notify_all()
+            self._wake()
         return True
+
+    def _wake(self) -> None:
+        """Caller holds the lock: wake the I/O thread wherever it waits (the condition or its poll)."""
+        self._cond.notify_all()
+        if self._polling:
+            self._polling = False
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
 
     def is_failed(self, endpoint: str, transfer_id: str) -> bool:
         with self._cond:
@@ -131,7 +152,7 @@ class KVSender:
         with self._cond:
             self._mark_failed((endpoint, transfer_id), reason)
             self._queue.append(self._drop_item(endpoint, transfer_id, reason))
-            self._cond.notify_all()
+            self._wake()
 
     @staticmethod
     def _drop_item(endpoint: str, transfer_id: str, reason: str) -> _Item:
@@ -151,8 +172,12 @@ class KVSender:
     def close(self) -> None:
         with self._cond:
             self._stop = True
-            self._cond.notify_all()
+            self._polling = True  # wake it from a poll too
+            self._wake()
         self._thread.join(5)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -- I/O thread ------------------------------------------------------------------------
 
@@ -170,6 +195,7 @@ class KVSender:
     def _run(self) -> None:
         sockets: dict[str, zmq.Socket] = {}
         poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
         next_expiry_s = 0.0
         try:
             while True:
@@ -185,7 +211,15 @@ class KVSender:
                     self._in_flight += len(batch)
                 for item in batch:
                     self._send(item, sockets, poller)
-                self._receive_acks(sockets, poller, timeout_ms=0 if batch else 5)
+                timeout_ms = 0
+                if not batch:
+                    with self._cond:
+                        if not self._queue and not self._stop:
+                            self._polling, timeout_ms = True, self.ack_poll_ms
+                self._receive_acks(sockets, poller, timeout_ms)
+                if timeout_ms:
+                    with self._cond:
+                        self._polling = False
                 if (now := time.monotonic()) >= next_expiry_s:
                     self._expire()
                     self.stats.flush()
@@ -233,10 +267,20 @@ class KVSender:
             self._cond.notify_all()
 
     def _receive_acks(self, sockets: dict[str, zmq.Socket], poller: zmq.Poller, timeout_ms: int) -> None:
-        if not poller.sockets:
+        if not sockets:
+            if timeout_ms:  # nothing to hear from yet: wait for a submit (the condition, woken by _wake)
+                with self._cond:
+                    if not self._queue and not self._stop:
+                        self._cond.wait(timeout_ms / 1e3)
             return
         endpoints = {sock: endpoint for endpoint, sock in sockets.items()}
         for sock, _ in poller.poll(timeout_ms):
+            if sock == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                continue
             while True:
                 try:
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK)

@@ -41,6 +41,25 @@ def test_round_trip_and_published_counters(tmp_path):
     assert sent["transfers_sent_ok"] == 1 and sent["bytes_sent"] == received["bytes_received"] == data.numel() * 4
 
 
+def test_a_message_queued_while_an_ack_is_awaited_goes_at_once(tmp_path):
+    """The sender's I/O thread waits for Acks in a poll; a submit wakes it out of that poll rather than
+    waiting for its timeout (5 ms by default: a delay every message paid under concurrent transfers).
+    Made deterministic by a poll of 60 s: without the wake-up the second transfer would not arrive."""
+    endpoint = f"ipc://{tmp_path}/rx.sock"
+    with socket(zmq.Context.instance(), zmq.ROUTER, endpoint, bind=True) as rx:
+        sender = KVSender(Stats(), ack_timeout_s=120)
+        sender.ack_poll_ms = 60_000
+        try:
+            first, second = transfer_messages("t1", torch.randn(1, 1, 4)), transfer_messages("t2", torch.randn(1, 1, 4))
+            assert all(submit_all(sender, endpoint, "t1", first))  # t1 ends: its Ack is awaited, never sent
+            for _ in first:
+                assert rx.poll(10_000) and rx.recv_multipart()
+            assert sender.submit(endpoint, "t2", second[0], 0)
+            assert rx.poll(10_000), "a message queued while an Ack was awaited waited for the poll's timeout"
+        finally:
+            sender.close()
+
+
 def test_parts_with_one_id_to_several_decode_ranks_settle_on_their_own(tmp_path):
     """A prefill rank sends parts with the same transfer id to several decode
     ranks (a pipelined or wider-TP decode engine): each part is acked and
