@@ -64,7 +64,7 @@ def chunk_message(
     back in one frame: given as a list (joined here: one copy), or `stacked`,
     one tensor (num_layers, num_blocks, *block_shape) as the send path gathers
     them. A raw payload of one tensor is a view of it (no copy). One frame per
-    layer cost pyzmq ~20 us each (see protocol version 6)."""
+    layer cost pyzmq's per-frame bookkeeping (see protocol version 6)."""
     if stacked:
         assert isinstance(blocks, torch.Tensor)
         layers = list(blocks.unbind(0))
