@@ -126,6 +126,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         form = "fitted" if g.fitted else f"roofline (mfu {g.mfu:g}, mbu {g.mbu:g})"
         print(f"{name:<10}{g.peak_bf16_tflops:>12.1f}{g.memory_gib:>6.0f}{g.memory_bandwidth_gb_per_s:>7.0f}"
               f"{g.price_per_hour:>7.2f}  {form}")
+    print("\nprices ($/GPU-hour on demand; set what you pay under the cluster file's catalog):")
+    for name in cat.names():
+        print(f"  {name:<10}{cat.gpus[name].price_per_hour:>6.2f}  {cat.gpus[name].price_source or 'nominal, no public offer'}")
     print("\nmodel presets:")
     for name in preset_names():
         m = model_preset(name)

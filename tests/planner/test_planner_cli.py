@@ -89,3 +89,4 @@ def test_module_entry_point_runs(tmp_path):
                             timeout=60)
     assert result.returncode == 0
     assert "H100" in result.stdout and "Llama-2-70B" in result.stdout
+    assert "https://lambda.ai/pricing, seen 2026-05-07" in result.stdout  # each price with its source
