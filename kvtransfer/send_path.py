@@ -121,7 +121,7 @@ class SendPath:
                         progress.begun = True
                         self._send_begin(spec, transfer_id, part, shape[1:], progress)
                     first_block = spec.first_block + offset
-                    slot = self._pack_slot(spec, transfer_id, part, layer, first_block, shape, progress)
+                    slot = self._pack_slot(spec, transfer_id, part, layer, first_block, shape, progress, len(ranges) == 1)
                     if slot is None:  # one block is larger than a message: chunks of it, views of one gather
                         gathered = self.layout.gather(kv_layer, index) if gathered is None else gathered
                         data = gathered if part.heads is None else self.layout.heads_of(gathered, part.heads)
@@ -146,10 +146,12 @@ class SendPath:
 
     def _pack_slot(
         self, spec: SendSpec, transfer_id: str, part: Part, layer: int, first_block: int, shape: tuple[int, ...],
-        progress: _Progress,
+        progress: _Progress, one_range: bool,
     ) -> torch.Tensor | None:
         """Where this layer's blocks go in the part's message (a new message when the waiting one
-        cannot take them); None when they are larger than a message."""
+        cannot take them); None when they are larger than a message. Layers share a message only
+        when the step's blocks are one range (`one_range`): with several, the next layer's first
+        range follows this one's last, so a message holds one layer and its buffer no more."""
         max_bytes = self.options.max_chunk_bytes
         nbytes = math.prod(shape) * DTYPE_BYTES[self.layout.dtype]
         pack = progress.pack
@@ -159,7 +161,7 @@ class SendPath:
             return None
         if progress.pack is None:
             # Room for the layers that fit in a message, no more than the part has left from here.
-            capacity = min(max_bytes // nbytes, part.first_layer + part.num_layers - layer)
+            capacity = min(max_bytes // nbytes, part.first_layer + part.num_layers - layer) if one_range else 1
             buffer = torch.empty((capacity, *shape), dtype=codec.TORCH_DTYPES[self.layout.dtype])
             progress.pack = _Pack(rank_endpoint(spec.endpoint, part.rank), layer, first_block, buffer)
         return progress.pack.buffer[progress.pack.count]
