@@ -75,8 +75,12 @@ def count_chunk_messages(worker: WorkerSide) -> list[int]:
 
 
 # max_chunk_bytes=1: every block of every layer its own message; 1 MiB: each
-# part's layers packed into one message per step (the default for short prompts).
-@pytest.mark.parametrize("max_chunk_bytes", [1, 1 << 20])
+# part's layers packed into one message per step (the default for short prompts);
+# TWO_BLOCKS: two ranges per layer (2 blocks, then 1), one message per range and layer.
+TWO_BLOCKS = -2
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1, TWO_BLOCKS, 1 << 20])
 @pytest.mark.parametrize(
     "prefill_tp, prefill_layers, decode_tp, decode_layers",
     [
@@ -99,6 +103,8 @@ def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_t
     send = SendSpec("req", "t1", endpoint, prompt_hash(PROMPT), len(PROMPT), len(PREFILL_BLOCKS), 0, PREFILL_BLOCKS,
                     is_first=True, is_last=True, decode_tp=decode_tp, decode_layers=decode_layers if len(decode_layers) > 1 else None)
     senders, messages = [], []
+    if max_chunk_bytes == TWO_BLOCKS:
+        max_chunk_bytes = 2 * (HEADS // prefill_tp) * BLOCK_TOKENS * HEAD_DIM * 4  # float32 blocks of a prefill rank
     for s, r, layers, heads in ranks(prefill_tp, prefill_layers):
         worker = side(prefill_tp, prefill_layers, s, r, max_chunk_bytes)
         caches = {}
@@ -117,10 +123,14 @@ def test_every_decode_rank_gets_exactly_its_layers_and_heads(tmp_path, prefill_t
         for worker in senders:
             assert worker.sender.wait_idle(10)
             assert all(result == "ok" for result in worker.sender.results.values()), worker.sender.results
-        if max_chunk_bytes > 1:  # packed: one message per part, holding all of the part's layers
+        if max_chunk_bytes == 1 << 20:  # packed: one message per part, holding all of the part's layers
             for worker, counts in zip(senders, messages):
                 parts = worker.send_path.parts(decode_tp, send.decode_layers)
                 assert sorted(counts) == sorted(part.num_layers for part in parts)
+        elif max_chunk_bytes > 1:  # two block ranges per layer: a message per range and layer
+            for worker, counts in zip(senders, messages):
+                parts = worker.send_path.parts(decode_tp, send.decode_layers)
+                assert set(counts) == {1} and len(counts) == 2 * sum(part.num_layers for part in parts)
         else:
             assert all(set(counts) == {1} for counts in messages)
         load = LoadSpec("req", "t1", prompt_hash(PROMPT), len(PROMPT), 0, DECODE_BLOCKS, prefill_tp=prefill_tp,
