@@ -6,9 +6,9 @@ benchmark holds one transfer unacknowledged (a bare ROUTER that never
 answers), then submits small messages at random intervals (1-9 ms) and times
 each from `submit` to its arrival at the receiving socket, over ipc.
 
-`--poll-wake off` replays the sender as it was before it woke its I/O thread
-out of that poll (a poll that only times out, after `ACK_POLL_MS`), in the
-same run, as the baseline:
+The same run replays, as the baseline, the sender as it was before it woke
+its I/O thread out of that poll (a poll that only times out, after
+`ACK_POLL_MS`); same socket kind, message sizes, intervals and seed:
 
     .venv/bin/python -m benchmarks.kvtransfer_wakeup        # ~10 s
 """

@@ -99,12 +99,7 @@ def _payload(blocks: torch.Tensor, encoding: str) -> memoryview:
 
 
 def _join(payloads: list[memoryview]) -> memoryview:
-    out = torch.empty(sum(len(p) for p in payloads), dtype=torch.uint8)
-    offset = 0
-    for payload in payloads:
-        out[offset : offset + len(payload)] = torch.frombuffer(payload, dtype=torch.uint8)
-        offset += len(payload)
-    return codec.as_bytes(out)
+    return codec.as_bytes(torch.cat([torch.frombuffer(p, dtype=torch.uint8) for p in payloads]))
 
 
 def message_payload_bytes(frames: list) -> int:
