@@ -32,6 +32,14 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
+def tcp_address(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp:// endpoint; None for other transports."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    return host, int(port)
+
+
 def prepare_bind(endpoint: str) -> None:
     """Make an ipc endpoint's folder: ZeroMQ makes the socket file, not its folder."""
     if (path := ipc_path(endpoint)) is not None:

@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from common.ports import free_tcp_port
-from common.sockets import ipc_path
+from common.ports import release_tcp_ports, reserve_tcp_ports
+from common.sockets import ipc_path, tcp_address
 from engine.worker_spec import WorkerSpec
 from kvtransfer import remove_receiver_files
 
 
 def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:
-    return f"tcp://{host}:{free_tcp_port(host, ports)}"
+    """A TCP endpoint for a worker to bind (with `ports` consecutive ports, one per
+    rank), its ports held by this process until remove_endpoint_files: the
+    worker binds only once its model has loaded (common.ports says why)."""
+    return f"tcp://{host}:{reserve_tcp_ports(host, ports)}"
 
 
 WORKER_LINKS = ("ipc", "tcp")
@@ -94,10 +97,19 @@ def remove_stale_socket_folders(root: Path | None = None) -> list[Path]:
     return removed
 
 
+def release_endpoint_ports(spec: WorkerSpec) -> None:
+    """Stop holding the TCP ports local_endpoint reserved in this process for the worker."""
+    for endpoint in (spec.control_endpoint, spec.kv_events_endpoint, spec.kv_endpoint):
+        if endpoint and (address := tcp_address(endpoint)) is not None:
+            release_tcp_ports(*address)
+
+
 def remove_endpoint_files(spec: WorkerSpec) -> None:
     """What a stopped worker leaves on this machine (a killed process cannot
     remove them): its control socket file, and its KV receivers' socket files
-    and arrival-mark folders, which kvtransfer knows how to find."""
+    and arrival-mark folders, which kvtransfer knows how to find; and the TCP
+    ports local_endpoint held for it."""
+    release_endpoint_ports(spec)
     for endpoint in (spec.control_endpoint, spec.kv_events_endpoint):
         if endpoint and (path := ipc_path(endpoint)) is not None:
             path.unlink(missing_ok=True)

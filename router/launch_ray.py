@@ -28,7 +28,7 @@ from common.ray_resources import NODE_RESOURCE_SHARE, gpu_type_resource, named_n
 from engine.config import CPU_DEFAULT_BLOCK_SIZE
 from engine.worker_spec import WorkerSpec
 from router.deployment import Deployment
-from router.launch_local import LocalLauncher, local_endpoint
+from router.launch_local import LocalLauncher, local_endpoint, release_endpoint_ports
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,33 @@ class _WorkerActor:
             remove_cgroup(Path(self.spec.cpu_cgroup))
 
 
+class ActorLiveness:
+    """Each worker actor's answer to `alive()`, asked without blocking: a check reads the
+    answer to the last question if it has come, and asks again. Until the first answer a
+    worker counts as alive; an actor that is gone answers with an error: dead."""
+
+    def __init__(self) -> None:
+        self._asked: dict[str, object] = {}  # worker id -> the ObjectRef of the question in flight
+        self._alive: dict[str, bool] = {}
+
+    def check(self, worker_id: str, actor) -> bool:
+        import ray
+
+        asked = self._asked.pop(worker_id, None)
+        if asked is not None:
+            ready, _ = ray.wait([asked], timeout=0)
+            if not ready:
+                self._asked[worker_id] = asked
+            else:
+                try:
+                    self._alive[worker_id] = bool(ray.get(asked))
+                except ray.exceptions.RayError:
+                    self._alive[worker_id] = False
+        if worker_id not in self._asked and actor is not None:
+            self._asked[worker_id] = actor.alive.remote()
+        return self._alive.get(worker_id, True)
+
+
 @dataclass
 class RayLauncher:
     """Starts each worker as a Ray actor; same interface as LocalLauncher. Where a
@@ -128,6 +155,7 @@ class RayLauncher:
     specs: dict[str, WorkerSpec] = field(default_factory=dict)
     _owns_ray: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)  # restart_dead against retire_workers
+    _liveness: ActorLiveness = field(default_factory=lambda: ActorLiveness())
 
     def __post_init__(self) -> None:
         import ray
@@ -171,6 +199,7 @@ class RayLauncher:
             self.placement_groups[spec.worker_id] = group
         actual = ray.get(actor.spec_.remote(), timeout=timeout_s)
         self.specs[spec.worker_id] = actual
+        release_endpoint_ports(spec)  # the actor bound the worker anew on its node (on_node)
         return actual
 
     def add_workers(self, specs: list[WorkerSpec], placement: dict[str, dict] | None = None) -> list[WorkerSpec]:
@@ -212,9 +241,12 @@ class RayLauncher:
             return False
 
     def alive_checks(self) -> dict:
-        # Health pings already detect a dead worker within seconds; polling Ray
-        # from the router's event loop every half second would block it.
-        return {}
+        """Whether each worker's process runs, for the router's event loop: a check never
+        waits on Ray (it reads the actor's last answer and asks again), so a worker that
+        exits while loading stops the start within a second or two, as a local one does,
+        instead of keeping it waiting out the start timeout."""
+        return {worker_id: (lambda w=worker_id: self._liveness.check(w, self.actors.get(w)))
+                for worker_id in self.actors}
 
     def restart_dead(self) -> list[str]:
         import ray

@@ -29,15 +29,31 @@ def _plan(prefill: GroupPlan, decode: GroupPlan) -> Plan:
                 unused_gpus=[], predicted=Predicted(1.0, 10.0, 50.0, 10.0, 1.0, 1.0, 1.0, None))
 
 
+def _assert_held_for_the_worker(spec, ranks: int) -> None:
+    """The KV endpoint's ports, one per rank, are held for the worker (common.ports): a plain
+    bind is refused, the worker's ZeroMQ-style bind (SO_REUSEADDR) is not; once the worker
+    is gone (release_endpoint_ports), they are free."""
+    from router.launch_local import release_endpoint_ports
+
+    port = int(spec.kv_endpoint.rsplit(":", 1)[1])
+    for rank in range(ranks):
+        with socket.socket() as s, pytest.raises(OSError):
+            s.bind(("127.0.0.1", port + rank))
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port + rank))
+    release_endpoint_ports(spec)
+    for rank in range(ranks):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port + rank))
+
+
 def test_tp_decode_worker_gets_one_port_per_rank():
     plan = _plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=4))
     deployment = deployment_from_plan(plan, model="/models/llama", worker_link="tcp")
     decode = next(w for w in deployment.workers if w.role == "decode")
     assert decode.tensor_parallel_size == 4
-    port = int(decode.kv_endpoint.rsplit(":", 1)[1])
-    for rank in range(4):  # rank r listens on port + r (kvtransfer.rank_endpoint)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port + rank))
+    _assert_held_for_the_worker(decode, ranks=4)  # rank r listens on port + r (kvtransfer.rank_endpoint)
 
 
 def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
@@ -48,10 +64,7 @@ def test_pipelined_groups_deploy_and_decode_tells_prefill_its_split():
     prefill, decode = sorted(deployment.workers, key=lambda w: w.role != "prefill")
     assert prefill.process_env()["VLLM_PP_LAYER_PARTITION"] == "20,20,20,20"
     assert decode.process_env()["VLLM_PP_LAYER_PARTITION"] == "50,30"
-    port = int(decode.kv_endpoint.rsplit(":", 1)[1])
-    for rank in range(4):  # one port per rank: stage x TP + TP rank (kvtransfer.rank_endpoint)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port + rank))
+    _assert_held_for_the_worker(decode, ranks=4)  # one port per rank: stage x TP + TP rank (kvtransfer.rank_endpoint)
     info = next(w for w in deployment.workers if w.role == "decode")
     assert info.layer_partition == info.layers_per_stage == (50, 30) and info.tensor_parallel_size == 2
     params = prefill_kv_params(info, "t1", "zmq")

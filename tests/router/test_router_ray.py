@@ -90,3 +90,38 @@ def test_requests_spread_by_plan_weights(ray_router):
     assert picks == {("decode-d0", "prefill-p0"): 12.0, ("decode-d1", "prefill-p1"): 4.0}, picks
     loaded = re.findall(r'hexserve_kv_transfer\{stat="transfers_loaded_ok",worker="(decode-d\d)"\} ([\d.e+]+)', metrics)
     assert {w for w, v in loaded if float(v) >= 1} == {"decode-d0", "decode-d1"}
+
+
+def test_a_worker_that_exits_while_loading_is_seen_dead_at_once_and_never_blocks(ray_cluster, tmp_path):
+    """Its model is missing, so the worker process exits while loading while its actor lives
+    on. The launcher's alive check (what the router's start waits on, from its event loop)
+    turns False within seconds of the exit and answers every call at once: before, the
+    router's start kept waiting out its whole timeout for such a worker."""
+    import time
+
+    from common.roles import Role
+    from engine.worker_spec import WorkerSpec
+    from router.deployment import Deployment
+    from router.launch_local import local_endpoint
+    from router.launch_ray import RayLauncher
+
+    spec = WorkerSpec(worker_id="gone", role=Role.DECODE, control_endpoint=local_endpoint(),
+                      model=str(tmp_path / "no-such-model"))
+    launcher = RayLauncher("auto", Deployment(workers=[spec], routes=[], model_path=spec.model,
+                                              served_model_name="gone", max_model_len=1024, placement={}))
+    try:
+        launcher.start(spec)
+        check = launcher.alive_checks()["gone"]
+        deadline, slowest_s = time.monotonic() + 180, 0.0
+        while True:
+            asked_at = time.monotonic()
+            alive = check()
+            slowest_s = max(slowest_s, time.monotonic() - asked_at)
+            if not alive:
+                break
+            assert time.monotonic() < deadline, "the worker's exit was not seen in 180 s"
+            time.sleep(0.2)
+        assert slowest_s < 0.5, slowest_s
+        assert launcher.is_alive("gone") is False  # the blocking check agrees
+    finally:
+        launcher.stop()
