@@ -67,26 +67,28 @@ def chunk_message(
     layer cost pyzmq's per-frame bookkeeping (see protocol version 6)."""
     if stacked:
         assert isinstance(blocks, torch.Tensor)
-        layers = list(blocks.unbind(0))
-        payload = _payload(blocks, encoding) if encoding == "raw" else _join([_payload(t, encoding) for t in layers])
+        num_layers, one_layer = blocks.shape[0], blocks[0]
+        payload = (_payload(blocks, encoding) if encoding == "raw"
+                   else _join([_payload(tensor, encoding) for tensor in blocks.unbind(0)]))
     else:
         layers = [blocks] if isinstance(blocks, torch.Tensor) else list(blocks)
+        num_layers, one_layer = len(layers), layers[0]
         payloads = [_payload(tensor, encoding) for tensor in layers]
         payload = payloads[0] if len(payloads) == 1 else _join(payloads)
-    shape = tuple(int(d) for d in layers[0].shape)
+    shape = tuple(int(d) for d in one_layer.shape)
     header = Chunk(
         protocol.PROTOCOL_VERSION,
         transfer_id,
         layer,
         first_block,
         shape[0],
-        codec.dtype_name(layers[0].dtype),
+        codec.dtype_name(one_layer.dtype),
         shape,
         encoding,
-        len(payload) // len(layers),
+        len(payload) // num_layers,
         checksum,
         protocol.checksum(checksum, [payload]),
-        len(layers),
+        num_layers,
     )
     return [protocol.encode(header), payload]
 

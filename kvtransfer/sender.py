@@ -128,10 +128,11 @@ class KVSender:
             self._wake()
         return True
 
-    def _wake(self) -> None:
-        """Caller holds the lock: wake the I/O thread wherever it waits (the condition or its poll)."""
+    def _wake(self, always_write: bool = False) -> None:
+        """Caller holds the lock: wake the I/O thread wherever it waits (the condition or its
+        poll). The pipe is written only when the thread polls (or `always_write`, on close)."""
         self._cond.notify_all()
-        if self._polling:
+        if self._polling or always_write:
             self._polling = False
             try:
                 os.write(self._wake_w, b"\0")
@@ -172,8 +173,7 @@ class KVSender:
     def close(self) -> None:
         with self._cond:
             self._stop = True
-            self._polling = True  # wake it from a poll too
-            self._wake()
+            self._wake(always_write=True)  # from a poll too
         self._thread.join(5)
         if not self._thread.is_alive():
             os.close(self._wake_r)
