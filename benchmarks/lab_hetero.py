@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.lab_hetero                     # configs/lab/hetero4.json
     .venv/bin/python -m benchmarks.lab_hetero --rate-scales 0.05,0.1,0.15 --requests 60
+    .venv/bin/python -m benchmarks.lab_hetero --trace azure-code --max-input-tokens 896 --name lab_hetero_code
 
 1. Bring the lab up (`lab.launcher.up`): one FAST and three SLOW emulated
    devices, one SLOW host behind a slow link; each a Ray node in its own
@@ -11,7 +12,8 @@
    names a folder of earlier ones; the cluster file is calibrated on them.
 3. Plan: ours and the baselines of `benchmarks.lab_plans`.
 4. For each plan: a fresh router (`router serve --plan --ray`, default
-   routing) in the head host, the Azure conversation trace replayed from the
+   routing) in the head host, the trace (Azure conversation by default;
+   `--trace`, clipped by `--max-input-tokens` / `--max-output-tokens`) replayed from the
    head host at each rate scale (the same requests for every plan), then
    `planner simulate` of the same plan and requests on the same cluster file.
 5. Report, per plan and rate: throughput, goodput, SLO attainment, TTFT and
@@ -132,6 +134,12 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
     ap.add_argument("--profiles", default=None, help="folder with <TYPE>.json profiles (default: measure them)")
     ap.add_argument("--rate-scales", default="0.5,1,1.5,2,2.5,3,3.5")
     ap.add_argument("--requests", type=int, default=90)
+    defaults = Workload()
+    ap.add_argument("--trace", default=defaults.trace, help="a trace name (azure-conv, azure-code) or path")
+    ap.add_argument("--max-input-tokens", type=int, default=defaults.max_input_tokens)
+    ap.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+    ap.add_argument("--slo-ttft-ms", type=float, default=defaults.slo_ttft_ms)
+    ap.add_argument("--slo-tpot-ms", type=float, default=defaults.slo_tpot_ms)
     ap.add_argument("--plans", default=",".join(PLAN_NAMES))
     ap.add_argument("--name", default="lab_hetero")
     ap.add_argument("--keep-up", action="store_true", help="leave the lab up afterwards")
@@ -151,7 +159,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
 
 def main(argv: list[str] | None = None) -> int:
     args, ap, rate_scales = _parse_args(argv)
-    workload = Workload(requests=args.requests)
+    workload = Workload(trace=args.trace, requests=args.requests, max_input_tokens=args.max_input_tokens,
+                        max_output_tokens=args.max_output_tokens, slo_ttft_ms=args.slo_ttft_ms,
+                        slo_tpot_ms=args.slo_tpot_ms)
     lab = load_lab(args.lab)
     if args.profiles:
         missing = [t for t in lab.device_types if not (Path(args.profiles) / f"{t}.json").exists()]
