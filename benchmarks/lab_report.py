@@ -24,7 +24,7 @@ def report_markdown(result: dict, target: float, throughput_at_slo, relative_err
     baselines = {n: v for n, v in at_slo.items() if n != OURS}
     best_name = max(baselines, key=baselines.get) if baselines else None
     lines = [
-        f"Lab `{result['lab']['name']}`: {len(result['lab']['hosts'])} hosts; trace `{w['trace']}`, "
+        f"Lab `{result['lab']['name']}`: {len(result['lab']['hosts'])} hosts; trace `{w.get('trace', 'azure-conv')}`, "
         f"{w['requests']} requests per rate from {w['start_s']:g} s, prompts <= {w['max_input_tokens']} and outputs "
         f"<= {w['max_output_tokens']} tokens; SLO TTFT {w['slo_ttft_ms']:g} ms, TPOT {w['slo_tpot_ms']:g} ms; "
         f"throughput at SLO = highest measured req/s at a rate with >= {target:.0%} attainment "

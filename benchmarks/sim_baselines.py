@@ -49,7 +49,7 @@ def decode_batch(group: SimGroup, costs: SimCosts, w: MeanLengths) -> int:
 def prefill_capacity_rps(group: SimGroup, costs: SimCosts, w: MeanLengths) -> float:
     n = max(1, int(group.max_prefill_tokens // max(w.input_tokens, 1)))
     s = int(w.input_tokens)
-    _, busy = costs.prefill_batch_s(group, n * s, n * s * s)
+    _, busy = costs.prefill_batch_s(group, n * s, n * s * s, own_step=True)
     return n / busy
 
 

@@ -247,19 +247,26 @@ def pass_overhead_s(stages: Sequence[Stage], phase: str) -> float:
     return max(gpu_pass_overhead_s(st.gpu, phase) for st in stages)
 
 
-def prefill_pass(model: ModelSpec, stages: Sequence[Stage], tokens: float, sq_tokens: float) -> tuple[float, float]:
+def prefill_pass(model: ModelSpec, stages: Sequence[Stage], tokens: float, sq_tokens: float,
+                 own_step: bool = False) -> tuple[float, float]:
     """(latency, service) seconds of one prefill pass over ``tokens`` prompt tokens through a pipeline.
 
     Latency: every stage and hop in turn plus the per-pass overhead. Service: how often the pipeline
     accepts a new pass, its slowest stage or hop (a stage computes while the link carries the previous
-    activations); the overhead is host-side work (scheduling, input preparation) that the engine
-    overlaps with the previous pass's GPU work, so it adds latency but not service time.
+    activations); the overhead is host-side work (scheduling, input preparation) that a GPU engine
+    overlaps with the previous pass's GPU work, so it adds latency but not service time. Where the
+    same cores do both (``host_work_overlaps`` false: a CPU, a lab device) a pass that is a step of
+    its own (``own_step``: a prefill worker's) pays its overhead in service time too; one that rides
+    on a decode step (colocated) does not, the step's own overhead is charged by ``decode_step``.
+    On the lab, service without it predicted a SLOW prefill worker's capacity ~1.6x too high
+    (README, "Heterogeneous lab").
     """
     times = [float(prefill_stage_time(model, tokens, sq_tokens, st.gpu, st.tp, st.layers, st.first, st.last,
                                       st.intra_bandwidth_bytes_per_s, st.intra_latency_s)) for st in stages]
     hops = [st.hop_s(activation_bytes(model, tokens)) for st in stages]
     overhead = pass_overhead_s(stages, "prefill")
-    return sum(times) + sum(hops) + overhead, max(times + hops)
+    serial = overhead if own_step and not all(st.gpu.host_work_overlaps for st in stages) else 0.0
+    return sum(times) + sum(hops) + overhead, max(times + hops) + serial
 
 
 def decode_step(model: ModelSpec, stages: Sequence[Stage], batch: float, context_tokens: float) -> float:

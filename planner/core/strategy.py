@@ -217,15 +217,16 @@ class GroupEvaluator:
         ]
 
     def _prefill_pass(self, group: Group, tp: int, slots: list[_StageSlot], split: list[int],
-                      tokens: float | None = None) -> tuple[float, float]:
-        """(slowest stage or hop, end-to-end latency) of one prompt through a fixed split: by default the
-        mean prompt's uncached tokens (workload.prefix_hit_fraction), else ``tokens`` all computed."""
+                      tokens: float | None = None, own_step: bool = False) -> tuple[float, float]:
+        """(service, end-to-end latency) of one prompt through a fixed split: by default the mean
+        prompt's uncached tokens (workload.prefix_hit_fraction), else ``tokens`` all computed.
+        own_step: a prefill worker's pass (costmodel.prefill_pass)."""
         wl = self.workload
         stages = self.stages(group, tp, slots, split)
         if tokens is None:
-            latency, service = cm.prefill_pass(self.model, stages, wl.prefill_tokens_mean, wl.prefill_sq_mean)
+            latency, service = cm.prefill_pass(self.model, stages, wl.prefill_tokens_mean, wl.prefill_sq_mean, own_step)
         else:
-            latency, service = cm.prefill_pass(self.model, stages, tokens, tokens**2)
+            latency, service = cm.prefill_pass(self.model, stages, tokens, tokens**2, own_step)
         return service, latency
 
     def _prefill(self, group: Group, tp: int, slots: list[_StageSlot]) -> PhasePerf | None:
@@ -235,7 +236,7 @@ class GroupEvaluator:
             return None
         split = found[1]
         wl = self.workload
-        service, latency = self._prefill_pass(group, tp, slots, split)
+        service, latency = self._prefill_pass(group, tp, slots, split, own_step=True)
         # Feasibility at the tail: the SLO's percentile prompt must finish, queue and hand over its KV in time.
         tail = wl.input_tail
         # The tail prompt is computed whole (a full miss), even when the mean prompt hits the prefix cache.

@@ -32,8 +32,9 @@ class AnalyticCosts:
     model: ModelSpec
     context_bucket_tokens: int = 256  # decode steps are cached per context bucket
 
-    def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int) -> tuple[float, float]:
-        return costmodel.prefill_pass(self.model, group.stages, float(sum_tokens), float(sum_sq_tokens))
+    def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int,
+                        own_step: bool = False) -> tuple[float, float]:
+        return costmodel.prefill_pass(self.model, group.stages, float(sum_tokens), float(sum_sq_tokens), own_step)
 
     def decode_step_s(self, group: SimGroup, batch: int, sum_context_tokens: int) -> float:
         bucket = self.context_bucket_tokens
@@ -84,8 +85,9 @@ class ProfileCosts:
                 raise ValueError(f"{path}: profile has no {key!r} list; see planner.sim.costs.ProfileCosts")
         return cls.from_points(data["prefill"], data["decode"])
 
-    def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int) -> tuple[float, float]:
-        a, b, c = self.prefill_coef
+    def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int,
+                        own_step: bool = False) -> tuple[float, float]:
+        a, b, c = self.prefill_coef  # measured end to end: busy is the whole latency either way
         t = max(self.prefill_floor_s, a + b * sum_tokens + c * sum_sq_tokens)
         return t, t
 

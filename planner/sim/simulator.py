@@ -268,7 +268,7 @@ class Simulation:
         for req in batch:
             self._count_prompt_work(req, Role.PREFILL)
         sq = sum(r.compute_sq for r in batch)
-        latency_s, busy_s = self.costs.prefill_batch_s(st.group, tokens, sq)
+        latency_s, busy_s = self.costs.prefill_batch_s(st.group, tokens, sq, own_step=True)
         st.busy = True
         self._at(self.now + latency_s, self._prefill_done, batch)
         self._at(self.now + busy_s, self._start_prefill, st)

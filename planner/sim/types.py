@@ -96,11 +96,14 @@ class SimFleet:
 
 
 class SimCosts(Protocol):
-    def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int) -> tuple[float, float]:
+    def prefill_batch_s(self, group: SimGroup, sum_tokens: int, sum_sq_tokens: int,
+                        own_step: bool = False) -> tuple[float, float]:
         """(latency, busy) of one prefill forward pass over a batch of prompts.
 
         latency: from start to the KV being ready; busy: until the group can
-        start the next batch (smaller than latency for a pipeline).
+        start the next batch (smaller than latency for a pipeline). own_step:
+        a prefill group's pass, not one riding on a decode step
+        (costmodel.prefill_pass).
         """
 
     def decode_step_s(self, group: SimGroup, batch: int, sum_context_tokens: int) -> float:

@@ -49,6 +49,10 @@ class GpuSpec:
     decode_overhead_ms: float = 2.0
     fitted: CostCoefficients | None = None
     price_source: str = ""  # where price_per_hour comes from: offer, address, date seen (catalog), or "cluster file"
+    # The engine overlaps its host-side work per pass (scheduling, input preparation, the request's own
+    # handling) with the device's compute: true for GPUs; false where the same cores do both (a CPU, a
+    # lab device), so a prefill worker's pass costs its overhead in throughput too (costmodel.prefill_pass).
+    host_work_overlaps: bool = True
 
     @property
     def cost_form(self) -> str:
@@ -85,7 +89,7 @@ _OPTIONAL = {
 }
 COST_FORMS = ("fitted", "roofline")
 _ROOFLINE_ONLY = ("mfu", "mbu", "prefill_overhead_ms", "decode_overhead_ms")
-GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes", "cost_form", "price_source"}
+GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes", "cost_form", "price_source", "host_work_overlaps"}
 PRICE_SOURCE_FIELDS = frozenset({"offer", "url", "seen", "via"})
 
 
@@ -113,6 +117,8 @@ def _read_values(f: Fields, base: GpuSpec | None) -> dict[str, Any]:
     values["fitted"] = load_cost_coefficients() if form == "fitted" else None
     if f.has("price_source"):
         values["price_source"] = _price_source(f)
+    if f.has("host_work_overlaps"):
+        values["host_work_overlaps"] = f.boolean("host_work_overlaps")
     for key in _REQUIRED + tuple(_OPTIONAL):
         if f.has(key):
             if key in ("mfu", "mbu"):

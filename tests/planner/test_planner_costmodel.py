@@ -76,3 +76,19 @@ def test_the_fitted_decode_step_grows_with_the_batch_and_splits_across_stages():
               for first, last in ((True, False), (False, True))]
     assert sum(halves) == pytest.approx(cm.decode_stage_time(L70, 1100, H100_FITTED, 2, 80, 8, True, True,
                                                              450e9, 5e-6))
+
+
+def test_a_prefill_worker_on_cores_that_also_do_its_host_work_pays_the_overhead_in_service_time():
+    """A GPU overlaps the per-pass host work with compute: service is the compute alone. Where the same
+    cores do both (a CPU, a lab device) a prefill worker's pass (own_step) pays it in service too;
+    a prefill riding on a colocated decode step does not (decode_step charges that step's overhead)."""
+    cpu = default_catalog().resolve("CPU", "t")
+    assert H100.host_work_overlaps and not cpu.host_work_overlaps
+    small = model_preset("Llama-3-8B")
+    for gpu in (H100, cpu):
+        stage = cm.Stage.replica(gpu, 1, small.num_layers)
+        latency, service = cm.prefill_pass(small, [stage], 500, 500**2)
+        own_latency, own_service = cm.prefill_pass(small, [stage], 500, 500**2, own_step=True)
+        overhead = gpu.prefill_overhead_ms / 1e3
+        assert latency == own_latency == pytest.approx(service + overhead)  # one stage: compute + overhead
+        assert own_service == pytest.approx(service + (0.0 if gpu.host_work_overlaps else overhead))

@@ -126,6 +126,8 @@ def test_node_count_expands_and_links_are_resolved():
          "catalog.H100.price_source.seen", "YYYY-MM-DD"),
         (lambda d: d.update(catalog={"H100": {"price_source": {"offer": "x", "url": "u", "seen": "2026-05", "tier": 1}}}),
          "catalog.H100.price_source.tier", "allowed here"),
+        (lambda d: d.update(catalog={"H100": {"host_work_overlaps": "no"}}), "catalog.H100.host_work_overlaps",
+         "true or false"),
         (lambda d: d.update(schema="something.else"), "schema", "hexserve.cluster"),
         (lambda d: d.update(colour="blue"), "colour", "allowed here"),
     ],

@@ -20,7 +20,7 @@ BLOCK = 16  # tokens per hash id in these traces
 class LinearCosts:
     """Prefill proportional to the tokens computed and their attention pairs; decode constant."""
 
-    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens):
+    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens, own_step=False):
         t = 1e-4 * sum_tokens + 1e-8 * sum_sq_tokens + 0.01
         return t, t
 

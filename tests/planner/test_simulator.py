@@ -23,7 +23,7 @@ class ConstCosts:
     def __init__(self, per_request_s=0.0):
         self.per_request_s = per_request_s
 
-    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens):
+    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens, own_step=False):
         return PREFILL_S, PREFILL_S
 
     def decode_step_s(self, group, batch, sum_context_tokens):
@@ -107,7 +107,7 @@ def test_colocated_group_prefills_inside_decode_steps():
 class PipelineCosts(ConstCosts):
     """A two-stage pipeline: a prompt takes 0.2 s through both stages, each stage is busy 0.1 s with it."""
 
-    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens):
+    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens, own_step=False):
         return 2 * PREFILL_S, PREFILL_S
 
 

@@ -113,7 +113,7 @@ def test_distserve_and_colocated_baselines():
 
 
 class _Const:
-    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens):
+    def prefill_batch_s(self, group, sum_tokens, sum_sq_tokens, own_step=False):
         return 0.1, 0.1
 
     def decode_step_s(self, group, batch, sum_context_tokens):
