@@ -1,7 +1,7 @@
 """`python -m planner control` against a real router: it reads the live workload, decides, and flips.
 
 A three-worker cluster (one prefill, two decode CPU workers of the tiny model,
-planned by `planner solve` for short prompts and long answers) serves
+planned by `planner solve` for short prompts and long answers, 64 and 256 tokens) serves
 prompt-heavy traffic (long prompts, 4 output tokens). The controller, run
 once with a dry run and then for real, finds that a decode worker should
 prefill: the dry run only shows the router's diff; the real run flips the
@@ -35,7 +35,7 @@ CLUSTER = {
     "fleet": {"nodes": [{"name": f"cpu{i}", "gpu_type": "CPU", "num_gpus": 1} for i in range(3)]},
     "network": {"inter_node": {"bandwidth_gb_per_s": 1.3, "latency_us": 50}},
     "model": {"preset": "hexserve-tiny-llama"}, "options": {"activation_reserve_gib": 0.25},
-    "workload": {"input_tokens_mean": 64, "output_tokens_mean": 64, "slo": {"ttft_ms": 2000, "tpot_ms": 200}},
+    "workload": {"input_tokens_mean": 64, "output_tokens_mean": 256, "slo": {"ttft_ms": 2000, "tpot_ms": 200}},
 }
 # The CPU catalog entry credits a worker with far more than this machine's shared two cores serve:
 # asking for 20x the observed rate as headroom makes the few requests a test sends matter.
