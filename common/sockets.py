@@ -37,6 +37,8 @@ def tcp_address(endpoint: str) -> tuple[str, int] | None:
     if not endpoint.startswith("tcp://"):
         return None
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} needs a numeric port")
     return host, int(port)
 
 

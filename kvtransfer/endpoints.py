@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 
-from common.sockets import check_endpoint, ipc_path
+from common.sockets import check_endpoint, ipc_path, tcp_address
 from kvtransfer.arrivals import arrivals_dir
 
 
@@ -29,13 +29,11 @@ def rank_endpoint(endpoint: str, rank: int) -> str:
     check_endpoint(endpoint)
     if rank == 0:
         return endpoint
-    if endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://"):].rpartition(":")
-        if not port.isdigit():
-            raise ValueError(f"endpoint {endpoint!r} needs a numeric port for tensor-parallel rank {rank}")
-        if int(port) + rank > 65535:
+    if (address := tcp_address(endpoint)) is not None:  # a port that is not a number is refused there
+        host, port = address
+        if port + rank > 65535:
             raise ValueError(f"endpoint {endpoint!r}: port + rank {rank} is past 65535")
-        return f"tcp://{host}:{int(port) + rank}"
+        return f"tcp://{host}:{port + rank}"
     return f"{endpoint}.rank{rank}"
 
 

@@ -155,7 +155,7 @@ class RayLauncher:
     specs: dict[str, WorkerSpec] = field(default_factory=dict)
     _owns_ray: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)  # restart_dead against retire_workers
-    _liveness: ActorLiveness = field(default_factory=lambda: ActorLiveness())
+    _liveness: ActorLiveness = field(default_factory=ActorLiveness)
 
     def __post_init__(self) -> None:
         import ray
