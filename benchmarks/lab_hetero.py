@@ -37,7 +37,7 @@ from pathlib import Path
 
 from benchmarks.lab_plans import PLAN_NAMES, write_plans
 from common.ports import free_tcp_port
-from common.traces import load_trace
+from common.traces import TraceError, load_trace
 from lab.cluster_file import write_cluster_file
 from lab.launcher import LabError, down, up
 from lab.profile import profile_device_types
@@ -147,6 +147,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
                     help="read back each rate measured by an earlier run of the same plan (from its files) "
                          "instead of serving it again")
     args = ap.parse_args(argv)
+    for flag in ("requests", "max_input_tokens", "max_output_tokens", "slo_ttft_ms", "slo_tpot_ms"):
+        if getattr(args, flag) <= 0:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: give a number above 0")
     try:
         rate_scales = [float(x) for x in args.rate_scales.split(",")]
     except ValueError:
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(trace=args.trace, requests=args.requests, max_input_tokens=args.max_input_tokens,
                         max_output_tokens=args.max_output_tokens, slo_ttft_ms=args.slo_ttft_ms,
                         slo_tpot_ms=args.slo_tpot_ms)
+    try:  # read before the lab comes up: a trace that is not there costs nothing
+        planned_workload = workload.cluster_workload()
+    except TraceError as exc:
+        ap.error(f"--trace: {exc}")
     lab = load_lab(args.lab)
     if args.profiles:
         missing = [t for t in lab.device_types if not (Path(args.profiles) / f"{t}.json").exists()]
@@ -181,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             profiles = profile_device_types(lab, state, work / "profiles")
         lab = dataclasses.replace(lab, profiles=profiles)
-        cluster = write_cluster_file(lab, work / "cluster.json", workload.cluster_workload())
-        plans = write_plans(lab, cluster, workload.cluster_workload(), work / "plans")
+        cluster = write_cluster_file(lab, work / "cluster.json", planned_workload)
+        plans = write_plans(lab, cluster, planned_workload, work / "plans")
         runs = {}
         for name in args.plans.split(","):
             print(f"plan {name}", flush=True)

@@ -62,3 +62,17 @@ def test_report_names_the_best_baseline_ratio():
         r["slo_attainment"] >= 0.9 for r in runs.values()) else 0.0, lambda s, m: (s - m) / m)
     assert "| hexserve | P@h1 | 3.00 | 1.50x |" in text  # hexgen-like met no SLO: vllm-like is the best baseline
     assert "+10 %" in text and "+20 %" in text
+
+
+def test_a_bad_workload_option_is_refused_before_the_lab_comes_up(monkeypatch, capsys):
+    import pytest
+
+    import benchmarks.lab_hetero as lab_hetero
+
+    monkeypatch.setattr(lab_hetero, "up", lambda *a, **k: pytest.fail("the lab came up"))
+    for argv, says in ((["--trace", "no-such-trace"], "--trace: trace 'no-such-trace' not found"),
+                       (["--max-input-tokens", "0"], "--max-input-tokens 0: give a number above 0"),
+                       (["--slo-tpot-ms", "-5"], "--slo-tpot-ms -5: give a number above 0")):
+        with pytest.raises(SystemExit) as info:
+            lab_hetero.main(argv)
+        assert info.value.code == 2 and says in capsys.readouterr().err
