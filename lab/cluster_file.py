@@ -46,6 +46,7 @@ def catalog_entries(lab: LabSpec) -> dict[str, dict[str, float]]:
             "mfu": cpu.mfu, "mbu": cpu.mbu,
             "prefill_overhead_ms": cpu.prefill_overhead_ms / scale,
             "decode_overhead_ms": cpu.decode_overhead_ms / scale,
+            "decode_seq_overhead_ms": cpu.decode_seq_overhead_ms / scale,
             "host_work_overlaps": False,  # the worker's host processes run in the device's own quota
         }
     return entries

@@ -21,8 +21,11 @@ from lab.cluster_file import LAB_MODEL_PRESET, write_cluster_file
 from lab.serving import run_in_head, serve_plan
 from lab.spec import LabSpec
 
-# Prompts up to half the tiny model's window, and decode batches past a slow device's KV limit.
-DEFAULT_PROFILE_ARGS = ("--prompt-lengths", "16,64,128,256,512", "--batch-sizes", "1,2,4,8,16")
+# Prompts up to half the tiny model's window, and decode batches past a slow device's KV limit, after a
+# short and a long prompt: two contexts tell a step's per-request cost from its KV reads (one context read
+# the per-request cost as KV and made the simulated TPOT 2-3x the measured one at the trace's contexts).
+DEFAULT_PROFILE_ARGS = ("--prompt-lengths", "16,64,128,256,512", "--batch-sizes", "1,2,4,8,16",
+                        "--decode-prompt-lengths", "32,256")
 
 
 def profile_device_types(lab: LabSpec, state: dict, out_dir: Path,

@@ -84,14 +84,22 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise PlanInputError(flag, f"is {text!r}; give whole numbers separated by commas, e.g. 1,2,4") from None
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(
         url=args.url,
         gpu_type=args.gpu_type,
         model_name=args.served_model,
-        prompt_lengths=tuple(int(x) for x in args.prompt_lengths.split(",")),
-        batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
+        prompt_lengths=_int_list(args.prompt_lengths, "--prompt-lengths"),
+        batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"),
         decode_tokens=args.decode_tokens,
+        decode_prompt_lengths=_int_list(args.decode_prompt_lengths, "--decode-prompt-lengths"),
         repeats=args.repeats,
         tp=args.tp,
         timeout_s=args.timeout,
@@ -109,7 +117,7 @@ def print_fit(profile: Profile, cluster_path: str | None = None) -> int:
     fit = fit_profile(profile, spec)
     print(f"fitted for {spec.name}: mfu {fit.mfu:.4f}, mbu {fit.mbu:.4f}, prefill overhead "
           f"{fit.prefill_overhead_ms:.2f} ms (R^2 {fit.prefill_r2:.3f}), decode overhead "
-          f"{fit.decode_overhead_ms:.2f} ms (R^2 {fit.decode_r2:.3f})")
+          f"{fit.decode_overhead_ms:.2f} ms + {fit.decode_seq_overhead_ms:.2f} ms per request (R^2 {fit.decode_r2:.3f})")
     print(json.dumps({"catalog": {spec.name: {k: round(v, 6) for k, v in fit.coefficients().items()}}}))
     return 0
 
@@ -170,6 +178,9 @@ def _add_profile_parser(sub) -> None:
     p.add_argument("--prompt-lengths", default="16,64,128,256,384")
     p.add_argument("--batch-sizes", default="1,2,4,8")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-prompt-lengths", default="32",
+                   help="prompt lengths to decode after; two or more fit a step's per-request cost apart from "
+                        "its KV reads (e.g. 32,256)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0)

@@ -7,9 +7,14 @@ fresh random ids, so prefix caching cannot shorten a measurement.
 
 - Prefill: for each prompt length, ``max_tokens=1`` requests one at a time;
   the latency is send to its one token (prefill, one sampling step, HTTP).
-- Decode: for each batch size B, B concurrent streaming requests with
-  ``ignore_eos`` generate a fixed number of tokens; the step time is the
-  median gap between a request's consecutive tokens while all B run.
+- Decode: for each prompt length of ``decode_prompt_lengths`` and each batch
+  size B, B concurrent streaming requests with ``ignore_eos`` generate a
+  fixed number of tokens; the step time is the median gap between a
+  request's consecutive tokens while all B run. Two prompt lengths or more
+  let the fit tell a step's per-request cost from its KV reads
+  (``planner.spec.calibration``). At a longer prompt, a batch whose
+  requests never all run at once (their KV does not fit the server's cache)
+  is left out, and said so; at the first, it stops the profile.
 
 Requests go through the load test's streaming client (``loadtest.client``), so
 a profile and a load-test run count tokens by the same rule.
@@ -45,7 +50,7 @@ class ProfileSettings:
     prompt_lengths: tuple[int, ...] = (16, 64, 128, 256, 384)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     decode_tokens: int = 32
-    decode_prompt_tokens: int = 32
+    decode_prompt_lengths: tuple[int, ...] = (32,)
     repeats: int = 3
     tp: int = 1
     timeout_s: float = 120.0
@@ -58,6 +63,8 @@ class ProfileSettings:
             raise PlanInputError("--batch-sizes", "give at least two distinct batch sizes >= 1")
         if self.decode_tokens < 4:
             raise PlanInputError("--decode-tokens", "must be >= 4 (the first gaps are dropped)")
+        if not self.decode_prompt_lengths or min(self.decode_prompt_lengths) < 1:
+            raise PlanInputError("--decode-prompt-lengths", "give one prompt length >= 1 or more")
         if self.repeats < 1:
             raise PlanInputError("--repeats", "must be >= 1")
 
@@ -121,16 +128,29 @@ async def measure(settings: ProfileSettings, vocab_size: int) -> tuple[list[Pref
         for length in sorted(set(settings.prompt_lengths)):
             runs = [await prober.prefill_latency_ms(length) for _ in range(settings.repeats)]
             prefill.append(PrefillSample(length, statistics.median(runs)))
-        decode = [await _decode_sample(prober, settings, batch) for batch in sorted(set(settings.batch_sizes))]
+        decode = []
+        lengths = sorted(set(settings.decode_prompt_lengths))
+        for prompt_tokens in lengths:
+            for batch in sorted(set(settings.batch_sizes)):
+                sample = await _decode_sample(prober, settings, prompt_tokens, batch)
+                if sample is not None:
+                    decode.append(sample)
+                elif prompt_tokens == lengths[0]:
+                    raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
+                else:
+                    print(f"decode at {prompt_tokens}-token prompts: batch {batch} never ran all at once "
+                          "(its KV does not fit the server's cache?); left out", flush=True)
         return prefill, decode, model
 
 
-async def _decode_sample(prober: Prober, settings: ProfileSettings, batch: int) -> DecodeSample:
-    """Median gap between a request's consecutive tokens while all ``batch`` requests generate."""
+async def _decode_sample(prober: Prober, settings: ProfileSettings, prompt_tokens: int,
+                         batch: int) -> DecodeSample | None:
+    """Median gap between a request's consecutive tokens while all ``batch`` requests generate
+    (None when they never all generate at once)."""
     gaps: list[float] = []
     for _ in range(settings.repeats):
         streams = await asyncio.gather(
-            *(prober.token_times(settings.decode_prompt_tokens, settings.decode_tokens) for _ in range(batch))
+            *(prober.token_times(prompt_tokens, settings.decode_tokens) for _ in range(batch))
         )
         # Only the window in which every request of the batch is generating.
         start = max(ts[1] for ts in streams if len(ts) > 1)
@@ -138,8 +158,8 @@ async def _decode_sample(prober: Prober, settings: ProfileSettings, batch: int) 
         for ts in streams:
             gaps += [b - a for a, b in zip(ts, ts[1:]) if a >= start and b <= end]
     if not gaps:
-        raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
-    context = settings.decode_prompt_tokens + settings.decode_tokens / 2
+        return None
+    context = prompt_tokens + settings.decode_tokens / 2
     return DecodeSample(batch, context, statistics.median(gaps) * 1e3)
 
 

@@ -241,6 +241,12 @@ def gpu_pass_overhead_s(gpu: GpuSpec, phase: str) -> float:
     return getattr(gpu, f"{phase}_overhead_ms") / 1e3
 
 
+def gpu_request_overhead_s(gpu: GpuSpec) -> float:
+    """A GPU type's host cost per request per decode step: the roofline form's ``decode_seq_overhead_ms``
+    (the fitted form has its own sequences x layers term)."""
+    return 0.0 if gpu.fitted is not None else gpu.decode_seq_overhead_ms / 1e3
+
+
 def pass_overhead_s(stages: Sequence[Stage], phase: str) -> float:
     """Fixed per-pass cost (scheduling, launches) of a group: its slowest GPU type's, charged once per pass.
     ``phase`` is "prefill" or "decode"."""
@@ -274,7 +280,7 @@ def decode_step(model: ModelSpec, stages: Sequence[Stage], batch: float, context
 
     With ``pp`` stages the batch runs as ``m = min(pp, batch)`` micro-batches in flight (vLLM's virtual
     engines): a token waits for the slower of one round trip through the pipeline and ``m`` turns of the
-    busiest stage. The per-step overhead is paid once per step.
+    busiest stage. The per-step overhead is paid once per step, the per-request one once per request.
     """
     m = max(1.0, min(float(len(stages)), float(batch)))
     micro = batch / m
@@ -282,7 +288,8 @@ def decode_step(model: ModelSpec, stages: Sequence[Stage], batch: float, context
                                       st.intra_bandwidth_bytes_per_s, st.intra_latency_s)) for st in stages]
     hops = [st.hop_s(activation_bytes(model, micro)) for st in stages]
     round_trip = sum(times) + sum(hops)
-    return max(round_trip, m * max(times + hops)) + pass_overhead_s(stages, "decode")
+    per_request = max(gpu_request_overhead_s(st.gpu) for st in stages)
+    return max(round_trip, m * max(times + hops)) + pass_overhead_s(stages, "decode") + batch * per_request
 
 
 def kv_alloc_tokens(workload: Workload) -> float:

@@ -5,11 +5,21 @@ for several prompt lengths and decode step times for several batch sizes,
 measured on one GPU type with one model. The cost model predicts
 
     prefill latency = overhead_p + FLOPs(prompt) / (tp * peak * mfu)
-    decode step     = overhead_d + bytes read(batch) / (tp * bandwidth * mbu)
+    decode step     = overhead_d + batch * per_request + bytes read(batch, context) / (tp * bandwidth * mbu)
 
 so a least-squares line through (FLOPs, latency) gives ``mfu`` and the
-prefill overhead, and one through (bytes, step) gives ``mbu`` and the decode
-overhead. Fitted efficiencies are clamped to (0, 1]; the fit's R^2 is kept.
+prefill overhead, and a least-squares plane through (batch, bytes, step)
+gives ``mbu``, the decode overhead and the per-request host cost
+(``decode_seq_overhead_ms``). Every coefficient is kept >= 0; fitted
+efficiencies are clamped to (0, 1]; the fit's R^2 is kept.
+
+The per-request term is fitted only when the decode samples span two context
+lengths or more: at one context the bytes a batch reads grow exactly with
+the batch, so its cost cannot be told apart from the KV reads, and all of it
+is charged to the bytes (as before the term existed). That misattribution
+is what made the lab's calibrated decode steps 2-3x too slow at the trace's
+contexts (README, "Heterogeneous lab"): on a CPU a small model's step grows
+with the requests it handles, not with the KV it reads.
 
 The fit sits with the inputs rather than in ``planner.core``: a cluster file's
 ``calibration`` list is applied while the file is read (``apply_profile_files``,
@@ -35,6 +45,7 @@ class Fit:
     mbu: float
     prefill_overhead_ms: float
     decode_overhead_ms: float
+    decode_seq_overhead_ms: float
     prefill_r2: float
     decode_r2: float
 
@@ -44,6 +55,7 @@ class Fit:
             "mbu": self.mbu,
             "prefill_overhead_ms": self.prefill_overhead_ms,
             "decode_overhead_ms": self.decode_overhead_ms,
+            "decode_seq_overhead_ms": self.decode_seq_overhead_ms,
         }
 
 
@@ -57,34 +69,52 @@ def decode_bytes(model: ModelSpec, batch: int, context_tokens: float) -> float:
     return model.decode_bytes(model.num_layers, batch, context_tokens, last=True)
 
 
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares y = a + b x with a >= 0, b > 0; returns (a, b, r2)."""
-    design = np.stack([np.ones_like(x), x], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
-    if a < 0 or b <= 0:
-        a = 0.0
-        b = float(np.dot(x, y) / np.dot(x, x))
-    pred = a + b * x
+def _nonnegative_fit(y: np.ndarray, rate: np.ndarray, extra: np.ndarray | None = None) -> tuple[float, float, float, float]:
+    """Least squares ``y = a + b * rate (+ c * extra)`` with a, c >= 0 and b > 0; returns (a, b, c, r2).
+
+    Each subset of the optional terms (``a``, ``c``) is solved and the best fit whose coefficients
+    are all in range is kept; through the origin on ``rate`` alone is always in range."""
+    best: tuple[float, float, float, float] | None = None
+    subsets = [(True, True), (False, True), (True, False), (False, False)] if extra is not None else \
+        [(True, False), (False, False)]
+    for with_a, with_c in subsets:
+        columns = [np.ones_like(rate)] if with_a else []
+        columns += [rate] + ([extra] if with_c else [])
+        solution, *_ = np.linalg.lstsq(np.stack(columns, axis=1), y, rcond=None)
+        values = list(solution)
+        a = values.pop(0) if with_a else 0.0
+        b = values.pop(0)
+        c = values.pop(0) if with_c else 0.0
+        if a < 0 or b <= 0 or c < 0:
+            continue
+        sse = float(np.sum((y - a - b * rate - c * (extra if with_c else 0.0)) ** 2))
+        if best is None or sse < best[3]:
+            best = (float(a), float(b), float(c), sse)
+    if best is None:  # no subset keeps b > 0 (y falls as rate grows): the origin line, clamped
+        b = max(float(np.dot(rate, y) / np.dot(rate, rate)), 1e-30)
+        best = (0.0, b, 0.0, float(np.sum((y - b * rate) ** 2)))
     ss = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1 - float(np.sum((y - pred) ** 2)) / ss if ss > 0 else 1.0
-    return float(a), float(b), r2
+    return best[0], best[1], best[2], 1 - best[3] / ss if ss > 0 else 1.0
 
 
 def fit_profile(profile: Profile, spec: GpuSpec) -> Fit:
     model, tp = profile.model, profile.tp
     x = np.array([prefill_flops(model, s.prompt_tokens) for s in profile.prefill])
     y = np.array([s.latency_ms / 1e3 for s in profile.prefill])
-    a_p, b_p, r2_p = _line(x, y)
+    a_p, b_p, _, r2_p = _nonnegative_fit(y, x)
     mfu = 1 / (b_p * tp * spec.peak_bf16_tflops * 1e12)
     x = np.array([decode_bytes(model, s.batch, s.context_tokens) for s in profile.decode])
     y = np.array([s.step_ms / 1e3 for s in profile.decode])
-    a_d, b_d, r2_d = _line(x, y)
+    contexts = {s.context_tokens for s in profile.decode}
+    batch = np.array([float(s.batch) for s in profile.decode]) if len(contexts) > 1 else None
+    a_d, b_d, per_request, r2_d = _nonnegative_fit(y, x, batch)
     mbu = 1 / (b_d * tp * spec.memory_bandwidth_gb_per_s * GB)
     return Fit(
         mfu=float(min(mfu, 1.0)),
         mbu=float(min(mbu, 1.0)),
         prefill_overhead_ms=a_p * 1e3,
         decode_overhead_ms=a_d * 1e3,
+        decode_seq_overhead_ms=per_request * 1e3,
         prefill_r2=r2_p,
         decode_r2=r2_d,
     )

@@ -47,6 +47,9 @@ class GpuSpec:
     mbu: float = 0.75
     prefill_overhead_ms: float = 5.0
     decode_overhead_ms: float = 2.0
+    # Host work per request per decode step (scheduling, sampling, output processing, streaming): what makes
+    # a small model's step grow with the batch on a CPU where its KV reads cannot (planner.spec.calibration).
+    decode_seq_overhead_ms: float = 0.0
     fitted: CostCoefficients | None = None
     price_source: str = ""  # where price_per_hour comes from: offer, address, date seen (catalog), or "cluster file"
     # The engine overlaps its host-side work per pass (scheduling, input preparation, the request's own
@@ -86,9 +89,10 @@ _OPTIONAL = {
     "mbu": 0.75,
     "prefill_overhead_ms": 5.0,
     "decode_overhead_ms": 2.0,
+    "decode_seq_overhead_ms": 0.0,
 }
 COST_FORMS = ("fitted", "roofline")
-_ROOFLINE_ONLY = ("mfu", "mbu", "prefill_overhead_ms", "decode_overhead_ms")
+_ROOFLINE_ONLY = ("mfu", "mbu", "prefill_overhead_ms", "decode_overhead_ms", "decode_seq_overhead_ms")
 GPU_FIELDS = frozenset(_REQUIRED) | frozenset(_OPTIONAL) | {"notes", "cost_form", "price_source", "host_work_overlaps"}
 PRICE_SOURCE_FIELDS = frozenset({"offer", "url", "seen", "via"})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,10 +33,11 @@ TRUE_MFU, PREFILL_OVERHEAD_S = 0.03, 0.005
 TRUE_BW, DECODE_OVERHEAD_S = 0.4e9, 0.002  # effective bytes/s: the catalog's 20 GB/s * mbu 0.02
 
 
-def simulated_app() -> FastAPI:
-    """Answers like vLLM, with latencies the cost model's own formulas predict for known coefficients."""
+def simulated_app(kv_tokens: int | None = None) -> FastAPI:
+    """Answers like vLLM, with latencies the cost model's own formulas predict for known coefficients;
+    with ``kv_tokens``, a request waits until its prompt and output fit the cache beside the running ones."""
     app = FastAPI()
-    active = {"n": 0}
+    active = {"n": 0, "kv": 0}
 
     @app.get("/v1/models")
     async def models():
@@ -50,7 +52,11 @@ def simulated_app() -> FastAPI:
             return JSONResponse({"choices": [{"text": "x", "index": 0}]})
 
         async def stream():
+            need = n + body["max_tokens"]
+            while kv_tokens is not None and active["kv"] + need > kv_tokens:
+                await asyncio.sleep(0.002)
             active["n"] += 1
+            active["kv"] += need
             try:
                 for k in range(body["max_tokens"]):
                     if k:
@@ -60,6 +66,7 @@ def simulated_app() -> FastAPI:
                 yield "data: [DONE]\n\n"
             finally:
                 active["n"] -= 1
+                active["kv"] -= need
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -87,6 +94,20 @@ def test_profile_recovers_known_coefficients(tmp_path):
     assert [s.prompt_tokens for s in again.prefill] == [s.prompt_tokens for s in profile.prefill]
     assert [s.latency_ms for s in again.prefill] == pytest.approx([s.latency_ms for s in profile.prefill], abs=1e-3)
     assert again.model.num_layers == TINY.num_layers
+
+
+def test_decode_at_two_prompt_lengths_leaves_out_a_batch_the_cache_cannot_hold(capsys):
+    with ThreadedServer(simulated_app(kv_tokens=400)) as server:
+        settings = ProfileSettings(url=server.url, gpu_type="CPU", prompt_lengths=(16, 64), batch_sizes=(1, 4),
+                                   decode_tokens=8, decode_prompt_lengths=(16, 120), repeats=1)
+        profile = run_profile(settings, preset="hexserve-tiny-llama")
+    # 4 x (120 + 8) tokens do not fit 400: that batch never runs all at once, and is said to be left out.
+    assert [(s.batch, s.context_tokens) for s in profile.decode] == [(1, 20.0), (4, 20.0), (1, 124.0)]
+    assert "decode at 120-token prompts: batch 4 never ran all at once" in capsys.readouterr().out
+    with ThreadedServer(simulated_app(kv_tokens=80)) as server:  # at the first length it stops the profile
+        settings = dataclasses.replace(settings, url=server.url, decode_prompt_lengths=(16,))
+        with pytest.raises(PlanInputError, match="batch 4: no overlapping decode window"):
+            run_profile(settings, preset="hexserve-tiny-llama")
 
 
 def test_calibration_file_changes_the_catalog_used_by_the_plan(tmp_path):
