@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.sockets import tcp_address
+
 # vLLM's CPU backend sizes its KV cache from this variable (GiB), not from
 # gpu_memory_utilization. 1 GiB holds thousands of tokens of the tiny model.
 DEFAULT_CPU_KVCACHE_GIB = 1
@@ -107,9 +109,8 @@ def events_bind_endpoint(endpoint: str) -> str:
     to a TCP endpoint that names a host (ZmqEventPublisher._is_bind_endpoint),
     so tcp://10.0.0.5:7000 is bound as tcp://*:7000.
     """
-    if endpoint.startswith("tcp://"):
-        return "tcp://*:" + endpoint.rsplit(":", 1)[1]
-    return endpoint
+    address = tcp_address(endpoint)
+    return endpoint if address is None else f"tcp://*:{address[1]}"
 
 
 def cpu_binding(ranks: int) -> str:

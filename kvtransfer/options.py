@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from common.sockets import check_endpoint
+from common.sockets import check_endpoint, tcp_address
 from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM, MAX_CHUNK_BYTES
 
 CONNECTOR_NAME = "HexKVConnector"
@@ -87,9 +87,10 @@ def link_checksum(option: str, endpoint: str) -> str:
     """
     if option != "auto":
         return option
-    if endpoint.startswith("ipc://"):
+    address = tcp_address(endpoint)
+    if address is None:  # ipc://: a Unix socket
         return "none"
-    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    host = address[0].strip("[]")
     if host == "localhost":
         return "none"
     try:

@@ -10,8 +10,9 @@ measured on one GPU type with one model. The cost model predicts
 so a least-squares line through (FLOPs, latency) gives ``mfu`` and the
 prefill overhead, and a least-squares plane through (batch, bytes, step)
 gives ``mbu``, the decode overhead and the per-request host cost
-(``decode_seq_overhead_ms``). Every coefficient is kept >= 0; fitted
-efficiencies are clamped to (0, 1]; the fit's R^2 is kept.
+(``decode_seq_overhead_ms``). Every coefficient is kept >= 0 and every
+efficiency <= 1 (a fit faster than the peak keeps the peak and refits the
+rest); the fit's R^2 is kept.
 
 The per-request term is fitted only when the decode samples span two context
 lengths or more: at one context the bytes a batch reads grow exactly with
@@ -28,6 +29,7 @@ called by ``planner.spec.cluster``), and the inputs layer never imports the core
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,49 +71,44 @@ def decode_bytes(model: ModelSpec, batch: int, context_tokens: float) -> float:
     return model.decode_bytes(model.num_layers, batch, context_tokens, last=True)
 
 
-def _nonnegative_fit(y: np.ndarray, rate: np.ndarray, extra: np.ndarray | None = None) -> tuple[float, float, float, float]:
-    """Least squares ``y = a + b * rate (+ c * extra)`` with a, c >= 0 and b > 0; returns (a, b, c, r2).
+def _bounded_fit(y: np.ndarray, rate: np.ndarray, min_rate: float,
+                 extra: np.ndarray | None = None) -> tuple[float, float, float, float]:
+    """Least squares ``y = a + b * rate (+ c * extra)`` with a >= 0, b >= min_rate, c >= 0; returns
+    (a, b, c, r2).
 
-    Each subset of the optional terms (``a``, ``c``) is solved and the best fit whose coefficients
-    are all in range is kept; through the origin on ``rate`` alone is always in range."""
-    best: tuple[float, float, float, float] | None = None
-    subsets = [(True, True), (False, True), (True, False), (False, False)] if extra is not None else \
-        [(True, False), (False, False)]
-    for with_a, with_c in subsets:
-        columns = [np.ones_like(rate)] if with_a else []
-        columns += [rate] + ([extra] if with_c else [])
-        solution, *_ = np.linalg.lstsq(np.stack(columns, axis=1), y, rcond=None)
-        values = list(solution)
-        a = values.pop(0) if with_a else 0.0
-        b = values.pop(0)
-        c = values.pop(0) if with_c else 0.0
-        if a < 0 or b <= 0 or c < 0:
-            continue
-        sse = float(np.sum((y - a - b * rate - c * (extra if with_c else 0.0)) ** 2))
-        if best is None or sse < best[3]:
-            best = (float(a), float(b), float(c), sse)
-    if best is None:  # no subset keeps b > 0 (y falls as rate grows): the origin line, clamped
-        b = max(float(np.dot(rate, y) / np.dot(rate, rate)), 1e-30)
-        best = (0.0, b, 0.0, float(np.sum((y - b * rate) ** 2)))
+    ``min_rate`` is the time per unit at the device's peak (efficiency 1): a fit that would run faster
+    than the peak keeps the peak and puts the rest in the other terms. Each subset of the terms above
+    their bounds is solved on what the bounds leave, and the best fit within the bounds is kept."""
+    residual = y - min_rate * rate
+    columns = {"a": np.ones_like(rate), "b": rate, **({"c": extra} if extra is not None else {})}
+    best: tuple[dict[str, float], float] = ({}, float(np.sum(residual**2)))  # every term at its bound
+    for k in range(1, len(columns) + 1):
+        for names in itertools.combinations(columns, k):
+            solution, *_ = np.linalg.lstsq(np.stack([columns[n] for n in names], axis=1), residual, rcond=None)
+            if min(solution) < 0:
+                continue
+            sse = float(np.sum((residual - sum(v * columns[n] for n, v in zip(names, solution))) ** 2))
+            if sse < best[1]:
+                best = (dict(zip(names, map(float, solution))), sse)
+    terms, sse = best
     ss = float(np.sum((y - y.mean()) ** 2))
-    return best[0], best[1], best[2], 1 - best[3] / ss if ss > 0 else 1.0
+    return terms.get("a", 0.0), min_rate + terms.get("b", 0.0), terms.get("c", 0.0), 1 - sse / ss if ss > 0 else 1.0
 
 
 def fit_profile(profile: Profile, spec: GpuSpec) -> Fit:
     model, tp = profile.model, profile.tp
+    peak_flops, peak_bytes = tp * spec.peak_bf16_tflops * 1e12, tp * spec.memory_bandwidth_gb_per_s * GB
     x = np.array([prefill_flops(model, s.prompt_tokens) for s in profile.prefill])
     y = np.array([s.latency_ms / 1e3 for s in profile.prefill])
-    a_p, b_p, _, r2_p = _nonnegative_fit(y, x)
-    mfu = 1 / (b_p * tp * spec.peak_bf16_tflops * 1e12)
+    a_p, b_p, _, r2_p = _bounded_fit(y, x, 1 / peak_flops)
     x = np.array([decode_bytes(model, s.batch, s.context_tokens) for s in profile.decode])
     y = np.array([s.step_ms / 1e3 for s in profile.decode])
     contexts = {s.context_tokens for s in profile.decode}
     batch = np.array([float(s.batch) for s in profile.decode]) if len(contexts) > 1 else None
-    a_d, b_d, per_request, r2_d = _nonnegative_fit(y, x, batch)
-    mbu = 1 / (b_d * tp * spec.memory_bandwidth_gb_per_s * GB)
+    a_d, b_d, per_request, r2_d = _bounded_fit(y, x, 1 / peak_bytes, batch)
     return Fit(
-        mfu=float(min(mfu, 1.0)),
-        mbu=float(min(mbu, 1.0)),
+        mfu=float(min(1 / (b_p * peak_flops), 1.0)),
+        mbu=float(min(1 / (b_d * peak_bytes), 1.0)),
         prefill_overhead_ms=a_p * 1e3,
         decode_overhead_ms=a_d * 1e3,
         decode_seq_overhead_ms=per_request * 1e3,

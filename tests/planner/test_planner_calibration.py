@@ -80,3 +80,14 @@ def test_the_catalog_field_is_checked():
         make_cluster(nodes=[{"gpu_type": "CPU", "num_gpus": 1}], catalog={"CPU": {"decode_seq_overhead_ms": -1}})
     with pytest.raises(PlanInputError, match="is a roofline coefficient"):
         make_cluster(nodes=[{"gpu_type": "H100", "num_gpus": 1}], catalog={"H100": {"decode_seq_overhead_ms": 1}})
+
+
+def test_a_step_that_does_not_grow_with_the_context_keeps_the_peak_bandwidth_and_charges_per_request():
+    """The lab's FAST device: the step grows with the batch, not the context (KV reads do not bind on a CPU)."""
+    document = profile_document((48.0, 272.0))
+    for sample in document["decode"]:
+        sample["step_ms"] = 16.0 + 0.5 * sample["batch"]
+    fit = fit_profile(parse_profile(document), CPU)
+    assert fit.mbu == 1.0  # never faster than the peak: the bytes are charged at it, the rest fitted around
+    assert fit.decode_seq_overhead_ms == pytest.approx(0.5, rel=0.1)  # less the KV bytes read at the peak
+    assert fit.decode_r2 > 0.99
