@@ -52,4 +52,26 @@ def report_markdown(result: dict, target: float, throughput_at_slo, relative_err
                 f"{_pct(relative_error(s.get('request_throughput'), m['request_throughput']))} | "
                 f"{_pct(relative_error(s.get('mean_ttft_ms'), m['mean_ttft_ms']))} | "
                 f"{_pct(relative_error(s.get('mean_tpot_ms'), m['mean_tpot_ms']))} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + error_summary(runs, target, relative_error))
+
+
+def error_summary(runs: dict, target: float, relative_error) -> list[str]:
+    """Mean absolute simulator error per plan: over every rate, and over the rates the plan served within
+    the SLO (where a plan is chosen and run; past it, queues grow without bound on both sides)."""
+    lines = ["Simulator error, mean absolute over the rates (over the rates measured at >= "
+             f"{target:.0%} attainment in brackets); targets 10 % throughput, 25 % TTFT and TPOT:", "",
+             "| plan | throughput | TTFT | TPOT |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        cells = []
+        for key in ("request_throughput", "mean_ttft_ms", "mean_tpot_ms"):
+            pairs = [(relative_error(run["simulated"].get(scale, {}).get(key), m[key]), m.get("slo_attainment") or 0)
+                     for scale, m in run["measured"].items()]
+            every = [abs(e) for e, _ in pairs if e is not None]
+            served = [abs(e) for e, attained in pairs if e is not None and attained >= target]
+            cells.append(f"{_mean_pct(every)} ({_mean_pct(served)})")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
+
+
+def _mean_pct(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):.0f} %" if values else "-"

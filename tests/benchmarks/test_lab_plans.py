@@ -62,6 +62,9 @@ def test_report_names_the_best_baseline_ratio():
         r["slo_attainment"] >= 0.9 for r in runs.values()) else 0.0, lambda s, m: (s - m) / m)
     assert "| hexserve | P@h1 | 3.00 | 1.50x |" in text  # hexgen-like met no SLO: vllm-like is the best baseline
     assert "+10 %" in text and "+20 %" in text
+    # The error summary: over every rate, and (in brackets) over the rates served within the SLO.
+    assert "| hexserve | 10 % (10 %) | 20 % (20 %) | 0 % (0 %) |" in text
+    assert "| hexgen-like | 10 % (-) | 20 % (-) | 0 % (-) |" in text
 
 
 def test_a_bad_workload_option_is_refused_before_the_lab_comes_up(monkeypatch, capsys):
