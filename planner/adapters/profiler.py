@@ -14,7 +14,8 @@ fresh random ids, so prefix caching cannot shorten a measurement.
   let the fit tell a step's per-request cost from its KV reads
   (``planner.spec.calibration``). At a longer prompt, a batch whose
   requests never all run at once (their KV does not fit the server's cache)
-  is left out, and said so; at the first, it stops the profile.
+  is left out with every larger one, and said so; at the first, it stops
+  the profile.
 
 Requests go through the load test's streaming client (``loadtest.client``), so
 a profile and a load-test run count tokens by the same rule.
@@ -129,17 +130,20 @@ async def measure(settings: ProfileSettings, vocab_size: int) -> tuple[list[Pref
             runs = [await prober.prefill_latency_ms(length) for _ in range(settings.repeats)]
             prefill.append(PrefillSample(length, statistics.median(runs)))
         decode = []
-        lengths = sorted(set(settings.decode_prompt_lengths))
+        lengths, batches = sorted(set(settings.decode_prompt_lengths)), sorted(set(settings.batch_sizes))
         for prompt_tokens in lengths:
-            for batch in sorted(set(settings.batch_sizes)):
+            for i, batch in enumerate(batches):
                 sample = await _decode_sample(prober, settings, prompt_tokens, batch)
                 if sample is not None:
                     decode.append(sample)
-                elif prompt_tokens == lengths[0]:
+                    continue
+                if prompt_tokens == lengths[0]:
                     raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
-                else:
-                    print(f"decode at {prompt_tokens}-token prompts: batch {batch} never ran all at once "
-                          "(its KV does not fit the server's cache?); left out", flush=True)
+                # A larger batch holds more KV still: not sent, rather than timed out batch by batch.
+                left_out = ", ".join(map(str, batches[i:]))
+                print(f"decode at {prompt_tokens}-token prompts: batch sizes {left_out} left out (batch {batch} "
+                      "never ran all at once: its KV does not fit the server's cache?)", flush=True)
+                break
         return prefill, decode, model
 
 

@@ -98,12 +98,14 @@ def test_profile_recovers_known_coefficients(tmp_path):
 
 def test_decode_at_two_prompt_lengths_leaves_out_a_batch_the_cache_cannot_hold(capsys):
     with ThreadedServer(simulated_app(kv_tokens=400)) as server:
-        settings = ProfileSettings(url=server.url, gpu_type="CPU", prompt_lengths=(16, 64), batch_sizes=(1, 4),
+        settings = ProfileSettings(url=server.url, gpu_type="CPU", prompt_lengths=(16, 64), batch_sizes=(1, 4, 6),
                                    decode_tokens=8, decode_prompt_lengths=(16, 120), repeats=1)
         profile = run_profile(settings, preset="hexserve-tiny-llama")
-    # 4 x (120 + 8) tokens do not fit 400: that batch never runs all at once, and is said to be left out.
-    assert [(s.batch, s.context_tokens) for s in profile.decode] == [(1, 20.0), (4, 20.0), (1, 124.0)]
-    assert "decode at 120-token prompts: batch 4 never ran all at once" in capsys.readouterr().out
+    # 4 x (120 + 8) tokens do not fit 400: that batch never runs all at once, and it and the larger one
+    # are said to be left out.
+    assert [(s.batch, s.context_tokens) for s in profile.decode] == [(1, 20.0), (4, 20.0), (6, 20.0), (1, 124.0)]
+    assert ("decode at 120-token prompts: batch sizes 4, 6 left out (batch 4 never ran all at once"
+            in capsys.readouterr().out)
     with ThreadedServer(simulated_app(kv_tokens=80)) as server:  # at the first length it stops the profile
         settings = dataclasses.replace(settings, url=server.url, decode_prompt_lengths=(16,))
         with pytest.raises(PlanInputError, match="batch 4: no overlapping decode window"):
