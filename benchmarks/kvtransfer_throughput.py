@@ -248,6 +248,10 @@ class _Link:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+        from kvtransfer import remove_receiver_files
+
+        for endpoint in (self.raw_ep, self.kv_ep, self.conn_ep):  # ipc socket files were left in /tmp
+            remove_receiver_files(endpoint)
 
 
 def measure(link: _Link, link_name: str, model: str, shape: tuple[int, int, int], tokens: int, repeats: int, min_gb: float) -> dict:

@@ -92,6 +92,11 @@ def cgroup_pids(path: Path) -> list[int]:
     return pids
 
 
+def join_cgroup(path: Path, pid: int | None = None) -> None:
+    """Move process `pid` (default: this one), every thread of it, into the cgroup."""
+    _write(Path(path) / "cgroup.procs", str(pid or os.getpid()))
+
+
 def join_command(command: list[str], path: Path) -> list[str]:
     """`command`, run inside the cgroup: a shell joins it, then execs the command
     (so the pid, and every child, is in the cgroup before the first instruction)."""

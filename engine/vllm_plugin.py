@@ -24,6 +24,11 @@ CPU default) skips, so every pipeline_parallel_size > 1 engine on CPU died on
 its first step (`assert self.intermediate_tensors is not None`). We allocate
 them once the model is loaded, as the GPU runner's dummy run does.
 
+Third, on a lab's emulated device (`HEXSERVE_DEVICE_CGROUP` set, see
+common.emulated_device): the process that loads the model moves itself into
+the device's cgroup, so the device's CPU quota holds the model's passes and
+not the front end's or the engine core's host work.
+
 Registered in pyproject.toml under the `vllm.general_plugins` entry point.
 """
 
@@ -31,12 +36,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 ENV_VAR = "HEXSERVE_VLLM_SPIN_SLEEP_S"
 
 
 def register() -> None:
-    _allocate_pipeline_buffers_on_cpu()
+    _patch_cpu_model_load()
     value = os.environ.get(ENV_VAR)
     if value is None:
         return
@@ -58,7 +64,7 @@ def register() -> None:
     spin.wait = wait
 
 
-def _allocate_pipeline_buffers_on_cpu() -> None:
+def _patch_cpu_model_load() -> None:
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     except ImportError:  # a GPU build of vLLM
@@ -68,6 +74,7 @@ def _allocate_pipeline_buffers_on_cpu() -> None:
     original = CPUModelRunner.load_model
 
     def load_model(self, *args, **kwargs) -> None:
+        _join_device_cgroup()
         original(self, *args, **kwargs)
         from vllm.distributed.parallel_state import get_pp_group
 
@@ -78,3 +85,14 @@ def _allocate_pipeline_buffers_on_cpu() -> None:
 
     load_model._hexserve_patched = True
     CPUModelRunner.load_model = load_model
+
+
+def _join_device_cgroup() -> None:
+    """Into the emulated device's cgroup, when there is one (the model's process only)."""
+    from common.emulated_device import DEVICE_CGROUP_ENV
+
+    path = os.environ.get(DEVICE_CGROUP_ENV)
+    if path:
+        from common.cpu_cgroup import join_cgroup
+
+        join_cgroup(Path(path))

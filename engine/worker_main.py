@@ -163,4 +163,15 @@ def main(command_line: WorkerCommandLine, argv: list[str] | None = None) -> None
         control_endpoint=args.control_endpoint,
         kv_stats_reader=kv_stats_reader(settings),
     )
-    run_worker(server, exit_with_parent=args.exit_with_parent)
+    try:
+        run_worker(server, exit_with_parent=args.exit_with_parent)
+    finally:
+        remove_kv_stats(settings)
+
+
+def remove_kv_stats(settings: EngineSettings) -> None:
+    """The connector's counters files go with the worker (they were left in the temp dir before)."""
+    if settings.kv_transfer_config is not None:
+        from kvtransfer import remove_stats, stats_path
+
+        remove_stats(stats_path(settings.kv_transfer_config))

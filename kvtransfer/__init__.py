@@ -34,7 +34,7 @@ kvtransfer below it, so kvtransfer cannot import them; splitting the paths
 off would leave the connector importing upwards.
 
 Public API (the router and the workers use only these): `connector_config`,
-`stats_path`, `read_stats`, `prefill_params`, `decode_params_from`,
+`stats_path`, `read_stats`, `remove_stats`, `prefill_params`, `decode_params_from`,
 `new_transfer_id`, `prompt_hash`, `rank_endpoint`, `remove_receiver_files`.
 The connector module is imported by vLLM, never at package import.
 """
@@ -42,7 +42,7 @@ The connector module is imported by vLLM, never at package import.
 from kvtransfer.endpoints import rank_endpoint, remove_receiver_files
 from kvtransfer.handoff import decode_params_from, new_transfer_id, prefill_params, prompt_hash
 from kvtransfer.options import connector_config, stats_path
-from kvtransfer.stats import read_stats
+from kvtransfer.stats import read_stats, remove_stats
 
 __all__ = [
     "connector_config",
@@ -52,6 +52,7 @@ __all__ = [
     "prompt_hash",
     "rank_endpoint",
     "read_stats",
+    "remove_stats",
     "remove_receiver_files",
     "stats_path",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 
 from common.sockets import check_endpoint, tcp_address
 from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM, MAX_CHUNK_BYTES
+from kvtransfer.stats import STATS_DIR_PREFIX
 
 CONNECTOR_NAME = "HexKVConnector"
 CONNECTOR_MODULE = "kvtransfer.connector"
@@ -100,7 +101,11 @@ def link_checksum(option: str, endpoint: str) -> str:
 
 
 def default_stats_path(role: str) -> str:
-    return os.path.join(tempfile.gettempdir(), f"hexserve-kvtransfer-{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json")
+    """A file in a folder of its own (made at the first write): reading the
+    counters lists that folder, never the whole temp dir, and the worker
+    removes the folder when it exits (`kvtransfer.stats.remove_stats`)."""
+    folder = f"{STATS_DIR_PREFIX}{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return os.path.join(tempfile.gettempdir(), folder, "counters.json")
 
 
 def connector_config(role: str, listen_endpoint: str | None = None, **options: Any) -> dict[str, Any]:

@@ -50,6 +50,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# The folder `options.default_stats_path` makes for one connector's files;
+# `remove_stats` removes such a folder once it is empty.
+STATS_DIR_PREFIX = "hexserve-kvstats-"
+
 COUNTER_NAMES = (
     "bytes_sent",
     "bytes_received",
@@ -81,6 +85,14 @@ class Stats:
         self._last_flush_s = 0.0
         self._min_interval_s = min_interval_s
         self._write_failing = False  # log a failing file once per streak, not every flush
+        self._written = False  # after one write, a folder that is gone was removed on purpose
+
+    def _write_failed(self) -> None:
+        # Never fail a transfer for its counters; but say so, and count it.
+        if not self._write_failing:
+            logger.warning("kvtransfer: cannot write counters to %s", self.path, exc_info=True)
+        self._write_failing = True
+        self.add("stats_write_failures")  # marks dirty: the next flush tries again
 
     def add(self, name: str, amount: int = 1) -> None:
         if name not in self._values:
@@ -106,15 +118,19 @@ class Stats:
         payload = {"pid": os.getpid(), "time_s": time.time(), **values}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._written:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(payload))
             os.replace(tmp, self.path)
+            self._written = True
+        except FileNotFoundError:
+            if self._written:  # the owner removed the folder (remove_stats): it stopped, so do we
+                self.path = None
+                return
+            self._write_failed()
+            return
         except OSError:
-            # Never fail a transfer for its counters; but say so, and count it.
-            if not self._write_failing:
-                logger.warning("kvtransfer: cannot write counters to %s", self.path, exc_info=True)
-            self._write_failing = True
-            self.add("stats_write_failures")  # marks dirty: the next flush tries again
+            self._write_failed()
             return
         if self._write_failing:
             logger.warning("kvtransfer: counters written to %s again", self.path)
@@ -140,7 +156,7 @@ def read_stats(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     totals = dict.fromkeys(COUNTER_NAMES, 0)
     meta: dict[str, Any] = {}
-    files = [path, *sorted(path.parent.glob(f"{path.name}.rank*")), scheduler_stats_path(path)]
+    files = [path, *_rank_files(path), scheduler_stats_path(path)]
     for index, file in enumerate(files):
         try:
             data = json.loads(file.read_text())
@@ -154,3 +170,28 @@ def read_stats(path: str | os.PathLike) -> dict[str, Any]:
         if index == 0:
             meta = {k: data[k] for k in ("pid", "time_s") if k in data}
     return totals | meta
+
+
+def _rank_files(path: Path) -> list[Path]:
+    """The files of ranks 1.. next to `path`. Read every health ping (twice a
+    second): a folder of the connector's own is listed, not a shared one."""
+    prefix = f"{path.name}.rank"
+    try:
+        names = [entry.name for entry in os.scandir(path.parent) if entry.name.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+    return [path.with_name(name) for name in sorted(names) if name[len(prefix):].isdigit()]
+
+
+def remove_stats(path: str | os.PathLike) -> None:
+    """Remove the counters files of `path` (every rank and the scheduler side),
+    and the folder `default_stats_path` made for them once it is empty. Called
+    by the process that chose the path, when it stops."""
+    path = Path(path)
+    for file in (path, *_rank_files(path), scheduler_stats_path(path)):
+        file.unlink(missing_ok=True)
+    if path.parent.name.startswith(STATS_DIR_PREFIX):
+        try:
+            path.parent.rmdir()
+        except OSError:  # not empty (a rank still writing, a stray temp file), or gone already
+            logger.debug("kvtransfer: counters folder %s left in place", path.parent, exc_info=True)

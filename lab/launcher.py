@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.cpu_cgroup import CpuQuota, cgroup_pids, controller_root, make_cgroup, remove_cgroup, throttled_s
+from common.cpu_cgroup import cgroup_pids, controller_root, make_cgroup, remove_cgroup, throttled_s
 from common.emulated_device import EmulatedDevices
 from lab.cluster_file import write_cluster_file
 from lab.network import create_network, host_namespace, lab_namespaces, remove_network
@@ -82,7 +82,9 @@ def _check_subnet_free(lab: LabSpec) -> None:
 def _start_devices(lab: LabSpec, paths: LabPaths) -> None:
     for host in lab.hosts:
         device = lab.device(host)
-        cgroup = make_cgroup(paths.host_cgroup(host), CpuQuota(device.cpu_cores * host.num_devices))
+        # No quota on the host: its serving processes are host work; each worker's
+        # model process gets its devices' quota (common.emulated_device).
+        cgroup = make_cgroup(paths.host_cgroup(host))
         EmulatedDevices(gpu_type=host.gpu_type, num_devices=host.num_devices, cpu_cores_per_device=device.cpu_cores,
                         kv_cache_tokens_per_device=device.kv_cache_tokens,
                         cgroup_parent=str(cgroup)).write(paths.devices_file(host))
@@ -162,7 +164,8 @@ def status(name: str) -> dict:
         cgroup = Path(host["cgroup"])
         host["namespace_up"] = host["namespace"] in live
         host["device_pids"] = cgroup_pids(cgroup) if cgroup.exists() else []
-        host["throttled_s"] = round(throttled_s(cgroup), 3) if cgroup.exists() else None
+        # The quota is on each worker's model process (<worker>/device): its throttling, summed.
+        host["throttled_s"] = round(sum(throttled_s(d) for d in cgroup.glob("*/device")), 3) if cgroup.exists() else None
     state["up"] = all(h["namespace_up"] for h in state["hosts"])
     return state
 

@@ -67,16 +67,19 @@ def on_node(spec: WorkerSpec, node_ip: str) -> WorkerSpec:
 
 
 def on_emulated_devices(spec: WorkerSpec, devices: EmulatedDevices | None, num_devices: int) -> WorkerSpec:
-    """The spec for a node whose devices are emulated: the worker runs in a cgroup of
-    its devices' CPU time and gets their KV blocks. Unchanged on a node with real devices."""
+    """The spec for a node whose devices are emulated: the worker runs in a cgroup of its
+    own, its model's process in a child of it with its devices' CPU time
+    (common.emulated_device), and it gets their KV blocks. Unchanged on a node with real devices."""
     if devices is None:
         return spec
     if num_devices > devices.num_devices:
         raise RuntimeError(f"worker {spec.worker_id} needs {num_devices} devices; this node emulates "
                            f"{devices.num_devices} of type {devices.gpu_type}")
-    cgroup = make_cgroup(devices.worker_cgroup(spec.worker_id), devices.quota(num_devices))
+    cgroup = make_cgroup(devices.worker_cgroup(spec.worker_id))
+    make_cgroup(devices.device_cgroup(spec.worker_id), devices.quota(num_devices))
     return dataclasses.replace(spec, cpu_cgroup=str(cgroup), kv_cache_blocks=devices.kv_cache_blocks(
-        num_devices, spec.block_size or CPU_DEFAULT_BLOCK_SIZE), env=spec.env + devices.engine_env(num_devices))
+        num_devices, spec.block_size or CPU_DEFAULT_BLOCK_SIZE),
+        env=spec.env + devices.engine_env(num_devices, spec.worker_id))
 
 
 class _WorkerActor:

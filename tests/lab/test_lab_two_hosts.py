@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.cpu_cgroup import CPU_CONTROLLER_ROOT, cgroup_pids, read_quota
@@ -91,13 +92,17 @@ def test_two_host_lab_serves_across_hosts_and_cleans_up(tmp_path, reference_llm)
         received = after[decode_host.name]["rx_bytes"] - before[decode_host.name]["rx_bytes"]
         assert sent >= kv_bytes and received >= kv_bytes, (sent, received, kv_bytes)
 
-        # Each worker runs in its host's namespace, inside a cgroup of its device's CPU quota.
+        # Each worker runs in its host's namespace, in a cgroup of its own; the process that
+        # runs its model (and only that one) in the child cgroup of its device's CPU quota.
         paths = LabPaths(lab.name)
         for host in (prefill_host, decode_host):
             (worker_cgroup,) = [p for p in paths.host_cgroup(host).iterdir() if p.is_dir()]
-            assert read_quota(worker_cgroup).cpu_cores == pytest.approx(lab.device(host).cpu_cores)
+            assert read_quota(paths.host_cgroup(host)) is None and read_quota(worker_cgroup) is None
+            assert read_quota(worker_cgroup / "device").cpu_cores == pytest.approx(lab.device(host).cpu_cores)
             pids = cgroup_pids(worker_cgroup)
             assert pids and set(pids) <= set(namespace_pids(namespace[host.name]))
+            in_device = [psutil.Process(pid).name() for pid in cgroup_pids(worker_cgroup / "device")]
+            assert in_device and all(name.startswith("VLLM::Worker") for name in in_device), in_device
         lab_pids = [pid for ns in namespace.values() for pid in namespace_pids(ns)]
     finally:
         removed = down(lab.name)  # kills the router too: it runs in the head's namespace

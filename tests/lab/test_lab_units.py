@@ -97,8 +97,12 @@ def test_emulated_devices_give_a_worker_its_devices(tmp_path):
     assert EmulatedDevices.read(tmp_path / "d.json") == devices
     assert devices.quota(2).quota_us == 5000 and devices.kv_cache_blocks(2, 128) == 16  # 2000 tokens
     # One unbound OpenMP thread per whole core of CPU time, at least one.
-    assert dict(devices.engine_env(1)) == {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    assert dict(dataclasses.replace(devices, cpu_cores_per_device=0.8).engine_env(2))["OMP_NUM_THREADS"] == "2"
+    # The model's process finds its devices' cgroup, a child of the worker's, in its environment.
+    assert dict(devices.engine_env(1, "decode-g1")) == {
+        "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "HEXSERVE_DEVICE_CGROUP": str(tmp_path / "decode-g1" / "device")}
+    assert devices.device_cgroup("decode-g1").parent == devices.worker_cgroup("decode-g1")
+    assert dict(dataclasses.replace(devices, cpu_cores_per_device=0.8).engine_env(2, "w"))["OMP_NUM_THREADS"] == "2"
     spec = WorkerSpec(worker_id="decode-g1", role="decode", control_endpoint="tcp://10.0.0.1:5000")
     assert on_emulated_devices(spec, None, 1) is spec  # a real GPU node: unchanged
     with pytest.raises(RuntimeError, match="needs 3 devices"):

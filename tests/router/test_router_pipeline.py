@@ -9,7 +9,9 @@ decode stage the layers it holds. Tokens must equal one colocated engine's.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -78,3 +80,14 @@ def test_pipelined_plan_serves_token_equal_with_kv_moved_by_stage(pipelined_rout
 def _counter(metrics: str, worker: str, stat: str) -> float:
     match = re.search(rf'hexserve_kv_transfer\{{stat="{stat}",worker="{worker}"\}} ([\d.e+]+)', metrics)
     return float(match.group(1)) if match else -1.0
+
+
+def test_workers_remove_their_counters_folders_when_they_stop(pipelined_router):
+    # Runs last in this module: it stops the router. Each worker's connector
+    # counters (every pipeline rank and the scheduler side) sit in a folder of
+    # its own, named by the worker's pid; before, they stayed in the temp dir.
+    pids = [pipelined_router.worker_pid(role) for role in ("prefill", "decode")]
+    folders = [f for pid in pids for f in Path(tempfile.gettempdir()).glob(f"hexserve-kvstats-*-{pid}-*")]
+    assert len(folders) == 2 and all(len(list(f.iterdir())) >= 2 for f in folders)
+    pipelined_router.stop()
+    assert [f for f in folders if f.exists()] == []
