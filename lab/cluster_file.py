@@ -47,7 +47,8 @@ def catalog_entries(lab: LabSpec) -> dict[str, dict[str, float]]:
             "prefill_overhead_ms": cpu.prefill_overhead_ms / scale,
             "decode_overhead_ms": cpu.decode_overhead_ms / scale,
             "decode_seq_overhead_ms": cpu.decode_seq_overhead_ms / scale,
-            "host_work_overlaps": False,  # the worker's host processes run in the device's own quota
+            # The engine core schedules between the model's passes, not beside them (vLLM on CPU).
+            "host_work_overlaps": False,
         }
     return entries
 

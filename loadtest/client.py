@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -107,6 +109,27 @@ def _fail(record: RequestRecord, kind: str, message: str) -> None:
     record.error = message[:500]
 
 
+_SSE_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+async def sse_lines(text_chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an event stream, ended by CRLF, LF or CR only (the SSE spec).
+    Not httpx's `aiter_lines`: it splits as `str.splitlines` does, also at
+    U+0085, U+2028 and the like, which JSON leaves unescaped inside a string;
+    a token decoding to one of them cut its chunk in two (on the lab, one
+    request in ~600 failed as a `protocol` error)."""
+    pending = ""
+    async for chunk in text_chunks:
+        pending += chunk
+        held = "\r" if pending.endswith("\r") else ""  # maybe half a CRLF: decide with the next chunk
+        *lines, pending = _SSE_LINE_END.split(pending[:len(pending) - len(held)])
+        pending += held
+        for line in lines:
+            yield line
+    if pending.rstrip("\r"):
+        yield pending.rstrip("\r")
+
+
 async def _stream(client, base_url, payload, record: RequestRecord, run_start: float) -> None:
     sent = run_start + record.start_s
     last_t: float | None = None
@@ -116,7 +139,7 @@ async def _stream(client, base_url, payload, record: RequestRecord, run_start: f
         if resp.status_code != 200:
             body = (await resp.aread()).decode("utf-8", "replace")
             raise _HTTPStatus(resp.status_code, body[:500])
-        async for line in resp.aiter_lines():
+        async for line in sse_lines(resp.aiter_text()):
             line = line.strip()
             if not line.startswith("data:"):
                 continue

@@ -79,7 +79,7 @@ def test_cluster_file_plans_the_lab():
     fast, slow = cluster.nodes[0].spec, cluster.nodes[1].spec
     assert fast.flops_per_s == pytest.approx(3 * slow.flops_per_s)
     assert fast.memory_gib > slow.memory_gib
-    # A device's worker (engine core, frontend) runs in the device's own quota: no overlap of host work.
+    # A device's engine core schedules between the model's passes: no overlap of host work.
     assert not fast.host_work_overlaps and not slow.host_work_overlaps
     assert cluster.options.max_pipeline_stages == 1
 

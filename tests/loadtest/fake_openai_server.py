@@ -34,6 +34,8 @@ class FakeConfig:
     in_flight: int = 0
     peak_in_flight: int = 0
     metrics_text: Callable[["FakeConfig"], str] | None = None
+    token_text: str = " t{i}"  # each token's text; {i}: its index
+    ensure_ascii: bool = True  # False: non-ASCII text raw in the JSON, as vLLM's pydantic models write it
 
 
 def make_app(cfg: FakeConfig) -> FastAPI:
@@ -68,12 +70,12 @@ def make_app(cfg: FakeConfig) -> FastAPI:
                     if i:
                         await asyncio.sleep(cfg.itl_s)
                     chunk = {"id": "cmpl-1", "object": "text_completion", "created": int(time.time()),
-                             "model": MODEL, "choices": [{"index": 0, "text": f" t{i}",
+                             "model": MODEL, "choices": [{"index": 0, "text": cfg.token_text.format(i=i),
                                                           "finish_reason": "length" if i == n - 1 else None}]}
                     if cfg.usage_stats:
                         chunk["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": i + 1,
                                           "total_tokens": n_prompt + i + 1}
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"data: {json.dumps(chunk, ensure_ascii=cfg.ensure_ascii)}\n\n"
                 if cfg.usage_stats:
                     final = {"id": "cmpl-1", "choices": [], "usage": {
                         "prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}}

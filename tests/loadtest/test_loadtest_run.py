@@ -48,6 +48,15 @@ def test_chunks_without_usage_are_counted_by_text(tokenizer_dir, make_fake_serve
     assert summarize(out.records)["output_len_mismatches"] == 3
 
 
+def test_a_token_that_decodes_to_a_unicode_line_separator_does_not_split_its_event(tokenizer_dir, make_fake_server):
+    # JSON leaves U+2028 and U+0085 unescaped in a string; SSE ends lines at CR and LF only.
+    # httpx's aiter_lines split there too, and the chunk failed as a protocol error.
+    srv = make_fake_server(token_text="a\u2028b\x85{i}", ensure_ascii=False)
+    w, prompts = _workload(tokenizer_dir, max_requests=3)
+    out = run(RunConfig(srv.url, duration_s=30, progress=False), w, prompts)
+    assert [(r.success, r.error, r.output_tokens) for r in out.records] == [(True, None, 6)] * 3
+
+
 def test_http_errors_are_recorded_by_kind(tokenizer_dir, make_fake_server):
     srv = make_fake_server(fail_every=3)
     w, prompts = _workload(tokenizer_dir, max_requests=9)
