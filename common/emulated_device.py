@@ -10,9 +10,10 @@ which joins `<worker cgroup>/device` when it loads the model: see
 engine.vllm_plugin): that is what a GPU does. The serving front end and the
 engine core are host work, which on a GPU machine runs on the host's own
 cores; charged to the device they took its time in bursts (three processes
-on two cores spend a 10 ms quota in 3-4 ms, then the model waits out the
-period): the lab's decode device served tokens ~1.4x slower than with the
-model alone in its quota (README, "Heterogeneous lab", run 4).
+running at once on two cores spend a 10 ms period's quota early, then the
+model waits out the period): the lab's decode device served tokens ~1.4x
+slower than with the model alone in its quota (README, "Heterogeneous lab",
+run 4).
 Nodes without the variable (real GPU nodes) are untouched.
 """
 

@@ -9,15 +9,12 @@ reads it back as `ConnectorOptions`, validated when built.
 from __future__ import annotations
 
 import ipaddress
-import os
-import tempfile
-import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from common.sockets import check_endpoint, tcp_address
 from kvtransfer.protocol import CHECKSUMS, DEFAULT_CHECKSUM, MAX_CHUNK_BYTES
-from kvtransfer.stats import STATS_DIR_PREFIX
+from kvtransfer.stats import default_stats_path
 
 CONNECTOR_NAME = "HexKVConnector"
 CONNECTOR_MODULE = "kvtransfer.connector"
@@ -98,14 +95,6 @@ def link_checksum(option: str, endpoint: str) -> str:
         return "none" if ipaddress.ip_address(host).is_loopback else DEFAULT_CHECKSUM
     except ValueError:  # a host name: cannot tell without resolving it
         return DEFAULT_CHECKSUM
-
-
-def default_stats_path(role: str) -> str:
-    """A file in a folder of its own (made at the first write): reading the
-    counters lists that folder, never the whole temp dir, and the worker
-    removes the folder when it exits (`kvtransfer.stats.remove_stats`)."""
-    folder = f"{STATS_DIR_PREFIX}{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    return os.path.join(tempfile.gettempdir(), folder, "counters.json")
 
 
 def connector_config(role: str, listen_endpoint: str | None = None, **options: Any) -> dict[str, Any]:

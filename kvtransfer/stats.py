@@ -43,14 +43,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# The folder `options.default_stats_path` makes for one connector's files;
+# The folder `default_stats_path` names for one connector's files;
 # `remove_stats` removes such a folder once it is empty.
 STATS_DIR_PREFIX = "hexserve-kvstats-"
 
@@ -135,6 +137,14 @@ class Stats:
         if self._write_failing:
             logger.warning("kvtransfer: counters written to %s again", self.path)
             self._write_failing = False
+
+
+def default_stats_path(role: str) -> str:
+    """A file in a folder of its own (made at the first write): reading the
+    counters lists that folder, never the whole temp dir, and the worker
+    removes the folder when it exits (`remove_stats`)."""
+    folder = f"{STATS_DIR_PREFIX}{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return os.path.join(tempfile.gettempdir(), folder, "counters.json")
 
 
 def rank_stats_path(path: str | os.PathLike, rank: int) -> Path:

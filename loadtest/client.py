@@ -121,9 +121,9 @@ async def sse_lines(text_chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     pending = ""
     async for chunk in text_chunks:
         pending += chunk
-        held = "\r" if pending.endswith("\r") else ""  # maybe half a CRLF: decide with the next chunk
-        *lines, pending = _SSE_LINE_END.split(pending[:len(pending) - len(held)])
-        pending += held
+        held = pending.endswith("\r")  # maybe half a CRLF: decide with the next chunk
+        *lines, pending = _SSE_LINE_END.split(pending[:-1] if held else pending)
+        pending += "\r" if held else ""
         for line in lines:
             yield line
     if pending.rstrip("\r"):

@@ -11,8 +11,8 @@ import torch
 
 from kvtransfer.assembler import Assembler
 from kvtransfer.framing import transfer_messages
-from kvtransfer.options import default_stats_path
-from kvtransfer.stats import COUNTER_NAMES, Stats, rank_stats_path, read_stats, remove_stats, scheduler_stats_path
+from kvtransfer.stats import (COUNTER_NAMES, Stats, default_stats_path, rank_stats_path, read_stats, remove_stats,
+                              scheduler_stats_path)
 
 
 def test_read_stats_sums_every_rank_and_the_scheduler_side(tmp_path):
