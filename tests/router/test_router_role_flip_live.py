@@ -10,6 +10,7 @@ answer equals one engine's tokens.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 24
 NUM_CLIENTS = 3
-REQUESTS_PER_CLIENT = 4
+REQUESTS_AFTER_FLIP = 2  # each client's requests sent once the flip was applied
 FLIPPED = ("decode-d1", "decode-d0")  # the route decode-d1 serves as a prefill worker
 
 
@@ -96,31 +97,43 @@ def _wait_kv_counters(router, expected: dict, timeout_s: float = 15.0) -> dict:
         time.sleep(0.25)
 
 
-def _load_with_a_flip(router, load: list[str]) -> tuple[dict[int, list[int]], list[int]]:
-    """NUM_CLIENTS clients, each sending its share of `load` one after another, and the flip
-    mid-load: each request's tokens, and the requests sent once the flip was applied."""
+def _prompt(i: int) -> str:
+    return f"Request {i}: {i * 37} quick brown foxes jump over {i} lazy dogs, once more {i}"
+
+
+def _load_with_a_flip(router) -> tuple[dict[int, list[int]], list[int]]:
+    """NUM_CLIENTS clients, each sending requests one after another, and the flip mid-load: each
+    client goes on until it has sent REQUESTS_AFTER_FLIP requests once the flip was applied, so that
+    some requests are sent after it however fast the machine is. Each request's tokens by index
+    (0, 1, ... in the order they were sent), and the indexes sent once the flip was applied."""
     finished: dict[int, list[int]] = {}
     errors: list[BaseException] = []
-    flipped = threading.Event()
+    flipped, stop = threading.Event(), threading.Event()
     after_flip: list[int] = []
+    indexes = itertools.count()  # next() on a count is atomic under the GIL
 
-    def client(indexes: range) -> None:
+    def client() -> None:
+        sent_after_flip = 0
         try:
             with httpx.Client(base_url=router.base_url, timeout=120) as http:
-                for i in indexes:
+                while sent_after_flip < REQUESTS_AFTER_FLIP and not stop.is_set():
+                    i = next(indexes)
                     if flipped.is_set():
                         after_flip.append(i)
-                    finished[i] = _complete(http, load[i])
+                        sent_after_flip += 1
+                    finished[i] = _complete(http, _prompt(i))
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(range(c, len(load), NUM_CLIENTS),)) for c in range(NUM_CLIENTS)]
+    threads = [threading.Thread(target=client) for _ in range(NUM_CLIENTS)]
     for thread in threads:
         thread.start()
     try:
         _flip_once_decode_d1_is_busy(router, finished)
         flipped.set()
     finally:
+        if not flipped.is_set():  # the flip failed: the clients stop at their next request
+            stop.set()
         for thread in threads:
             thread.join(timeout=120)
     assert not errors, errors
@@ -140,16 +153,17 @@ def _reference_tokens(reference_llm, model_dir: str, prompts: list[str]) -> dict
 
 def test_a_decode_worker_flips_to_prefill_under_load(flexible_router, reference_llm, tiny_model_dir):
     router = flexible_router
-    prompts = [f"Request {i}: {i * 37} quick brown foxes jump over {i} lazy dogs, once more {i}"
-               for i in range(NUM_CLIENTS * REQUESTS_PER_CLIENT + 4)]
-    load, tail = prompts[:-4], prompts[-4:]
-    finished, after_flip = _load_with_a_flip(router, load)
-    assert len(finished) == len(load) and after_flip, after_flip  # every request completed; the flip came mid-load
+    finished, after_flip = _load_with_a_flip(router)
+    num_load = len(finished)
+    assert sorted(finished) == list(range(num_load)), sorted(finished)  # every request sent completed
+    assert len(after_flip) == NUM_CLIENTS * REQUESTS_AFTER_FLIP, after_flip  # and the flip came mid-load
+    prompts = [_prompt(i) for i in range(num_load + 4)]
+    tail = prompts[num_load:]
 
     # After the load: new requests alternate p0->d0 and d1->d0; none goes to decode-d1 as a decode worker.
     before, _, _ = _metrics(router)
     with httpx.Client(base_url=router.base_url, timeout=120) as http:
-        finished.update({len(load) + i: _complete(http, prompt) for i, prompt in enumerate(tail)})
+        finished.update({num_load + i: _complete(http, prompt) for i, prompt in enumerate(tail)})
     picks, _, flips = _metrics(router)
     assert picks - before == Counter({("prefill-p0", "decode-d0"): 2, FLIPPED: 2}), (before, picks)
     assert flips == 1.0
