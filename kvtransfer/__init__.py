@@ -35,16 +35,18 @@ off would leave the connector importing upwards.
 
 Public API (the router and the workers use only these): `connector_config`,
 `stats_path`, `read_stats`, `remove_stats`, `prefill_params`, `decode_params_from`,
-`new_transfer_id`, `prompt_hash`, `rank_endpoint`, `remove_receiver_files`.
+`new_transfer_id`, `prompt_hash`, `rank_endpoint`, `remove_receiver_files`, and
+`STATS_DIR_ENV` (where a launcher wants a worker's counters folder).
 The connector module is imported by vLLM, never at package import.
 """
 
 from kvtransfer.endpoints import rank_endpoint, remove_receiver_files
 from kvtransfer.handoff import decode_params_from, new_transfer_id, prefill_params, prompt_hash
 from kvtransfer.options import connector_config, stats_path
-from kvtransfer.stats import read_stats, remove_stats
+from kvtransfer.stats import STATS_DIR_ENV, read_stats, remove_stats
 
 __all__ = [
+    "STATS_DIR_ENV",
     "connector_config",
     "decode_params_from",
     "new_transfer_id",

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 # The folder `default_stats_path` names for one connector's files;
 # `remove_stats` removes such a folder once it is empty.
 STATS_DIR_PREFIX = "hexserve-kvstats-"
+# Where those folders go (default: the temp dir). A launcher names a folder per
+# worker here, so that it can remove what a killed worker left (it cannot
+# guess the folder's random suffix).
+STATS_DIR_ENV = "HEXSERVE_KV_STATS_DIR"
 
 COUNTER_NAMES = (
     "bytes_sent",
@@ -142,9 +146,10 @@ class Stats:
 def default_stats_path(role: str) -> str:
     """A file in a folder of its own (made at the first write): reading the
     counters lists that folder, never the whole temp dir, and the worker
-    removes the folder when it exits (`remove_stats`)."""
+    removes the folder when it exits (`remove_stats`). The folder is made in
+    `$HEXSERVE_KV_STATS_DIR` when its launcher set one, else in the temp dir."""
     folder = f"{STATS_DIR_PREFIX}{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    return os.path.join(tempfile.gettempdir(), folder, "counters.json")
+    return os.path.join(os.environ.get(STATS_DIR_ENV) or tempfile.gettempdir(), folder, "counters.json")
 
 
 def rank_stats_path(path: str | os.PathLike, rank: int) -> Path:

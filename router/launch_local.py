@@ -22,7 +22,7 @@ from typing import IO
 from common.ports import release_tcp_ports, reserve_tcp_ports
 from common.sockets import ipc_path, tcp_address
 from engine.worker_spec import WorkerSpec
-from kvtransfer import remove_receiver_files
+from kvtransfer import STATS_DIR_ENV, remove_receiver_files
 
 
 def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:
@@ -97,6 +97,12 @@ def remove_stale_socket_folders(root: Path | None = None) -> list[Path]:
     return removed
 
 
+def kv_stats_folder(worker_id: str) -> Path:
+    """Where a local worker's connector puts its counters folder (STATS_DIR_ENV):
+    the worker removes its own when it stops; a killed one's goes with this."""
+    return run_socket_folder() / f"{worker_id}-kvstats"
+
+
 def release_endpoint_ports(spec: WorkerSpec) -> None:
     """Stop holding the TCP ports local_endpoint reserved in this process for the worker."""
     for endpoint in (spec.control_endpoint, spec.kv_events_endpoint, spec.kv_endpoint):
@@ -107,9 +113,10 @@ def release_endpoint_ports(spec: WorkerSpec) -> None:
 def remove_endpoint_files(spec: WorkerSpec) -> None:
     """What a stopped worker leaves on this machine (a killed process cannot
     remove them): its control socket file, and its KV receivers' socket files
-    and arrival-mark folders, which kvtransfer knows how to find; and the TCP
-    ports local_endpoint held for it."""
+    and arrival-mark folders, which kvtransfer knows how to find; its transfer
+    counters (kv_stats_folder); and the TCP ports local_endpoint held for it."""
     release_endpoint_ports(spec)
+    shutil.rmtree(kv_stats_folder(spec.worker_id), ignore_errors=True)
     for endpoint in (spec.control_endpoint, spec.kv_events_endpoint):
         if endpoint and (path := ipc_path(endpoint)) is not None:
             path.unlink(missing_ok=True)
@@ -199,6 +206,7 @@ class LocalLauncher:
             stdout = self._logs[spec.worker_id] = open(self.log_dir / f"{spec.worker_id}.log", "ab")  # noqa: SIM115
         env = dict(os.environ, **spec.process_env())
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[STATS_DIR_ENV] = str(kv_stats_folder(spec.worker_id))
         proc = subprocess.Popen(spec.launch_command(), env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
                                 start_new_session=True)
         self.processes[spec.worker_id] = proc
@@ -223,9 +231,10 @@ class LocalLauncher:
         old = self.processes.pop(spec.worker_id, None)
         if old is not None and old.poll() is None:
             raise ValueError(f"worker {spec.worker_id!r} is still running")
-        if old is not None:  # reap what the dead worker left in its process group
+        if old is not None:  # reap what the dead worker left in its process group, and its counters
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(old.pid, signal.SIGKILL)
+            shutil.rmtree(kv_stats_folder(spec.worker_id), ignore_errors=True)
         return self._spawn(spec)
 
     def restart_dead(self) -> list[str]:

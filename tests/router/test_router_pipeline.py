@@ -9,9 +9,7 @@ decode stage the layers it holds. Tokens must equal one colocated engine's.
 from __future__ import annotations
 
 import re
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -85,9 +83,13 @@ def _counter(metrics: str, worker: str, stat: str) -> float:
 def test_workers_remove_their_counters_folders_when_they_stop(pipelined_router):
     # Runs last in this module: it stops the router. Each worker's connector
     # counters (every pipeline rank and the scheduler side) sit in a folder of
-    # its own, named by the worker's pid; before, they stayed in the temp dir.
+    # its own, named by the worker's pid, in the folder the router's launcher
+    # gave that worker (router.launch_local.kv_stats_folder); before, they
+    # stayed in the temp dir.
+    from router.launch_local import socket_root
+
     pids = [pipelined_router.worker_pid(role) for role in ("prefill", "decode")]
-    folders = [f for pid in pids for f in Path(tempfile.gettempdir()).glob(f"hexserve-kvstats-*-{pid}-*")]
+    folders = [f for pid in pids for f in socket_root().glob(f"*/*-kvstats/hexserve-kvstats-*-{pid}-*")]
     assert len(folders) == 2 and all(len(list(f.iterdir())) >= 2 for f in folders)
     pipelined_router.stop()
     assert [f for f in folders if f.exists()] == []

@@ -313,6 +313,46 @@ def test_the_local_launcher_adds_workers_and_retires_them_for_good(tmp_path):
         launcher.stop(drain_timeout_s=5)
 
 
+class _CounterWriter(WorkerSpec):
+    """A worker spec whose process writes KV counters where a connector would, then sleeps."""
+
+    __slots__ = ()
+
+    def launch_command(self) -> list[str]:
+        code = ("import time; from kvtransfer.stats import Stats, default_stats_path; "
+                "s = Stats(default_stats_path('consumer')); s.add('bytes_received'); s.flush(force=True); time.sleep(120)")
+        return [sys.executable, "-c", code]
+
+
+def _counter_folders(worker_id: str, timeout_s: float = 30.0, count: int = 1) -> list:
+    from router.launch_local import kv_stats_folder
+
+    deadline = time.monotonic() + timeout_s
+    while len(found := sorted(kv_stats_folder(worker_id).glob("hexserve-kvstats-*/counters.json"))) < count:
+        assert time.monotonic() < deadline, f"no counters of {worker_id} in {kv_stats_folder(worker_id)}"
+        time.sleep(0.05)
+    return [path.parent for path in found]
+
+
+def test_a_killed_workers_counters_go_when_it_restarts_and_when_the_launcher_stops(tmp_path):
+    """A SIGKILLed worker cannot remove its counters folder (its name has a random part): the
+    launcher gives each worker a folder of its own for them, and removes it."""
+    from router.launch_local import kv_stats_folder
+
+    launcher = LocalLauncher(log_dir=tmp_path)
+    try:
+        launcher.start(_CounterWriter("w0", Role.DECODE, "tcp://127.0.0.1:1"))
+        [first] = _counter_folders("w0")
+        launcher.kill("w0")
+        assert first.exists()  # nobody removed it
+        assert launcher.restart_dead() == ["w0"]
+        [second] = _counter_folders("w0")
+        assert not first.exists() and second != first
+    finally:
+        launcher.stop(drain_timeout_s=5)
+    assert not kv_stats_folder("w0").exists()
+
+
 def test_the_ray_launcher_places_added_workers_by_their_groups_and_a_stopped_actor_never_restarts(monkeypatch):
     from router.deployment import Deployment
     from router.launch_ray import RayLauncher, _WorkerActor
