@@ -79,7 +79,7 @@ def test_local_workers_talk_over_unix_sockets_one_per_rank():
 
     from kvtransfer import rank_endpoint
     from common.sockets import make_socket
-    from router.launch_local import remove_endpoint_files
+    from router.launch_local import remove_endpoint_files, run_socket_folder
 
     plan = _plan(_group("p0", "prefill", tp=2), _group("d0", "decode", tp=2, pp=2))
     workers = deployment_from_plan(plan, model="/models/llama").workers
@@ -102,6 +102,7 @@ def test_local_workers_talk_over_unix_sockets_one_per_rank():
             sock.close(linger=0)
         ctx.term()
         remove_endpoint_files(decode)
+        run_socket_folder().rmdir()  # the sockets made it; a launcher's stop removes it so
     with pytest.raises(ValueError, match="worker link"):
         deployment_from_plan(plan, model="/models/llama", worker_link="udp")
 
