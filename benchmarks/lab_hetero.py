@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks.lab_plans import PLAN_NAMES, write_plans
+from common.arrivals import gap_cv2
 from common.ports import free_tcp_port
 from common.traces import TraceError, load_trace
 from lab.cluster_file import write_cluster_file
@@ -60,6 +61,9 @@ class Workload:
     max_output_tokens: int = 128
     slo_ttft_ms: float = 3000.0
     slo_tpot_ms: float = 80.0
+    # Give the planner the replayed requests' burstiness (read off their arrival times) instead of
+    # Poisson arrivals: the code trace's first requests come in bursts (gap CV^2 ~53).
+    burst_aware: bool = False
 
     def args(self, rate_scale: float) -> list[str]:
         return ["--trace", self.trace, "--start-s", str(self.start_s), "--max-requests", str(self.requests),
@@ -72,9 +76,13 @@ class Workload:
         requests = [r for r in load_trace(self.trace) if r.arrival_s >= self.start_s][:self.requests]
         inputs = [min(r.input_tokens, self.max_input_tokens) for r in requests]
         outputs = [min(r.output_tokens, self.max_output_tokens) for r in requests]
-        return {"input_tokens_mean": statistics.mean(inputs), "input_tokens_std": statistics.pstdev(inputs),
-                "output_tokens_mean": statistics.mean(outputs),
-                "slo": {"ttft_ms": self.slo_ttft_ms, "tpot_ms": self.slo_tpot_ms}}
+        workload = {"input_tokens_mean": statistics.mean(inputs), "input_tokens_std": statistics.pstdev(inputs),
+                    "output_tokens_mean": statistics.mean(outputs),
+                    "slo": {"ttft_ms": self.slo_ttft_ms, "tpot_ms": self.slo_tpot_ms}}
+        cv2 = gap_cv2(r.arrival_s for r in requests) if self.burst_aware else None
+        if cv2:  # a rate scale divides every gap alike: the same burstiness at every rate
+            workload["burstiness"] = 1 / cv2
+        return workload
 
 
 def _summary(path: Path) -> dict:
@@ -142,6 +150,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
     ap.add_argument("--slo-tpot-ms", type=float, default=defaults.slo_tpot_ms)
     ap.add_argument("--plans", default=",".join(PLAN_NAMES))
     ap.add_argument("--name", default="lab_hetero")
+    ap.add_argument("--burst-aware", action="store_true",
+                    help="plan for the replayed requests' burstiness (1 / CV^2 of their gaps); default: Poisson")
     ap.add_argument("--keep-up", action="store_true", help="leave the lab up afterwards")
     ap.add_argument("--reuse", action="store_true",
                     help="read back each rate measured by an earlier run of the same plan (from its files) "
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args, ap, rate_scales = _parse_args(argv)
     workload = Workload(trace=args.trace, requests=args.requests, max_input_tokens=args.max_input_tokens,
                         max_output_tokens=args.max_output_tokens, slo_ttft_ms=args.slo_ttft_ms,
-                        slo_tpot_ms=args.slo_tpot_ms)
+                        slo_tpot_ms=args.slo_tpot_ms, burst_aware=args.burst_aware)
     try:  # read before the lab comes up: a trace that is not there costs nothing
         planned_workload = workload.cluster_workload()
     except TraceError as exc:

@@ -23,10 +23,12 @@ def report_markdown(result: dict, target: float, throughput_at_slo, relative_err
     at_slo = {name: throughput_at_slo(run["measured"]) for name, run in runs.items()}
     baselines = {n: v for n, v in at_slo.items() if n != OURS}
     best_name = max(baselines, key=baselines.get) if baselines else None
+    arrivals = "the replayed requests' burstiness" if w.get("burst_aware") else "Poisson arrivals"
     lines = [
         f"Lab `{result['lab']['name']}`: {len(result['lab']['hosts'])} hosts; trace `{w.get('trace', 'azure-conv')}`, "
         f"{w['requests']} requests per rate from {w['start_s']:g} s, prompts <= {w['max_input_tokens']} and outputs "
         f"<= {w['max_output_tokens']} tokens; SLO TTFT {w['slo_ttft_ms']:g} ms, TPOT {w['slo_tpot_ms']:g} ms; "
+        f"plans made for {arrivals}; "
         f"throughput at SLO = highest measured req/s at a rate with >= {target:.0%} attainment "
         f"(rate scales {', '.join(f'{r:g}' for r in result['rate_scales'])}).",
         "",

@@ -90,7 +90,8 @@ def remove_stale_socket_folders(root: Path | None = None) -> list[Path]:
         if not owner.isdigit() or _pid_alive(int(owner)):
             continue
         for sock in [*entry.iterdir()] if entry.is_dir() else [entry]:
-            remove_receiver_files(f"ipc://{sock}")  # the file and its arrival-mark folder, if it was a receiver
+            if not sock.is_dir():  # a worker's counters folder (kv_stats_folder) goes with rmtree below
+                remove_receiver_files(f"ipc://{sock}")  # the file and its arrival-mark folder, if it was a receiver
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.lab_plans import homogeneous_document, majority_type, on_real_devices, replica_per_device, write_plans
 from benchmarks.lab_report import report_markdown
 from common.plan import plan_from_json
@@ -68,8 +70,6 @@ def test_report_names_the_best_baseline_ratio():
 
 
 def test_a_bad_workload_option_is_refused_before_the_lab_comes_up(monkeypatch, capsys):
-    import pytest
-
     import benchmarks.lab_hetero as lab_hetero
 
     monkeypatch.setattr(lab_hetero, "up", lambda *a, **k: pytest.fail("the lab came up"))
@@ -79,3 +79,21 @@ def test_a_bad_workload_option_is_refused_before_the_lab_comes_up(monkeypatch, c
         with pytest.raises(SystemExit) as info:
             lab_hetero.main(argv)
         assert info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_burst_aware_workload_gives_the_planner_the_replayed_requests_burstiness(tmp_path):
+    from benchmarks.lab_hetero import Workload
+    from common.arrivals import gap_cv2
+    from common.traces import load_trace
+
+    trace = tmp_path / "bursty.csv"
+    # Three bursts of ten requests, 0.1 s apart inside a burst, 60 s between bursts.
+    times = [burst * 60 + i * 0.1 for burst in range(3) for i in range(10)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     + "".join(f"2023-11-16 18:{int(t // 60):02d}:{t % 60:09.6f},100,10\n" for t in times))
+    plain = Workload(trace=str(trace), requests=30).cluster_workload()
+    aware = Workload(trace=str(trace), requests=30, burst_aware=True).cluster_workload()
+    assert "burstiness" not in plain  # Poisson, as before
+    expected = 1 / gap_cv2(r.arrival_s for r in load_trace(str(trace)))
+    assert aware["burstiness"] == pytest.approx(expected) and aware["burstiness"] < 0.5
+    assert {k: v for k, v in aware.items() if k != "burstiness"} == plain

@@ -114,6 +114,9 @@ def test_a_later_run_removes_what_dead_routers_left(tmp_path):
     (tmp_path / str(dead)).mkdir()
     (tmp_path / str(dead) / "decode-0-kv.sock").touch()
     (tmp_path / str(dead) / "decode-0-kv.sock.rank1").touch()
+    counters = tmp_path / str(dead) / "decode-0-kvstats" / "hexserve-kvstats-consumer-1-abc"  # a killed worker's
+    counters.mkdir(parents=True)
+    (counters / "counters.json").write_text("{}")
     (tmp_path / f"{dead}-prefill-0-control.sock").touch()  # the flat names of older runs
     (tmp_path / str(alive)).mkdir()
     (tmp_path / str(alive) / "decode-0-kv.sock").touch()
