@@ -2,7 +2,8 @@
 
     .venv/bin/python -m benchmarks.lab_hetero                     # configs/lab/hetero4.json
     .venv/bin/python -m benchmarks.lab_hetero --rate-scales 0.05,0.1,0.15 --requests 60
-    .venv/bin/python -m benchmarks.lab_hetero --trace azure-code --max-input-tokens 896 --name lab_hetero_code
+    .venv/bin/python -m benchmarks.lab_hetero --trace azure-code --max-input-tokens 896 --requests 60
+        --rate-scales 0.35,0.5,0.7,1,1.4 --burst-aware --name lab_hetero_code   # (one command) one burst
 
 1. Bring the lab up (`lab.launcher.up`): one FAST and three SLOW emulated
    devices, one SLOW host behind a slow link; each a Ray node in its own
