@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         planned_workload = workload.cluster_workload()
     except TraceError as exc:
         ap.error(f"--trace: {exc}")
+    if args.burst_aware and "burstiness" not in planned_workload:  # refused, not planned as Poisson in silence
+        ap.error(f"--burst-aware: the {args.requests} requests replayed have too few gaps or no spread to "
+                 "measure their burstiness; replay more (--requests)")
     lab = load_lab(args.lab)
     if args.profiles:
         missing = [t for t in lab.device_types if not (Path(args.profiles) / f"{t}.json").exists()]

@@ -75,7 +75,8 @@ def test_a_bad_workload_option_is_refused_before_the_lab_comes_up(monkeypatch, c
     monkeypatch.setattr(lab_hetero, "up", lambda *a, **k: pytest.fail("the lab came up"))
     for argv, says in ((["--trace", "no-such-trace"], "--trace: trace 'no-such-trace' not found"),
                        (["--max-input-tokens", "0"], "--max-input-tokens 0: give a number above 0"),
-                       (["--slo-tpot-ms", "-5"], "--slo-tpot-ms -5: give a number above 0")):
+                       (["--slo-tpot-ms", "-5"], "--slo-tpot-ms -5: give a number above 0"),
+                       (["--burst-aware", "--requests", "5"], "--burst-aware: the 5 requests replayed have too few gaps")):
         with pytest.raises(SystemExit) as info:
             lab_hetero.main(argv)
         assert info.value.code == 2 and says in capsys.readouterr().err
