@@ -41,9 +41,10 @@ from common.arrivals import gap_cv2
 from common.ports import free_tcp_port
 from common.traces import TraceError, load_trace
 from lab.cluster_file import write_cluster_file
+from lab.cpu_account import snapshot, usage
 from lab.launcher import LabError, down, up
-from lab.profile import profile_device_types
-from lab.serving import run_in_head, serve_plan
+from lab.profile import profile_args, profile_device_types
+from lab.serving import router_pids, run_in_head, serve_plan
 from lab.spec import load_lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,7 +89,20 @@ class Workload:
 
 def _summary(path: Path) -> dict:
     summary = json.loads(path.read_text())
-    return {k: summary.get(k) for k in METRICS}
+    result = {k: summary.get(k) for k in METRICS}
+    cpu = path.with_name(path.name.removesuffix(".json") + ".cpu.json")
+    if cpu.exists():  # where the CPU went while this rate was served (lab.cpu_account)
+        result["cpu"] = json.loads(cpu.read_text())
+    return result
+
+
+def _cpu_line(cpu: dict) -> str:
+    devices = ", ".join(f"{k.split('/')[0]} {w['device_cores']:.2f}/{w['quota_cores']:g}"
+                        for k, w in cpu["workers"].items())
+    return (f"busy {cpu['busy_cores']:.2f} of {cpu['machine_cores']:.0f} cores; devices {devices}; "
+            f"workers' host work {cpu['worker_host_cores']:.2f}; "
+            + "".join(f"{k} {p['cores']:.2f} (waiting {p['wait']:.2f}); " for k, p in cpu.get("processes", {}).items())
+            + f"other {cpu['other_cores']:.2f}")
 
 
 def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float], out_dir: Path, name: str,
@@ -97,6 +111,7 @@ def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float
     an earlier run of the same plan is read back; only the others are served."""
     from engine.tiny_model import build_tiny_model
 
+    host_cgroups = {host["name"]: Path(host["cgroup"]) for host in state["hosts"]}
     prefixes = {f"{scale:g}": out_dir / f"{name}.measured.{scale:g}" for scale in rate_scales}
     results = {key: _summary(Path(f"{prefix}.json")) for key, prefix in prefixes.items()
                if reuse and Path(f"{prefix}.json").exists()}
@@ -105,10 +120,15 @@ def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float
         with serve_plan(state, plan, free_tcp_port(), out_dir / f"{name}.router.log") as url:
             for scale in missing:
                 prefix = prefixes[f"{scale:g}"]
+                processes = {"router": router_pids(state)}
+                before = snapshot(host_cgroups, processes)
                 run_in_head(state, [sys.executable, "-m", "loadtest", "run", "--endpoint", url, "--label", name,
                                     "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
                                     *workload.args(scale)], log=out_dir / f"{name}.loadtest.log", timeout_s=1800)
+                cpu = usage(before, snapshot(host_cgroups, processes))
+                Path(f"{prefix}.cpu.json").write_text(json.dumps(cpu, indent=1) + "\n")
                 results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
+                print(f"  {name} x{scale:g} CPU: {_cpu_line(cpu)}", flush=True)
                 print(f"  {name} x{scale:g}: {results[f'{scale:g}']}", flush=True)
     return {f"{scale:g}": results[f"{scale:g}"] for scale in rate_scales}
 
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profiles:
             profiles = {t: Path(args.profiles) / f"{t}.json" for t in lab.device_types}
         else:
-            profiles = profile_device_types(lab, state, work / "profiles")
+            profiles = profile_device_types(lab, state, work / "profiles", profile_args(workload.max_input_tokens))
         lab = dataclasses.replace(lab, profiles=profiles)
         cluster = write_cluster_file(lab, work / "cluster.json", planned_workload)
         plans = write_plans(lab, cluster, planned_workload, work / "plans")

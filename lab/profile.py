@@ -21,11 +21,28 @@ from lab.cluster_file import LAB_MODEL_PRESET, write_cluster_file
 from lab.serving import run_in_head, serve_plan
 from lab.spec import LabSpec
 
-# Prompts up to half the tiny model's window, and decode batches past a slow device's KV limit, after a
-# short and a long prompt: two contexts tell a step's per-request cost from its KV reads (one context read
-# the per-request cost as KV and made the simulated TPOT 2-3x the measured one at the trace's contexts).
-DEFAULT_PROFILE_ARGS = ("--prompt-lengths", "16,64,128,256,512", "--batch-sizes", "1,2,4,8,16",
-                        "--decode-prompt-lengths", "32,256")
+# What the profiles must cover is what the plans will run: prompts up to the longest replayed, decode
+# after a short, a middle and that longest prompt, and batches up to what a fast device's KV holds.
+# Two contexts tell a step's per-request cost from its KV reads (one context read the per-request cost
+# as KV and made the simulated TPOT 2-3x the measured one). Profiles that stopped at 512-token prompts,
+# 272-token contexts and batch 16 fitted a decode step that barely grew with the batch: at batch 24 and
+# 528-token contexts the fast device's step measured alone was 38.8 ms, 1.26x that extrapolation (hetero4,
+# 2026-12-07), and at the trace's batches (20-30) and contexts (430-900) the lab's decode served about
+# half the capacity the planner gave it.
+PROFILE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32)
+LONGEST_PROFILED_PROMPT = 960  # the lab engine's 1024-token window, less the profile's 32 decode tokens and slack
+
+
+def profile_args(max_prompt_tokens: int = 768) -> tuple[str, ...]:
+    """`planner profile` options that cover prompts of up to `max_prompt_tokens` (the workload's longest)."""
+    longest = min(max_prompt_tokens, LONGEST_PROFILED_PROMPT)
+    prompts = sorted({n for n in (16, 64, 128, 256, 512) if n < longest} | {longest})
+    contexts = sorted({n for n in (32, 256) if n < longest} | {longest})
+    return ("--prompt-lengths", ",".join(map(str, prompts)), "--batch-sizes", ",".join(map(str, PROFILE_BATCH_SIZES)),
+            "--decode-prompt-lengths", ",".join(map(str, contexts)))
+
+
+DEFAULT_PROFILE_ARGS = profile_args()
 
 
 def profile_device_types(lab: LabSpec, state: dict, out_dir: Path,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab.network import exec_in
+from lab.network import exec_in, namespace_pids
 
 READY_LINE = "hexserve router ready"
 
@@ -45,6 +45,19 @@ def serve_plan(state: dict, plan: Path, port: int, log: Path, extra_args: tuple[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def router_pids(state: dict) -> list[int]:
+    """The processes of the router(s) serving in the head host (for CPU accounting)."""
+    pids = []
+    for pid in namespace_pids(state["hosts"][0]["namespace"]):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        if b"router" in command and b"serve" in command:
+            pids.append(pid)
+    return pids
 
 
 def run_in_head(state: dict, command: list[str], log: Path | None = None, timeout_s: float | None = None) -> None:

@@ -156,6 +156,7 @@ async def prometheus_metrics(request: Request) -> Response:
     state = _state(request)
     state.metrics.observe_cluster(state.cluster)
     state.metrics.observe_window(state.runner.window.summary())
+    state.metrics.observe_admission(state.admission)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -79,6 +79,12 @@ class RouterMetrics:
         for reason, count in cluster.event_stats.resets.items():
             self.kv_event_resets.labels(reason).set(count)
 
+    def observe_admission(self, admission) -> None:
+        # Read when scraped: set only as requests were admitted, the gauges kept the count of the
+        # last admission after every request had finished.
+        self.running.set(admission.running)
+        self.queue_waiting.set(admission.waiting)
+
     def observe_window(self, summary: dict) -> None:
         for figure, value in summary.items():
             if value is not None:

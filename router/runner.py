@@ -58,8 +58,6 @@ class RequestRunner:
         status = "error"
         try:
             async with self.admission.slot():
-                metrics.queue_waiting.set(self.admission.waiting)
-                metrics.running.set(self.admission.running)
                 async with contextlib.aclosing(self.cluster.generate(prompt_token_ids, sampling,
                                                                      on_retry=metrics.retries.inc)) as stream:
                     async for route, output in stream:

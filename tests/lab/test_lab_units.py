@@ -191,3 +191,13 @@ def test_up_again_writes_the_cluster_file_and_refuses_another_description(monkey
     finally:
         down(lab.name)
     assert lab_namespaces(lab.name) == []
+
+
+def test_lab_profiles_cover_the_longest_prompt_replayed():
+    from lab.profile import profile_args
+
+    args = dict(zip(profile_args(896)[::2], profile_args(896)[1::2]))
+    assert args["--prompt-lengths"].endswith(",512,896") and args["--decode-prompt-lengths"] == "32,256,896"
+    assert args["--batch-sizes"].split(",")[-1] == "32"
+    # never past what the lab engine's window holds with the profile's decode tokens
+    assert profile_args(4000)[1].endswith(",960") and profile_args(100)[5] == "32,100"

@@ -189,6 +189,8 @@ def test_metrics_count_requests_and_kv_transfers(embedded_router):
     ok = re.search(r'hexserve_requests_total\{endpoint="completions",status="ok"\} (\d+)', text)
     assert ok and int(ok.group(1)) >= 1
     assert "hexserve_time_to_first_token_seconds_count" in text
+    # Read when scraped: every request has finished, so none runs or waits (they used to keep the last admission's count).
+    assert re.search(r"^hexserve_requests_running 0\.0$", text, re.M) and re.search(r"^hexserve_admission_waiting 0\.0$", text, re.M)
     loaded = re.search(r'hexserve_kv_transfer\{stat="transfers_loaded_ok",worker="decode-0"\} ([\d.e+]+)', text)
     assert loaded and float(loaded.group(1)) >= 1, "the decode worker must have loaded KV sent by prefill"
     failed = re.search(r'hexserve_kv_transfer\{stat="transfers_loaded_failed",worker="decode-0"\} ([\d.e+]+)', text)
