@@ -54,7 +54,7 @@ def report_markdown(result: dict, target: float, throughput_at_slo, relative_err
                 f"{_pct(relative_error(s.get('request_throughput'), m['request_throughput']))} | "
                 f"{_pct(relative_error(s.get('mean_ttft_ms'), m['mean_ttft_ms']))} | "
                 f"{_pct(relative_error(s.get('mean_tpot_ms'), m['mean_tpot_ms']))} |")
-    return "\n".join(lines + [""] + error_summary(runs, target, relative_error))
+    return "\n".join(lines + [""] + error_summary(runs, target, relative_error) + cpu_table(runs))
 
 
 def error_summary(runs: dict, target: float, relative_error) -> list[str]:
@@ -77,3 +77,23 @@ def error_summary(runs: dict, target: float, relative_error) -> list[str]:
 
 def _mean_pct(values: list[float]) -> str:
     return f"{100 * sum(values) / len(values):.0f} %" if values else "-"
+
+
+def cpu_table(runs: dict) -> list[str]:
+    """Where the machine's CPU went at each rate (lab.cpu_account), where it was recorded."""
+    rows = [(name, scale, m["cpu"]) for name, run in runs.items() for scale, m in run["measured"].items() if m.get("cpu")]
+    if not rows:
+        return []
+    lines = ["", "Where the CPU went while each rate was served (cores, CPU-seconds per second; a device's "
+             "model used / its quota, the workers' front ends and engine cores, the router with the seconds "
+             "per second its threads waited for a core, and the rest: load generator, Ray, kernel):", "",
+             "| plan | rate scale | machine busy | devices used / quota | workers' host work | router (waiting) | other |",
+             "|---|---|---|---|---|---|---|"]
+    for name, scale, cpu in rows:
+        devices = ", ".join(f"{key.split('/')[0]} {w['device_cores']:.2f}/{w['quota_cores']:g}"
+                            for key, w in cpu["workers"].items())
+        router = cpu.get("processes", {}).get("router")
+        router_cell = "-" if router is None else f"{router['cores']:.2f} ({router['wait']:.2f})"
+        lines.append(f"| {name} | {scale} | {cpu['busy_cores']:.2f} of {cpu['machine_cores']:.0f} | {devices} | "
+                     f"{cpu['worker_host_cores']:.2f} | {router_cell} | {cpu['other_cores']:.2f} |")
+    return lines

@@ -67,6 +67,13 @@ def test_report_names_the_best_baseline_ratio():
     # The error summary: over every rate, and (in brackets) over the rates served within the SLO.
     assert "| hexserve | 10 % (10 %) | 20 % (20 %) | 0 % (0 %) |" in text
     assert "| hexgen-like | 10 % (-) | 20 % (-) | 0 % (-) |" in text
+    assert "Where the CPU went" not in text  # no rate recorded its CPU
+    result["runs"]["hexserve"]["measured"]["1"]["cpu"] = {
+        "busy_cores": 1.5, "machine_cores": 2.0, "worker_host_cores": 0.23, "other_cores": 0.45,
+        "workers": {"h0/decode-g3": {"device_cores": 0.37, "quota_cores": 0.6}},
+        "processes": {"router": {"cores": 0.13, "wait": 0.63}}}
+    text = report_markdown(result, 0.9, lambda runs: 1.0, lambda s, m: (s - m) / m)
+    assert "| hexserve | 1 | 1.50 of 2 | h0 0.37/0.6 | 0.23 | 0.13 (0.63) | 0.45 |" in text
 
 
 def test_a_bad_workload_option_is_refused_before_the_lab_comes_up(monkeypatch, capsys):
