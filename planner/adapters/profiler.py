@@ -12,10 +12,11 @@ fresh random ids, so prefix caching cannot shorten a measurement.
   fixed number of tokens; the step time is the median gap between a
   request's consecutive tokens while all B run. Two prompt lengths or more
   let the fit tell a step's per-request cost from its KV reads
-  (``planner.spec.calibration``). At a longer prompt, a batch whose
-  requests never all run at once (their KV does not fit the server's cache)
-  is left out with every larger one, and said so; at the first, it stops
-  the profile.
+  (``planner.spec.calibration``). A batch whose requests never all run at
+  once (their KV does not fit the server's cache, or the server runs fewer
+  sequences at once) is left out with every larger one, and said so; when
+  that leaves fewer than two batch sizes at the first prompt length, it
+  stops the profile.
 
 Requests go through the load test's streaming client (``loadtest.client``), so
 a profile and a load-test run count tokens by the same rule.
@@ -137,12 +138,13 @@ async def measure(settings: ProfileSettings, vocab_size: int) -> tuple[list[Pref
                 if sample is not None:
                     decode.append(sample)
                     continue
-                if prompt_tokens == lengths[0]:
+                if prompt_tokens == lengths[0] and i < 2:  # fewer than two batch sizes: nothing to fit
                     raise PlanInputError("--decode-tokens", f"batch {batch}: no overlapping decode window; raise it")
                 # A larger batch holds more KV still: not sent, rather than timed out batch by batch.
                 left_out = ", ".join(map(str, batches[i:]))
                 print(f"decode at {prompt_tokens}-token prompts: batch sizes {left_out} left out (batch {batch} "
-                      "never ran all at once: its KV does not fit the server's cache?)", flush=True)
+                      "never ran all at once: its KV does not fit the server's cache, or the server runs fewer "
+                      "sequences at once; raise --decode-tokens if they started too far apart)", flush=True)
                 break
         return prefill, decode, model
 

@@ -110,6 +110,10 @@ def test_decode_at_two_prompt_lengths_leaves_out_a_batch_the_cache_cannot_hold(c
         settings = dataclasses.replace(settings, url=server.url, decode_prompt_lengths=(16,))
         with pytest.raises(PlanInputError, match="batch 4: no overlapping decode window"):
             run_profile(settings, preset="hexserve-tiny-llama")
+    with ThreadedServer(simulated_app(kv_tokens=110)) as server:  # two batch sizes measured: the rest left out
+        profile = run_profile(dataclasses.replace(settings, url=server.url), preset="hexserve-tiny-llama")
+    assert [s.batch for s in profile.decode] == [1, 4]
+    assert "decode at 16-token prompts: batch sizes 6 left out" in capsys.readouterr().out
 
 
 def test_calibration_file_changes_the_catalog_used_by_the_plan(tmp_path):
