@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks.lab_plans import PLAN_NAMES, write_plans
+from benchmarks.lab_report import devices_used, report_markdown
 from common.arrivals import gap_cv2
 from common.ports import free_tcp_port
 from common.traces import TraceError, load_trace
@@ -87,19 +88,22 @@ class Workload:
         return workload
 
 
-def _summary(path: Path) -> dict:
-    summary = json.loads(path.read_text())
+def _summary(prefix: Path) -> dict:
+    """One rate's load-test figures, and where the CPU went while it was served (lab.cpu_account)."""
+    summary = json.loads(Path(f"{prefix}.json").read_text())
     result = {k: summary.get(k) for k in METRICS}
-    cpu = path.with_name(path.name.removesuffix(".json") + ".cpu.json")
-    if cpu.exists():  # where the CPU went while this rate was served (lab.cpu_account)
+    cpu = _cpu_file(prefix)
+    if cpu.exists():
         result["cpu"] = json.loads(cpu.read_text())
     return result
 
 
+def _cpu_file(prefix: Path) -> Path:
+    return Path(f"{prefix}.cpu.json")
+
+
 def _cpu_line(cpu: dict) -> str:
-    devices = ", ".join(f"{k.split('/')[0]} {w['device_cores']:.2f}/{w['quota_cores']:g}"
-                        for k, w in cpu["workers"].items())
-    return (f"busy {cpu['busy_cores']:.2f} of {cpu['machine_cores']:.0f} cores; devices {devices}; "
+    return (f"busy {cpu['busy_cores']:.2f} of {cpu['machine_cores']:.0f} cores; devices {devices_used(cpu)}; "
             f"workers' host work {cpu['worker_host_cores']:.2f}; "
             + "".join(f"{k} {p['cores']:.2f} (waiting {p['wait']:.2f}); " for k, p in cpu.get("processes", {}).items())
             + f"other {cpu['other_cores']:.2f}")
@@ -113,7 +117,7 @@ def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float
 
     host_cgroups = {host["name"]: Path(host["cgroup"]) for host in state["hosts"]}
     prefixes = {f"{scale:g}": out_dir / f"{name}.measured.{scale:g}" for scale in rate_scales}
-    results = {key: _summary(Path(f"{prefix}.json")) for key, prefix in prefixes.items()
+    results = {key: _summary(prefix) for key, prefix in prefixes.items()
                if reuse and Path(f"{prefix}.json").exists()}
     missing = [scale for scale in rate_scales if f"{scale:g}" not in results]
     if missing:
@@ -126,8 +130,8 @@ def measure(state: dict, plan: Path, workload: Workload, rate_scales: list[float
                                     "--tokenizer", str(build_tiny_model()), "--no-progress", "--out", str(prefix),
                                     *workload.args(scale)], log=out_dir / f"{name}.loadtest.log", timeout_s=1800)
                 cpu = usage(before, snapshot(host_cgroups, processes))
-                Path(f"{prefix}.cpu.json").write_text(json.dumps(cpu, indent=1) + "\n")
-                results[f"{scale:g}"] = _summary(Path(f"{prefix}.json"))
+                _cpu_file(prefix).write_text(json.dumps(cpu, indent=1) + "\n")
+                results[f"{scale:g}"] = _summary(prefix)
                 print(f"  {name} x{scale:g} CPU: {_cpu_line(cpu)}", flush=True)
                 print(f"  {name} x{scale:g}: {results[f'{scale:g}']}", flush=True)
     return {f"{scale:g}": results[f"{scale:g}"] for scale in rate_scales}
@@ -141,7 +145,7 @@ def simulate(plan: Path, cluster: Path, workload: Workload, rate_scales: list[fl
         proc = subprocess.run([sys.executable, "-m", "planner", "simulate", str(plan), "--cluster", str(cluster),
                                *workload.args(scale), "--out", str(prefix)], timeout=900,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        results[f"{scale:g}"] = _summary(Path(f"{prefix}.json")) if proc.returncode == 0 else {
+        results[f"{scale:g}"] = _summary(prefix) if proc.returncode == 0 else {
             "error": proc.stderr.strip()[-300:]}
     return results
 
@@ -245,8 +249,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(result: dict) -> str:
-    from benchmarks.lab_report import report_markdown
-
     return report_markdown(result, ATTAINMENT_TARGET, throughput_at_slo, relative_error)
 
 

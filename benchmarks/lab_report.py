@@ -79,6 +79,12 @@ def _mean_pct(values: list[float]) -> str:
     return f"{100 * sum(values) / len(values):.0f} %" if values else "-"
 
 
+def devices_used(cpu: dict) -> str:
+    """Each device's cores used / its quota, by host, from one rate's `lab.cpu_account.usage`."""
+    return ", ".join(f"{key.split('/')[0]} {w['device_cores']:.2f}/{w['quota_cores']:g}"
+                     for key, w in cpu["workers"].items())
+
+
 def cpu_table(runs: dict) -> list[str]:
     """Where the machine's CPU went at each rate (lab.cpu_account), where it was recorded."""
     rows = [(name, scale, m["cpu"]) for name, run in runs.items() for scale, m in run["measured"].items() if m.get("cpu")]
@@ -90,10 +96,8 @@ def cpu_table(runs: dict) -> list[str]:
              "| plan | rate scale | machine busy | devices used / quota | workers' host work | router (waiting) | other |",
              "|---|---|---|---|---|---|---|"]
     for name, scale, cpu in rows:
-        devices = ", ".join(f"{key.split('/')[0]} {w['device_cores']:.2f}/{w['quota_cores']:g}"
-                            for key, w in cpu["workers"].items())
         router = cpu.get("processes", {}).get("router")
         router_cell = "-" if router is None else f"{router['cores']:.2f} ({router['wait']:.2f})"
-        lines.append(f"| {name} | {scale} | {cpu['busy_cores']:.2f} of {cpu['machine_cores']:.0f} | {devices} | "
+        lines.append(f"| {name} | {scale} | {cpu['busy_cores']:.2f} of {cpu['machine_cores']:.0f} | {devices_used(cpu)} | "
                      f"{cpu['worker_host_cores']:.2f} | {router_cell} | {cpu['other_cores']:.2f} |")
     return lines

@@ -14,8 +14,9 @@ machine was.
 
 Per-process times come from /proc/<pid>/stat (every thread's user and system
 time, in clock ticks); a process that exited between the snapshots is not
-counted, which is why the load generator and the router, started once per
-measurement, are "everything else": the machine's busy time less the workers'.
+counted, which is why the load generator, started once per measurement, is
+in "everything else": the machine's busy time less the workers' and the
+named processes' (the router, which serves every rate of a plan).
 """
 
 from __future__ import annotations
