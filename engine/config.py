@@ -47,6 +47,13 @@ class EngineSettings:
     # Where the engine publishes its KV-cache events (blocks stored and removed)
     # for the router's prefix index; None publishes nothing.
     kv_events_endpoint: str | None = None
+    # An engine whose ranks span hosts: vLLM's multiprocessing executor on `nnodes`
+    # hosts, this process on host `node_rank` (0: the engine itself; others: headless,
+    # engine.headless), the ranks meeting at the head's master_addr:master_port.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +63,13 @@ class EngineSettings:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.num_kv_cache_blocks is not None and self.num_kv_cache_blocks < 1:
             raise ValueError(f"--kv-cache-blocks={self.num_kv_cache_blocks} must be >= 1")
+        if self.nnodes > 1 and (self.master_addr is None or self.master_port is None):
+            raise ValueError(f"--nnodes={self.nnodes} needs --master-addr and --master-port (the head host's)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank={self.node_rank} must be in 0..{self.nnodes - 1} (--nnodes={self.nnodes})")
+        if (self.tensor_parallel_size * self.pipeline_parallel_size) % self.nnodes:
+            raise ValueError(f"--nnodes={self.nnodes} must divide the engine's ranks "
+                             f"({self.tensor_parallel_size} x {self.pipeline_parallel_size}): each host runs as many")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `vllm.LLM(...)` or `vllm.AsyncEngineArgs(...)`."""
@@ -77,6 +91,9 @@ class EngineSettings:
             kwargs["num_gpu_blocks_override"] = self.num_kv_cache_blocks
         if self.kv_transfer_config is not None:
             kwargs["kv_transfer_config"] = self.kv_transfer_config
+        if self.nnodes > 1:
+            kwargs.update(distributed_executor_backend="mp", nnodes=self.nnodes, node_rank=self.node_rank,
+                          master_addr=self.master_addr, master_port=self.master_port)
         if self.kv_events_endpoint is not None:
             from vllm.config import KVEventsConfig
 
@@ -95,7 +112,7 @@ class EngineSettings:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_gib))
         if not _has_cuda():
             os.environ.setdefault("HEXSERVE_VLLM_SPIN_SLEEP_S", "0.0002")
-            world_size = self.tensor_parallel_size * self.pipeline_parallel_size
+            world_size = self.tensor_parallel_size * self.pipeline_parallel_size // self.nnodes  # this host's ranks
             if world_size > 1:
                 # vLLM's CPU worker binds each rank's threads to NUMA nodes and
                 # refuses more ranks than nodes; give each rank its own cores.

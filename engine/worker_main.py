@@ -88,7 +88,8 @@ def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULES[role]}", description=command_line.description)
     parser.add_argument("--model", default=None, help="local model folder or hub name (default: the tiny model, built on first use)")
     parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--control-endpoint", required=True, help="ZeroMQ endpoint to bind for the router, e.g. tcp://127.0.0.1:7001")
+    parser.add_argument("--control-endpoint", default=None,
+                        help="ZeroMQ endpoint to bind for the router, e.g. tcp://127.0.0.1:7001 (needed but on a headless host)")
     if command_line.kv_transfer_config is not None:
         parser.add_argument("--kv-endpoint", default=None, help="ZeroMQ endpoint where this worker's KV connector listens")
         parser.add_argument("--kv-connector", default="zmq", choices=["zmq", "none"],
@@ -111,6 +112,12 @@ def build_parser(command_line: WorkerCommandLine) -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-blocks", type=int, default=None,
                         help="KV-cache blocks the engine may use (vLLM's num_gpu_blocks_override; default: what memory allows)")
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when the starting process dies")
+    hosts = parser.add_argument_group("an engine whose ranks span hosts (vLLM's multiprocessing executor)")
+    hosts.add_argument("--nnodes", type=int, default=1, help="hosts the engine's ranks span (each runs as many)")
+    hosts.add_argument("--node-rank", type=int, default=0,
+                       help="this host's index; 0 runs the engine and its control endpoint, others run headless")
+    hosts.add_argument("--master-addr", default=None, help="host 0's address, where the ranks meet")
+    hosts.add_argument("--master-port", type=int, default=None, help="a free port on host 0 for the ranks to meet at")
     return parser
 
 
@@ -143,6 +150,10 @@ def settings_from_args(command_line: WorkerCommandLine, args: argparse.Namespace
         num_kv_cache_blocks=args.kv_cache_blocks,
         kv_transfer_config=kv_config,
         kv_events_endpoint=args.kv_events_endpoint,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
     )
 
 
@@ -156,6 +167,16 @@ def main(command_line: WorkerCommandLine, argv: list[str] | None = None) -> None
         settings = settings_from_args(command_line, args)
     except ValueError as exc:  # a bad option: say which, exit 2, as for any other
         parser.error(str(exc))
+    if settings.node_rank > 0:  # this host's ranks of an engine that spans hosts: no server of its own
+        from engine.headless import run_headless
+
+        try:
+            run_headless(settings, exit_with_parent=args.exit_with_parent)
+        finally:
+            remove_kv_stats(settings)
+        return
+    if args.control_endpoint is None:
+        parser.error("--control-endpoint is required (but on a headless host, --node-rank > 0)")
     server = WorkerServer(
         settings=settings,
         role=role,

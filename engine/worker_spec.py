@@ -56,6 +56,12 @@ class WorkerSpec:
     # Started with a kv_both connector (it sends KV and receives it): the router may
     # flip it between prefill and decode without a restart (POST /plan).
     flexible: bool = False
+    # An engine whose ranks span `nnodes` hosts (a group across nodes): this spec starts
+    # host `node_rank`'s share (0: the engine with its control endpoint; others headless,
+    # engine.headless); they meet at `master_endpoint`, tcp://<host 0>:<free port>.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role.parse(self.role, field=f"worker {self.worker_id} role"))
@@ -71,6 +77,11 @@ class WorkerSpec:
             raise ValueError(
                 f"worker {self.worker_id} has pipeline_parallel_size={self.pipeline_parallel_size} but "
                 f"layer_partition={list(self.layer_partition)}; give the layers of each of its stages")
+
+        if self.nnodes > 1 and (self.num_ranks % self.nnodes or self.master_endpoint is None):
+            raise ValueError(f"worker {self.worker_id} spans {self.nnodes} hosts: they must share its "
+                             f"{self.num_ranks} ranks evenly and meet at a master_endpoint "
+                             f"(got {self.master_endpoint!r})")
 
     @property
     def moves_kv(self) -> bool:
@@ -122,6 +133,10 @@ class WorkerSpec:
             cmd += ["--block-size", str(self.block_size)]
         if self.kv_cache_blocks is not None:
             cmd += ["--kv-cache-blocks", str(self.kv_cache_blocks)]
+        if self.nnodes > 1:
+            host, _, port = self.master_endpoint.removeprefix("tcp://").rpartition(":")
+            cmd += ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank),
+                    "--master-addr", host, "--master-port", port]
         if self.model:
             cmd += ["--model", self.model]
         if self.served_model_name:

@@ -35,12 +35,13 @@ off would leave the connector importing upwards.
 
 Public API (the router and the workers use only these): `connector_config`,
 `stats_path`, `read_stats`, `remove_stats`, `prefill_params`, `decode_params_from`,
-`new_transfer_id`, `prompt_hash`, `rank_endpoint`, `remove_receiver_files`, and
+`new_transfer_id`, `prompt_hash`, `rank_endpoint`, `rank_endpoint_list`, `endpoint_parts`,
+`remove_receiver_files`, and
 `STATS_DIR_ENV` (where a launcher wants a worker's counters folder).
 The connector module is imported by vLLM, never at package import.
 """
 
-from kvtransfer.endpoints import rank_endpoint, remove_receiver_files
+from kvtransfer.endpoints import endpoint_parts, rank_endpoint, rank_endpoint_list, remove_receiver_files
 from kvtransfer.handoff import decode_params_from, new_transfer_id, prefill_params, prompt_hash
 from kvtransfer.options import connector_config, stats_path
 from kvtransfer.stats import STATS_DIR_ENV, read_stats, remove_stats
@@ -52,7 +53,9 @@ __all__ = [
     "new_transfer_id",
     "prefill_params",
     "prompt_hash",
+    "endpoint_parts",
     "rank_endpoint",
+    "rank_endpoint_list",
     "read_stats",
     "remove_stats",
     "remove_receiver_files",

@@ -6,6 +6,10 @@ on the machine that a killed worker cannot clean up: the socket file of an
 ipc:// endpoint (ZeroMQ leaves it behind on close) and its arrival-mark folder
 (kvtransfer.arrivals). A launcher that stops a decode worker calls
 `remove_receiver_files` so neither outlives it.
+
+An engine whose ranks sit on several hosts (a plan group that spans nodes)
+cannot derive every rank's endpoint from one base: its kv_endpoint is then
+the list of every rank's endpoint, comma-separated (`rank_endpoint_list`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,23 @@ import shutil
 
 from common.sockets import check_endpoint, ipc_path, tcp_address
 from kvtransfer.arrivals import arrivals_dir
+
+
+RANK_LIST_SEPARATOR = ","
+
+
+def rank_endpoint_list(endpoints: list[str]) -> str:
+    """One kv_endpoint naming each rank's endpoint in rank order (ranks on several hosts)."""
+    for endpoint in endpoints:
+        check_endpoint(endpoint)
+        if RANK_LIST_SEPARATOR in endpoint:
+            raise ValueError(f"endpoint {endpoint!r} holds {RANK_LIST_SEPARATOR!r}; name one endpoint per rank")
+    return RANK_LIST_SEPARATOR.join(endpoints)
+
+
+def endpoint_parts(endpoint: str) -> list[str]:
+    """The endpoints a kv_endpoint names: itself, or each rank's of a rank list."""
+    return endpoint.split(RANK_LIST_SEPARATOR)
 
 
 def rank_endpoint(endpoint: str, rank: int) -> str:
@@ -25,7 +46,13 @@ def rank_endpoint(endpoint: str, rank: int) -> str:
     endpoint as given (so one rank is unchanged); rank r uses port + r for tcp
     and a `.rank<r>` suffix for ipc/inproc. A launcher gives a decode worker a
     base port with the next tp*pp-1 ports free (router.launch_local.local_endpoint).
+    A rank list (`rank_endpoint_list`) names rank r's endpoint as its r-th entry.
     """
+    if RANK_LIST_SEPARATOR in endpoint:
+        ranks = endpoint_parts(endpoint)
+        if not 0 <= rank < len(ranks):
+            raise ValueError(f"endpoint list {endpoint!r} names {len(ranks)} ranks; rank {rank} has none")
+        return check_endpoint(ranks[rank])
     check_endpoint(endpoint)
     if rank == 0:
         return endpoint

@@ -5,9 +5,10 @@ catalog entry whose memory holds the tiny model and the type's KV tokens,
 and whose speed comes from the type's profile (`python -m lab profile`
 measures it inside a cgroup of the type's CPU quota) when there is one, or
 else from the CPU entry scaled by the type's cores. Each pair of hosts is
-joined at the slower of their two links. Pipeline stages are kept to one:
-a vLLM engine on CPU cannot span hosts (see docs/lab.md), so every group
-stays within its host.
+joined at the slower of their two links. Pipeline stages are kept to one
+unless the lab file's `max_pipeline_stages` allows more: then the planner
+may give a group stages on several hosts, which the router serves as one
+vLLM engine across them (router.host_span, docs/lab.md).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def cluster_document(lab: LabSpec, workload: dict[str, Any] | None = None) -> di
                     "links": links},
         "catalog": catalog_entries(lab),
         "model": LAB_MODEL_PRESET,
-        "options": {"activation_reserve_gib": 0, "memory_utilization": MEMORY_UTILIZATION, "max_pipeline_stages": 1},
+        "options": {"activation_reserve_gib": 0, "memory_utilization": MEMORY_UTILIZATION, "max_pipeline_stages": lab.max_pipeline_stages},
         "workload": workload or DEFAULT_WORKLOAD,
     }
     if lab.profiles:

@@ -12,7 +12,8 @@
 A host is a network namespace with one device type (as a real node holds one
 GPU type), its link is shaped both ways at `link_mbit_per_s`, and two hosts
 talk at the slower of their two links. Names become Linux names (namespace,
-interface), hence the short lowercase rule.
+interface), hence the short lowercase rule. `max_pipeline_stages` (default 1)
+lets the planner give a group pipeline stages on several hosts.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class LabSpec:
     hosts: tuple[Host, ...]
     profiles: dict[str, Path]  # device type -> profile file (planner profile), when measured
     source: Path | None = None
+    # Pipeline stages the planner may give a group; above 1 a group may span hosts (router.host_span).
+    max_pipeline_stages: int = 1
 
     @property
     def head(self) -> Host:
@@ -110,7 +113,7 @@ def _hosts(f: Fields, types: dict[str, DeviceType], subnet: ipaddress.IPv4Networ
 
 def parse_lab(data: object, base_dir: Path = Path("."), source: Path | None = None) -> LabSpec:
     f = Fields(data, "")
-    f.check_keys({"schema", "name", "subnet", "device_types", "hosts", "profiles", "notes"})
+    f.check_keys({"schema", "name", "subnet", "device_types", "hosts", "profiles", "max_pipeline_stages", "notes"})
     if f.has("schema") and f.string("schema") != LAB_SCHEMA:
         raise PlanInputError("schema", f"must be {LAB_SCHEMA!r} (is this a cluster file? use `python -m planner`)")
     name = f.string("name")
@@ -132,7 +135,8 @@ def parse_lab(data: object, base_dir: Path = Path("."), source: Path | None = No
     for t in profiles:
         if t not in types:
             raise PlanInputError(f"profiles.{t}", f"no device type {t!r}; the lab has {', '.join(sorted(types))}")
-    lab = LabSpec(name=name, subnet=subnet, device_types=types, hosts=hosts, profiles=profiles, source=source)
+    lab = LabSpec(name=name, subnet=subnet, device_types=types, hosts=hosts, profiles=profiles, source=source,
+                  max_pipeline_stages=f.integer("max_pipeline_stages", 1, minimum=1, maximum=8))
     available = (os.cpu_count() or 1) - RESERVED_CPU_CORES
     if lab.total_cpu_cores() > available + 1e-9:
         raise PlanInputError("device_types", f"the devices take {lab.total_cpu_cores():g} cores; this machine "

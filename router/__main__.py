@@ -110,6 +110,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+LOG_FORMAT = "%(asctime)s router %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(verbose: bool) -> None:
+    """Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
+
+    vLLM's OpenAI layer imports a package (model_hosting_container_standards) that
+    sets the root logger to $SAGEMAKER_CONTAINER_LOG_LEVEL, ERROR by default, and
+    raises the root's handlers to it: the router's own warnings ("worker ... had
+    exited; started it again") vanished once the layer loaded. It is told our level,
+    and a live plan change's steps, progress lines at INFO, get a handler of their own."""
+    level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("SAGEMAKER_CONTAINER_LOG_LEVEL", level)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if logging.getLogger().level > logging.INFO:
+        steps = logging.getLogger("router.plan_changes")
+        steps.setLevel(logging.INFO)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        steps.addHandler(handler)
+        steps.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     for flag, value in (("--share-slack-requests", args.share_slack_requests),
@@ -118,11 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             build_parser().error(f"{flag} applies to --routing cache-aware only (got --routing {args.routing})")
     if args.vllm_args and args.api != "vllm":
         build_parser().error(f"--vllm-args applies to --api vllm only (got --api {args.api})")
-    # Concise by default: progress lines and warnings; --verbose (or HEXSERVE_LOG_LEVEL) for the rest.
-    level = os.environ.get("HEXSERVE_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().level > logging.INFO:  # a live plan change's steps are progress lines too
-        logging.getLogger("router.plan_changes").setLevel(logging.INFO)
+    configure_logging(args.verbose)
     try:
         run(ServeOptions(
             host=args.host, port=args.port, plan=args.plan, ray_address=args.ray, model=args.model,

@@ -117,6 +117,9 @@ def group_worker(group, settings: WorkerSettings, worker_id: str | None = None) 
         max_model_len=settings.max_model_len, cpu_kvcache_gib=settings.cpu_kvcache_gib,
         block_size=settings.block_size)
     placement = {"nodes": list(group.nodes), "gpu_types": dict(group.gpu_types), "num_gpus": len(group.gpus)}
+    if tp * pp > 1:  # where each stage runs: a group with stages on several nodes is one engine across them (router.host_span)
+        placement["stages"] = [{"node": stage.node, "gpu_type": stage.gpu_type, "gpus": len(stage.gpus),
+                                "ranks": stage.tp} for stage in group.stages]
     return spec, placement
 
 
@@ -130,7 +133,7 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     it), so the router splits traffic the way the max-flow does. `model`
     overrides the plan's model: a plan made for Llama-2-70B can be rehearsed
     on a CPU machine with the tiny model (then TP/PP are 1, as a CPU worker
-    cannot split). Colocated groups serve both phases and route to themselves.
+    cannot split); a plan made for the tiny model (a lab's) keeps its TP/PP. Colocated groups serve both phases and route to themselves.
     flexible_roles: prefill and decode workers run a kv_both connector, so
     their roles may flip (POST /plan); colocated workers are never flexible.
     """
@@ -138,7 +141,7 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     settings = WorkerSettings(model_path=model_path, served_model_name=served, max_model_len=max_model_len,
                               kv_connector=kv_connector, host=host, worker_link=worker_link,
                               cpu_kvcache_gib=cpu_kvcache_gib, block_size=block_size,
-                              flexible_roles=flexible_roles, rehearsal=model is None)
+                              flexible_roles=flexible_roles, rehearsal=model is None and not plans_tiny_model(plan))
     if not settings.rehearsal and kv_connector != "none":
         check_kv_layouts(plan)
     workers: list[WorkerSpec] = []
@@ -154,6 +157,14 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
         raise ValueError("the plan has no route with positive flow; re-solve it (is any group able to serve?)")
     return Deployment(workers=workers, routes=routes, model_path=model_path, served_model_name=served,
                       max_model_len=max_model_len, placement=placement, settings=settings)
+
+
+def plans_tiny_model(plan) -> bool:
+    """A plan made for the tiny model itself (a lab's): served as planned, TP and PP
+    included, not rehearsed with every group on one CPU worker."""
+    from engine.tiny_model import TINY_MODEL_NAME
+
+    return (plan.model or {}).get("name") == TINY_MODEL_NAME
 
 
 def plan_routes(plan, worker_of_group: dict[str, str]) -> list[Route]:

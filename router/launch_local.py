@@ -22,7 +22,7 @@ from typing import IO
 from common.ports import release_tcp_ports, reserve_tcp_ports
 from common.sockets import ipc_path, tcp_address
 from engine.worker_spec import WorkerSpec
-from kvtransfer import STATS_DIR_ENV, remove_receiver_files
+from kvtransfer import STATS_DIR_ENV, endpoint_parts, remove_receiver_files
 
 
 def local_endpoint(host: str = "127.0.0.1", ports: int = 1) -> str:
@@ -106,7 +106,8 @@ def kv_stats_folder(worker_id: str) -> Path:
 
 def release_endpoint_ports(spec: WorkerSpec) -> None:
     """Stop holding the TCP ports local_endpoint reserved in this process for the worker."""
-    for endpoint in (spec.control_endpoint, spec.kv_events_endpoint, spec.kv_endpoint):
+    kv_endpoints = endpoint_parts(spec.kv_endpoint) if spec.kv_endpoint else []  # each rank's, on several hosts
+    for endpoint in (spec.control_endpoint, spec.kv_events_endpoint, *kv_endpoints):
         if endpoint and (address := tcp_address(endpoint)) is not None:
             release_tcp_ports(*address)
 

@@ -24,10 +24,12 @@ from pathlib import Path
 
 from common.cpu_cgroup import make_cgroup, remove_cgroup
 from common.emulated_device import EmulatedDevices, emulated_devices_from_env
+from common.ports import free_tcp_port
 from common.ray_resources import NODE_RESOURCE_SHARE, gpu_type_resource, named_nodes, node_resource
 from engine.config import CPU_DEFAULT_BLOCK_SIZE
 from engine.worker_spec import WorkerSpec
 from router.deployment import Deployment
+from router.host_span import HostShare, host_bundles, host_network_env, host_shares, shared_fields
 from router.launch_local import LocalLauncher, local_endpoint, release_endpoint_ports
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,17 @@ def placement_bundles(placement: dict, use_gpus: bool,
     return bundles, strategy
 
 
-def on_node(spec: WorkerSpec, node_ip: str) -> WorkerSpec:
+def on_node(spec: WorkerSpec, node_ip: str, ranks: int | None = None) -> WorkerSpec:
     """The spec bound on the actor's node: every endpoint the worker listens on
     (control, KV with one port per rank, events) moves to a free TCP port of the
     node's address. Any worker with a KV endpoint gets it back rebound: a decode
     worker, and a flexible prefill worker (its kv_both connector listens too);
-    the rest of the spec, --flexible-role included, travels unchanged."""
+    the rest of the spec, --flexible-role included, travels unchanged. `ranks`:
+    the engine's ranks on this node, when it spans hosts (router.host_span)."""
     return dataclasses.replace(
         spec,
         control_endpoint=local_endpoint(node_ip),
-        kv_endpoint=local_endpoint(node_ip, spec.num_ranks) if spec.kv_endpoint else None,
+        kv_endpoint=local_endpoint(node_ip, ranks or spec.num_ranks) if spec.kv_endpoint else None,
         kv_events_endpoint=local_endpoint(node_ip) if spec.kv_events_endpoint else None,
     )
 
@@ -83,23 +86,48 @@ def on_emulated_devices(spec: WorkerSpec, devices: EmulatedDevices | None, num_d
 
 
 class _WorkerActor:
-    """Runs one worker process on the actor's node and reports where it listens."""
+    """Runs one worker process on the actor's node and reports where it listens.
+    With `host_ranks` it runs one host's share of an engine that spans hosts
+    (router.host_span): it binds that host's endpoints and waits for `launch`."""
 
-    def __init__(self, spec: WorkerSpec, num_devices: int = 1):
+    def __init__(self, spec: WorkerSpec, num_devices: int = 1, host_ranks: int | None = None):
         import ray
 
-        self.spec = on_node(spec, ray.util.get_node_ip_address())
+        self.node_ip = ray.util.get_node_ip_address()
+        self.spec = on_node(spec, self.node_ip, host_ranks)
         self.spec = on_emulated_devices(self.spec, emulated_devices_from_env(), num_devices)
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:
             self.spec = dataclasses.replace(
                 self.spec, env=self.spec.env + (("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in gpu_ids)),))
         self.launcher = LocalLauncher()
-        self.launcher.start(self.spec)
         self.stopped = False
+        if host_ranks is None:
+            self.launcher.start(self.spec)
 
     def spec_(self) -> WorkerSpec:
         return self.spec
+
+    def free_port(self) -> int:
+        """A free port on this node (where an engine's hosts meet, on host 0)."""
+        return free_tcp_port(self.node_ip)
+
+    def launch(self, node_rank: int, shared: dict) -> WorkerSpec:
+        """Start this host's share of an engine that spans hosts, with what its hosts
+        share (every rank's KV endpoint, where they meet: host_span.shared_fields)."""
+        self.spec = dataclasses.replace(self.spec, node_rank=node_rank, env=self.spec.env + host_network_env(self.node_ip),
+                                        **shared)
+        self.launcher.start(self.spec)
+        return self.spec
+
+    def relaunch(self) -> bool:
+        """Start this host's share again (one of its engine's hosts died: all start again)."""
+        if self.stopped:
+            return False
+        if self.alive():
+            self.launcher.kill(self.spec.worker_id)
+        self.launcher.restart(self.spec)
+        return True
 
     def alive(self) -> bool:
         return self.launcher.is_alive(self.spec.worker_id)
@@ -155,6 +183,8 @@ class RayLauncher:
     use_gpus: bool = False
     actors: dict[str, object] = field(default_factory=dict)
     placement_groups: dict[str, object] = field(default_factory=dict)
+    # An engine that spans hosts: the actors of its hosts 1.. (host 0's is in `actors`).
+    host_actors: dict[str, list] = field(default_factory=dict)
     specs: dict[str, WorkerSpec] = field(default_factory=dict)
     _owns_ray: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)  # restart_dead against retire_workers
@@ -177,20 +207,14 @@ class RayLauncher:
 
     def start(self, spec: WorkerSpec, timeout_s: float = 300.0) -> WorkerSpec:
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         placement = (self.deployment.placement or {}).get(spec.worker_id, {})
+        shares = host_shares(spec.worker_id, placement, spec.num_ranks)
+        if shares is not None:
+            return self._start_across_hosts(spec, shares, timeout_s)
         bundles, strategy = placement_bundles(placement, self.use_gpus, named_nodes(ray.cluster_resources()))
-        group = placement_group(bundles, strategy=strategy, name=f"hexserve-{spec.worker_id}")
-        try:
-            ray.get(group.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(group)
-            raise RuntimeError(
-                f"Ray could not place worker {spec.worker_id}: no node offers {bundles} ({strategy}). "
-                f"Start nodes with e.g. `ray start --resources '{{\"{gpu_type_resource('H100')}\": 8}}'`."
-            ) from None
+        group = self._place(spec.worker_id, bundles, strategy, timeout_s)
         actor_cls = ray.remote(num_cpus=0, num_gpus=bundles[0].get("GPU", 0), max_restarts=0)(_WorkerActor)
         actor = actor_cls.options(
             name=f"hexserve-{spec.worker_id}",
@@ -204,6 +228,51 @@ class RayLauncher:
         self.specs[spec.worker_id] = actual
         release_endpoint_ports(spec)  # the actor bound the worker anew on its node (on_node)
         return actual
+
+    def _place(self, worker_id: str, bundles: list[dict[str, float]], strategy: str, timeout_s: float):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        group = placement_group(bundles, strategy=strategy, name=f"hexserve-{worker_id}")
+        try:
+            ray.get(group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise RuntimeError(
+                f"Ray could not place worker {worker_id}: no node offers {bundles} ({strategy}). "
+                f"Start nodes with e.g. `ray start --resources '{{\"{gpu_type_resource('H100')}\": 8}}'`."
+            ) from None
+        return group
+
+    def _start_across_hosts(self, spec: WorkerSpec, shares: list[HostShare], timeout_s: float) -> WorkerSpec:
+        """One engine over several hosts (router.host_span): an actor per host, each bound on
+        its node; once every host's endpoints are known, each starts its share, host 0 the
+        engine the router talks to, the others its headless ranks."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundles = host_bundles(shares, self.use_gpus, named_nodes(ray.cluster_resources()))
+        group = self._place(spec.worker_id, bundles, "STRICT_SPREAD", timeout_s)
+        actors = []
+        for index, share in enumerate(shares):
+            actor_cls = ray.remote(num_cpus=0, num_gpus=bundles[index].get("GPU", 0), max_restarts=0)(_WorkerActor)
+            actors.append(actor_cls.options(
+                name=f"hexserve-{spec.worker_id}" + (f"-host{index}" if index else ""),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
+                                                                     placement_group_bundle_index=index),
+            ).remote(spec, share.devices, share.ranks))
+        with self._lock:
+            self.actors[spec.worker_id] = actors[0]
+            self.host_actors[spec.worker_id] = actors[1:]
+            self.placement_groups[spec.worker_id] = group
+        bound = ray.get([actor.spec_.remote() for actor in actors], timeout=timeout_s)
+        shared = shared_fields(bound, ray.get(actors[0].free_port.remote(), timeout=timeout_s))
+        started = ray.get([actor.launch.remote(rank, shared) for rank, actor in enumerate(actors)], timeout=timeout_s)
+        self.specs[spec.worker_id] = started[0]
+        release_endpoint_ports(spec)
+        log.info("worker %s: one engine on %d hosts (%s)", spec.worker_id, len(shares),
+                 ", ".join(f"{share.node}: {share.ranks} ranks" for share in shares))
+        return started[0]
 
     def add_workers(self, specs: list[WorkerSpec], placement: dict[str, dict] | None = None) -> list[WorkerSpec]:
         """Start more workers while the others run (a live plan change), each placed by
@@ -225,55 +294,76 @@ class RayLauncher:
         return [self.specs[worker_id] for worker_id in started]
 
     def retire_workers(self, worker_ids: list[str], drain_timeout_s: float = 30.0) -> None:
-        """Stop these workers for good (a live plan change retired them): actor, process
+        """Stop these workers for good (a live plan change retired them): actors, processes
         and placement group; never restarted."""
         with self._lock:  # out of restart_dead's reach before they stop
-            gone = [(self.actors.pop(w, None), self.placement_groups.pop(w, None)) for w in worker_ids]
+            gone = [(self.actors.pop(w, None), self.host_actors.pop(w, []), self.placement_groups.pop(w, None))
+                    for w in worker_ids]
             for worker_id in worker_ids:
                 self.specs.pop(worker_id, None)
-        for actor, group in gone:
-            self._stop_actor(actor, group, drain_timeout_s)
+        for actor, hosts, group in gone:
+            self._stop_worker(actor, hosts, group, drain_timeout_s)
+
+    def _worker_actors(self, worker_id: str) -> list:
+        """The worker's actors: one, or one per host of an engine that spans hosts."""
+        return [self.actors[worker_id], *self.host_actors.get(worker_id, [])]
 
     def is_alive(self, worker_id: str) -> bool:
         import ray
 
         try:
-            return bool(ray.get(self.actors[worker_id].alive.remote(), timeout=5))
+            return all(ray.get([actor.alive.remote() for actor in self._worker_actors(worker_id)], timeout=5))
         except ray.exceptions.RayError as exc:  # an actor that is gone or does not answer: a dead worker
             log.warning("worker actor %s did not answer: %s", worker_id, exc)
             return False
 
     def alive_checks(self) -> dict:
-        """Whether each worker's process runs, for the router's event loop: a check never
-        waits on Ray (it reads the actor's last answer and asks again), so a worker that
-        exits while loading stops the start within a second or two, as a local one does,
-        instead of keeping it waiting out the start timeout."""
-        return {worker_id: (lambda w=worker_id: self._liveness.check(w, self.actors.get(w)))
-                for worker_id in self.actors}
+        """Whether each worker's processes run (on every host of an engine that spans
+        hosts), for the router's event loop: a check never waits on Ray (it reads the
+        actor's last answer and asks again), so a worker that exits while loading stops
+        the start within a second or two, as a local one does, instead of keeping it
+        waiting out the start timeout."""
+        def check(worker_id: str) -> bool:
+            hosts = self.host_actors.get(worker_id, [])
+            return self._liveness.check(worker_id, self.actors.get(worker_id)) and all(
+                self._liveness.check(f"{worker_id}-host{index}", actor) for index, actor in enumerate(hosts, 1))
+
+        return {worker_id: (lambda w=worker_id: check(w)) for worker_id in self.actors}
 
     def restart_dead(self) -> list[str]:
+        """Start again every worker whose process exited. An engine that spans hosts starts
+        again on all of them when one host's share exited (its ranks meet only at start)."""
         import ray
 
         restarted = []
         with self._lock:
             for worker_id, actor in self.actors.items():
                 try:
-                    if ray.get(actor.restart_if_dead.remote(), timeout=10):
+                    if worker_id not in self.host_actors:
+                        if ray.get(actor.restart_if_dead.remote(), timeout=10):
+                            restarted.append(worker_id)
+                        continue
+                    actors = self._worker_actors(worker_id)
+                    if not all(ray.get([a.alive.remote() for a in actors], timeout=10)):
+                        ray.get([a.relaunch.remote() for a in actors], timeout=60)
                         restarted.append(worker_id)
                 except ray.exceptions.RayError:  # the actor itself is gone (or the restart failed in it)
                     log.warning("could not restart worker actor %s", worker_id, exc_info=True)
         return restarted
 
     @staticmethod
-    def _stop_actor(actor, group, drain_timeout_s: float) -> None:
+    def _stop_worker(actor, hosts: list, group, drain_timeout_s: float) -> None:
+        """Stop a worker's actors (host 0's first: it drains the requests) and its placement group."""
         import ray
 
-        if actor is not None:
+        for index, one in enumerate([actor, *hosts]):
+            if one is None:
+                continue
             try:
-                ray.get(actor.stop.remote(), timeout=drain_timeout_s + 15)
+                ray.get(one.stop.remote(), timeout=(drain_timeout_s if index == 0 else 0) + 15)
             except ray.exceptions.RayError as exc:  # no drain; the actor is killed next either way
                 log.warning("worker actor did not stop cleanly: %s", exc)
-            ray.kill(actor)
+            ray.kill(one)
         if group is not None:
             ray.util.remove_placement_group(group)
 
@@ -282,10 +372,12 @@ class RayLauncher:
 
         with self._lock:
             for worker_id, actor in self.actors.items():
-                self._stop_actor(actor, self.placement_groups.pop(worker_id, None), drain_timeout_s)
+                self._stop_worker(actor, self.host_actors.get(worker_id, []), self.placement_groups.pop(worker_id, None),
+                                  drain_timeout_s)
             for group in self.placement_groups.values():
                 ray.util.remove_placement_group(group)
             self.actors.clear()
+            self.host_actors.clear()
             self.placement_groups.clear()
             self.specs.clear()
         if self._owns_ray:

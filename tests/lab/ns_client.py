@@ -2,6 +2,8 @@
 completions to the router there and print what came back, as JSON.
 
 argv: base_url, then a JSON list of prompt-id lists; prints a list of token-id lists.
+With a third argument `--until-ok` it waits for every worker to be back (status "ok",
+not "degraded"), not only for the router to serve.
 """
 
 import json
@@ -11,10 +13,12 @@ import time
 import httpx
 
 base_url, prompts = sys.argv[1], json.loads(sys.argv[2])
+until_ok = sys.argv[3:] == ["--until-ok"]
 deadline = time.monotonic() + 600
 while True:  # the router answers /health once every worker is healthy
     try:
-        if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+        health = httpx.get(f"{base_url}/health", timeout=2)
+        if health.status_code == 200 and (not until_ok or health.json()["status"] == "ok"):
             break
     except httpx.HTTPError:
         pass

@@ -11,8 +11,6 @@ have crossed the veths (interface counters), and `down` must leave nothing.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.cpu_cgroup import CPU_CONTROLLER_ROOT, cgroup_pids, read_quota
+from common.cpu_cgroup import cgroup_pids, read_quota
 from common.ports import free_tcp_port
 from lab.launcher import LabPaths, down, up
 from lab.network import exec_in, interface_bytes, lab_namespaces, namespace_pids
 from lab.spec import parse_lab
+from tests.lab.lab_helpers import lab_unavailable, running, stop_router
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +34,6 @@ LAB = {"schema": "hexserve.lab", "name": "hxci", "subnet": "10.213.11.0/24",
                         "SLOW": {"cpu_cores": 0.5, "kv_cache_tokens": 4096, "price_per_hour": 0.3}},
        "hosts": [{"name": "h0", "gpu_type": "FAST", "link_mbit_per_s": 2000},
                  {"name": "h1", "gpu_type": "SLOW", "link_mbit_per_s": 300}]}
-
-
-def lab_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces, tc, cgroups)"
-    for tool in ("ip", "tc", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"the lab needs `{tool}`"
-    if not (CPU_CONTROLLER_ROOT / "cpu.cfs_quota_us").exists():
-        return f"the lab needs the cgroup v1 cpu controller at {CPU_CONTROLLER_ROOT}"
-    return None
 
 
 @pytest.mark.skipif(lab_unavailable() is not None, reason=lab_unavailable() or "")
@@ -105,17 +93,9 @@ def test_two_host_lab_serves_across_hosts_and_cleans_up(tmp_path, reference_llm)
             assert in_device and all(name.startswith("VLLM::Worker") for name in in_device), in_device
         lab_pids = [pid for ns in namespace.values() for pid in namespace_pids(ns)]
     finally:
-        removed = down(lab.name)  # kills the router too: it runs in the head's namespace
-        if router is not None:
-            router.wait(timeout=30)
+        stop_router(router)
+        removed = down(lab.name)
     assert removed and not lab_namespaces(lab.name)
     assert not LabPaths(lab.name).cgroup.exists() and not LabPaths(lab.name).state_dir.exists()
-    assert [pid for pid in lab_pids if _running(pid)] == []
+    assert [pid for pid in lab_pids if running(pid)] == []
 
-
-def _running(pid: int) -> bool:
-    """Still a process, not a zombie waiting for its parent (this test, for the router) to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

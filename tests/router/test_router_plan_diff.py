@@ -81,8 +81,9 @@ def test_a_tp_or_pp_change_restarts_the_group_under_its_next_revision():
 
 
 def test_a_rehearsal_runs_every_group_with_tp_1_so_a_tp_change_restarts_nothing():
-    workers, routes, settings = _running(local_plan(1, 1), rehearsal=True)
-    plan = local_plan(1, 1)
+    running, plan = local_plan(1, 1), local_plan(1, 1)
+    running.model = plan.model = {"name": "Llama-2-70B"}  # another model's plan, the tiny one standing in
+    workers, routes, settings = _running(running, rehearsal=True)
     plan.groups[1].tp = 4
     assert not diff_plan(plan, workers, routes, settings).needs_workers
 
