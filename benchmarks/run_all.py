@@ -44,6 +44,7 @@ BENCHMARKS = (
     Benchmark("n_sequences", (), ("--trials", "2"), "n_sequences.md"),
     Benchmark("loadtest_replay", (), ("--max-requests", "40", "--duration", "20"), "loadtest_replay.md"),
     Benchmark("sim_validate", (), ("--rate-scales", "1", "--max-requests", "50", "--duration", "20"), "sim_validate_vllm.md"),
+    Benchmark("colocated_interference", (), (), "colocated_interference.md"),
     Benchmark("prefix_reuse_sim", (), ("--quick",), "prefix_reuse_sim.md"),
     Benchmark("elastic_sim", (), ("--phase-s", "120"), "elastic_sim.md"),
     Benchmark("right_size", (), ("--max-requests", "800"), "right_size.md"),

@@ -51,3 +51,14 @@ def test_loadtest_replay_refuses_an_unknown_target_before_starting_anything(caps
     with pytest.raises(SystemExit) as stopped:
         loadtest_replay.main(["--targets", "router,bogus"])
     assert stopped.value.code == 2 and "unknown 'bogus'" in capsys.readouterr().err
+
+
+def test_colocated_interference_compares_the_mixed_step_with_its_two_parts():
+    from benchmarks.colocated_interference import table_rows, with_ratios
+
+    points = [{"batch": 0, "prompt_tokens": 128, "decode_ms": 0.0, "mixed_ms": 30.0},
+              {"batch": 8, "prompt_tokens": 128, "decode_ms": 10.0, "mixed_ms": 60.0}]
+    rated = with_ratios(points)
+    assert rated[1]["prefill_ms"] == 30.0 and rated[1]["ratio"] == pytest.approx(1.5)  # 60 / (10 + 30)
+    rows = table_rows([{"device": "SLOW", "cpu_cores": 0.3, "points": rated}])
+    assert rows == [["SLOW (0.3 cores)", "8", "128", "10.0", "30.0", "60.0", "1.50"]]  # the batch-0 point is prefill(P)
