@@ -41,3 +41,13 @@ def stop_router(router: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         router.kill()
         router.wait()
+
+
+def assert_nothing_left(lab_name: str, removed: list[str], lab_pids: list[int]) -> None:
+    """`down` removed the lab, and nothing of it is left: namespaces, cgroups, state, processes."""
+    from lab.launcher import LabPaths
+    from lab.network import lab_namespaces
+
+    assert removed and not lab_namespaces(lab_name)
+    assert not LabPaths(lab_name).cgroup.exists() and not LabPaths(lab_name).state_dir.exists()
+    assert [pid for pid in lab_pids if running(pid)] == []

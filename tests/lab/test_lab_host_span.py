@@ -25,9 +25,9 @@ from common.cpu_cgroup import cgroup_pids
 from common.plan import GroupPlan, Plan, Predicted, RoutePlan, StagePlan
 from common.ports import free_tcp_port
 from lab.launcher import LabPaths, down, up
-from lab.network import exec_in, interface_bytes, lab_namespaces, namespace_pids
+from lab.network import exec_in, interface_bytes, namespace_pids
 from lab.spec import parse_lab
-from tests.lab.lab_helpers import lab_unavailable, running, stop_router
+from tests.lab.lab_helpers import assert_nothing_left, lab_unavailable, stop_router
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +82,10 @@ def test_a_decode_engine_spanning_two_hosts_serves_token_equal(tmp_path, referen
             stdout=open(tmp_path / "router.log", "ab"), stderr=subprocess.STDOUT)
         prompts = [list(range(3, 40)), [7, 11, 13] * 50, list(range(100, 300))]
         before = interface_bytes(namespace["h1"])
-        out = subprocess.run(
-            exec_in(namespace["h0"], [sys.executable, str(Path(__file__).with_name("ns_client.py")),
-                                      f"http://127.0.0.1:{port}", json.dumps(prompts)]),
-            capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "router.log").read_text()[-3000:]
+        outputs = _complete(namespace["h0"], port, prompts, tmp_path / "router.log")
         after = interface_bytes(namespace["h1"])
 
-        for prompt, tokens in zip(prompts, json.loads(out.stdout)):
+        for prompt, tokens in zip(prompts, outputs):
             expected = reference_llm.generate([{"prompt_token_ids": prompt}],
                                               SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
             assert tokens == list(expected[0].outputs[0].token_ids)
@@ -108,28 +104,33 @@ def test_a_decode_engine_spanning_two_hosts_serves_token_equal(tmp_path, referen
 
         # h1's share dies (its host's processes killed): the router starts the engine again on both
         # hosts (its ranks meet only at start), and serves through it once it is back.
-        share = paths.host_cgroup(lab.host("h1")) / "decode-g1"
-        killed = cgroup_pids(share)
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not set(cgroup_pids(share)) - set(killed) and time.monotonic() < deadline:
-            time.sleep(1)
+        _kill_and_wait_for_restart(paths.host_cgroup(lab.host("h1")) / "decode-g1")
         before = interface_bytes(namespace["h1"])
-        again = subprocess.run(
-            exec_in(namespace["h0"], [sys.executable, str(Path(__file__).with_name("ns_client.py")),
-                                      f"http://127.0.0.1:{port}", json.dumps(prompts[2:]), "--until-ok"]),
-            capture_output=True, text=True, timeout=900)
-        log = (tmp_path / "router.log").read_text()
-        assert again.returncode == 0, again.stderr[-2000:] + log[-3000:]
-        assert json.loads(again.stdout) == json.loads(out.stdout)[2:]
-        assert "worker decode-g1 had exited; started it again" in log
+        assert _complete(namespace["h0"], port, prompts[2:], tmp_path / "router.log", "--until-ok") == outputs[2:]
+        assert "worker decode-g1 had exited; started it again" in (tmp_path / "router.log").read_text()
         received = interface_bytes(namespace["h1"])["rx_bytes"] - before["rx_bytes"]
         assert received >= -(-len(prompts[2]) // 128) * KV_BYTES_PER_STAGE_BLOCK, received
         lab_pids = [pid for ns in namespace.values() for pid in namespace_pids(ns)]
     finally:
         stop_router(router)
         removed = down(lab.name)
-    assert removed and not lab_namespaces(lab.name)
-    assert not LabPaths(lab.name).cgroup.exists() and not LabPaths(lab.name).state_dir.exists()
-    assert [pid for pid in lab_pids if running(pid)] == []
+    assert_nothing_left(lab.name, removed, lab_pids)
+
+
+def _complete(namespace: str, port: int, prompts: list[list[int]], router_log: Path, *options: str) -> list:
+    """Completions of `prompts` through the router in the head's namespace (tests/lab/ns_client.py)."""
+    out = subprocess.run(exec_in(namespace, [sys.executable, str(Path(__file__).with_name("ns_client.py")),
+                                             f"http://127.0.0.1:{port}", json.dumps(prompts), *options]),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:] + router_log.read_text()[-3000:]
+    return json.loads(out.stdout)
+
+
+def _kill_and_wait_for_restart(share: Path, timeout_s: float = 60.0) -> None:
+    """Kill every process of one host's share of the engine; wait until new ones run there."""
+    killed = cgroup_pids(share)
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while not set(cgroup_pids(share)) - set(killed) and time.monotonic() < deadline:
+        time.sleep(1)

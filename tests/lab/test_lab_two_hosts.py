@@ -21,9 +21,9 @@ import pytest
 from common.cpu_cgroup import cgroup_pids, read_quota
 from common.ports import free_tcp_port
 from lab.launcher import LabPaths, down, up
-from lab.network import exec_in, interface_bytes, lab_namespaces, namespace_pids
+from lab.network import exec_in, interface_bytes, namespace_pids
 from lab.spec import parse_lab
-from tests.lab.lab_helpers import lab_unavailable, running, stop_router
+from tests.lab.lab_helpers import assert_nothing_left, lab_unavailable, stop_router
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,5 @@ def test_two_host_lab_serves_across_hosts_and_cleans_up(tmp_path, reference_llm)
     finally:
         stop_router(router)
         removed = down(lab.name)
-    assert removed and not lab_namespaces(lab.name)
-    assert not LabPaths(lab.name).cgroup.exists() and not LabPaths(lab.name).state_dir.exists()
-    assert [pid for pid in lab_pids if running(pid)] == []
+    assert_nothing_left(lab.name, removed, lab_pids)
 
