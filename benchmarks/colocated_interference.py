@@ -17,9 +17,9 @@ and reports mixed / (decode + prefill): 1.0 where the simulator's sum holds.
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so each
 `step()` is one scheduler step, timed from its start to its outputs; the
 whole process sits in a cgroup of the device's CPU quota (root; without root
-the quota is left out and the run says so).
+the quota is left out, the run says so, and the table's cores read None).
 
-    .venv/bin/python -m benchmarks.colocated_interference        # FAST 0.6 and SLOW 0.3 cores
+    .venv/bin/python -m benchmarks.colocated_interference   # hetero4's FAST (0.6) and SLOW (0.3 cores)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from benchmarks.results_files import write_results
 
-DEVICES = {"FAST": 0.6, "SLOW": 0.3}  # cores, as configs/lab/hetero4.json
+LAB = Path(__file__).resolve().parent.parent / "configs" / "lab" / "hetero4.json"  # its device types' quotas
 BATCHES = (0, 4, 8, 16, 24)
 PROMPTS = (128, 384, 768)
 CONTEXT_TOKENS = 256  # the running requests' prompts
@@ -124,7 +124,9 @@ def measure_device(name: str, cores: float) -> dict:
                VLLM_CPU_OMP_THREADS_BIND="nobind")
     command = [sys.executable, "-m", "benchmarks.colocated_interference", "--probe"]
     cgroup = None
-    if os.geteuid() == 0:
+    if os.geteuid() != 0:
+        print(f"{name}: not root, so no cgroup: the probe runs without the {cores:g}-core quota", file=sys.stderr)
+    else:
         cgroup = make_cgroup(CPU_CONTROLLER_ROOT / f"hexserve-interference-{os.getpid()}", CpuQuota(cores))
         env[DEVICE_CGROUP_ENV] = str(cgroup)  # the model's process joins it when it loads (engine.vllm_plugin)
         command = join_command(command, cgroup)
@@ -159,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         args.out.write_text(json.dumps(run_probe()))
         return
-    results = [measure_device(name, cores) for name, cores in DEVICES.items()]
+    from lab.spec import load_lab
+
+    devices = load_lab(LAB).device_types
+    results = [measure_device(name, device.cpu_cores) for name, device in devices.items()]
     write_results(args.name, {"devices": results}, HEADER, table_rows(results))
 
 

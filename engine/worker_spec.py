@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common.cpu_cgroup import join_command
 from common.roles import Role
+from common.sockets import tcp_address
 
 # The module each role's worker runs as (`python -m <module>`): a colocated
 # worker is the bare engine, with no KV connector.
@@ -78,9 +79,10 @@ class WorkerSpec:
                 f"worker {self.worker_id} has pipeline_parallel_size={self.pipeline_parallel_size} but "
                 f"layer_partition={list(self.layer_partition)}; give the layers of each of its stages")
 
-        if self.nnodes > 1 and (self.num_ranks % self.nnodes or self.master_endpoint is None):
+        if self.nnodes > 1 and (self.num_ranks % self.nnodes or self.master_endpoint is None
+                                or tcp_address(self.master_endpoint) is None):
             raise ValueError(f"worker {self.worker_id} spans {self.nnodes} hosts: they must share its "
-                             f"{self.num_ranks} ranks evenly and meet at a master_endpoint "
+                             f"{self.num_ranks} ranks evenly and meet at a master_endpoint tcp://HOST:PORT "
                              f"(got {self.master_endpoint!r})")
 
     @property
@@ -134,9 +136,9 @@ class WorkerSpec:
         if self.kv_cache_blocks is not None:
             cmd += ["--kv-cache-blocks", str(self.kv_cache_blocks)]
         if self.nnodes > 1:
-            host, _, port = self.master_endpoint.removeprefix("tcp://").rpartition(":")
+            host, port = tcp_address(self.master_endpoint)
             cmd += ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank),
-                    "--master-addr", host, "--master-port", port]
+                    "--master-addr", host, "--master-port", str(port)]
         if self.model:
             cmd += ["--model", self.model]
         if self.served_model_name:

@@ -133,7 +133,8 @@ def deployment_from_plan(plan, model: str | None = None, served_model_name: str 
     it), so the router splits traffic the way the max-flow does. `model`
     overrides the plan's model: a plan made for Llama-2-70B can be rehearsed
     on a CPU machine with the tiny model (then TP/PP are 1, as a CPU worker
-    cannot split); a plan made for the tiny model (a lab's) keeps its TP/PP. Colocated groups serve both phases and route to themselves.
+    cannot split); a plan made for the tiny model (a lab's) keeps its TP/PP.
+    Colocated groups serve both phases and route to themselves.
     flexible_roles: prefill and decode workers run a kv_both connector, so
     their roles may flip (POST /plan); colocated workers are never flexible.
     """

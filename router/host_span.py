@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.ray_resources import NODE_RESOURCE_SHARE, gpu_type_resource, node_resource
+from common.sockets import tcp_address
 from engine.worker_spec import WorkerSpec
 from kvtransfer import rank_endpoint, rank_endpoint_list
 
@@ -92,7 +93,7 @@ def shared_fields(bound: list[WorkerSpec], master_port: int) -> dict:
 
 def host_address(spec: WorkerSpec) -> str:
     """The address a host's actor bound the worker on (its control endpoint's host)."""
-    return spec.control_endpoint.removeprefix("tcp://").rpartition(":")[0]
+    return tcp_address(spec.control_endpoint)[0]
 
 
 def host_network_env(node_ip: str) -> tuple[tuple[str, str], ...]:
@@ -106,4 +107,3 @@ def host_network_env(node_ip: str) -> tuple[tuple[str, str], ...]:
             env.append(("GLOO_SOCKET_IFNAME", interface))
             break
     return tuple(env)
-

@@ -145,6 +145,19 @@ class _WorkerActor:
             remove_cgroup(Path(self.spec.cpu_cgroup))
 
 
+def _actor_in(group, bundle_index: int, bundle: dict[str, float], name: str, *args):
+    """A worker actor, named `name`, in bundle `bundle_index` of placement group `group`."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    actor_cls = ray.remote(num_cpus=0, num_gpus=bundle.get("GPU", 0), max_restarts=0)(_WorkerActor)
+    return actor_cls.options(
+        name=name,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
+                                                             placement_group_bundle_index=bundle_index),
+    ).remote(*args)
+
+
 class ActorLiveness:
     """Each worker actor's answer to `alive()`, asked without blocking: a check reads the
     answer to the last question if it has come, and asks again. Until the first answer a
@@ -207,7 +220,6 @@ class RayLauncher:
 
     def start(self, spec: WorkerSpec, timeout_s: float = 300.0) -> WorkerSpec:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         placement = (self.deployment.placement or {}).get(spec.worker_id, {})
         shares = host_shares(spec.worker_id, placement, spec.num_ranks)
@@ -215,12 +227,8 @@ class RayLauncher:
             return self._start_across_hosts(spec, shares, timeout_s)
         bundles, strategy = placement_bundles(placement, self.use_gpus, named_nodes(ray.cluster_resources()))
         group = self._place(spec.worker_id, bundles, strategy, timeout_s)
-        actor_cls = ray.remote(num_cpus=0, num_gpus=bundles[0].get("GPU", 0), max_restarts=0)(_WorkerActor)
-        actor = actor_cls.options(
-            name=f"hexserve-{spec.worker_id}",
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
-                                                                 placement_group_bundle_index=0),
-        ).remote(spec, max(1, int(placement.get("num_gpus", 1))))
+        actor = _actor_in(group, 0, bundles[0], f"hexserve-{spec.worker_id}", spec,
+                          max(1, int(placement.get("num_gpus", 1))))
         with self._lock:  # known before it answers: a start that fails is stopped with the rest
             self.actors[spec.worker_id] = actor
             self.placement_groups[spec.worker_id] = group
@@ -249,18 +257,12 @@ class RayLauncher:
         its node; once every host's endpoints are known, each starts its share, host 0 the
         engine the router talks to, the others its headless ranks."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundles = host_bundles(shares, self.use_gpus, named_nodes(ray.cluster_resources()))
         group = self._place(spec.worker_id, bundles, "STRICT_SPREAD", timeout_s)
-        actors = []
-        for index, share in enumerate(shares):
-            actor_cls = ray.remote(num_cpus=0, num_gpus=bundles[index].get("GPU", 0), max_restarts=0)(_WorkerActor)
-            actors.append(actor_cls.options(
-                name=f"hexserve-{spec.worker_id}" + (f"-host{index}" if index else ""),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
-                                                                     placement_group_bundle_index=index),
-            ).remote(spec, share.devices, share.ranks))
+        names = [f"hexserve-{spec.worker_id}" + (f"-host{index}" if index else "") for index in range(len(shares))]
+        actors = [_actor_in(group, index, bundles[index], names[index], spec, share.devices, share.ranks)
+                  for index, share in enumerate(shares)]
         with self._lock:
             self.actors[spec.worker_id] = actors[0]
             self.host_actors[spec.worker_id] = actors[1:]

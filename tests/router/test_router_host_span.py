@@ -72,6 +72,8 @@ def test_a_spec_across_hosts_needs_even_ranks_and_a_meeting_point():
         WorkerSpec("w", "prefill", "tcp://a:1", tensor_parallel_size=3, nnodes=2, master_endpoint="tcp://a:2")
     with pytest.raises(ValueError, match="meet at a master_endpoint"):
         WorkerSpec("w", "prefill", "tcp://a:1", tensor_parallel_size=2, nnodes=2)
+    with pytest.raises(ValueError, match="meet at a master_endpoint tcp://HOST:PORT"):
+        WorkerSpec("w", "prefill", "tcp://a:1", tensor_parallel_size=2, nnodes=2, master_endpoint="ipc:///tmp/m")
 
 
 def test_a_headless_hosts_command_line_builds_the_heads_engine_config():
